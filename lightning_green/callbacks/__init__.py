@@ -1,0 +1,6 @@
+"""Lightning glue over :mod:`lightning_green.energy`."""
+
+from lightning_green.callbacks.efficiency import EfficiencyLogger
+from lightning_green.callbacks.power import Measurement, PowerSampler, find_power_sampler
+
+__all__ = ["EfficiencyLogger", "Measurement", "PowerSampler", "find_power_sampler"]

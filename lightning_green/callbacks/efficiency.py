@@ -1,0 +1,262 @@
+"""EfficiencyLogger: EER, EPI, samples/tokens per joule and carbon, from a PowerSampler's energy."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Union
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.data import extract_batch_size
+from typing_extensions import override
+
+from lightning_green.callbacks._dist import reduce_sum
+from lightning_green.callbacks.power import PowerSampler, find_power_sampler
+from lightning_green.energy import metrics as M
+
+CountFn = Union[None, str, Callable[[Any], int]]
+_COUNT_NAMES = ("numel",)
+
+
+def _check_count_fn(arg: str, fn: CountFn) -> CountFn:
+    if fn is None or callable(fn) or fn in _COUNT_NAMES:
+        return fn
+    raise ValueError(f"`{arg}` must be None, 'numel' or a callable batch -> int, got {fn!r}")
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _count(fn: CountFn, batch: Any) -> int:
+    if fn == "numel":
+        tensor = _first_tensor(batch)
+        return int(tensor.numel()) if tensor is not None else 0
+    return int(fn(batch))
+
+
+class EfficiencyLogger(Callback):
+    r"""Log energy efficiency and carbon from the energy a :class:`PowerSampler` measures.
+
+    Needs a ``PowerSampler`` in the same Trainer. Training energy is the energy of ``fit`` minus its
+    validation loops; inference energy is that of each validation, test or predict loop.
+
+    Logged metrics (through ``trainer.loggers``; energy summed over all processes):
+        - ``efficiency/eer_j_per_param`` (J/parameter): Energy Efficiency Ratio, training energy so far /
+          number of model parameters (the summary also gives kWh per parameter).
+        - ``efficiency/samples_per_j`` (1/J): training samples per joule over the logging window.
+        - ``efficiency/tokens_per_j`` (1/J): training tokens per joule over the window, when tokens are counted.
+        - ``efficiency/epi_j`` (J/sample): Energy Per Inference, at the end of each validation/test/predict loop.
+        - ``efficiency/epi_j_per_token`` (J/token): the same per token, when tokens are counted.
+        - ``carbon/gco2e`` (gCO2e): all energy so far × ``pue`` × ``carbon_intensity_g_per_kwh`` / 3.6e6.
+
+    Samples per batch are found with Lightning's ``extract_batch_size`` unless ``samples_per_batch``
+    is given. Tokens are counted only when ``tokens_per_batch`` is given: ``"numel"`` counts the
+    elements of the batch's first tensor (token ids of shape ``[batch, sequence]``), a callable
+    ``batch -> int`` counts anything else.
+
+    Args:
+        carbon_intensity_g_per_kwh: grid carbon intensity in gCO2e/kWh; default 475, the world average
+            (IEA 2019). No network look-up is made.
+        pue: data-centre power usage effectiveness (>= 1.0); 1.0 counts IT energy only.
+        tokens_per_batch: ``None``, ``"numel"`` or a callable ``batch -> int``.
+        samples_per_batch: ``None`` (``extract_batch_size``), ``"numel"`` or a callable ``batch -> int``.
+
+    Raises:
+        ValueError: a negative carbon intensity, ``pue < 1``, or a bad counting function.
+        RuntimeError: in ``setup``, when the Trainer has no ``PowerSampler``.
+
+    Example::
+
+        trainer = Trainer(callbacks=[PowerSampler(), EfficiencyLogger(tokens_per_batch="numel")])
+    """
+
+    def __init__(
+        self,
+        carbon_intensity_g_per_kwh: float = M.DEFAULT_CARBON_INTENSITY_G_PER_KWH,
+        pue: float = 1.0,
+        tokens_per_batch: CountFn = None,
+        samples_per_batch: CountFn = None,
+    ) -> None:
+        super().__init__()
+        M.check_carbon_args(carbon_intensity_g_per_kwh, pue)
+        self.carbon_intensity_g_per_kwh = float(carbon_intensity_g_per_kwh)
+        self.pue = float(pue)
+        self.tokens_per_batch = _check_count_fn("tokens_per_batch", tokens_per_batch)
+        self.samples_per_batch = _check_count_fn("samples_per_batch", samples_per_batch)
+        self._power: PowerSampler | None = None
+        self.results: dict[str, float] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.n_params = 0
+        self._train = {"samples": 0, "tokens": 0, "eval_j": 0.0}  # eval_j: validation energy inside fit
+        self._fit_start_j = 0.0
+        self._window = {"samples": 0, "tokens": 0, "energy_j": 0.0}
+        self._eval = {"samples": 0, "tokens": 0, "start_j": 0.0}
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._power = find_power_sampler(trainer)
+        if self._power is None:
+            raise RuntimeError(
+                "EfficiencyLogger needs a PowerSampler in the same Trainer: "
+                "Trainer(callbacks=[PowerSampler(), EfficiencyLogger()])"
+            )
+        self._power.add_summary_provider(self._summary_rows)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._reset()
+        self.n_params = sum(p.numel() for p in pl_module.parameters())
+        self._fit_start_j = self._power.energy_now_j()
+        self._window["energy_j"] = self._fit_start_j
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        samples, tokens = self._batch_counts(batch)
+        self._train["samples"] += samples
+        self._train["tokens"] += tokens
+        self._window["samples"] += samples
+        self._window["tokens"] += tokens
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs:
+            return
+        now_j = self._power.energy_now_j()
+        local = [
+            now_j - self._fit_start_j - self._train["eval_j"],
+            now_j - self._window["energy_j"],
+            self._window["samples"],
+            self._window["tokens"],
+            now_j,
+        ]
+        train_j, window_j, samples, tokens, total_j = reduce_sum(trainer, local)
+        metrics = {
+            "efficiency/eer_j_per_param": M.eer_j_per_param(train_j, self.n_params),
+            "efficiency/samples_per_j": M.per_joule(samples, window_j),
+            "carbon/gco2e": M.carbon_g(total_j, self.carbon_intensity_g_per_kwh, self.pue),
+        }
+        if self.tokens_per_batch is not None:
+            metrics["efficiency/tokens_per_j"] = M.per_joule(tokens, window_j)
+        self._log(trainer, metrics)
+        self._window = {"samples": 0, "tokens": 0, "energy_j": now_j}
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        now_j = self._power.energy_now_j()
+        train_j, samples, tokens, total_j = reduce_sum(
+            trainer, [now_j - self._fit_start_j - self._train["eval_j"], self._train["samples"], self._train["tokens"], now_j]
+        )
+        self.results.update(
+            train_energy_j=train_j,
+            train_samples=samples,
+            eer_j_per_param=M.eer_j_per_param(train_j, self.n_params),
+            eer_kwh_per_param=M.eer_j_per_param(M.kwh(train_j), self.n_params),
+            samples_per_j=M.per_joule(samples, train_j),
+            carbon_gco2e=M.carbon_g(total_j, self.carbon_intensity_g_per_kwh, self.pue),
+            n_params=self.n_params,
+        )
+        if self.tokens_per_batch is not None:
+            self.results.update(train_tokens=tokens, tokens_per_j=M.per_joule(tokens, train_j))
+
+    def _eval_start(self, trainer: Trainer) -> None:
+        if trainer.sanity_checking:
+            return
+        self._eval = {"samples": 0, "tokens": 0, "start_j": self._power.energy_now_j(), "start_t": time.monotonic()}
+
+    def _eval_batch(self, trainer: Trainer, batch: Any) -> None:
+        if trainer.sanity_checking:
+            return
+        samples, tokens = self._batch_counts(batch)
+        self._eval["samples"] += samples
+        self._eval["tokens"] += tokens
+
+    def _eval_end(self, trainer: Trainer, stage: str) -> None:
+        if trainer.sanity_checking:
+            return
+        local_j = self._power.energy_now_j() - self._eval["start_j"]
+        if stage == "validate" and trainer.state.fn == "fit":
+            self._train["eval_j"] += local_j
+        energy_j, samples, tokens = reduce_sum(trainer, [local_j, self._eval["samples"], self._eval["tokens"]])
+        metrics = {"efficiency/epi_j": M.epi_j(energy_j, samples)}
+        if self.tokens_per_batch is not None:
+            metrics["efficiency/epi_j_per_token"] = M.epi_j(energy_j, tokens)
+        self.results.update({f"{stage}_energy_j": energy_j, f"{stage}_samples": samples, f"{stage}_epi_j": metrics["efficiency/epi_j"]})
+        if "efficiency/epi_j_per_token" in metrics:
+            self.results[f"{stage}_epi_j_per_token"] = metrics["efficiency/epi_j_per_token"]
+        if stage != "predict":
+            self._log(trainer, metrics)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._eval_start(trainer)
+
+    @override
+    def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_batch(trainer, batch)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._eval_end(trainer, "validate")
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._eval_start(trainer)
+
+    @override
+    def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_batch(trainer, batch)
+
+    @override
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._eval_end(trainer, "test")
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._eval_start(trainer)
+
+    @override
+    def on_predict_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_batch(trainer, batch)
+
+    @override
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._eval_end(trainer, "predict")
+
+    # ------------------------------------------------------------------ helpers
+    def _batch_counts(self, batch: Any) -> tuple[int, int]:
+        if self.samples_per_batch is None:
+            try:
+                samples = extract_batch_size(batch)
+            except Exception:  # noqa: BLE001 - an unusual batch must not stop training
+                samples = 0
+        else:
+            samples = _count(self.samples_per_batch, batch)
+        tokens = _count(self.tokens_per_batch, batch) if self.tokens_per_batch is not None else 0
+        return samples, tokens
+
+    def _log(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _summary_rows(self) -> dict[str, list[dict]]:
+        if not self.results:
+            return {}
+        rows = [{"figure": k, "value": v} for k, v in self.results.items()]
+        rows.append({"figure": "carbon_intensity_g_per_kwh", "value": self.carbon_intensity_g_per_kwh})
+        rows.append({"figure": "pue", "value": self.pue})
+        return {"efficiency": rows}

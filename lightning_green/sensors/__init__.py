@@ -1,0 +1,29 @@
+"""Sensors: hardware only, no Lightning imports. ``pynvml`` and ``psutil`` load on first use."""
+
+from lightning_green.sensors.base import (
+    SOURCES,
+    Reading,
+    Sensor,
+    SensorError,
+    SensorLost,
+    SensorPermissionError,
+    SensorUnavailable,
+)
+from lightning_green.sensors.estimate import CpuEstimateSensor
+from lightning_green.sensors.nvml import NvmlSensor
+from lightning_green.sensors.rapl import RaplSensor
+from lightning_green.sensors.simulated import SimulatedSensor
+
+__all__ = [
+    "SOURCES",
+    "CpuEstimateSensor",
+    "NvmlSensor",
+    "RaplSensor",
+    "Reading",
+    "Sensor",
+    "SensorError",
+    "SensorLost",
+    "SensorPermissionError",
+    "SensorUnavailable",
+    "SimulatedSensor",
+]

@@ -1,0 +1,71 @@
+"""``sensors="auto"``: probe the hardware in order and fall back, saying why each was skipped.
+
+Order: NVIDIA GPUs through NVML (the GPUs this process trains on), then the CPU through RAPL, and
+the utilisation estimate only when RAPL cannot be read. Host-level sensors (RAPL, the estimate) are
+created only where ``host_level=True`` (one process per node).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from lightning_green.sensors.base import Sensor, SensorError
+from lightning_green.sensors.estimate import CpuEstimateSensor
+from lightning_green.sensors.nvml import NvmlSensor
+from lightning_green.sensors.rapl import DEFAULT_ROOT, RaplSensor
+
+#: Names accepted wherever sensors are given by name.
+SENSOR_NAMES = ("auto", "nvml", "rapl", "estimate")
+
+
+def build_sensors(
+    names: Sequence[str],
+    gpu_indices: Sequence[int] = (),
+    host_level: bool = True,
+    rapl_root: str = DEFAULT_ROOT,
+) -> tuple[list[Sensor], list[str]]:
+    """Create the sensors named in ``names`` (see :data:`SENSOR_NAMES`).
+
+    Args:
+        names: sensor names; ``"auto"`` expands to ``nvml``, then ``rapl`` with ``estimate`` as fallback.
+        gpu_indices: torch CUDA indices this process trains on (for ``nvml``).
+        host_level: whether this process reads machine-wide sensors (RAPL, the estimate).
+        rapl_root: the powercap sysfs root.
+
+    Returns:
+        The sensors, and one sentence for each sensor that was skipped and why.
+    """
+    for name in names:
+        if name not in SENSOR_NAMES:
+            raise ValueError(f"unknown sensor name {name!r} in `sensors`; allowed: {', '.join(SENSOR_NAMES)}")
+    wanted = []
+    for name in names:
+        wanted += ["nvml", "rapl", "estimate?"] if name == "auto" else [name]
+    sensors: list[Sensor] = []
+    skipped: list[str] = []
+    have_cpu = False
+    for name in wanted:
+        if name == "nvml":
+            if not gpu_indices:
+                skipped.append("nvml: this process does not train on a CUDA device")
+                continue
+            for index in gpu_indices:
+                try:
+                    sensors.append(NvmlSensor(index))
+                except (SensorError, ImportError) as err:
+                    skipped.append(f"nvml: cuda:{index} skipped ({err})")
+        elif not host_level:
+            skipped.append(f"{name.rstrip('?')}: host-level sensors are read by local rank 0 of each node only")
+        elif name == "rapl":
+            try:
+                found = RaplSensor.discover(rapl_root)
+            except SensorError as err:
+                skipped.append(f"rapl: {err}")
+                continue
+            sensors += found
+            have_cpu = have_cpu or any(s.domain == "cpu" for s in found)
+        elif name == "estimate" or (name == "estimate?" and not have_cpu):
+            sensors.append(CpuEstimateSensor())
+            if name == "estimate?":
+                skipped.append("cpu: no readable CPU counter, so CPU power is an estimate (source 'estimate')")
+    return sensors, skipped

@@ -1,0 +1,97 @@
+"""Sensor base class, the :class:`Reading` a sensor returns, and the package's sensor errors.
+
+A sensor reads one energy source. It knows nothing of Lightning: the sampler thread calls
+:meth:`Sensor.read` every ``interval_s`` and the meter turns readings into energy.
+
+Two kinds of reading exist:
+
+* ``"energy"``: a cumulative counter in joules (NVML total energy, RAPL). The meter integrates it by
+  difference, so the absolute value does not matter, only that it never decreases.
+* ``"power"``: instantaneous (or short-average) power in watts (NVML polled power, the CPU estimate,
+  the simulated sensor). The meter integrates it with the trapezoid rule.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Literal
+
+#: Where an energy figure comes from. Every figure the package reports carries one of these.
+SOURCES = ("counter", "polled", "rapl", "estimate", "simulated")
+Source = Literal["counter", "polled", "rapl", "estimate", "simulated"]
+Kind = Literal["energy", "power"]
+#: What part of the machine a sensor covers. ``dram`` is the memory-access energy (RAPL dram zone).
+DOMAINS = ("gpu", "cpu", "dram", "other")
+
+
+class SensorError(RuntimeError):
+    """A sensor could not be read. The sampler drops the sensor and reports the message once."""
+
+
+class SensorUnavailable(SensorError):
+    """The hardware or library behind a sensor is absent (no driver, no counter, no sysfs zone)."""
+
+
+class SensorPermissionError(SensorError):
+    """The sensor exists but this process may not read (or control) it."""
+
+
+class SensorLost(SensorError):
+    """The device disappeared in the middle of a run (for example an NVIDIA GPU fell off the bus)."""
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One sample of a sensor.
+
+    Attributes:
+        t_s: ``time.monotonic()`` when the value was read, in seconds.
+        value: joules since an arbitrary origin when ``kind == "energy"``; watts when ``kind == "power"``.
+        kind: ``"energy"`` or ``"power"``.
+    """
+
+    t_s: float
+    value: float
+    kind: Kind
+
+
+class Sensor(abc.ABC):
+    """One source of energy readings.
+
+    Subclasses set :attr:`name` (unique within a run, used in metric keys), :attr:`source`
+    (one of :data:`SOURCES`), :attr:`kind`, :attr:`domain` and :attr:`host_level`.
+
+    ``host_level`` sensors measure something the whole machine shares (CPU package, DRAM, a CPU
+    estimate). Under multi-process training they are read by one process per node only, so a node's
+    CPU energy is not counted once per rank.
+    """
+
+    name: str
+    source: Source
+    kind: Kind
+    domain: str = "other"
+    host_level: bool = False
+    #: Free-text caveat shown in the summary (for example "MIG instance: whole-GPU energy").
+    note: str = ""
+
+    @abc.abstractmethod
+    def read(self) -> Reading:
+        """Return one reading. Raise :class:`SensorError` (or any exception) when it cannot."""
+
+    def close(self) -> None:
+        """Release what the sensor holds. Safe to call more than once."""
+
+    def describe(self) -> dict:
+        """Static facts about this sensor for the summary."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "kind": self.kind,
+            "domain": self.domain,
+            "host_level": self.host_level,
+            "note": self.note,
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, source={self.source!r})"

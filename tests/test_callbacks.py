@@ -1,0 +1,285 @@
+import json
+import os
+import subprocess
+import sys
+from unittest.mock import Mock
+
+import pytest
+import torch
+from fake_pynvml import FakeGpu
+from helpers import Clock, SleepyModel, logged, tiny_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from conftest import sampler_threads
+from lightning_green import EfficiencyLogger, NvmlSensor, PowerSampler, SimulatedSensor
+from lightning_green.sensors import Reading, Sensor
+
+
+def mock_logger():
+    logger = Mock()
+    logger.log_dir = None
+    logger.save_dir = None
+    return logger
+
+
+def test_logs_energy_power_and_step_energy(tmp_path):
+    logger, clock = mock_logger(), Clock()
+    ps = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.02, summary_dir=str(tmp_path), print_summary=False)
+    trainer = tiny_trainer(max_steps=20, log_every_n_steps=5, logger=logger, callbacks=[ps, clock])
+    trainer.fit(SleepyModel(step_s=0.02))
+    totals = logged(logger, "energy/total_j")
+    assert [s for s, _ in totals] == [5, 10, 15, 20]  # step = optimizer steps done
+    for (_, total), step in zip(totals, (5, 10, 15, 20)):
+        assert total == pytest.approx(100.0 * (clock.at_step[step] - clock.t_setup), rel=0.05)
+    assert all(w == pytest.approx(100.0, rel=0.02) for _, w in logged(logger, "power/sim_w"))
+    step_j = [v for _, v in logged(logger, "energy/step_j")]
+    # each step lasts a bit more than 20 ms of 100 W: 2 J and some
+    assert all(2.0 <= v <= 3.0 for v in step_j[1:]), step_j
+    assert [v for _, v in logged(logger, "energy/sim_j")] == [v for _, v in totals]
+    trace = logged(logger, "power_trace/sim_w")
+    assert trace and all(v == pytest.approx(100.0) for _, v in trace)
+    assert len(trace) <= 4 * ps.trace_points
+    assert not sampler_threads()
+
+
+def test_summary_json_in_log_dir(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    ps = PowerSampler(sensors=[SimulatedSensor(50.0, name="a"), SimulatedSensor(25.0, name="b", host_level=True, domain="cpu")], interval_s=0.02, print_summary=False)
+    tiny_trainer(max_steps=10, logger=logger, callbacks=[ps]).fit(SleepyModel(step_s=0.01))
+    path = os.path.join(logger.log_dir, "energy_summary_fit.json")
+    data = json.load(open(path))
+    assert data["stage"] == "fit" and data["status"] == "finished"
+    by_name = {s["name"]: s for s in data["sensors"]}
+    assert by_name["a"]["source"] == "simulated"
+    assert by_name["a"]["energy_j"] == pytest.approx(2 * by_name["b"]["energy_j"], rel=0.01)
+    assert by_name["a"]["mean_power_w"] == pytest.approx(50.0, rel=0.01)
+    assert by_name["a"]["peak_power_w"] == pytest.approx(50.0)
+    assert data["energy_j"] == pytest.approx(by_name["a"]["energy_j"] + by_name["b"]["energy_j"])
+    assert data["cluster"]["world_size"] == 1 and data["cluster"]["total_j"] == pytest.approx(data["energy_j"], rel=0.05)
+    assert data["trace"]["a"] and data["partial"] == []
+
+
+def test_tensorboard_event_file(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger, clock = TensorBoardLogger(tmp_path, name="tb"), Clock()
+    ps = PowerSampler(sensors=[SimulatedSensor(power_w=100.0)], interval_s=0.02, print_summary=False)
+    tiny_trainer(max_steps=20, log_every_n_steps=10, logger=logger, callbacks=[ps, clock]).fit(SleepyModel(step_s=0.02))
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"energy/total_j", "energy/sim_j", "energy/step_j", "power/sim_w", "energy/epoch_j", "power_trace/sim_w"} <= tags
+    last = acc.Scalars("energy/total_j")[-1]
+    assert last.step == 20
+    assert last.value == pytest.approx(100.0 * (clock.at_step[20] - clock.t_setup), rel=0.05)
+    trace = acc.Scalars("power_trace/sim_w")
+    assert len(trace) >= 5 and all(e.value == pytest.approx(100.0) for e in trace)
+    assert [e.step for e in trace] == sorted(e.step for e in trace)  # milliseconds since start
+
+
+class Exploding(Sensor):
+    source, kind, name = "simulated", "power", "flaky"
+
+    def __init__(self, after):
+        self.n, self.after = 0, after
+
+    def read(self):
+        self.n += 1
+        if self.n > self.after:
+            raise OSError("device vanished")
+        return Reading(__import__("time").monotonic(), 10.0, "power")
+
+
+def test_failing_sensor_does_not_stop_training(tmp_path):
+    ps = PowerSampler(sensors=[SimulatedSensor(100.0), Exploding(after=3)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    trainer = tiny_trainer(max_steps=20, callbacks=[ps])
+    trainer.fit(SleepyModel(step_s=0.01))
+    assert trainer.global_step == 20
+    assert ps.summary["partial"] == ["flaky: OSError: device vanished"]
+    assert ps.summary["sensors"][0]["partial"] is False
+
+
+def test_gpu_lost_mid_run_with_fake_nvml(fake_nvml, tmp_path):
+    fake_nvml(gpus=[FakeGpu(uuid="GPU-a", power_w=300.0, lost_after_reads=4)])
+    ps = PowerSampler(sensors=[NvmlSensor(0), SimulatedSensor(10.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    trainer = tiny_trainer(max_steps=15, callbacks=[ps])
+    trainer.fit(SleepyModel(step_s=0.01))
+    assert trainer.global_step == 15
+    gpu = next(s for s in ps.summary["sensors"] if s["name"] == "gpu0")
+    assert gpu["source"] == "counter" and "GPU_IS_LOST" in gpu["failed"]
+    assert any(p.startswith("gpu0:") for p in ps.summary["partial"])
+    assert gpu["energy_j"] > 0  # what was read before the loss is kept
+
+
+def test_polled_fallback_in_a_run(fake_nvml, tmp_path):
+    fake_nvml(gpus=[FakeGpu(uuid="GPU-a", power_w=200.0, counter=False)])
+    ps = PowerSampler(sensors=[NvmlSensor(0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    tiny_trainer(max_steps=10, callbacks=[ps]).fit(SleepyModel(step_s=0.01))
+    gpu = ps.summary["sensors"][0]
+    assert gpu["source"] == "polled" and gpu["mean_power_w"] == pytest.approx(200.0, rel=0.01)
+
+
+def test_nan_and_negative_readings_are_gaps(tmp_path):
+    values = iter([10.0, float("nan"), -3.0] + [10.0] * 10_000)
+
+    class Noisy(Sensor):
+        source, kind, name = "simulated", "power", "noisy"
+
+        def read(self):
+            return Reading(__import__("time").monotonic(), next(values), "power")
+
+    ps = PowerSampler(sensors=[Noisy()], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    tiny_trainer(max_steps=10, callbacks=[ps]).fit(SleepyModel(step_s=0.01))
+    s = ps.summary["sensors"][0]
+    assert s["gaps"] == 2 and s["partial"] and s["energy_j"] == pytest.approx(10.0 * s["duration_s"], rel=0.01)
+    assert ps.summary["partial"] == ["noisy: 2 rejected readings"]
+
+
+def test_no_thread_after_exception(tmp_path):
+    ps = PowerSampler(sensors=[SimulatedSensor(1.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        tiny_trainer(max_steps=10, callbacks=[ps]).fit(SleepyModel(fail_at=3))
+    assert not sampler_threads()
+    assert ps.summary["status"] == "interrupted (RuntimeError)"
+
+
+def test_no_thread_after_keyboard_interrupt(tmp_path):
+    ps = PowerSampler(sensors=[SimulatedSensor(1.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    with pytest.raises(SystemExit):  # Lightning turns Ctrl+C into a graceful shutdown and sys.exit(1)
+        tiny_trainer(max_steps=10, callbacks=[ps]).fit(SleepyModel(interrupt_at=3))
+    assert not sampler_threads()
+    assert ps.summary["status"].startswith("interrupted")
+
+
+def test_runs_in_validate_test_predict(tmp_path):
+    ps = PowerSampler(sensors=[SimulatedSensor(1.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    trainer = tiny_trainer(callbacks=[ps], limit_val_batches=2, limit_test_batches=2, limit_predict_batches=2)
+    model = SleepyModel()
+    for run in (trainer.validate, trainer.test, trainer.predict):
+        run(model)
+        assert ps.summary["stage"] == run.__name__ and not sampler_threads()
+    assert os.path.exists(tmp_path / "energy_summary_test.json")
+    assert not os.path.exists(tmp_path / "energy_summary_validate.json")
+
+
+def test_resume_continues_total(tmp_path):
+    ckpt, clock = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=10, save_top_k=-1), Clock()
+    ps1 = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    tiny_trainer(max_steps=10, callbacks=[ps1, clock, ckpt], enable_checkpointing=True).fit(SleepyModel(step_s=0.02))
+    state = torch.load(tmp_path / "epoch=0-step=10.ckpt", weights_only=False)["callbacks"]
+    saved = next(v for k, v in state.items() if k.startswith("PowerSampler"))
+    until_ckpt_s = clock.at_step[10] - clock.t_setup
+    assert saved["total_j"] == pytest.approx(100.0 * until_ckpt_s, rel=0.02)
+
+    logger = mock_logger()
+    ps2 = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    trainer = tiny_trainer(max_steps=20, log_every_n_steps=5, callbacks=[ps2], logger=logger)
+    trainer.fit(SleepyModel(step_s=0.02), ckpt_path=tmp_path / "epoch=0-step=10.ckpt")
+    s = ps2.summary
+    assert s["restored_j"] == pytest.approx(saved["total_j"])
+    # an uninterrupted run at 100 W over the same simulated seconds: 100 W x (first + second duration)
+    assert s["energy_j"] == pytest.approx(100.0 * (until_ckpt_s + s["duration_s"]), rel=0.01)
+    totals = [v for _, v in logged(logger, "energy/total_j")]
+    assert totals[0] > saved["total_j"] and totals == sorted(totals)
+
+
+def test_efficiency_needs_power_sampler():
+    with pytest.raises(RuntimeError, match="needs a PowerSampler"):
+        tiny_trainer(callbacks=[EfficiencyLogger()]).fit(SleepyModel())
+
+
+def test_efficiency_metrics(tmp_path):
+    logger = mock_logger()
+    ps = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    eff = EfficiencyLogger(carbon_intensity_g_per_kwh=500.0, pue=1.5, tokens_per_batch="numel")
+    trainer = tiny_trainer(max_steps=10, log_every_n_steps=5, limit_val_batches=3, val_check_interval=10, callbacks=[ps, eff], logger=logger)
+    model = SleepyModel(step_s=0.01)
+    trainer.fit(model)
+    r = eff.results
+    assert r["n_params"] == 66
+    assert r["train_samples"] == 10  # BoringModel batches are [1, 32]
+    assert r["eer_j_per_param"] == pytest.approx(r["train_energy_j"] / 66)
+    assert r["tokens_per_j"] == pytest.approx(10 * 32 / r["train_energy_j"])
+    assert r["validate_samples"] == 3
+    assert r["validate_epi_j"] == pytest.approx(r["validate_energy_j"] / 3)
+    assert r["validate_epi_j_per_token"] == pytest.approx(r["validate_energy_j"] / (3 * 32))
+    # validation energy is not training energy
+    assert r["train_energy_j"] + r["validate_energy_j"] <= ps.energy_now_j() + 1e-6
+    carbon = logged(logger, "carbon/gco2e")[-1][1]
+    total = logged(logger, "energy/total_j")[-1][1]
+    assert carbon == pytest.approx(total / 3.6e6 * 1.5 * 500.0, rel=0.05)
+    assert logged(logger, "efficiency/epi_j") and logged(logger, "efficiency/epi_j_per_token")
+    assert "efficiency" in ps.summary["sections"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, arg",
+    [
+        ({"interval_s": 0}, "interval_s"),
+        ({"interval_s": -1.0}, "interval_s"),
+        ({"sensors": "gpu"}, "allowed: auto, nvml, rapl, estimate"),
+        ({"sensors": []}, "sensors"),
+        ({"sensors": [object()]}, "not a lightning_green.sensors.Sensor"),
+        ({"sensors": [SimulatedSensor(1.0), SimulatedSensor(2.0)]}, "same name"),
+        ({"trace_points": 0}, "trace_points"),
+    ],
+)
+def test_power_sampler_bad_input(kwargs, arg):
+    with pytest.raises(ValueError, match=arg):
+        PowerSampler(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, arg",
+    [({"carbon_intensity_g_per_kwh": -1.0}, "carbon_intensity_g_per_kwh"), ({"pue": 0.9}, "pue"), ({"tokens_per_batch": "words"}, "tokens_per_batch")],
+)
+def test_efficiency_bad_input(kwargs, arg):
+    with pytest.raises(ValueError, match=arg):
+        EfficiencyLogger(**kwargs)
+
+
+def test_lightning_cli_yaml(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        """
+trainer:
+  max_steps: 3
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  callbacks:
+    - class_path: lightning_green.PowerSampler
+      init_args:
+        sensors: estimate
+        interval_s: 0.05
+        print_summary: false
+    - class_path: lightning_green.EfficiencyLogger
+      init_args:
+        carbon_intensity_g_per_kwh: 100.0
+        pue: 1.2
+"""
+    )
+    cli = LightningCLI(BoringModel, args=["--config", str(config), f"--trainer.default_root_dir={tmp_path}"], run=False, save_config_callback=None)
+    ps, eff = cli.trainer.callbacks[:2]
+    assert isinstance(ps, PowerSampler) and ps.interval_s == 0.05
+    assert isinstance(eff, EfficiencyLogger) and (eff.carbon_intensity_g_per_kwh, eff.pue) == (100.0, 1.2)
+    cli.trainer.fit(cli.model)
+    assert ps.summary["sources"] == ["estimate"]
+
+
+def test_import_needs_no_pynvml_torchao_psutil():
+    # torch.cuda imports pynvml on its own, so block the three modules: importing lightning_green
+    # must not need them (they load where they are used)
+    code = (
+        "import sys\n"
+        "for m in ('pynvml', 'torchao', 'psutil'): sys.modules[m] = None\n"
+        "import lightning_green\n"
+        "print(lightning_green.PowerSampler.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "PowerSampler"

@@ -1,0 +1,174 @@
+import math
+import threading
+import time
+
+import pytest
+
+from lightning_green.energy import DownsampledTrace, EnergyMeter, Sampler
+from lightning_green.sensors import Reading, Sensor, SimulatedSensor
+
+
+def power_meter(**kw):
+    m = EnergyMeter(**kw)
+    m.add_channel({"name": "p", "source": "simulated", "kind": "power"})
+    return m
+
+
+def test_trapezoid_with_edges_between_readings():
+    m = power_meter()
+    for t, w in [(0.0, 100.0), (1.0, 200.0), (2.0, 200.0)]:
+        m.record("p", Reading(t, w, "power"))
+    assert m.energy_between(0.0, 2.0) == pytest.approx(150.0 + 200.0)
+    # power is linear between readings: 0.5 s into the ramp it is 150 W -> (100 + 150) / 2 * 0.5
+    assert m.energy_between(0.0, 0.5) == pytest.approx(62.5)
+    assert m.energy_between(0.5, 1.5) == pytest.approx(87.5 + 100.0)
+
+
+def test_counter_by_difference_and_backwards_is_a_gap():
+    m = EnergyMeter()
+    m.add_channel({"name": "c", "source": "counter", "kind": "energy"})
+    assert m.record("c", Reading(0.0, 5000.0, "energy"))
+    assert m.record("c", Reading(1.0, 5300.0, "energy"))
+    assert not m.record("c", Reading(2.0, 5100.0, "energy"))  # decreasing
+    assert m.record("c", Reading(3.0, 5500.0, "energy"))
+    s = m.stats("c")
+    assert s["energy_j"] == pytest.approx(500.0)
+    assert s["gaps"] == 1 and s["partial"]
+    assert m.energy_between(0.5, 1.0) == pytest.approx(150.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf")])
+def test_bad_readings_rejected(bad):
+    m = power_meter()
+    m.record("p", Reading(0.0, 10.0, "power"))
+    assert not m.record("p", Reading(1.0, bad, "power"))
+    m.record("p", Reading(2.0, 10.0, "power"))
+    assert m.stats("p")["energy_j"] == pytest.approx(20.0)
+    assert m.stats("p")["gaps"] >= 1
+
+
+def test_time_not_moving_forward_is_a_gap():
+    m = power_meter()
+    m.record("p", Reading(1.0, 10.0, "power"))
+    assert not m.record("p", Reading(1.0, 10.0, "power"))
+    assert m.stats("p")["gaps"] == 1
+
+
+def test_extrapolation_is_bounded():
+    m = power_meter(extrapolate_s=0.1)
+    m.record("p", Reading(0.0, 100.0, "power"))
+    m.record("p", Reading(1.0, 100.0, "power"))
+    assert m.energy_at("p", 1.05) == pytest.approx(105.0)
+    assert m.energy_at("p", 5.0) == pytest.approx(110.0)  # at most 0.1 s past the newest reading
+
+
+def test_failed_sensor_stops_at_last_reading():
+    m = power_meter()
+    m.record("p", Reading(0.0, 100.0, "power"))
+    m.record("p", Reading(1.0, 100.0, "power"))
+    m.mark_failed("p", "SensorLost: gone")
+    assert m.energy_at("p", 3.0) == pytest.approx(100.0)
+    assert m.stats("p")["failed"] == "SensorLost: gone"
+
+
+def test_history_and_trace_are_bounded():
+    m = power_meter(history=64, trace_points=16)
+    for i in range(10_000):
+        m.record("p", Reading(float(i), 100.0, "power"))
+    ch = m._channels["p"]
+    assert len(ch.t) == 64
+    assert len(m.trace("p")) <= 17
+    assert m.stats("p")["energy_j"] == pytest.approx(100.0 * 9999)  # cumulative survives the window
+
+
+def test_downsampled_trace_averages_buckets():
+    trace = DownsampledTrace(max_points=8)
+    for i in range(100):
+        trace.add(float(i), 2.0 * i)  # power proportional to time: bucket means keep p == 2 t
+    pts = trace.as_list()
+    assert 4 <= len(pts) <= 9
+    assert all(p == pytest.approx(2.0 * t) for t, p in pts)
+    weights = [n for _, _, n in trace._points] + ([len(trace._pending)] if trace._pending else [])
+    assert sum(weights) == 100
+    assert sum(w * t for w, (t, _) in zip(weights, pts)) / 100 == pytest.approx(49.5)  # no sample lost or counted twice
+
+
+def test_offsets_restore_cumulative():
+    m = power_meter()
+    m.set_offsets({"p": 1000.0, "unknown": 5.0})
+    m.record("p", Reading(0.0, 10.0, "power"))
+    m.record("p", Reading(1.0, 10.0, "power"))
+    assert m.stats("p")["energy_j"] == pytest.approx(1010.0)
+    assert m.total_at(1.0) == pytest.approx(1010.0)
+
+
+def test_duplicate_names_refused():
+    m = power_meter()
+    with pytest.raises(ValueError, match="unique"):
+        m.add_channel({"name": "p", "source": "simulated", "kind": "power"})
+
+
+# ---------------------------------------------------------------- sampler
+class Exploding(Sensor):
+    source, kind, name = "simulated", "power", "boom"
+
+    def __init__(self, after: int):
+        self.n, self.after = 0, after
+
+    def read(self):
+        self.n += 1
+        if self.n > self.after:
+            raise RuntimeError("sensor exploded")
+        return Reading(time.monotonic(), 50.0, "power")
+
+
+class Scripted(Sensor):
+    source, kind, name = "simulated", "power", "scripted"
+
+    def __init__(self, values):
+        self.values = list(values)
+
+    def read(self):
+        value = self.values.pop(0) if self.values else 10.0
+        return Reading(time.monotonic(), value, "power")
+
+
+def test_sampler_drops_failing_sensor_and_keeps_others(caplog):
+    meter = EnergyMeter()
+    good = SimulatedSensor(100.0, name="good")
+    sampler = Sampler([good, Exploding(after=2)], meter, interval_s=0.01)
+    sampler.start()
+    time.sleep(0.15)
+    sampler.stop()
+    assert not sampler.alive
+    assert meter.stats("boom")["failed"] == "RuntimeError: sensor exploded"
+    assert meter.stats("good")["failed"] is None
+    assert meter.stats("good")["energy_j"] == pytest.approx(100.0 * meter.stats("good")["duration_s"])
+    assert sum("boom" in r.message for r in caplog.records) == 1  # reported once
+
+
+def test_sampler_counts_nan_and_negative_as_gaps():
+    meter = EnergyMeter()
+    sampler = Sampler([Scripted([10.0, float("nan"), -5.0, 10.0])], meter, interval_s=0.01)
+    sampler.start()
+    time.sleep(0.1)
+    sampler.stop()
+    stats = meter.stats("scripted")
+    assert stats["gaps"] == 2 and stats["partial"]
+    assert stats["energy_j"] == pytest.approx(10.0 * stats["duration_s"])
+
+
+def test_sampler_thread_named_daemon_and_joined():
+    sampler = Sampler([SimulatedSensor(1.0)], EnergyMeter(), interval_s=0.01)
+    sampler.start()
+    threads = [t for t in threading.enumerate() if t.name == "lightning_green-sampler"]
+    assert len(threads) == 1 and threads[0].daemon
+    sampler.stop()
+    sampler.stop()
+    assert not any(t.name == "lightning_green-sampler" for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("interval", [0, -0.1, float("nan"), "fast"])
+def test_sampler_bad_interval(interval):
+    with pytest.raises(ValueError, match="interval_s"):
+        Sampler([], EnergyMeter(), interval_s=interval)
