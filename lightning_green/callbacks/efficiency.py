@@ -100,10 +100,13 @@ class EfficiencyLogger(Callback):
 
     def _reset(self) -> None:
         self.n_params = 0
-        self._train = {"samples": 0, "tokens": 0, "eval_j": 0.0}  # eval_j: validation energy inside fit
+        self._samples = self._tokens = 0  # training samples and tokens so far (this process)
+        self._eval_in_fit_j = 0.0  # energy of the validation loops inside fit (not training energy)
         self._fit_start_j = 0.0
-        self._window = {"samples": 0, "tokens": 0, "energy_j": 0.0}
+        self._window_j, self._window_samples, self._window_tokens = 0.0, 0, 0  # at the last log
         self._eval = {"samples": 0, "tokens": 0, "start_j": 0.0}
+        self._last_step = -1
+        self._every = 0
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -120,27 +123,27 @@ class EfficiencyLogger(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset()
         self.n_params = sum(p.numel() for p in pl_module.parameters())
-        self._fit_start_j = self._power.energy_now_j()
-        self._window["energy_j"] = self._fit_start_j
-
-    @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        samples, tokens = self._batch_counts(batch)
-        self._train["samples"] += samples
-        self._train["tokens"] += tokens
-        self._window["samples"] += samples
-        self._window["tokens"] += tokens
+        self._fit_start_j = self._window_j = self._power.energy_now_j()
+        self._every = trainer.log_every_n_steps
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.fit_loop._should_accumulate() or not trainer._logger_connector.should_update_logs:
-            return
+        samples, tokens = self._batch_counts(batch)
+        self._samples += samples
+        self._tokens += tokens
+        step = trainer.global_step
+        if step != self._last_step:
+            self._last_step = step
+            if self._every and step % self._every == 0:
+                self._log_training(trainer)
+
+    def _log_training(self, trainer: Trainer) -> None:
         now_j = self._power.energy_now_j()
         local = [
-            now_j - self._fit_start_j - self._train["eval_j"],
-            now_j - self._window["energy_j"],
-            self._window["samples"],
-            self._window["tokens"],
+            now_j - self._fit_start_j - self._eval_in_fit_j,
+            now_j - self._window_j,
+            self._samples - self._window_samples,
+            self._tokens - self._window_tokens,
             now_j,
         ]
         train_j, window_j, samples, tokens, total_j = reduce_sum(trainer, local)
@@ -152,13 +155,13 @@ class EfficiencyLogger(Callback):
         if self.tokens_per_batch is not None:
             metrics["efficiency/tokens_per_j"] = M.per_joule(tokens, window_j)
         self._log(trainer, metrics)
-        self._window = {"samples": 0, "tokens": 0, "energy_j": now_j}
+        self._window_j, self._window_samples, self._window_tokens = now_j, self._samples, self._tokens
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         now_j = self._power.energy_now_j()
         train_j, samples, tokens, total_j = reduce_sum(
-            trainer, [now_j - self._fit_start_j - self._train["eval_j"], self._train["samples"], self._train["tokens"], now_j]
+            trainer, [now_j - self._fit_start_j - self._eval_in_fit_j, self._samples, self._tokens, now_j]
         )
         self.results.update(
             train_energy_j=train_j,
@@ -189,7 +192,7 @@ class EfficiencyLogger(Callback):
             return
         local_j = self._power.energy_now_j() - self._eval["start_j"]
         if stage == "validate" and trainer.state.fn == "fit":
-            self._train["eval_j"] += local_j
+            self._eval_in_fit_j += local_j
         energy_j, samples, tokens = reduce_sum(trainer, [local_j, self._eval["samples"], self._eval["tokens"]])
         metrics = {"efficiency/epi_j": M.epi_j(energy_j, samples)}
         if self.tokens_per_batch is not None:
@@ -238,11 +241,17 @@ class EfficiencyLogger(Callback):
 
     # ------------------------------------------------------------------ helpers
     def _batch_counts(self, batch: Any) -> tuple[int, int]:
+        if self.samples_per_batch is None and self.tokens_per_batch is None and isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor) and batch[0].dim():
+            return batch[0].shape[0], 0  # the common (inputs, targets) batch, fast
         if self.samples_per_batch is None:
-            try:
-                samples = extract_batch_size(batch)
-            except Exception:  # noqa: BLE001 - an unusual batch must not stop training
-                samples = 0
+            first = _first_tensor(batch)  # what extract_batch_size finds, without its tree walk
+            if first is not None and first.dim() > 0:
+                samples = first.shape[0]
+            else:
+                try:
+                    samples = extract_batch_size(batch)
+                except Exception:  # noqa: BLE001 - an unusual batch must not stop training
+                    samples = 0
         else:
             samples = _count(self.samples_per_batch, batch)
         tokens = _count(self.tokens_per_batch, batch) if self.tokens_per_batch is not None else 0

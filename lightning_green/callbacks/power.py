@@ -17,6 +17,7 @@ from typing_extensions import override
 from lightning_green import summary as _summary
 from lightning_green.callbacks._dist import gather_objects, reduce_sum
 from lightning_green.energy.meter import EnergyMeter
+from lightning_green.energy.phases import PHASES, PhaseAccumulator, step_intervals
 from lightning_green.energy.sampler import Sampler, check_interval
 from lightning_green.sensors.auto import SENSOR_NAMES, build_sensors
 from lightning_green.sensors.base import Sensor
@@ -25,6 +26,7 @@ from lightning_green.sensors.rapl import DEFAULT_ROOT
 log = logging.getLogger("lightning_green")
 
 SUMMARY_STAGES = ("fit", "test")
+PHASE_TIMINGS = ("host", "cuda_events", "sync")
 
 
 @dataclass
@@ -83,6 +85,9 @@ class PowerSampler(Callback):
         - ``power_trace/<sensor>_w`` (W): the sampler's readings, at most ``trace_points`` per logging
           window; their step is milliseconds since the sampler first started, so TensorBoard shows a
           power-over-time curve.
+        - with ``phases=True``: ``energy/phase/<phase>_j`` (J, all processes) and ``time/phase/<phase>_s``
+          (s, mean over processes) over the logging window, for ``data``, ``compute``, ``optimizer``,
+          ``comm`` and ``other`` (the rule is in :mod:`lightning_green.energy.phases`).
 
     Every figure comes from a sensor with a source (``counter``, ``polled``, ``rapl``, ``estimate``,
     ``simulated``); the summary names them. At the end of ``fit`` and ``test`` a table is printed and
@@ -100,10 +105,17 @@ class PowerSampler(Callback):
         summary_dir: where the JSON summary goes; default ``trainer.log_dir``.
         rapl_root: the powercap sysfs root for RAPL sensors.
         history: recent readings kept per sensor for window queries (bounded memory).
+        phases: attribute each training step's energy to data / compute / optimizer / comm / other.
+        phase_timing: how phase edges are timed. ``"host"`` (default): ``time.monotonic()`` at the
+            hooks, no synchronisation; approximate on a GPU, where kernels run after the host returns.
+            ``"cuda_events"``: CUDA events recorded at the edges and resolved a few steps later without
+            blocking. ``"sync"``: ``torch.cuda.synchronize()`` at every edge: exact, slower. On a CPU
+            all three see the same (synchronous) work; ``"cuda_events"`` needs CUDA.
 
     Raises:
         ValueError: an unknown sensor name, an empty sensor list or a non-sensor in it,
-            ``interval_s <= 0``, ``trace_points < 1``.
+            ``interval_s <= 0``, ``trace_points < 1``, an unknown ``phase_timing``; in ``setup``,
+            ``phase_timing="cuda_events"`` on a Trainer that does not run on CUDA.
 
     Example::
 
@@ -121,6 +133,8 @@ class PowerSampler(Callback):
         summary_dir: str | None = None,
         rapl_root: str = DEFAULT_ROOT,
         history: int = 4096,
+        phases: bool = False,
+        phase_timing: str = "host",
     ) -> None:
         super().__init__()
         self._sensor_spec = _check_sensors(sensors)
@@ -133,6 +147,21 @@ class PowerSampler(Callback):
         self.summary_dir = summary_dir
         self.rapl_root = rapl_root
         self.history = history
+        if phase_timing not in PHASE_TIMINGS:
+            raise ValueError(f"unknown `phase_timing` {phase_timing!r}; allowed: {', '.join(PHASE_TIMINGS)}")
+        self.phases = bool(phases)
+        self.phase_timing = phase_timing
+        self._phase_acc = PhaseAccumulator()
+        self._edges: dict[str, list] = {}
+        self._event_steps: list[tuple[dict, list]] = []  # cuda_events: steps whose events may not have run yet
+        self._anchor: tuple[Any, float] | None = None
+        if self.phases:
+            # Phase hooks are bound per instance so that phases=False costs nothing per step.
+            self.on_train_batch_start = self._phase_batch_start
+            self.on_before_zero_grad = self._phase_edge_hook("zero_grad")
+            self.on_before_backward = self._phase_edge_hook("backward_start")
+            self.on_after_backward = self._phase_edge_hook("backward_end")
+            self.on_before_optimizer_step = self._phase_edge_hook("optimizer_start")
 
         self.meter: EnergyMeter | None = None
         self.summary: dict | None = None  # the last summary built (every rank has its own)
@@ -200,6 +229,11 @@ class PowerSampler(Callback):
     # ------------------------------------------------------------------ lifecycle
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.phases and self.phase_timing == "cuda_events" and trainer.strategy.root_device.type != "cuda":
+            raise ValueError(
+                f"`phase_timing='cuda_events'` needs a CUDA device, but this Trainer runs on "
+                f"{trainer.strategy.root_device.type}; use phase_timing='host' or 'sync'"
+            )
         self._start(trainer, stage)
 
     @override
@@ -214,18 +248,37 @@ class PowerSampler(Callback):
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset_windows(time.monotonic())
+        self._every = trainer.log_every_n_steps
+        if self.phases:
+            self._phase_acc = PhaseAccumulator()
+            if self.phase_timing == "cuda_events":
+                import torch
+
+                torch.cuda.synchronize()
+                anchor = torch.cuda.Event(enable_timing=True)
+                anchor.record()
+                anchor.synchronize()
+                self._anchor = (anchor, time.monotonic())
+            self.add_summary_provider(self._phase_rows)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._epoch_local_j = self.energy_now_j()
+        if self.phases:
+            self._edges = {"prev_end": [self._edge_time(trainer)]}
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.fit_loop._should_accumulate():
-            return
-        self._steps_in_window += 1
-        if trainer._logger_connector.should_update_logs:
-            self._log_window(trainer)
+        step = trainer.global_step
+        if self.phases:
+            self._edges.setdefault("batch_end", []).append(self._edge_time(trainer))
+        if step != self._last_step:  # else accumulating gradients: no optimizer step yet
+            self._last_step = step
+            self._steps_in_window += 1
+            if self.phases:
+                self._close_step(trainer)
+            if self._every and step % self._every == 0:
+                self._log_window(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -234,12 +287,25 @@ class PowerSampler(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._steps_in_window and self._every:  # the last, partial logging window
+            self._log_window(trainer)
+        if self.phases:  # fold what is still pending into the totals
+            if self.phase_timing == "cuda_events":
+                self._resolve_events(block=True)
+            self._phase_acc.resolve(self.meter)
         self._gather_cluster(trainer)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.phases:
+            self._edges = {}  # a validation loop is not part of any training step
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == "validate":
             self._gather_cluster(trainer)
+        elif self.phases and trainer.state.fn == "fit":
+            self._edges = {"prev_end": [self._edge_time(trainer)]}
 
     @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -296,6 +362,8 @@ class PowerSampler(Callback):
             self._log_by_sensor = {n: self.meter.energy_at(n, now) for n in self.meter.names}
         self._trace_t = now
         self._steps_in_window = 0
+        self._last_step = -1
+        self._every = 0
         self._epoch_local_j = self._log_local_j
 
     def _start(self, trainer: Trainer, stage: str) -> None:
@@ -372,6 +440,8 @@ class PowerSampler(Callback):
             metrics[f"energy/{name}_j"] = joules
             if dt > 0:
                 metrics[f"power/{name}_w"] = (joules - self._log_by_sensor.get(name, joules)) / dt
+        if self.phases:
+            metrics.update(self._phase_metrics(trainer))
         self._log(trainer, metrics)
         if self.log_trace and trainer.is_global_zero:
             self._log_trace_points(trainer, now)
@@ -388,6 +458,74 @@ class PowerSampler(Callback):
             for t_s, power_w in points:
                 self._log(trainer, {f"power_trace/{name}_w": power_w}, step=int(round((t_s - self._origin_t) * 1000)))
         self._trace_t = t_end
+
+    # ------------------------------------------------------------------ phases
+    def _edge_time(self, trainer: Trainer) -> Any:
+        if self.phase_timing == "host":
+            return time.monotonic()
+        import torch
+
+        if self.phase_timing == "sync":
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize(trainer.strategy.root_device)
+            return time.monotonic()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _phase_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._edges.setdefault("batch_start", []).append(self._edge_time(trainer))
+
+    def _phase_edge_hook(self, edge: str) -> Callable[..., None]:
+        def hook(trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+            self._edges.setdefault(edge, []).append(self._edge_time(trainer))
+
+        hook.__name__ = f"_phase_{edge}"
+        return hook
+
+    def _close_step(self, trainer: Trainer) -> None:
+        edges, end = self._edges, self._edges["batch_end"][-1]
+        comm = _pop_comm_intervals(trainer)
+        self._edges = {"prev_end": [end]}
+        if self.phase_timing != "cuda_events":
+            self._phase_acc.add(step_intervals(edges, comm))
+            return
+        self._event_steps.append((edges, comm))
+        self._resolve_events(block=len(self._event_steps) > 64)
+
+    def _resolve_events(self, block: bool = False) -> None:
+        """Turn CUDA events into host times for the steps whose last event has run."""
+        anchor, anchor_t = self._anchor
+        while self._event_steps:
+            edges, comm = self._event_steps[0]
+            last = edges["batch_end"][-1]
+            if not block and not last.query():
+                break
+            last.synchronize()
+            self._event_steps.pop(0)
+            times = {k: [anchor_t + anchor.elapsed_time(e) / 1000.0 for e in v] for k, v in edges.items()}
+            self._phase_acc.add(step_intervals(times, comm))
+
+    def _phase_metrics(self, trainer: Trainer) -> dict[str, float]:
+        if self.phase_timing == "cuda_events":
+            self._resolve_events()
+        seconds, joules = self._phase_acc.resolve(self.meter)
+        reduced = reduce_sum(trainer, [joules[p] for p in PHASES] + [seconds[p] for p in PHASES])
+        world = max(trainer.world_size, 1)
+        metrics = {f"energy/phase/{p}_j": reduced[i] for i, p in enumerate(PHASES)}
+        metrics.update({f"time/phase/{p}_s": reduced[len(PHASES) + i] / world for i, p in enumerate(PHASES)})
+        return metrics
+
+    def _phase_rows(self) -> dict[str, list[dict]]:
+        if not self.phases or self.meter is None:
+            return {}
+        dram = [n for n in self.meter.names if self.meter.info(n).get("domain") == "dram"]
+        if dram:
+            memory_j = sum(self.meter.stats(n)["energy_this_run_j"] for n in dram)
+            note = f"RAPL dram zone ({', '.join(dram)}), whole run, not split by phase"
+        else:
+            memory_j, note = None, "not measurable on this hardware: no RAPL dram zone"
+        return {"energy by phase": self._phase_acc.rows(memory_j, note)}
 
     def _gather_cluster(self, trainer: Trainer) -> None:
         """Per-process energy for the summary: a collective at stage end (all ranks call it)."""
@@ -443,6 +581,13 @@ class PowerSampler(Callback):
             _summary.render(self.summary)
             if "path" in self.summary:
                 rank_zero_info(f"lightning_green: energy summary written to {path}")
+
+
+def _pop_comm_intervals(trainer: Trainer) -> list[tuple[float, float]]:
+    """Exposed all-reduce intervals of the last step, from a strategy that measures them (ddp_green)."""
+    stats = getattr(trainer.strategy, "comm_stats", None)
+    pop = getattr(stats, "pop_exposed_intervals", None)
+    return list(pop()) if pop is not None else []
 
 
 def _cluster_figures(per_rank: list[dict]) -> dict:

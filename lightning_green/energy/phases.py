@@ -1,0 +1,133 @@
+"""Energy by phase of a training step: ``data``, ``compute``, ``optimizer``, ``comm``, ``other``.
+
+The attribution rule. Hooks mark edges on one timeline (host ``time.monotonic()``, or CUDA events
+mapped onto it); each optimizer step is cut into intervals between the edges:
+
+* ``data``: from the end of the previous step (or the start of the epoch, or the end of a validation
+  loop) to the start of this batch: dataloader fetch and host-to-device transfer;
+* ``compute``: from the batch start to ``zero_grad`` (forward) and from ``backward`` start to its end,
+  less the exposed communication;
+* ``optimizer``: ``zero_grad`` (to the start of backward) and from ``on_before_optimizer_step`` to the
+  end of the batch (the optimizer's update and what follows it in Lightning);
+* ``comm``: gradient all-reduce time not hidden under backward, as reported by the strategy's
+  communication hook (a sub-interval of backward);
+* ``other``: between the end of backward and ``on_before_optimizer_step`` (gradient clipping,
+  unscaling, hooks), and any step whose edges were incomplete.
+
+The energy of a phase is the meter's energy integrated over that phase's intervals: every sensor's
+power is attributed by time. This is exact for the sensors' own resolution (a 10 Hz sampler cannot
+tell 5 ms phases apart by power: it attributes the power it saw around them by duration).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterable, Sequence
+
+PHASES = ("data", "compute", "optimizer", "comm", "other")
+
+
+def split_out(interval: tuple[float, float], holes: Sequence[tuple[float, float]]) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """Split ``interval`` into the parts outside and inside ``holes`` (each clipped to the interval)."""
+    a, b = interval
+    inside = sorted((max(a, h0), min(b, h1)) for h0, h1 in holes if min(b, h1) > max(a, h0))
+    outside, cursor = [], a
+    for h0, h1 in inside:
+        if h0 > cursor:
+            outside.append((cursor, h0))
+        cursor = max(cursor, h1)
+    if b > cursor:
+        outside.append((cursor, b))
+    return outside, inside
+
+
+def step_intervals(edges: dict[str, list[float]], comm: Iterable[tuple[float, float]] = ()) -> list[tuple[str, float, float]]:
+    """Cut one optimizer step into ``(phase, t0, t1)`` intervals from its edges.
+
+    ``edges`` maps an edge name to its timestamps within the step (several with gradient
+    accumulation): ``prev_end``, ``batch_start``, ``zero_grad``, ``backward_start``, ``backward_end``,
+    ``optimizer_start``, ``batch_end``. ``comm`` holds exposed communication intervals.
+    """
+    out: list[tuple[str, float, float]] = []
+    prev_end = edges.get("prev_end", [None])[0]
+    starts = edges.get("batch_start", [])
+    end = edges.get("batch_end", [None])[-1]
+    if prev_end is None or not starts or end is None:
+        return out
+    out.append(("data", prev_end, starts[0]))
+    # forward/backward of each micro-batch: batch_start -> zero_grad -> backward_start -> backward_end
+    zero = list(edges.get("zero_grad", []))
+    bwd0 = list(edges.get("backward_start", []))
+    bwd1 = list(edges.get("backward_end", []))
+    comm = list(comm)
+    cursor = starts[0]
+    for i, start in enumerate(starts):
+        if start > cursor:  # between micro-batches (accumulation): the next fetch
+            out.append(("data", cursor, start))
+        b0 = bwd0[i] if i < len(bwd0) else None
+        b1 = bwd1[i] if i < len(bwd1) else None
+        if b0 is None or b1 is None:
+            cursor = start
+            continue
+        z = zero[i] if i < len(zero) and start <= zero[i] <= b0 else None
+        if z is None:
+            out.append(("compute", start, b0))
+        else:
+            out += [("compute", start, z), ("optimizer", z, b0)]
+        outside, inside = split_out((b0, b1), comm)
+        out += [("compute", a, b) for a, b in outside] + [("comm", a, b) for a, b in inside]
+        cursor = b1
+    opt = edges.get("optimizer_start", [])
+    if opt and cursor <= opt[-1] <= end:
+        out += [("other", cursor, opt[-1]), ("optimizer", opt[-1], end)]
+    else:
+        out.append(("other", cursor, end))
+    return [(p, a, b) for p, a, b in out if b > a]
+
+
+class PhaseAccumulator:
+    """Phase intervals waiting for energy attribution, and the running totals.
+
+    Args:
+        max_pending: intervals kept before the oldest are attributed by time alone (bounded memory).
+    """
+
+    def __init__(self, max_pending: int = 50_000) -> None:
+        self.pending: deque[tuple[str, float, float]] = deque()
+        self.max_pending = max_pending
+        self.total_s = dict.fromkeys(PHASES, 0.0)
+        self.total_j = dict.fromkeys(PHASES, 0.0)
+
+    def add(self, intervals: Iterable[tuple[str, float, float]]) -> None:
+        self.pending.extend(intervals)
+        while len(self.pending) > self.max_pending:  # never grows without bound
+            self.pending.popleft()
+
+    def resolve(self, meter) -> tuple[dict[str, float], dict[str, float]]:
+        """Attribute the pending intervals' energy with ``meter``; return (seconds, joules) per phase."""
+        seconds = dict.fromkeys(PHASES, 0.0)
+        joules = dict.fromkeys(PHASES, 0.0)
+        while self.pending:
+            phase, a, b = self.pending.popleft()
+            seconds[phase] += b - a
+            joules[phase] += meter.energy_between(a, b) if meter is not None else 0.0
+        for phase in PHASES:
+            self.total_s[phase] += seconds[phase]
+            self.total_j[phase] += joules[phase]
+        return seconds, joules
+
+    def rows(self, memory_j: float | None, memory_note: str) -> list[dict]:
+        """The summary table: each phase's time, energy and share, then memory access."""
+        total_s, total_j = sum(self.total_s.values()), sum(self.total_j.values())
+        rows = [
+            {
+                "phase": p,
+                "seconds": self.total_s[p],
+                "energy_j": self.total_j[p],
+                "time_share_pct": 100 * self.total_s[p] / total_s if total_s else float("nan"),
+                "energy_share_pct": 100 * self.total_j[p] / total_j if total_j else float("nan"),
+            }
+            for p in PHASES
+        ]
+        rows.append({"phase": "memory (dram)", "energy_j": memory_j, "note": memory_note})
+        return rows

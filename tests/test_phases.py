@@ -1,0 +1,136 @@
+import time
+
+import pytest
+import torch
+from helpers import logged
+from lightning.pytorch import LightningModule
+from torch.utils.data import DataLoader, Dataset
+from unittest.mock import Mock
+
+from lightning_green import PowerSampler, SimulatedSensor
+from lightning_green.energy import EnergyMeter
+from lightning_green.energy.phases import PhaseAccumulator, split_out, step_intervals
+from lightning_green.sensors import Reading
+
+from helpers import tiny_trainer
+
+
+def test_split_out():
+    outside, inside = split_out((0.0, 10.0), [(2.0, 3.0), (8.0, 12.0)])
+    assert outside == [(0.0, 2.0), (3.0, 8.0)]
+    assert inside == [(2.0, 3.0), (8.0, 10.0)]
+
+
+def test_step_intervals_rule():
+    edges = {"prev_end": [0.0], "batch_start": [1.0], "zero_grad": [3.0], "backward_start": [3.5], "backward_end": [6.0], "optimizer_start": [6.5], "batch_end": [8.0]}
+    got = step_intervals(edges, comm=[(5.0, 6.0)])
+    assert got == [
+        ("data", 0.0, 1.0), ("compute", 1.0, 3.0), ("optimizer", 3.0, 3.5), ("compute", 3.5, 5.0),
+        ("comm", 5.0, 6.0), ("other", 6.0, 6.5), ("optimizer", 6.5, 8.0),
+    ]
+    assert sum(b - a for _, a, b in got) == pytest.approx(8.0)  # phases tile the step
+
+
+def test_step_intervals_with_accumulation():
+    edges = {"prev_end": [0.0], "batch_start": [1.0, 4.0], "backward_start": [2.0, 5.0], "backward_end": [3.0, 6.0], "optimizer_start": [6.0], "batch_end": [3.2, 7.0]}
+    got = step_intervals(edges)
+    assert ("data", 3.0, 4.0) in got
+    assert sum(b - a for p, a, b in got if p == "compute") == pytest.approx(4.0)
+    assert sum(b - a for _, a, b in got) == pytest.approx(7.0)
+
+
+def test_accumulator_energy_by_time():
+    meter = EnergyMeter()
+    meter.add_channel({"name": "p", "source": "simulated", "kind": "power"})
+    meter.record("p", Reading(0.0, 100.0, "power"))
+    meter.record("p", Reading(10.0, 300.0, "power"))  # a ramp: 100 W -> 300 W
+    acc = PhaseAccumulator()
+    acc.add([("data", 0.0, 5.0), ("compute", 5.0, 10.0)])
+    seconds, joules = acc.resolve(meter)
+    assert seconds["data"] == 5.0 and joules["data"] == pytest.approx(750.0)
+    assert joules["compute"] == pytest.approx(1250.0)
+    rows = acc.rows(None, "not measurable on this hardware: no RAPL dram zone")
+    assert rows[0]["energy_share_pct"] == pytest.approx(37.5)
+    assert rows[-1]["energy_j"] is None and "not measurable" in rows[-1]["note"]
+
+
+class SlowData(Dataset):
+    def __init__(self, sleep_s):
+        self.sleep_s = sleep_s
+
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, i):
+        time.sleep(self.sleep_s)
+        return torch.randn(8)
+
+
+class SleepyOptimizer(torch.optim.SGD):
+    def __init__(self, params, sleep_s):
+        super().__init__(params, lr=0.01)
+        self.sleep_s = sleep_s
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        time.sleep(self.sleep_s)
+        super().step()
+        return loss
+
+
+class Phased(LightningModule):
+    def __init__(self, data_s, compute_s, opt_s):
+        super().__init__()
+        self.layer = torch.nn.Linear(8, 1)
+        self.data_s, self.compute_s, self.opt_s = data_s, compute_s, opt_s
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(self.compute_s)
+        return self.layer(batch).sum()
+
+    def train_dataloader(self):
+        return DataLoader(SlowData(self.data_s), batch_size=1)
+
+    def configure_optimizers(self):
+        return SleepyOptimizer(self.parameters(), self.opt_s)
+
+
+def test_known_sleeps_give_the_split(tmp_path):
+    logger = Mock()
+    logger.log_dir = logger.save_dir = None
+    ps = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.02, phases=True, summary_dir=str(tmp_path), print_summary=False)
+    tiny_trainer(max_steps=12, log_every_n_steps=4, callbacks=[ps], logger=logger).fit(Phased(0.02, 0.04, 0.03))
+    rows = {r["phase"]: r for r in ps.summary["sections"]["energy by phase"]}
+    total_j = sum(rows[p]["energy_j"] for p in ("data", "compute", "optimizer", "comm", "other"))
+    expected = {"data": 0.02 / 0.09, "compute": 0.04 / 0.09, "optimizer": 0.03 / 0.09}
+    for phase, share in expected.items():
+        assert rows[phase]["energy_j"] / total_j == pytest.approx(share, rel=0.10), (phase, rows)
+        assert rows[phase]["energy_j"] == pytest.approx(100.0 * rows[phase]["seconds"], rel=0.02)
+    assert rows["comm"]["energy_j"] == 0.0
+    assert "not measurable" in rows["memory (dram)"]["note"]
+    data_j = [v for _, v in logged(logger, "energy/phase/data_j")]
+    assert len(data_j) == 3 and all(v == pytest.approx(100.0 * 4 * 0.02, rel=0.25) for v in data_j)
+    assert logged(logger, "time/phase/compute_s")
+
+
+def test_dram_zone_reported_as_memory(tmp_path):
+    dram = SimulatedSensor(5.0, name="rapl_dram-0", host_level=True, domain="dram")
+    ps = PowerSampler(sensors=[SimulatedSensor(100.0), dram], interval_s=0.02, phases=True, summary_dir=str(tmp_path), print_summary=False)
+    tiny_trainer(max_steps=4, callbacks=[ps]).fit(Phased(0.0, 0.01, 0.0))
+    row = ps.summary["sections"]["energy by phase"][-1]
+    assert row["energy_j"] == pytest.approx(5.0 * ps.summary["sensors"][1]["duration_s"], rel=0.05)
+    assert "rapl_dram-0" in row["note"]
+
+
+def test_phase_timing_validation():
+    with pytest.raises(ValueError, match="phase_timing.*allowed: host, cuda_events, sync"):
+        PowerSampler(phases=True, phase_timing="events")
+    ps = PowerSampler(sensors=[SimulatedSensor(1.0)], phases=True, phase_timing="cuda_events", print_summary=False)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        tiny_trainer(callbacks=[ps]).fit(Phased(0.0, 0.0, 0.0))
+
+
+def test_phases_off_adds_no_per_step_hooks():
+    ps = PowerSampler(sensors=[SimulatedSensor(1.0)])
+    assert "on_before_backward" not in vars(ps) and "on_train_batch_start" not in vars(ps)
+    assert "on_before_backward" in vars(PowerSampler(sensors=[SimulatedSensor(1.0)], phases=True))
