@@ -77,7 +77,7 @@ class HookTimer:
         return timed
 
 
-def one_run(width: int, batch: int, steps: int, with_energy: bool, sensors: str, logdir: str) -> dict:
+def one_run(width: int, batch: int, steps: int, with_energy: bool, sensors: str, logdir: str, accelerator: str = "cpu") -> dict:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(batch * 64, width), torch.randint(0, 10, (batch * 64,)))
     timer = StepTimer()
@@ -89,7 +89,7 @@ def one_run(width: int, batch: int, steps: int, with_energy: bool, sensors: str,
         callbacks += [ps, eff]
         hook_timer = HookTimer([ps, eff])  # both on_train_batch_end hooks close a step: pair them up below
     trainer = Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, logger=TensorBoardLogger(logdir), log_every_n_steps=50,
+        max_steps=steps, accelerator=accelerator, devices=1, logger=TensorBoardLogger(logdir), log_every_n_steps=50,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks + [timer],
     )
     trainer.fit(MLP(width), DataLoader(data, batch_size=batch, shuffle=True))

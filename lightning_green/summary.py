@@ -45,14 +45,17 @@ def render(summary: dict) -> None:
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:  # a log file or a pipe: don't squeeze the table into 80 columns
+        console = Console(width=120)
     title = f"lightning_green energy summary ({summary['stage']}, {summary['status']})"
     table = Table(title=title, title_justify="left")
     for col in ("sensor", "source", "energy J", "mean W", "peak W", "seconds", "gaps", "status"):
         table.add_column(col, justify="left" if col in ("sensor", "source", "status") else "right")
+    notes = []
     for s in summary["sensors"]:
-        status = "ok" if not s["partial"] else ("failed: " + s["failed"] if s["failed"] else "partial: gaps")
+        status = "ok" if not s["partial"] else ("failed" if s["failed"] else "gaps")
         if s.get("note"):
-            status += f" ({s['note']})"
+            notes.append(f"{s['name']}: {s['note']}")
         table.add_row(
             s["name"], s["source"], _fmt(s["energy_j"]), _fmt(s["mean_power_w"]), _fmt(s["peak_power_w"]),
             _fmt(s["duration_s"]), str(s["gaps"]), status,
@@ -60,10 +63,11 @@ def render(summary: dict) -> None:
     console.print(table)
     sources = "+".join(summary["sources"]) or "none"
     cluster = summary.get("cluster") or {}
-    lines = [f"total energy (this process): {_fmt(summary['energy_j'])} J = {_fmt(summary['energy_j'] / J_PER_KWH)} kWh  [source: {sources}]"]
+    lines = notes + [f"total energy (this process): {_fmt(summary['energy_j'])} J = {_fmt(summary['energy_j'] / J_PER_KWH)} kWh  [source: {sources}]"]
     if cluster.get("world_size", 1) > 1:
         per_rank = ", ".join(f"rank {r['rank']} (node {r['node_rank']}): {_fmt(r['energy_j'])} J" for r in cluster["per_rank"])
-        lines.append(f"cluster total ({cluster['world_size']} processes, {cluster['num_nodes']} nodes): {_fmt(cluster['total_j'])} J; {per_rank}; imbalance (max/mean): {_fmt(cluster['imbalance'])}")
+        imbalance = _fmt(cluster["imbalance"]) if not math.isnan(cluster["imbalance"]) else "n/a (no per-process device sensor)"
+        lines.append(f"cluster total ({cluster['world_size']} processes, {cluster['num_nodes']} nodes): {_fmt(cluster['total_j'])} J; {per_rank}; device-energy imbalance (max/mean): {imbalance}")
     if summary["partial"]:
         lines.append("partial figures: " + "; ".join(summary["partial"]))
     for reason in summary["skipped"]:

@@ -23,7 +23,7 @@ def test_split_out():
 
 def test_step_intervals_rule():
     edges = {"prev_end": [0.0], "batch_start": [1.0], "zero_grad": [3.0], "backward_start": [3.5], "backward_end": [6.0], "optimizer_start": [6.5], "batch_end": [8.0]}
-    got = step_intervals(edges, comm=[(5.0, 6.0)])
+    got = step_intervals(edges, comm_s=1.0)
     assert got == [
         ("data", 0.0, 1.0), ("compute", 1.0, 3.0), ("optimizer", 3.0, 3.5), ("compute", 3.5, 5.0),
         ("comm", 5.0, 6.0), ("other", 6.0, 6.5), ("optimizer", 6.5, 8.0),

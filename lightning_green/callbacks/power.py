@@ -153,7 +153,7 @@ class PowerSampler(Callback):
         self.phase_timing = phase_timing
         self._phase_acc = PhaseAccumulator()
         self._edges: dict[str, list] = {}
-        self._event_steps: list[tuple[dict, list]] = []  # cuda_events: steps whose events may not have run yet
+        self._event_steps: list[tuple[dict, float]] = []  # cuda_events: steps whose events may not have run yet
         self._anchor: tuple[Any, float] | None = None
         if self.phases:
             # Phase hooks are bound per instance so that phases=False costs nothing per step.
@@ -165,6 +165,7 @@ class PowerSampler(Callback):
 
         self.meter: EnergyMeter | None = None
         self.summary: dict | None = None  # the last summary built (every rank has its own)
+        self.summary_by_stage: dict[str, dict] = {}
         self._sampler: Sampler | None = None
         self._owned: list[Sensor] = []
         self._skipped: list[str] = []
@@ -176,6 +177,7 @@ class PowerSampler(Callback):
         self._providers: list[Callable[[], dict[str, list[dict]]]] = []
         self._trainer: Trainer | None = None
         self._origin_t: float | None = None
+        self._stage = ""
         self._stage_t0 = 0.0
         self._started_at = ""
         self._cluster: dict | None = None
@@ -370,6 +372,7 @@ class PowerSampler(Callback):
         if self._sampler is not None:  # a previous run ended without teardown
             self._finish(trainer, stage, status="superseded")
         self._trainer = trainer
+        self._stage = getattr(stage, "value", stage)
         host_level = trainer.local_rank == 0
         root = trainer.strategy.root_device
         gpu_indices = [root.index or 0] if root.type == "cuda" else []
@@ -411,7 +414,7 @@ class PowerSampler(Callback):
             return
         try:
             sampler.stop(final_reading=True)
-            self.summary = self._build_summary(trainer, stage, status)
+            self.summary = self.summary_by_stage[stage] = self._build_summary(trainer, stage, status)
             if stage in SUMMARY_STAGES and trainer.is_global_zero:
                 self._emit_summary(trainer, stage)
         finally:
@@ -485,7 +488,7 @@ class PowerSampler(Callback):
 
     def _close_step(self, trainer: Trainer) -> None:
         edges, end = self._edges, self._edges["batch_end"][-1]
-        comm = _pop_comm_intervals(trainer)
+        comm = _pop_comm_seconds(trainer)
         self._edges = {"prev_end": [end]}
         if self.phase_timing != "cuda_events":
             self._phase_acc.add(step_intervals(edges, comm))
@@ -517,7 +520,7 @@ class PowerSampler(Callback):
         return metrics
 
     def _phase_rows(self) -> dict[str, list[dict]]:
-        if not self.phases or self.meter is None:
+        if not self.phases or self.meter is None or self._stage != "fit":
             return {}
         dram = [n for n in self.meter.names if self.meter.info(n).get("domain") == "dram"]
         if dram:
@@ -583,17 +586,17 @@ class PowerSampler(Callback):
                 rank_zero_info(f"lightning_green: energy summary written to {path}")
 
 
-def _pop_comm_intervals(trainer: Trainer) -> list[tuple[float, float]]:
-    """Exposed all-reduce intervals of the last step, from a strategy that measures them (ddp_green)."""
+def _pop_comm_seconds(trainer: Trainer) -> float:
+    """Exposed all-reduce seconds since the last call, from a strategy that measures them (ddp_green)."""
     stats = getattr(trainer.strategy, "comm_stats", None)
-    pop = getattr(stats, "pop_exposed_intervals", None)
-    return list(pop()) if pop is not None else []
+    pop = getattr(stats, "pop_exposed_comm_s", None)
+    return float(pop()) if pop is not None else 0.0
 
 
 def _cluster_figures(per_rank: list[dict]) -> dict:
+    """Cluster total and imbalance (max / mean of the per-process device energy: GPUs, not the
+    host-level sensors that only one process per node reads)."""
     energies = [r["device_energy_j"] for r in per_rank]
-    if not any(energies):  # no per-device sensor: compare whole-process totals
-        energies = [r["energy_j"] for r in per_rank]
     mean = sum(energies) / len(energies)
     return {
         "world_size": len(per_rank),

@@ -10,7 +10,8 @@ mapped onto it); each optimizer step is cut into intervals between the edges:
 * ``optimizer``: ``zero_grad`` (to the start of backward) and from ``on_before_optimizer_step`` to the
   end of the batch (the optimizer's update and what follows it in Lightning);
 * ``comm``: gradient all-reduce time not hidden under backward, as reported by the strategy's
-  communication hook (a sub-interval of backward);
+  communication hook (``ddp_green``); it is the tail of the last backward pass, where DDP waits for
+  its last buckets, so it is cut from the end of that backward interval;
 * ``other``: between the end of backward and ``on_before_optimizer_step`` (gradient clipping,
   unscaling, hooks), and any step whose edges were incomplete.
 
@@ -41,12 +42,13 @@ def split_out(interval: tuple[float, float], holes: Sequence[tuple[float, float]
     return outside, inside
 
 
-def step_intervals(edges: dict[str, list[float]], comm: Iterable[tuple[float, float]] = ()) -> list[tuple[str, float, float]]:
+def step_intervals(edges: dict[str, list[float]], comm_s: float = 0.0) -> list[tuple[str, float, float]]:
     """Cut one optimizer step into ``(phase, t0, t1)`` intervals from its edges.
 
     ``edges`` maps an edge name to its timestamps within the step (several with gradient
     accumulation): ``prev_end``, ``batch_start``, ``zero_grad``, ``backward_start``, ``backward_end``,
-    ``optimizer_start``, ``batch_end``. ``comm`` holds exposed communication intervals.
+    ``optimizer_start``, ``batch_end``. ``comm_s`` is the step's exposed communication time, cut from
+    the end of the last backward pass.
     """
     out: list[tuple[str, float, float]] = []
     prev_end = edges.get("prev_end", [None])[0]
@@ -59,7 +61,7 @@ def step_intervals(edges: dict[str, list[float]], comm: Iterable[tuple[float, fl
     zero = list(edges.get("zero_grad", []))
     bwd0 = list(edges.get("backward_start", []))
     bwd1 = list(edges.get("backward_end", []))
-    comm = list(comm)
+    comm = [(bwd1[-1] - comm_s, bwd1[-1])] if comm_s > 0 and bwd1 else []
     cursor = starts[0]
     for i, start in enumerate(starts):
         if start > cursor:  # between micro-batches (accumulation): the next fetch

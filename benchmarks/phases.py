@@ -1,0 +1,136 @@
+"""Energy by phase: does the data share follow a dataloader delay, and what does phases=True cost?
+
+A ~100 ms training step is built from sleeps: the dataloader sleeps ``d`` ms per batch (swept from 0
+to 50 ms), the training step ``90 - d`` ms, the optimizer 10 ms. With a SimulatedSensor (source
+``simulated``, 100 W) the data phase's energy share should be ``d / step`` within 5 points. Then the
+same model runs interleaved with phases=True and phases=False: ratio of median step times, and the
+time spent in the phase hooks as a share of the step.
+
+    python benchmarks/phases.py [--steps 20] [--rounds 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+from _common import table, write
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_green import PowerSampler, SimulatedSensor
+
+
+class SlowData(Dataset):
+    def __init__(self, sleep_s: float):
+        self.sleep_s = sleep_s
+
+    def __len__(self):
+        return 100_000
+
+    def __getitem__(self, i):
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        return torch.randn(16)
+
+
+class SleepyOptimizer(torch.optim.SGD):
+    def __init__(self, params, sleep_s):
+        super().__init__(params, lr=0.01)
+        self.sleep_s = sleep_s
+
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        time.sleep(self.sleep_s)
+        super().step()
+        return loss
+
+
+class Model(LightningModule):
+    def __init__(self, data_s: float, compute_s: float, opt_s: float):
+        super().__init__()
+        self.layer = torch.nn.Linear(16, 1)
+        self.data_s, self.compute_s, self.opt_s = data_s, compute_s, opt_s
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(self.compute_s)
+        return self.layer(batch).pow(2).mean()
+
+    def train_dataloader(self):
+        return DataLoader(SlowData(self.data_s), batch_size=1)
+
+    def configure_optimizers(self):
+        return SleepyOptimizer(self.parameters(), self.opt_s)
+
+
+class StepTimer(Callback):
+    def __init__(self):
+        self.t: list[float] = []
+
+    def on_train_batch_end(self, *args, **kwargs):
+        self.t.append(time.perf_counter())
+
+
+def fit(data_ms: float, steps: int, phases: bool) -> tuple[PowerSampler, list[float]]:
+    ps = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.1, phases=phases, print_summary=False, summary_dir="/tmp/lightning_green_phases")
+    timer = StepTimer()
+    hook_ns = [0]
+    if phases:  # time the phase hooks themselves
+        for name in ("on_train_batch_start", "on_before_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step"):
+            hook = getattr(ps, name)
+
+            def timed(*a, _h=hook, **k):
+                t = time.perf_counter_ns()
+                _h(*a, **k)
+                hook_ns[0] += time.perf_counter_ns() - t
+
+            setattr(ps, name, timed)
+    trainer = Trainer(max_steps=steps, accelerator="cpu", logger=False, log_every_n_steps=10, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, callbacks=[ps, timer])
+    d = data_ms / 1000
+    trainer.fit(Model(d, 0.090 - d, 0.010))
+    return ps, [b - a for a, b in zip(timer.t[2:], timer.t[3:])], hook_ns[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+    sweep = []
+    for data_ms in (0, 10, 20, 30, 40, 50):
+        ps, times, _ = fit(data_ms, args.steps, True)
+        rows = {r["phase"]: r for r in ps.summary["sections"]["energy by phase"]}
+        step_ms = statistics.median(times) * 1000
+        share = rows["data"]["energy_share_pct"]
+        expected = 100 * data_ms / step_ms
+        sweep.append({
+            "data_sleep_ms": data_ms, "median_step_ms": step_ms, "expected_data_share_pct": expected,
+            "data_energy_share_pct": share, "compute_share_pct": rows["compute"]["energy_share_pct"],
+            "optimizer_share_pct": rows["optimizer"]["energy_share_pct"], "error_points": share - expected,
+            "within_5_points": abs(share - expected) <= 5.0,
+        })
+    print(table(sweep))
+    on, off, hook_ns, steps = [], [], 0, 0
+    for r in range(args.rounds):
+        for phases in ((True, False) if r % 2 == 0 else (False, True)):
+            _, times, ns = fit(20, args.steps, phases)
+            (on if phases else off).extend(times)
+            if phases:
+                hook_ns += ns
+                steps += args.steps
+    ratio = statistics.median(on) / statistics.median(off)
+    hook_pct = hook_ns / steps / 1e9 / statistics.median(off) * 100
+    overhead = {"median_step_ms_phases_off": statistics.median(off) * 1000, "median_step_ms_phases_on": statistics.median(on) * 1000,
+                "ratio_of_medians": ratio, "phase_hook_us_per_step": hook_ns / steps / 1000, "phase_hook_pct_of_step": hook_pct,
+                "goal_pct": 1.0, "meets_goal": hook_pct <= 1.0 and ratio <= 1.01}
+    print(table([{"figure": k, "value": v} for k, v in overhead.items()]))
+    write("phases", {"source": "simulated", "sweep": sweep, "overhead": overhead, "steps": args.steps, "rounds": args.rounds,
+                     "all_within_5_points": all(r["within_5_points"] for r in sweep)})
+
+
+if __name__ == "__main__":
+    main()
