@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import time
@@ -158,10 +159,10 @@ class PowerSampler(Callback):
         if self.phases:
             # Phase hooks are bound per instance so that phases=False costs nothing per step.
             self.on_train_batch_start = self._phase_batch_start
-            self.on_before_zero_grad = self._phase_edge_hook("zero_grad")
-            self.on_before_backward = self._phase_edge_hook("backward_start")
-            self.on_after_backward = self._phase_edge_hook("backward_end")
-            self.on_before_optimizer_step = self._phase_edge_hook("optimizer_start")
+            self.on_before_zero_grad = functools.partial(self._phase_edge, "zero_grad")
+            self.on_before_backward = functools.partial(self._phase_edge, "backward_start")
+            self.on_after_backward = functools.partial(self._phase_edge, "backward_end")
+            self.on_before_optimizer_step = functools.partial(self._phase_edge, "optimizer_start")
 
         self.meter: EnergyMeter | None = None
         self.summary: dict | None = None  # the last summary built (every rank has its own)
@@ -479,12 +480,8 @@ class PowerSampler(Callback):
     def _phase_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._edges.setdefault("batch_start", []).append(self._edge_time(trainer))
 
-    def _phase_edge_hook(self, edge: str) -> Callable[..., None]:
-        def hook(trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
-            self._edges.setdefault(edge, []).append(self._edge_time(trainer))
-
-        hook.__name__ = f"_phase_{edge}"
-        return hook
+    def _phase_edge(self, edge: str, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any) -> None:
+        self._edges.setdefault(edge, []).append(self._edge_time(trainer))
 
     def _close_step(self, trainer: Trainer) -> None:
         edges, end = self._edges, self._edges["batch_end"][-1]
@@ -536,7 +533,8 @@ class PowerSampler(Callback):
             return
         now = time.monotonic()
         device_j = sum(self.meter.energy_at(n, now) for n in self.meter.names if not self.meter.info(n).get("host_level"))
-        mine = {"rank": trainer.global_rank, "node_rank": trainer.node_rank, "energy_j": self.energy_now_j(), "device_energy_j": device_j}
+        energy_j = self._unattributed_j + self.meter.total_at(now)
+        mine = {"rank": trainer.global_rank, "node_rank": trainer.node_rank, "energy_j": energy_j, "device_energy_j": device_j}
         per_rank = gather_objects(trainer, mine)
         self._cluster = _cluster_figures(per_rank)
 

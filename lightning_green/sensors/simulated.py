@@ -43,12 +43,11 @@ class SimulatedSensor(Sensor):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if callable(power_w):
-            self._power_fn = power_w
+            self.power_w = power_w
         elif isinstance(power_w, (int, float)) and not isinstance(power_w, bool):
             if not math.isfinite(power_w) or power_w < 0:
                 raise ValueError(f"`power_w` must be a finite number >= 0 or a callable, got {power_w!r}")
-            value = float(power_w)
-            self._power_fn = lambda _t: value
+            self.power_w = float(power_w)
         else:
             raise ValueError(f"`power_w` must be a number (watts) or a callable f(seconds) -> watts, got {power_w!r}")
         if not name or not isinstance(name, str):
@@ -63,4 +62,5 @@ class SimulatedSensor(Sensor):
         now = self._clock()
         if self._t0 is None:
             self._t0 = now
-        return Reading(t_s=now, value=float(self._power_fn(now - self._t0)), kind="power")
+        power = self.power_w(now - self._t0) if callable(self.power_w) else self.power_w
+        return Reading(t_s=now, value=float(power), kind="power")

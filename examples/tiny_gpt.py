@@ -1,0 +1,139 @@
+"""Train a tiny byte-level GPT and watch its energy: the lightning_green main example.
+
+Defaults finish in about 2 minutes on a 2-core CPU and need no download: the corpus is the Python
+standard library's own source text. On a machine with an NVIDIA GPU the run uses it and reads its
+energy counter through NVML; on a CPU without RAPL the CPU power is an *estimate*, and the summary
+says so.
+
+    python examples/tiny_gpt.py                         # CPU or one GPU, ~2 min on 2 cores
+    python examples/tiny_gpt.py --devices 2 --strategy ddp_green   # two processes, energy summed
+    python examples/tiny_gpt.py --max-steps 2000 --d-model 384 --n-layer 6   # bigger
+    tensorboard --logdir lightning_logs                 # energy, power, efficiency curves
+
+What it adds to an unchanged LightningModule: PowerSampler (energy and power, by phase),
+EfficiencyLogger (EER, EPI, tokens per joule, carbon), QuantizationAwareTraining (fake quantization
+from --qat-start-step on, converted to int8-activation/int4-weight at the end) and a TensorBoardLogger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from tinygpt_model import ByteDataModule, TinyGPT, count_parameters  # noqa: E402
+
+import lightning_green  # noqa: E402,F401  (registers "ddp_green")
+from lightning_green import EfficiencyLogger, PowerSampler, QuantizationAwareTraining  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=None, help="a text file to train on (default: the Python standard library's source)")
+    p.add_argument("--max-bytes", type=int, default=1_000_000, help="bytes of corpus to use")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--n-layer", type=int, default=3)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--val-every", type=int, default=100, help="validate every N training steps")
+    p.add_argument("--val-batches", type=int, default=10)
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--devices", default="1")
+    p.add_argument("--strategy", default="auto", help="auto | ddp_green | ddp_green_spawn | any Lightning strategy")
+    p.add_argument("--interval-s", type=float, default=0.1, help="power sampling interval")
+    p.add_argument("--no-phases", action="store_true", help="do not split energy by phase")
+    p.add_argument("--no-qat", action="store_true", help="train in float only")
+    p.add_argument("--qat-scheme", default="int8_dynamic_int4_weight")
+    p.add_argument("--qat-start-step", type=int, default=200, help="fake quantization starts at this step")
+    p.add_argument("--carbon-intensity", type=float, default=475.0, help="gCO2e per kWh of your grid")
+    p.add_argument("--pue", type=float, default=1.0, help="data-centre power usage effectiveness")
+    p.add_argument("--log-dir", default="lightning_logs")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    L.seed_everything(args.seed, workers=True)
+    torch.set_float32_matmul_precision("high")
+    data = ByteDataModule(text_file=args.data, max_bytes=args.max_bytes, block_size=args.block_size, batch_size=args.batch_size, seed=args.seed)
+    model = TinyGPT(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, block_size=args.block_size, lr=args.lr, warmup_steps=20)
+
+    power = PowerSampler(sensors="auto", interval_s=args.interval_s, phases=not args.no_phases)
+    efficiency = EfficiencyLogger(carbon_intensity_g_per_kwh=args.carbon_intensity, pue=args.pue, tokens_per_batch="numel")
+    callbacks = [power, efficiency]
+    qat = None
+    if not args.no_qat:
+        qat = QuantizationAwareTraining(scheme=args.qat_scheme, start_step=args.qat_start_step)
+        callbacks.append(qat)
+    logger = TensorBoardLogger(args.log_dir, name="tiny_gpt")
+    devices = int(args.devices) if args.devices.isdigit() else args.devices
+    trainer = L.Trainer(
+        max_steps=args.max_steps, accelerator=args.accelerator, devices=devices, strategy=args.strategy,
+        callbacks=callbacks, logger=logger, log_every_n_steps=20, val_check_interval=args.val_every,
+        limit_val_batches=args.val_batches, limit_test_batches=args.val_batches, num_sanity_val_steps=0,
+        enable_checkpointing=False, enable_progress_bar=False, deterministic=False,
+    )
+    trainer.fit(model, datamodule=data)
+    if trainer.world_size > 1 and not trainer.is_global_zero:
+        return {}
+    trainer.test(model, datamodule=data, verbose=False)
+    headline = _headline(args, model, power, efficiency, qat, logger)
+    if trainer.is_global_zero:
+        _print_headline(headline)
+    return headline
+
+
+def _headline(args, model, power, efficiency, qat, logger) -> dict:
+    fit_summary = power.summary_by_stage.get("fit", {})
+    r = efficiency.results
+    out = {
+        "parameters": count_parameters(model),
+        "sensors": [(s["name"], s["source"], s["energy_j"]) for s in fit_summary.get("sensors", [])],
+        "sources": fit_summary.get("sources", []),
+        "train_energy_j": r.get("train_energy_j"),
+        "eer_j_per_param": r.get("eer_j_per_param"),
+        "tokens_per_j": r.get("tokens_per_j"),
+        "carbon_gco2e": r.get("carbon_gco2e"),
+        "test_epi_j": r.get("test_epi_j"),
+        "test_epi_j_per_token": r.get("test_epi_j_per_token"),
+        "log_dir": logger.log_dir,
+    }
+    if qat is not None:
+        out.update({k: qat.report.get(k) for k in ("epi_float_j", "epi_converted_j", "val_loss_float", "val_loss_converted", "size_ratio")})
+    return out
+
+
+def _print_headline(h: dict) -> None:
+    def f(x, unit=""):
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4g}{unit}"
+
+    src = "+".join(h["sources"]) or "none"
+    print("\n=== tiny_gpt: energy headline ===")
+    for name, source, joules in h["sensors"]:
+        print(f"  {name:<14} {joules:10.1f} J   source: {source}")
+    print(f"  parameters:            {h['parameters']:,}")
+    print(f"  training energy:       {f(h['train_energy_j'], ' J')}  [{src}]")
+    print(f"  EER:                   {f(h['eer_j_per_param'], ' J/parameter')}  [{src}]")
+    print(f"  tokens per joule:      {f(h['tokens_per_j'])}  [{src}]")
+    print(f"  carbon:                {f(h['carbon_gco2e'], ' gCO2e')}  (fit energy x PUE x grid intensity)")
+    if "epi_float_j" in h:
+        print(f"  EPI float -> int4:     {f(h['epi_float_j'], ' J')} -> {f(h['epi_converted_j'], ' J')} per sample  [{src}]")
+        print(f"  val loss float -> int4:{f(h['val_loss_float'])} -> {f(h['val_loss_converted'])}; size ratio {f(h['size_ratio'])}")
+    print(f"  test EPI (converted):  {f(h['test_epi_j'], ' J/sample')}, {f(h['test_epi_j_per_token'], ' J/token')}  [{src}]")
+    if "estimate" in h["sources"]:
+        print("  note: 'estimate' figures come from a CPU utilisation model, not a measurement.")
+    print(f"\nTensorBoard: tensorboard --logdir {h['log_dir']}")
+
+
+if __name__ == "__main__":
+    main()
