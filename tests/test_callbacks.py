@@ -284,3 +284,36 @@ def test_import_needs_no_pynvml_torchao_psutil():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "PowerSampler"
+
+
+def test_measure_block_energy(tmp_path):
+    import time as _time
+
+    from lightning.pytorch import Callback
+
+    got = {}
+
+    class Probe(Callback):
+        def on_train_end(self, trainer, pl_module):
+            with ps.measure() as m:
+                _time.sleep(0.2)
+            got["m"] = m
+
+    ps = PowerSampler(sensors=[SimulatedSensor(50.0)], interval_s=0.05, summary_dir=str(tmp_path), print_summary=False)
+    tiny_trainer(max_steps=2, callbacks=[ps, Probe()]).fit(SleepyModel())
+    m = got["m"]
+    assert m.duration_s == pytest.approx(0.2, abs=0.05)
+    assert m.energy_j == pytest.approx(50.0 * m.duration_s, rel=0.02)
+    assert m.sources == ["simulated"] and m.power_w == pytest.approx(50.0, rel=0.02)
+    with pytest.raises(RuntimeError, match="running sampler"):
+        with ps.measure():
+            pass
+
+
+def test_summary_table_names_sources_and_partial(tmp_path, capsys):
+    ps = PowerSampler(sensors=[SimulatedSensor(100.0), Exploding(after=2)], interval_s=0.01, summary_dir=str(tmp_path))
+    tiny_trainer(max_steps=8, callbacks=[ps]).fit(SleepyModel(step_s=0.01))
+    out = capsys.readouterr().out
+    assert "simulated" in out and "flaky" in out and "failed" in out
+    assert "partial figures: flaky: OSError: device vanished" in out
+    assert "[source: simulated]" in out

@@ -1,0 +1,298 @@
+"""``Trainer(strategy="ddp_green")``: DDP that counts (and optionally compresses) gradient traffic and
+borrows GPU power limits."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.distributed
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.pytorch.overrides.distributed import _register_ddp_comm_hook
+from lightning.pytorch.strategies.ddp import DDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.nn.parallel.distributed import DistributedDataParallel
+from torch.optim.optimizer import Optimizer
+from typing_extensions import override
+
+from lightning_green.strategies.comm import CommCompression, CommStats, build_comm_hook
+from lightning_green.strategies.power_control import NvmlPowerControl, PowerControl
+from lightning_green.strategies.power_limit import POWER_LIMIT_SEARCH, PowerLimiter, _check_eta, _check_max_slowdown
+
+log = logging.getLogger(__name__)
+
+#: Names registered by :meth:`EnergyAwareDDPStrategy.register_strategies` and their start methods.
+STRATEGY_NAMES = (("ddp_green", "popen"), ("ddp_green_spawn", "spawn"))
+
+
+class EnergyAwareDDPStrategy(DDPStrategy):
+    """Distributed data parallel training that knows what its communication and its power cost.
+
+    * **Communication**: a DDP communication hook is registered on every device, CPU (gloo) included
+      (Lightning's :class:`~lightning.pytorch.strategies.DDPStrategy` registers hooks on CUDA only). It
+      optionally compresses gradients (``"fp16"``, ``"bf16"``, ``"powersgd"``, all torch's own hooks) and
+      always counts what each rank sends: :attr:`comm_stats`.
+    * **Power limits**: a fixed limit, or ``"search"`` for the limit with the best energy/time trade-off
+      (see :mod:`lightning_green.strategies.power_limit`), applied to every rank's GPU. Limits are
+      borrowed: the original is restored at teardown, on exceptions, on KeyboardInterrupt and on SIGTERM.
+      Without permission to set limits the run warns once and goes on, monitoring only.
+    * **Teardown** destroys the process group (gloo otherwise aborts at exit now and then), after a
+      barrier unless the stage ended in an exception; the next ``fit``/``validate``/``test`` creates it
+      again. Collectives of callbacks belong in ``on_train_end`` or earlier, not in ``teardown``.
+
+    Nothing assumes one node: ranks come from Lightning's cluster environments (``num_nodes > 1``).
+
+    **Logged metrics** (through ``trainer.loggers``, at the Trainer's ``log_every_n_steps``; step =
+    optimizer steps done):
+
+    * ``comm/bytes_per_step`` (bytes): what this rank sent in the last optimizer step.
+    * ``comm/compression_ratio`` (1): uncompressed bytes / bytes sent, last step.
+    * ``power/limit_w`` (W): the limit in force, each time it changes.
+
+    Args:
+        comm_compression: ``None``/``"none"``, ``"fp16"``, ``"bf16"`` or ``"powersgd"``.
+        powersgd_rank: PowerSGD's matrix approximation rank (``>= 1``).
+        powersgd_start_step: optimizer steps of plain all-reduce before PowerSGD starts (``>= 2``;
+            torch's ``start_powerSGD_iter``). Longer warm-ups keep accuracy closer to uncompressed.
+        power_limit: ``None`` (leave the device alone), a limit in watts, or ``"search"``.
+        power_control: how limits are read and set: a :class:`PowerControl`, ``"nvml"`` or ``None`` (NVML).
+        eta: weight of energy against time in the search's cost, in ``[0, 1]``.
+        max_slowdown: if set (``>= 1``), the search picks the lowest-energy limit whose step time is within
+            ``max_slowdown`` x the step time at the highest limit, instead of using ``eta``.
+        warmup_steps: optimizer steps before the search profiles.
+        profile_steps: optimizer steps per candidate limit.
+        limit_step_w: spacing of the candidate limits, from the highest down, in watts.
+        power_limit_cache: where the search caches its profile, keyed by GPU model and world size:
+            ``True`` for ``$XDG_CACHE_HOME/lightning_green/power_limits.json`` (``~/.cache/...``), a path,
+            or ``False``/``None`` for no cache.
+        **kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes (``start_method``,
+            ``process_group_backend``, ``timeout``, DDP's own ``find_unused_parameters``, ``static_graph`` …).
+
+    Raises:
+        ValueError: an argument is out of range (the message names it and the allowed values); a fixed
+            ``power_limit`` outside the device's bounds (in ``setup``).
+        MisconfigurationException: ``power_limit="search"`` without a ``PowerSampler`` callback (in ``setup``).
+
+    Example::
+
+        trainer = Trainer(accelerator="gpu", devices=8, strategy="ddp_green")
+        trainer = Trainer(
+            accelerator="gpu",
+            devices=8,
+            strategy=EnergyAwareDDPStrategy(comm_compression="powersgd", power_limit="search", max_slowdown=1.05),
+            callbacks=[PowerSampler()],
+        )
+    """
+
+    strategy_name = "ddp_green"
+
+    def __init__(
+        self,
+        comm_compression: Optional[str] = None,
+        powersgd_rank: int = 2,
+        powersgd_start_step: int = 10,
+        power_limit: Optional[Union[float, str]] = None,
+        power_control: Optional[Union[str, PowerControl]] = None,
+        eta: float = 0.5,
+        max_slowdown: Optional[float] = None,
+        warmup_steps: int = 10,
+        profile_steps: int = 10,
+        limit_step_w: float = 25.0,
+        power_limit_cache: Union[str, bool, None] = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.comm_compression = CommCompression.parse(comm_compression)
+        if isinstance(powersgd_rank, bool) or not isinstance(powersgd_rank, int) or powersgd_rank < 1:
+            raise ValueError(f"`powersgd_rank` must be an integer >= 1, got {powersgd_rank!r}")
+        if isinstance(powersgd_start_step, bool) or not isinstance(powersgd_start_step, int) or powersgd_start_step < 2:
+            raise ValueError(
+                f"`powersgd_start_step` must be an integer >= 2 (PowerSGD's error feedback needs one plain step),"
+                f" got {powersgd_start_step!r}"
+            )
+        if self.comm_compression is not CommCompression.NONE and self._ddp_comm_hook is not None:
+            raise ValueError(
+                f"`comm_compression={self.comm_compression.value!r}` and `ddp_comm_hook` both set a communication hook:"
+                " pass one of them"
+            )
+        _check_eta(eta)
+        _check_max_slowdown(max_slowdown)
+        _check_power_limit(power_limit)
+        for name, value, low in (("warmup_steps", warmup_steps, 0), ("profile_steps", profile_steps, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
+        if not (isinstance(limit_step_w, (int, float)) and limit_step_w > 0):
+            raise ValueError(f"`limit_step_w` must be a number of watts > 0, got {limit_step_w!r}")
+        self.powersgd_rank = powersgd_rank
+        self.powersgd_start_step = powersgd_start_step
+        self.power_limit = power_limit
+        #: Bytes and exposed communication time of this rank (see :class:`CommStats`).
+        self.comm_stats = CommStats()
+        self._power: Optional[PowerLimiter] = None
+        self._interrupted = False
+        if power_limit is not None:
+            self._power = PowerLimiter(
+                power_limit=power_limit,
+                control=_make_control(power_control),
+                eta=eta,
+                max_slowdown=max_slowdown,
+                warmup_steps=warmup_steps,
+                profile_steps=profile_steps,
+                limit_step_w=float(limit_step_w),
+                cache=power_limit_cache,
+            )
+
+    @property
+    def power_control(self) -> Optional[PowerControl]:
+        """The control that sets limits (``None`` when ``power_limit`` is ``None``)."""
+        return self._power.control if self._power is not None else None
+
+    @property
+    def power_limiter(self) -> Optional[PowerLimiter]:
+        """The search/limit glue: ``.search.table`` holds the profile once the search is done."""
+        return self._power
+
+    # ------------------------------------------------------------------------------ registry
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        """Register ``"ddp_green"`` (launched like ``"ddp"``) and ``"ddp_green_spawn"``. Safe to call twice."""
+        for name, start_method in STRATEGY_NAMES:
+            if name in strategy_registry:
+                continue
+            strategy_registry.register(
+                name,
+                cls,
+                description=f"Energy-aware DDP strategy with `start_method` '{start_method}'",
+                start_method=start_method,
+            )
+
+    # ------------------------------------------------------------------------------ communication
+    @override
+    def _register_ddp_hooks(self) -> None:
+        assert isinstance(self.model, DistributedDataParallel)
+        if self._ddp_comm_hook is not None or self._ddp_comm_state is not None:
+            # The user's own hook, on any device; its traffic is not counted.
+            _register_ddp_comm_hook(
+                model=self.model,
+                ddp_comm_state=self._ddp_comm_state,
+                ddp_comm_hook=self._ddp_comm_hook,
+                ddp_comm_wrapper=self._ddp_comm_wrapper,
+            )
+            return
+        state, hook = build_comm_hook(
+            self.comm_compression,
+            self.comm_stats,
+            process_group=None,
+            powersgd_rank=self.powersgd_rank,
+            powersgd_start_step=self.powersgd_start_step,
+            serialize_buckets=torch.distributed.get_backend() != "nccl",
+        )
+        self.model.register_comm_hook(state, hook)
+
+    @override
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: Optional[Any] = None,
+        **kwargs: Any,
+    ) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self._log_comm()
+        return output
+
+    def _log_comm(self) -> None:
+        trainer = self._trainer()
+        if trainer is None or self.comm_stats.steps == 0 or not trainer._logger_connector.should_update_logs:
+            return
+        stats = self.comm_stats
+        metrics = {
+            "comm/bytes_per_step": float(stats.bytes_sent_last_step),
+            "comm/compression_ratio": stats.compression_ratio_last_step,
+        }
+        # The optimizer step is not counted yet: log it as done, like the metrics of on_train_batch_end.
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step + 1)
+
+    # ------------------------------------------------------------------------------ power limits
+    @override
+    def setup(self, trainer: Any) -> None:
+        super().setup(trainer)
+        if self._power is not None and trainer.state.fn == TrainerFn.FITTING:
+            self._power.setup(trainer, self)
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        trainer = self._trainer()
+        if self._power is not None and trainer is not None:
+            self._power.on_train_start(trainer)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_start(batch, batch_idx)
+        trainer = self._trainer()
+        if self._power is not None and trainer is not None:
+            self._power.on_train_batch_start(trainer, self)
+
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        trainer = self._trainer()
+        if self._power is not None and trainer is not None:
+            self._power.on_train_end(trainer)
+
+    @override
+    def on_exception(self, exception: BaseException) -> None:
+        self._interrupted = True
+        if self._power is not None:
+            self._power.restore()
+        super().on_exception(exception)
+
+    @override
+    def setup_environment(self) -> None:
+        self._interrupted = False
+        super().setup_environment()
+
+    @override
+    def teardown(self) -> None:
+        try:
+            if self._power is not None:
+                self._power.teardown()
+        finally:
+            super().teardown()
+            self._destroy_process_group()
+
+    def _destroy_process_group(self) -> None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        if not self._interrupted:
+            # Shutting gloo down while a peer still talks to it aborts that process now and then: meet
+            # first. Not after an exception: the other ranks may be stuck in another collective.
+            try:
+                self.barrier("ddp_green_teardown")
+            except Exception as err:  # a peer gone: destroy anyway
+                log.debug("barrier before destroy_process_group failed: %s", err)
+        torch.distributed.destroy_process_group()
+
+    def _trainer(self) -> Any:
+        module = self.lightning_module
+        return module._trainer if module is not None else None
+
+
+def _check_power_limit(power_limit: Any) -> None:
+    if power_limit is None or power_limit == POWER_LIMIT_SEARCH:
+        return
+    if isinstance(power_limit, (int, float)) and not isinstance(power_limit, bool) and power_limit > 0:
+        return
+    raise ValueError(f"`power_limit` must be None, a number of watts > 0 or {POWER_LIMIT_SEARCH!r}, got {power_limit!r}")
+
+
+def _make_control(power_control: Any) -> Optional[PowerControl]:
+    if power_control is None or isinstance(power_control, PowerControl):
+        return power_control
+    if isinstance(power_control, str) and power_control.lower() == "nvml":
+        return NvmlPowerControl()
+    raise ValueError(f"`power_control` must be None, 'nvml' or a PowerControl instance, got {power_control!r}")

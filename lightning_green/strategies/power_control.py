@@ -1,0 +1,424 @@
+"""Power-limit controls: one abstract base, NVML for NVIDIA GPUs, and a simulated device.
+
+A control changes a device setting that outlives the process, so limits are *borrowed*: the first
+change remembers the original limit and :meth:`PowerControl.restore` puts it back. The strategy calls
+``restore`` at teardown, on exceptions and from a SIGTERM handler; as a last resort every control that
+changed a limit also restores it when its process exits normally (including ``multiprocessing`` /
+``torch.multiprocessing`` children, which skip ``atexit``).
+
+Slow calls (NVML can take milliseconds) are made only at window edges of the search, never per step.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import os
+import signal
+import tempfile
+import threading
+import time
+from multiprocessing import util as _mp_util
+from types import FrameType
+from typing import Any, Callable, Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class PowerControlError(RuntimeError):
+    """A power limit could not be read or set."""
+
+
+class PowerControlUnavailable(PowerControlError):
+    """The device cannot have its limit changed by this process (no permission, not supported, no
+    driver). The strategy warns once and goes on monitoring only."""
+
+
+class PowerControl(abc.ABC):
+    """Reads and sets one device's power limit, in watts.
+
+    Subclasses implement :meth:`bounds_w`, :meth:`get_limit_w`, :meth:`_set_limit_w` and set
+    :attr:`device_name` (the cache key of the limit search). The base class remembers the original limit
+    on the first change and restores it.
+    """
+
+    #: What the device is, e.g. ``"NVIDIA H100 80GB HBM3"``; the power-limit cache is keyed by it.
+    device_name: str = "unknown"
+
+    def __init__(self) -> None:
+        self._original_w: Optional[float] = None
+        self._exit_guard: Optional[_mp_util.Finalize] = None
+        self._lock = threading.RLock()
+
+    # ---------------------------------------------------------------- to implement
+    def attach(self, device: torch.device) -> None:
+        """Bind to this process's device (called by the strategy in ``setup``). Default: nothing."""
+
+    @abc.abstractmethod
+    def bounds_w(self) -> tuple[float, float]:
+        """The lowest and highest limit the device accepts, in watts."""
+
+    @abc.abstractmethod
+    def get_limit_w(self) -> float:
+        """The limit in force now, in watts."""
+
+    @abc.abstractmethod
+    def _set_limit_w(self, limit_w: float) -> None:
+        """Apply ``limit_w`` to the device."""
+
+    def on_step(self) -> None:
+        """Called once per training batch. Real devices do nothing; the simulated one spends its time here."""
+
+    def close(self) -> None:
+        """Release what the control holds. Safe to call more than once."""
+
+    # ---------------------------------------------------------------- borrowing
+    @property
+    def original_limit_w(self) -> Optional[float]:
+        """The limit before this control first changed it (``None`` while nothing was changed)."""
+        return self._original_w
+
+    @property
+    def changed(self) -> bool:
+        """Whether a limit set by this control may still be in force."""
+        return self._original_w is not None
+
+    def check_permission(self) -> None:
+        """Prove that the limit can be set by writing the current limit back.
+
+        Raises:
+            PowerControlUnavailable: it cannot.
+        """
+        self._set_limit_w(self.get_limit_w())
+
+    def set_limit_w(self, limit_w: float) -> None:
+        """Set the limit, remembering the original on the first change.
+
+        Raises:
+            ValueError: ``limit_w`` is outside :meth:`bounds_w`.
+            PowerControlUnavailable: the device refuses.
+        """
+        lo, hi = self.bounds_w()
+        if not (lo - 1e-6 <= limit_w <= hi + 1e-6):
+            raise ValueError(f"power limit {limit_w:g} W is outside the device's bounds [{lo:g}, {hi:g}] W")
+        with self._lock:
+            if self._original_w is None:
+                self._original_w = self.get_limit_w()
+                if self._exit_guard is None:
+                    # Runs at normal interpreter exit and at the exit of multiprocessing children.
+                    self._exit_guard = _mp_util.Finalize(None, self._restore_quietly, exitpriority=100)
+            self._set_limit_w(limit_w)
+
+    def restore(self) -> bool:
+        """Put the original limit back. Returns whether anything was restored. Idempotent."""
+        with self._lock:
+            if self._original_w is None:
+                return False
+            original, self._original_w = self._original_w, None
+            self._set_limit_w(original)
+            return True
+
+    def _restore_quietly(self) -> None:
+        try:
+            self.restore()
+        except Exception as err:  # at exit or in a signal handler: never raise
+            log.warning("could not restore the original power limit: %s", err)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_lock"] = None
+        state["_exit_guard"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+
+class NvmlPowerControl(PowerControl):
+    """The power limit of one NVIDIA GPU through NVML.
+
+    Setting a limit needs root (or ``CAP_SYS_ADMIN``); without it :meth:`check_permission` raises
+    :class:`PowerControlUnavailable` and the strategy monitors only. ``pynvml`` is imported on first use;
+    NVML errors are translated by :func:`lightning_green.sensors.nvml.nvml_errors`.
+
+    Args:
+        index: torch's CUDA index of the GPU (after ``CUDA_VISIBLE_DEVICES``). ``None``: the strategy's
+            device of this process, given in :meth:`attach`.
+    """
+
+    def __init__(self, index: Optional[int] = None) -> None:
+        super().__init__()
+        self.index = index
+        self._handle: Any = None
+
+    def attach(self, device: torch.device) -> None:
+        if self.index is None:
+            if device.type != "cuda":
+                raise PowerControlUnavailable(f"NVML power limits need a CUDA device, this process trains on {device}")
+            self.index = device.index if device.index is not None else 0
+
+    def _nvml(self) -> tuple[Any, Any]:
+        from lightning_green.sensors import nvml as _nv
+        from lightning_green.sensors.base import SensorError
+
+        try:
+            if self._handle is None:
+                pynvml = _nv._init()
+                with _nv.nvml_errors(f"finding cuda:{self.index or 0}"):
+                    self._handle = _nv._handle_for_torch_index(pynvml, self.index or 0)
+                    self.device_name = _nv._as_str(pynvml.nvmlDeviceGetName(self._handle))
+            import pynvml
+
+            return pynvml, self._handle
+        except SensorError as err:
+            raise PowerControlUnavailable(str(err)) from err
+
+    def _call(self, what: str, fn_name: str, *args: Any) -> Any:
+        from lightning_green.sensors import nvml as _nv
+        from lightning_green.sensors.base import SensorError, SensorPermissionError, SensorUnavailable
+
+        pynvml, handle = self._nvml()
+        try:
+            with _nv.nvml_errors(what):
+                return getattr(pynvml, fn_name)(handle, *args)
+        except (SensorPermissionError, SensorUnavailable) as err:
+            raise PowerControlUnavailable(str(err)) from err
+        except SensorError as err:
+            raise PowerControlError(str(err)) from err
+
+    def bounds_w(self) -> tuple[float, float]:
+        lo, hi = self._call("reading the power limit bounds", "nvmlDeviceGetPowerManagementLimitConstraints")
+        return lo / 1000.0, hi / 1000.0
+
+    def get_limit_w(self) -> float:
+        return self._call("reading the power limit", "nvmlDeviceGetPowerManagementLimit") / 1000.0
+
+    def _set_limit_w(self, limit_w: float) -> None:
+        self._call(f"setting the power limit to {limit_w:g} W", "nvmlDeviceSetPowerManagementLimit", int(round(limit_w * 1000)))
+
+    def close(self) -> None:
+        if self._handle is not None:
+            from lightning_green.sensors import nvml as _nv
+
+            self._handle = None
+            _nv._shutdown()
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_handle"] = None
+        return state
+
+
+class SimulatedPowerControl(PowerControl):
+    """A device whose power and speed follow its limit by a stated model: for tests, demos and benchmarks.
+
+    The model (a DVFS-like device running a workload that would draw ``demand_w`` uncapped):
+
+    * relative clock under limit ``L``: ``f(L) = min(1, ((L - static_w) / (demand_w - static_w)) ** (1/3))``
+      (dynamic power grows with the cube of the clock on top of ``static_w``);
+    * power drawn: ``P(L) = min(L, demand_w)``;
+    * step time: ``T(L) = step_s * ((1 - beta) + beta / f(L))`` (``beta``: the clock-bound share of a step);
+    * energy per step: ``E(L) = P(L) * T(L)``.
+
+    With the defaults (``static_w=100``, ``demand_w=400``, ``beta=0.8``, bounds 150–400 W) energy per step
+    falls as the limit drops while time rises, and the cost ``eta E + (1 - eta) P_max T`` with
+    ``eta = 0.5`` has its minimum inside the range (near 300 W).
+
+    Inside a Trainer, :meth:`on_step` sleeps ``T(L)`` per training batch so that step time really changes
+    with the limit, and :meth:`sensor` gives a :class:`~lightning_green.sensors.SimulatedSensor` reading
+    ``P(L)`` of the limit in force, so a PowerSampler measures the model's energy.
+
+    The "device" limit lives in this object, and in ``state_path`` when given (a JSON file
+    ``{"limit_w": ...}``, read at construction if it exists): like a real limit it outlives the process,
+    so another process can check that it was restored.
+
+    Args:
+        min_w: lowest accepted limit (must exceed ``static_w``).
+        max_w: highest accepted limit; also the initial limit when ``state_path`` holds none.
+        demand_w: power the workload draws without a limit.
+        static_w: clock-independent power.
+        step_s: step time without a limit, in seconds (``0`` makes :meth:`on_step` a no-op).
+        beta: share of the step that scales with the clock, in ``[0, 1]``.
+        state_path: JSON file holding the "device" limit, or ``None`` to keep it in memory.
+        name: the simulated device's name (the cache key of the limit search).
+
+    Raises:
+        ValueError: inconsistent parameters.
+
+    Example::
+
+        control = SimulatedPowerControl(step_s=0.01)
+        strategy = EnergyAwareDDPStrategy(power_limit="search", power_control=control)
+        trainer = Trainer(strategy=strategy, callbacks=[PowerSampler(sensors=[control.sensor()])])
+    """
+
+    def __init__(
+        self,
+        min_w: float = 150.0,
+        max_w: float = 400.0,
+        demand_w: float = 400.0,
+        static_w: float = 100.0,
+        step_s: float = 0.0,
+        beta: float = 0.8,
+        state_path: Optional[str] = None,
+        name: str = "simulated",
+    ) -> None:
+        super().__init__()
+        if not (0 <= static_w < min_w <= max_w):
+            raise ValueError(f"need 0 <= static_w < min_w <= max_w, got static_w={static_w}, min_w={min_w}, max_w={max_w}")
+        if demand_w <= static_w:
+            raise ValueError(f"`demand_w` must exceed `static_w`, got demand_w={demand_w}, static_w={static_w}")
+        if not 0 <= beta <= 1:
+            raise ValueError(f"`beta` must be in [0, 1], got {beta}")
+        if step_s < 0:
+            raise ValueError(f"`step_s` must be >= 0, got {step_s}")
+        self.min_w, self.max_w = float(min_w), float(max_w)
+        self.demand_w, self.static_w = float(demand_w), float(static_w)
+        self.step_s, self.beta = float(step_s), float(beta)
+        self.state_path = os.fspath(state_path) if state_path is not None else None
+        self.device_name = name
+        self._limit_w = self.max_w
+        if self.state_path and os.path.exists(self.state_path):
+            with open(self.state_path) as f:
+                self._limit_w = float(json.load(f)["limit_w"])
+        #: ``(time.monotonic(), limit_w)`` at every change, for tests that integrate the model themselves.
+        self.history: list[tuple[float, float]] = []
+
+    # ---------------------------------------------------------------- the model
+    def clock_fraction(self, limit_w: float) -> float:
+        """``f(L)``: the relative clock under ``limit_w``."""
+        if limit_w >= self.demand_w:
+            return 1.0
+        return ((limit_w - self.static_w) / (self.demand_w - self.static_w)) ** (1.0 / 3.0)
+
+    def power_w(self, limit_w: Optional[float] = None) -> float:
+        """``P(L)``, of the limit in force when ``limit_w`` is ``None``."""
+        limit = self._limit_w if limit_w is None else limit_w
+        return min(limit, self.demand_w)
+
+    def step_time_s(self, limit_w: Optional[float] = None, step_s: Optional[float] = None) -> float:
+        """``T(L)``; ``step_s`` overrides the unlimited step time."""
+        limit = self._limit_w if limit_w is None else limit_w
+        base = self.step_s if step_s is None else step_s
+        return base * ((1.0 - self.beta) + self.beta / self.clock_fraction(limit))
+
+    def energy_per_step_j(self, limit_w: float, step_s: Optional[float] = None) -> float:
+        """``E(L) = P(L) T(L)``."""
+        return self.power_w(limit_w) * self.step_time_s(limit_w, step_s)
+
+    def sensor(self, name: str = "sim_gpu", host_level: bool = False) -> Any:
+        """A :class:`~lightning_green.sensors.SimulatedSensor` reading ``P(L)`` of the limit in force."""
+        from lightning_green.sensors.simulated import SimulatedSensor
+
+        return SimulatedSensor(power_w=_PowerOf(self), name=name, host_level=host_level, domain="gpu")
+
+    def on_step(self) -> None:
+        if self.step_s > 0:
+            time.sleep(self.step_time_s())
+
+    # ---------------------------------------------------------------- the "device"
+    def bounds_w(self) -> tuple[float, float]:
+        return self.min_w, self.max_w
+
+    def get_limit_w(self) -> float:
+        return self._limit_w
+
+    def _set_limit_w(self, limit_w: float) -> None:
+        self._limit_w = float(limit_w)
+        self.history.append((time.monotonic(), self._limit_w))
+        if self.state_path:
+            _write_json_atomic(self.state_path, {"limit_w": self._limit_w, "pid": os.getpid()})
+
+
+class _PowerOf:
+    """``f(t_s) -> P(L)`` of a simulated control; a class, not a lambda, so spawn can pickle it."""
+
+    def __init__(self, control: SimulatedPowerControl) -> None:
+        self.control = control
+
+    def __call__(self, _t_s: float) -> float:
+        return self.control.power_w()
+
+
+def _write_json_atomic(path: str, data: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class SigtermRestore:
+    """A SIGTERM handler that restores borrowed power limits first, then hands the signal on.
+
+    The previous handler runs after the restore: a callable is called (Lightning's own handler, which
+    stops training at the next batch); ``SIG_IGN`` stays ignored; the default handler is re-installed and
+    the signal re-raised, so the process still dies of SIGTERM.
+
+    Args:
+        restore: called once per signal; must not raise (exceptions are logged and swallowed).
+    """
+
+    def __init__(self, restore: Callable[[], None]) -> None:
+        self._restore = restore
+        self._previous: Any = None
+        self._installed = False
+        self._handler = self._handle  # the exact object given to signal.signal, compared at uninstall
+
+    def install(self) -> bool:
+        """Install the handler (main thread only). Returns whether it was installed."""
+        if self._installed or threading.current_thread() is not threading.main_thread():
+            return self._installed
+        self._previous = signal.getsignal(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, self._handler)
+        self._installed = True
+        return True
+
+    def uninstall(self) -> None:
+        """Put the previous handler back if ours is still the one installed."""
+        if not self._installed or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is self._handler:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+        self._installed = False
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        try:
+            self._restore()
+        except Exception as err:
+            log.warning("could not restore the power limit on SIGTERM: %s", err)
+        previous = self._previous
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_IGN:
+            return
+        else:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def __getstate__(self) -> dict:
+        return {"_restore": self._restore, "_previous": None, "_installed": False}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._handler = self._handle
+
+
+__all__ = [
+    "NvmlPowerControl",
+    "PowerControl",
+    "PowerControlError",
+    "PowerControlUnavailable",
+    "SigtermRestore",
+    "SimulatedPowerControl",
+]

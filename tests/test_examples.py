@@ -1,0 +1,45 @@
+"""Smoke tests: each example runs as a user runs it (a subprocess), with small settings."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args, cwd, timeout=240):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def test_tiny_gpt(tmp_path):
+    out = run([str(ROOT / "examples/tiny_gpt.py"), "--max-steps", "12", "--val-every", "6", "--val-batches", "2", "--qat-start-step", "6",
+               "--max-bytes", "200000", "--log-dir", str(tmp_path)], cwd=tmp_path)
+    assert "=== tiny_gpt: energy headline ===" in out
+    assert "EPI float -> int4" in out and "tensorboard --logdir" in out
+    summary = json.loads(next(tmp_path.rglob("energy_summary_fit.json")).read_text())
+    assert summary["sources"] and all(s in {"counter", "polled", "rapl", "estimate"} for s in summary["sources"])
+    sections = summary["sections"]
+    assert {"efficiency", "energy by phase"} <= set(sections)
+    assert any("qat" in title.lower() or "quantiz" in title.lower() for title in sections)
+    if "estimate" in summary["sources"]:
+        assert "not a measurement" in out
+
+
+def test_tiny_gpt_cli_yaml(tmp_path):
+    out = run([str(ROOT / "examples/tiny_gpt_cli.py"), "fit", "--config", str(ROOT / "examples/tiny_gpt.yaml"), "--trainer.max_steps", "6",
+               "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2", "--data.max_bytes", "200000",
+               "--trainer.logger.init_args.save_dir", str(tmp_path), "--model.warmup_steps", "2"], cwd=tmp_path)
+    assert "lightning_green energy summary (fit, finished)" in out
+    assert list(tmp_path.rglob("energy_summary_fit.json"))
+
+
+def test_distributed_update(tmp_path):
+    out = run([str(ROOT / "examples/distributed_update.py"), "--epochs", "1"], cwd=tmp_path)
+    assert "[rank 0]" in out and "[rank 1]" in out
+    assert "max |difference| = 0 -> identical" in out
+    assert "parameters identical on all ranks: True" in out
