@@ -1,0 +1,39 @@
+"""Run by tests/test_qat.py in a subprocess: QAT under strategy="ddp" on 2 CPU processes.
+
+Lightning starts rank 1 by running this same command again; each rank writes ``rank<N>.json``
+(its QAT report and which parameters ended up quantized) to the folder given as the argument.
+"""
+
+import json
+import os
+import sys
+
+import torch
+from lightning.pytorch import Trainer
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from test_qat import QatModel, quantized_params  # noqa: E402
+
+from lightning_green import PowerSampler, SimulatedSensor  # noqa: E402
+from lightning_green.quantization import QuantizationAwareTraining  # noqa: E402
+
+
+def main(out_dir: str) -> None:
+    qat = QuantizationAwareTraining(start_step=1)
+    sampler = PowerSampler(sensors=[SimulatedSensor(power_w=100.0)], interval_s=0.01, print_summary=False, summary_dir=out_dir)
+    trainer = Trainer(
+        strategy="ddp", accelerator="cpu", devices=2, max_steps=3, limit_val_batches=2, num_sanity_val_steps=0,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, logger=False,
+        callbacks=[sampler, qat], default_root_dir=out_dir,
+    )  # fmt: skip
+    model = QatModel(width=128)
+    trainer.fit(model)
+    x = torch.ones(2, 32)
+    result = {"report": qat.report, "quantized": quantized_params(model), "output": model(x).tolist()}
+    with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+        json.dump(result, f, default=str)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
