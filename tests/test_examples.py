@@ -43,3 +43,14 @@ def test_distributed_update(tmp_path):
     assert "[rank 0]" in out and "[rank 1]" in out
     assert "max |difference| = 0 -> identical" in out
     assert "parameters identical on all ranks: True" in out
+
+
+def test_quantize(tmp_path):
+    import re
+
+    out = run([str(ROOT / "examples/quantize.py"), "--steps", "120"], cwd=tmp_path)
+    ratio = float(re.search(r"size ratio: ([0-9.]+)", out).group(1))
+    agreement = float(re.search(r"same prediction on ([0-9.]+)%", out).group(1))
+    assert ratio < 0.35  # int4 weights: about 0.3 of the float state_dict
+    assert agreement > 90.0
+    assert "EPI J/sample" in out

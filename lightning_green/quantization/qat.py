@@ -324,6 +324,20 @@ class QuantizationAwareTraining(Callback):
         self._module = model
         return model
 
+    def float_copy(self, model: Optional[nn.Module] = None) -> nn.Module:
+        """A deep copy of the prepared ``model`` with fake quantization off: the float model QAT trained,
+        to compare against the converted one (call it before :meth:`convert`).
+
+        Raises:
+            RuntimeError: ``model`` is already converted (its float weights are gone), or there is no model.
+        """
+        model = self._resolve_model(model)
+        if not self._is_prepared(model):
+            raise RuntimeError("float_copy() needs a prepared model that is not converted yet: call it before convert()")
+        duplicate = copy.deepcopy(model)
+        _torchao.set_fake_quant_enabled(duplicate, False)
+        return duplicate
+
     def convert(self, model: Optional[nn.Module] = None) -> nn.Module:
         """Convert ``model`` (default: the model of the last ``fit``) to its quantized form, in place.
 
