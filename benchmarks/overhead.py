@@ -40,6 +40,10 @@ class MLP(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+class NoOp(Callback):
+    """A callback that overrides nothing: what Lightning's hook dispatch costs per callback."""
+
+
 class StepTimer(Callback):
     def __init__(self):
         self.times: list[float] = []
@@ -77,12 +81,14 @@ class HookTimer:
         return timed
 
 
-def one_run(width: int, batch: int, steps: int, with_energy: bool, sensors: str, logdir: str, accelerator: str = "cpu") -> dict:
+def one_run(width: int, batch: int, steps: int, with_energy: bool, sensors: str, logdir: str, accelerator: str = "cpu", noop: bool = False) -> dict:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(batch * 64, width), torch.randint(0, 10, (batch * 64,)))
     timer = StepTimer()
     callbacks: list[Callback] = []
     hook_timer = None
+    if noop:
+        callbacks += [NoOp(), NoOp()]
     if with_energy:
         ps = PowerSampler(sensors=[SimulatedSensor(100.0)] if sensors == "simulated" else sensors, interval_s=0.1, print_summary=False)
         eff = EfficiencyLogger()
@@ -112,20 +118,20 @@ def main() -> None:
     parser.add_argument("--sensors", default="auto", help="auto | estimate | simulated")
     args = parser.parse_args()
     torch.set_num_threads(1)  # leave the second core to the sampler thread and the OS, as on a loaded machine
-    base_times, energy_times, hook_ns, sources = [], [], [], []
+    base_times, energy_times, noop_times, hook_ns, sources = [], [], [], [], []
     with tempfile.TemporaryDirectory() as logdir:
         one_run(args.width, args.batch, 20, False, args.sensors, logdir)  # warm-up, discarded
         for r in range(args.rounds):
-            order = (False, True) if r % 2 == 0 else (True, False)
-            for with_energy in order:
-                res = one_run(args.width, args.batch, args.steps, with_energy, args.sensors, logdir)
-                if with_energy:
+            order = ("base", "energy", "noop") if r % 2 == 0 else ("noop", "energy", "base")
+            for config in order:
+                res = one_run(args.width, args.batch, args.steps, config == "energy", args.sensors, logdir, noop=config == "noop")
+                if config == "energy":
                     energy_times += res["step_times"]
                     hook_ns += res["hook_ns_per_step"]
                     sources = res["sources"]
                 else:
-                    base_times += res["step_times"]
-    base_med, energy_med = statistics.median(base_times), statistics.median(energy_times)
+                    (noop_times if config == "noop" else base_times).extend(res["step_times"])
+    base_med, energy_med, noop_med = statistics.median(base_times), statistics.median(energy_times), statistics.median(noop_times)
     ratio = energy_med / base_med
     hook_us = statistics.median(hook_ns) / 1000
     hook_mean_us = statistics.mean(hook_ns) / 1000
@@ -134,6 +140,8 @@ def main() -> None:
         {"figure": "median step, no callbacks (ms)", "value": base_med * 1000, "goal": "~10 ms"},
         {"figure": "median step, PowerSampler+EfficiencyLogger (ms)", "value": energy_med * 1000, "goal": ""},
         {"figure": "ratio of medians", "value": ratio, "goal": "<= 1.005"},
+        {"figure": "median step, two no-op callbacks (ms)", "value": noop_med * 1000, "goal": "reported"},
+        {"figure": "ratio two no-op callbacks / none (Lightning's dispatch)", "value": noop_med / base_med, "goal": "reported"},
         {"figure": "hook cost per step, median (us)", "value": hook_us, "goal": "<= 20"},
         {"figure": "hook cost per step, mean incl. log steps (us)", "value": hook_mean_us, "goal": "reported"},
         {"figure": "slowest step's hooks (a log step, us)", "value": log_step_us, "goal": "reported"},
@@ -147,6 +155,8 @@ def main() -> None:
             "sensors": args.sensors, "sources": sources,
             "median_step_ms_baseline": base_med * 1000, "median_step_ms_with_callbacks": energy_med * 1000,
             "ratio_of_medians": ratio, "goal_ratio": 1.005, "meets_ratio_goal": ratio <= 1.005,
+            "median_step_ms_two_noop_callbacks": noop_med * 1000, "ratio_noop_callbacks": noop_med / base_med,
+            "ratio_vs_noop_callbacks": energy_med / noop_med,
             "hook_us_per_step_median": hook_us, "hook_us_per_step_mean_incl_log_steps": hook_mean_us,
             "hook_us_slowest_step": log_step_us, "goal_hook_us": 20.0, "meets_hook_goal": hook_us <= 20.0,
         },

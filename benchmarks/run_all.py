@@ -21,7 +21,7 @@ BENCHMARKS = [
     ("phases", [], ["--steps", "12", "--rounds", "3"]),
     ("power_limit", [], []),
     ("ddp_comm", [], []),
-    ("qat", [], ["--steps", "400", "--finetune-steps", "120", "--timing-steps", "20"]),
+    ("qat", [], ["--quick"]),
     ("gpu_check", [], []),
 ]
 

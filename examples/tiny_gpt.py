@@ -84,9 +84,7 @@ def main(argv=None) -> dict:
         enable_checkpointing=False, enable_progress_bar=False, deterministic=False,
     )
     trainer.fit(model, datamodule=data)
-    if trainer.world_size > 1 and not trainer.is_global_zero:
-        return {}
-    trainer.test(model, datamodule=data, verbose=False)
+    trainer.test(model, datamodule=data, verbose=False)  # every rank: the test loop is distributed too
     headline = _headline(args, model, power, efficiency, qat, logger)
     if trainer.is_global_zero:
         _print_headline(headline)

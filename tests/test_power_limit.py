@@ -10,6 +10,7 @@ import warnings
 from unittest.mock import Mock
 
 import pytest
+from conftest import DIST_ENV
 from fake_pynvml import FakeGpu
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
@@ -34,18 +35,6 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SCRIPTS = os.path.join(os.path.dirname(__file__), "ddp_scripts")
 
 
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "LOCAL_WORLD_SIZE")
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dist_env():
-    """Lightning leaves MASTER_PORT & co. in os.environ; a later run would reuse a port the OS may have
-    handed out since. Each test starts without them and leaves none behind."""
-    saved = {k: os.environ.pop(k) for k in DIST_ENV if k in os.environ}
-    yield
-    for k in DIST_ENV:
-        os.environ.pop(k, None)
-    os.environ.update(saved)
 
 
 def child_env():
