@@ -444,7 +444,7 @@ def test_ddp_spawn_two_processes(tmp_path):
 
 
 def test_ddp_two_processes_subprocess(tmp_path):
-    """strategy="ddp" re-runs its command for rank 1, so it runs as a script, not inside pytest."""
+    """strategy="ddp_green" re-runs its command for rank 1, so it runs as a script, not inside pytest."""
     script = Path(__file__).with_name("qat_ddp_script.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     env.pop("LOCAL_RANK", None)
@@ -462,3 +462,4 @@ def test_ddp_two_processes_subprocess(tmp_path):
     for key in ("val_loss_float", "val_loss_converted", "epi_float_j", "energy_j"):
         assert ranks[0]["report"][key] == ranks[1]["report"][key], key
     assert ranks[0]["output"] == ranks[1]["output"]  # DDP kept the replicas identical
+    assert ranks[0]["tested"] and ranks[1]["tested"]  # test() of the converted model under ddp_green

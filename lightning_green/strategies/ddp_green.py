@@ -3,8 +3,10 @@ borrows GPU power limits."""
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 import torch.distributed
@@ -219,7 +221,11 @@ class EnergyAwareDDPStrategy(DDPStrategy):
     # ------------------------------------------------------------------------------ power limits
     @override
     def setup(self, trainer: Any) -> None:
-        super().setup(trainer)
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().setup(trainer)
+        else:
+            with _not_broadcasting_tensor_subclasses(self.model):
+                super().setup(trainer)
         if self._power is not None and trainer.state.fn == TrainerFn.FITTING:
             self._power.setup(trainer, self)
 
@@ -280,6 +286,34 @@ class EnergyAwareDDPStrategy(DDPStrategy):
     def _trainer(self) -> Any:
         module = self.lightning_module
         return module._trainer if module is not None else None
+
+
+@contextlib.contextmanager
+def _not_broadcasting_tensor_subclasses(module: Any) -> Iterator[None]:
+    """Outside fit, Lightning broadcasts rank 0's parameters and buffers to the other ranks; torch's
+    broadcast cannot handle tensor subclasses such as torchao's quantized weights. Those are left out
+    (every rank converted the same weights the same way); plain tensors are still synchronised."""
+    if module is None:
+        yield
+        return
+    names = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if _is_tensor_subclass(t)]
+    if not names:
+        yield
+        return
+    previous = getattr(module, "_ddp_params_and_buffers_to_ignore", None)
+    module._ddp_params_and_buffers_to_ignore = list(previous or []) + names
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module._ddp_params_and_buffers_to_ignore
+        else:
+            module._ddp_params_and_buffers_to_ignore = previous
+
+
+def _is_tensor_subclass(tensor: torch.Tensor) -> bool:
+    data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
+    return type(data) is not torch.Tensor
 
 
 def _check_power_limit(power_limit: Any) -> None:
