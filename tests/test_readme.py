@@ -56,3 +56,13 @@ def test_logged_keys_match_readme(tmp_path):
     documented = documented_keys()
     assert logged - documented == set(), "logged but not in the README table"
     assert documented - logged == set(), "in the README table but not logged by this run"
+
+
+def test_results_section_matches_benchmark_json():
+    import subprocess
+    import sys
+
+    report = Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
+    table = subprocess.run([sys.executable, str(report)], capture_output=True, text=True, check=True).stdout.strip()
+    assert table.count("\n") > 10
+    assert table in README.read_text(), "README Results differ from benchmarks/results/*.json: run python benchmarks/report.py"
