@@ -317,3 +317,41 @@ def test_summary_table_names_sources_and_partial(tmp_path, capsys):
     assert "simulated" in out and "flaky" in out and "failed" in out
     assert "partial figures: flaky: OSError: device vanished" in out
     assert "[source: simulated]" in out
+
+
+def test_accumulation_counts_optimizer_steps(tmp_path):
+    logger = mock_logger()
+    ps = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.01, phases=True, summary_dir=str(tmp_path), print_summary=False)
+    eff = EfficiencyLogger()
+    tiny_trainer(max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1, logger=logger, callbacks=[ps, eff]).fit(SleepyModel(step_s=0.01))
+    assert [s for s, _ in logged(logger, "energy/step_j")] == [1, 2, 3]  # no extra "step 0" for the first micro-batch
+    step_j = [v for _, v in logged(logger, "energy/step_j")]
+    assert max(step_j) / min(step_j) < 1.5
+    assert eff.results["train_samples"] == 6
+
+
+def test_step_energy_excludes_validation(tmp_path):
+    logger = mock_logger()
+
+    class SlowVal(SleepyModel):
+        def validation_step(self, batch, batch_idx):
+            __import__("time").sleep(0.05)
+            return super().validation_step(batch, batch_idx)
+
+    ps = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    tiny_trainer(max_steps=8, log_every_n_steps=4, limit_val_batches=4, val_check_interval=2, logger=logger, callbacks=[ps, EfficiencyLogger()]).fit(SlowVal(step_s=0.01))
+    step_j = [v for _, v in logged(logger, "energy/step_j")]
+    # a step is ~10 ms at 100 W (about 1 J); 4 validation batches of 50 ms every 2 steps would add ~10 J a step
+    assert all(v < 3.0 for v in step_j), step_j
+
+
+def test_efficiency_resume_keeps_training_energy(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1)
+    eff1 = EfficiencyLogger()
+    ps1 = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    tiny_trainer(max_steps=5, callbacks=[ps1, eff1, ckpt], enable_checkpointing=True).fit(SleepyModel(step_s=0.02))
+    eff2 = EfficiencyLogger()
+    ps2 = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    tiny_trainer(max_steps=10, callbacks=[ps2, eff2]).fit(SleepyModel(step_s=0.02), ckpt_path=tmp_path / "epoch=0-step=5.ckpt")
+    assert eff2.results["train_samples"] == 10
+    assert eff2.results["train_energy_j"] > 1.5 * (eff1.results["train_energy_j"])  # the first 5 steps are kept

@@ -88,7 +88,7 @@ def test_downsampled_trace_averages_buckets():
     pts = trace.as_list()
     assert 4 <= len(pts) <= 9
     assert all(p == pytest.approx(2.0 * t) for t, p in pts)
-    weights = [n for _, _, n in trace._points] + ([len(trace._pending)] if trace._pending else [])
+    weights = [n for _, _, n in trace._points] + ([trace.pending_samples] if trace.pending_samples else [])
     assert sum(weights) == 100
     assert sum(w * t for w, (t, _) in zip(weights, pts)) / 100 == pytest.approx(49.5)  # no sample lost or counted twice
 
@@ -172,3 +172,39 @@ def test_sampler_thread_named_daemon_and_joined():
 def test_sampler_bad_interval(interval):
     with pytest.raises(ValueError, match="interval_s"):
         Sampler([], EnergyMeter(), interval_s=interval)
+
+
+def test_counter_peak_ignores_short_intervals():
+    m = EnergyMeter()
+    m.add_channel({"name": "c", "source": "counter", "kind": "energy"})
+    # a 300 W counter that updates every 100 ms, read at 0, 0.1, 0.11 (an extra read just after a tick), 0.2, 0.3
+    for t, joules in [(0.0, 0.0), (0.1, 30.0), (0.11, 30.0), (0.2, 60.0), (0.3, 90.0)]:
+        m.record("c", Reading(t, joules, "energy"))
+    assert m.stats("c")["peak_power_w"] == pytest.approx(300.0)
+    assert all(p == pytest.approx(300.0) for _, p in m.trace("c"))
+
+
+class Hanging(Sensor):
+    source, kind, name = "simulated", "power", "hangs"
+
+    def __init__(self):
+        self.calls = 0
+        self.release = threading.Event()
+
+    def read(self):
+        self.calls += 1
+        if self.calls > 1:
+            self.release.wait(30)
+        return Reading(time.monotonic(), 1.0, "power")
+
+
+def test_stop_returns_when_a_read_hangs():
+    sensor = Hanging()
+    sampler = Sampler([sensor], EnergyMeter(), interval_s=0.01, stop_timeout_s=0.2)
+    sampler.start()
+    time.sleep(0.1)  # the thread is now stuck in read()
+    t = time.monotonic()
+    sampler.stop()
+    assert time.monotonic() - t < 1.0
+    assert sampler.sample_once(timeout_s=0.05) is False  # the stuck read still holds the lock
+    sensor.release.set()

@@ -46,9 +46,13 @@ def test_accumulator_energy_by_time():
     meter.record("p", Reading(10.0, 300.0, "power"))  # a ramp: 100 W -> 300 W
     acc = PhaseAccumulator()
     acc.add([("data", 0.0, 5.0), ("compute", 5.0, 10.0)])
-    seconds, joules = acc.resolve(meter)
+    acc.resolve(meter, until_s=6.0)  # only what ended by 6 s
+    assert len(acc.pending) == 1
+    acc.resolve(meter)
+    seconds, joules = acc.pop_window()
     assert seconds["data"] == 5.0 and joules["data"] == pytest.approx(750.0)
     assert joules["compute"] == pytest.approx(1250.0)
+    assert acc.pop_window()[0]["data"] == 0.0  # the window was reset
     rows = acc.rows(None, "not measurable on this hardware: no RAPL dram zone")
     assert rows[0]["energy_share_pct"] == pytest.approx(37.5)
     assert rows[-1]["energy_j"] is None and "not measurable" in rows[-1]["note"]
@@ -93,6 +97,12 @@ class Phased(LightningModule):
 
     def configure_optimizers(self):
         return SleepyOptimizer(self.parameters(), self.opt_s)
+
+
+def test_overflow_keeps_time():
+    acc = PhaseAccumulator(max_pending=2)
+    acc.add([("data", 0.0, 1.0), ("compute", 1.0, 3.0), ("optimizer", 3.0, 4.0)])
+    assert acc.unattributed_s == 1.0 and acc.total_s["data"] == 1.0 and len(acc.pending) == 2
 
 
 def test_known_sleeps_give_the_split(tmp_path):

@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
-from lightning_green.callbacks._dist import reduce_sum
+from lightning_green.callbacks._dist import distributed, gather_objects, reduce_sum
 from lightning_green.callbacks.power import PowerSampler, find_power_sampler
 from lightning_green.energy import metrics as M
 
@@ -95,6 +95,8 @@ class EfficiencyLogger(Callback):
         self.tokens_per_batch = _check_count_fn("tokens_per_batch", tokens_per_batch)
         self.samples_per_batch = _check_count_fn("samples_per_batch", samples_per_batch)
         self._power: PowerSampler | None = None
+        self._trainer: Trainer | None = None
+        self._pending_state: dict | None = None
         self.results: dict[str, float] = {}
         self._reset()
 
@@ -103,7 +105,9 @@ class EfficiencyLogger(Callback):
         self._samples = self._tokens = 0  # training samples and tokens so far (this process)
         self._eval_in_fit_j = 0.0  # energy of the validation loops inside fit (not training energy)
         self._fit_start_j = 0.0
+        self._restored_train_j = 0.0  # training energy before a resume
         self._window_j, self._window_samples, self._window_tokens = 0.0, 0, 0  # at the last log
+        self._window_eval_j = 0.0
         self._eval = {"samples": 0, "tokens": 0, "start_j": 0.0}
         self._last_step = -1
         self._every = 0
@@ -118,6 +122,7 @@ class EfficiencyLogger(Callback):
                 "Trainer(callbacks=[PowerSampler(), EfficiencyLogger()])"
             )
         self._power.add_summary_provider(self._summary_rows)
+        self._trainer = trainer
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -125,6 +130,8 @@ class EfficiencyLogger(Callback):
         self.n_params = sum(p.numel() for p in pl_module.parameters())
         self._fit_start_j = self._window_j = self._power.energy_now_j()
         self._every = trainer.log_every_n_steps
+        self._last_step = trainer.global_step  # not -1: with accumulation the first batch is no step
+        self._apply_state(trainer)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -140,8 +147,8 @@ class EfficiencyLogger(Callback):
     def _log_training(self, trainer: Trainer) -> None:
         now_j = self._power.energy_now_j()
         local = [
-            now_j - self._fit_start_j - self._eval_in_fit_j,
-            now_j - self._window_j,
+            self._train_energy_j(now_j),
+            now_j - self._window_j - (self._eval_in_fit_j - self._window_eval_j),
             self._samples - self._window_samples,
             self._tokens - self._window_tokens,
             now_j,
@@ -156,12 +163,17 @@ class EfficiencyLogger(Callback):
             metrics["efficiency/tokens_per_j"] = M.per_joule(tokens, window_j)
         self._log(trainer, metrics)
         self._window_j, self._window_samples, self._window_tokens = now_j, self._samples, self._tokens
+        self._window_eval_j = self._eval_in_fit_j
+
+    def _train_energy_j(self, now_j: float) -> float:
+        """This process's training energy: fit so far less its validation loops, plus any restored."""
+        return self._restored_train_j + now_j - self._fit_start_j - self._eval_in_fit_j
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         now_j = self._power.energy_now_j()
         train_j, samples, tokens, total_j = reduce_sum(
-            trainer, [now_j - self._fit_start_j - self._eval_in_fit_j, self._samples, self._tokens, now_j]
+            trainer, [self._train_energy_j(now_j), self._samples, self._tokens, now_j]
         )
         self.results.update(
             train_energy_j=train_j,
@@ -238,6 +250,37 @@ class EfficiencyLogger(Callback):
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._eval_end(trainer, "predict")
+
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Training energy, samples and tokens so far of every process, so EER and the rates go on
+        after a resume (a collective when the process group is up, like Lightning's checkpointing)."""
+        now_j = self._power.energy_now_j() if self._power is not None else 0.0
+        local = {"train_energy_j": self._train_energy_j(now_j) if self._power is not None else self._restored_train_j,
+                 "samples": self._samples, "tokens": self._tokens}
+        trainer = self._trainer
+        per_rank = gather_objects(trainer, local) if trainer is not None and distributed(trainer) else [local]
+        return {"version": 1, "per_rank": per_rank}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending_state = dict(state_dict)
+
+    def _apply_state(self, trainer: Trainer) -> None:
+        state, self._pending_state = self._pending_state, None
+        per_rank = (state or {}).get("per_rank") or []
+        if not per_rank:
+            return
+        if len(per_rank) == trainer.world_size:
+            mine = per_rank[trainer.global_rank]
+        elif trainer.global_rank == 0:  # another world size: rank 0 carries the totals
+            mine = {k: sum(r[k] for r in per_rank) for k in ("train_energy_j", "samples", "tokens")}
+        else:
+            return
+        self._restored_train_j = float(mine["train_energy_j"])
+        self._samples, self._tokens = int(mine["samples"]), int(mine["tokens"])
+        self._window_samples, self._window_tokens = self._samples, self._tokens
 
     # ------------------------------------------------------------------ helpers
     def _batch_counts(self, batch: Any) -> tuple[int, int]:

@@ -16,8 +16,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_green import summary as _summary
-from lightning_green.callbacks._dist import gather_objects, reduce_sum
-from lightning_green.energy.meter import EnergyMeter
+from lightning_green.callbacks._dist import distributed, gather_objects, reduce_sum
+from lightning_green.energy.meter import MIN_COUNTER_DT_S, EnergyMeter
 from lightning_green.energy.phases import PHASES, PhaseAccumulator, step_intervals
 from lightning_green.energy.sampler import Sampler, check_interval
 from lightning_green.sensors.auto import SENSOR_NAMES, build_sensors
@@ -37,6 +37,9 @@ class Measurement:
     energy_j: float = float("nan")
     duration_s: float = float("nan")
     sources: list[str] = field(default_factory=list)
+    #: False when an energy counter took part and the block was shorter than its ~100 ms update
+    #: period: the figure may then be 0 J or a whole update too much.
+    resolved: bool = True
 
     @property
     def power_w(self) -> float:
@@ -81,7 +84,8 @@ class PowerSampler(Callback):
         - ``power/<sensor>_w`` (W): mean power of this process's sensor over the logging window.
         - ``energy/<sensor>_j`` (J): cumulative energy of this process's sensor.
         - ``energy/total_j`` (J): cumulative energy of all sensors of all processes.
-        - ``energy/step_j`` (J): mean energy per optimizer step over the logging window, all processes.
+        - ``energy/step_j`` (J): mean energy per optimizer step over the logging window, all processes
+          (validation loops in the window excluded).
         - ``energy/epoch_j`` (J): energy of the training epoch, all processes (at epoch end).
         - ``power_trace/<sensor>_w`` (W): the sampler's readings, at most ``trace_points`` per logging
           window; their step is milliseconds since the sampler first started, so TensorBoard shows a
@@ -182,6 +186,7 @@ class PowerSampler(Callback):
         self._stage_t0 = 0.0
         self._started_at = ""
         self._cluster: dict | None = None
+        self._per_rank_state: list[dict] | None = None
         self._reset_windows(0.0)
 
     # ------------------------------------------------------------------ public helpers
@@ -212,13 +217,18 @@ class PowerSampler(Callback):
         if self._sampler is None or self.meter is None:
             raise RuntimeError("PowerSampler.measure() needs a running sampler: call it inside fit/validate/test/predict")
         m = Measurement()
+        meter, sampler = self.meter, self._sampler
         t0 = time.monotonic()
+        start_j = meter.total_at(t0)  # in case the block outlasts the meter's history window
         yield m
         t1 = time.monotonic()
-        self._sampler.sample_once()
-        m.energy_j = self.meter.energy_between(t0, t1)
+        sampler.sample_once(timeout_s=max(1.0, 10 * self.interval_s))
+        oldest = meter.oldest_time()
+        m.energy_j = meter.energy_between(t0, t1) if oldest is not None and oldest <= t0 else meter.total_at(t1) - start_j
         m.duration_s = t1 - t0
-        m.sources = sorted({self.meter.info(n)["source"] for n in self.meter.names})
+        active = sampler.active_names
+        m.sources = sorted({meter.info(n)["source"] for n in active})
+        m.resolved = not (m.duration_s < MIN_COUNTER_DT_S and any(meter.info(n)["kind"] == "energy" for n in active))
 
     def add_summary_section(self, title: str, rows: list[dict]) -> None:
         """Add a table (a list of dict rows) to the next summary (for other callbacks)."""
@@ -252,8 +262,10 @@ class PowerSampler(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset_windows(time.monotonic())
         self._every = trainer.log_every_n_steps
+        self._last_step = trainer.global_step  # not -1: with accumulation the first batch is no step
         if self.phases:
             self._phase_acc = PhaseAccumulator()
+            self._event_steps = []
             if self.phase_timing == "cuda_events":
                 import torch
 
@@ -296,10 +308,12 @@ class PowerSampler(Callback):
             if self.phase_timing == "cuda_events":
                 self._resolve_events(block=True)
             self._phase_acc.resolve(self.meter)
-        self._gather_cluster(trainer)
+        self._gather_cluster(trainer, with_state=True)
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._val_start_j = self.energy_now_j()
         if self.phases:
             self._edges = {}  # a validation loop is not part of any training step
 
@@ -307,7 +321,10 @@ class PowerSampler(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == "validate":
             self._gather_cluster(trainer)
-        elif self.phases and trainer.state.fn == "fit":
+            return
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._val_in_window_j += self.energy_now_j() - self._val_start_j
+        if self.phases and trainer.state.fn == "fit":
             self._edges = {"prev_end": [self._edge_time(trainer)]}
 
     @override
@@ -319,14 +336,26 @@ class PowerSampler(Callback):
         self._gather_cluster(trainer)
 
     # ------------------------------------------------------------------ checkpoints
-    @override
-    def state_dict(self) -> dict[str, Any]:
+    def _local_state(self) -> dict[str, float]:
         local = dict(self._carry_j)
         if self.meter is not None:
             now = time.monotonic()
             local.update({n: self.meter.energy_at(n, now) for n in self.meter.names})
         local["__unattributed__"] = self._unattributed_j
-        per_rank = gather_objects(self._trainer, local) if self._trainer is not None else [local]
+        return local
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._sampler is not None:  # a checkpoint is no hot path: read the sensors now
+            self._sampler.sample_once(timeout_s=max(1.0, 10 * self.interval_s))
+        local = self._local_state()
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and not distributed(trainer) and self._per_rank_state:
+            # after fit under ddp_green the group is gone: the other ranks as gathered at train end
+            per_rank = list(self._per_rank_state)
+            per_rank[trainer.global_rank] = local
+        else:
+            per_rank = gather_objects(trainer, local) if trainer is not None else [local]
         return {
             "version": 1,
             "world_size": len(per_rank),
@@ -365,13 +394,14 @@ class PowerSampler(Callback):
             self._log_by_sensor = {n: self.meter.energy_at(n, now) for n in self.meter.names}
         self._trace_t = now
         self._steps_in_window = 0
+        self._val_in_window_j = self._val_start_j = 0.0  # validation inside fit is not step energy
         self._last_step = -1
         self._every = 0
         self._epoch_local_j = self._log_local_j
 
     def _start(self, trainer: Trainer, stage: str) -> None:
         if self._sampler is not None:  # a previous run ended without teardown
-            self._finish(trainer, stage, status="superseded")
+            self._finish(trainer, self._stage, status="superseded")
         self._trainer = trainer
         self._stage = getattr(stage, "value", stage)
         host_level = trainer.local_rank == 0
@@ -419,7 +449,7 @@ class PowerSampler(Callback):
             if stage in SUMMARY_STAGES and trainer.is_global_zero:
                 self._emit_summary(trainer, stage)
         finally:
-            self._carry_j = {n: self.meter.energy_at(n, time.monotonic()) for n in self.meter.names}
+            self._carry_j = {n: self.meter.stats(n)["energy_j"] for n in self.meter.names}  # up to the last reading
             for sensor in self._owned:
                 with contextlib.suppress(Exception):
                     sensor.close()
@@ -435,7 +465,7 @@ class PowerSampler(Callback):
         now = time.monotonic()
         by_sensor = {n: meter.energy_at(n, now) for n in meter.names}
         local_j = self._unattributed_j + sum(by_sensor.values())
-        total_j, window_j = reduce_sum(trainer, [local_j, local_j - self._log_local_j])
+        total_j, window_j = reduce_sum(trainer, [local_j, local_j - self._log_local_j - self._val_in_window_j])
         dt = now - self._log_t
         metrics: dict[str, float] = {"energy/total_j": total_j}
         if self._steps_in_window:
@@ -451,6 +481,7 @@ class PowerSampler(Callback):
             self._log_trace_points(trainer, now)
         self._log_t, self._log_by_sensor, self._log_local_j = now, by_sensor, local_j
         self._steps_in_window = 0
+        self._val_in_window_j = 0.0
 
     def _log_trace_points(self, trainer: Trainer, now: float) -> None:
         t_end = self.meter.last_time() or now
@@ -489,9 +520,11 @@ class PowerSampler(Callback):
         self._edges = {"prev_end": [end]}
         if self.phase_timing != "cuda_events":
             self._phase_acc.add(step_intervals(edges, comm))
-            return
-        self._event_steps.append((edges, comm))
-        self._resolve_events(block=len(self._event_steps) > 64)
+        else:
+            self._event_steps.append((edges, comm))
+            self._resolve_events(block=len(self._event_steps) > 64)
+        # attribute what the sensors have already read past, while the meter's history still holds it
+        self._phase_acc.resolve(self.meter, until_s=self.meter.last_time() or 0.0)
 
     def _resolve_events(self, block: bool = False) -> None:
         """Turn CUDA events into host times for the steps whose last event has run."""
@@ -509,7 +542,8 @@ class PowerSampler(Callback):
     def _phase_metrics(self, trainer: Trainer) -> dict[str, float]:
         if self.phase_timing == "cuda_events":
             self._resolve_events()
-        seconds, joules = self._phase_acc.resolve(self.meter)
+        self._phase_acc.resolve(self.meter)
+        seconds, joules = self._phase_acc.pop_window()
         reduced = reduce_sum(trainer, [joules[p] for p in PHASES] + [seconds[p] for p in PHASES])
         world = max(trainer.world_size, 1)
         metrics = {f"energy/phase/{p}_j": reduced[i] for i, p in enumerate(PHASES)}
@@ -525,18 +559,25 @@ class PowerSampler(Callback):
             note = f"RAPL dram zone ({', '.join(dram)}), whole run, not split by phase"
         else:
             memory_j, note = None, "not measurable on this hardware: no RAPL dram zone"
-        return {"energy by phase": self._phase_acc.rows(memory_j, note)}
+        rows = self._phase_acc.rows(memory_j, note)
+        if self._phase_acc.unattributed_s:
+            rows.append({"phase": "(time without energy)", "seconds": self._phase_acc.unattributed_s, "note": "phase intervals beyond the pending limit"})
+        return {"energy by phase": rows}
 
-    def _gather_cluster(self, trainer: Trainer) -> None:
-        """Per-process energy for the summary: a collective at stage end (all ranks call it)."""
+    def _gather_cluster(self, trainer: Trainer, with_state: bool = False) -> None:
+        """Per-process energy for the summary: a collective at stage end (all ranks call it). With
+        ``with_state``, also every rank's checkpoint state, for a checkpoint saved after ``ddp_green``
+        has destroyed the process group."""
         if self.meter is None:
             return
         now = time.monotonic()
         device_j = sum(self.meter.energy_at(n, now) for n in self.meter.names if not self.meter.info(n).get("host_level"))
         energy_j = self._unattributed_j + self.meter.total_at(now)
         mine = {"rank": trainer.global_rank, "node_rank": trainer.node_rank, "energy_j": energy_j, "device_energy_j": device_j}
-        per_rank = gather_objects(trainer, mine)
-        self._cluster = _cluster_figures(per_rank)
+        gathered = gather_objects(trainer, (mine, self._local_state() if with_state else None))
+        self._cluster = _cluster_figures([g[0] for g in gathered])
+        if with_state:
+            self._per_rank_state = [g[1] for g in gathered]
 
     def _build_summary(self, trainer: Trainer, stage: str, status: str) -> dict:
         meter = self.meter
@@ -548,7 +589,7 @@ class PowerSampler(Callback):
             except Exception as err:  # noqa: BLE001 - a broken provider must not lose the summary
                 sections[f"error in {getattr(provider, '__qualname__', provider)}"] = [{"error": str(err)}]
         energy_j = self._unattributed_j + sum(s["energy_j"] for s in sensors)
-        cluster = self._cluster or _cluster_figures(
+        cluster = (self._cluster if trainer.world_size > 1 else None) or _cluster_figures(
             [{"rank": trainer.global_rank, "node_rank": trainer.node_rank, "energy_j": energy_j,
               "device_energy_j": sum(s["energy_j"] for s in sensors if not s["host_level"])}]
         )
@@ -571,7 +612,7 @@ class PowerSampler(Callback):
         }
 
     def _emit_summary(self, trainer: Trainer, stage: str) -> None:
-        directory = self.summary_dir or trainer.log_dir or trainer.default_root_dir
+        directory = self.summary_dir or _log_dir(trainer)
         path = os.path.join(directory, f"energy_summary_{stage}.json")
         try:
             _summary.write_json(self.summary, path)
@@ -582,6 +623,16 @@ class PowerSampler(Callback):
             _summary.render(self.summary)
             if "path" in self.summary:
                 rank_zero_info(f"lightning_green: energy summary written to {path}")
+
+
+def _log_dir(trainer: Trainer) -> str:
+    """The first logger's folder, else ``default_root_dir``. Not ``trainer.log_dir``: that broadcasts,
+    and the summary is written on rank 0 alone."""
+    for logger in trainer.loggers:
+        directory = getattr(logger, "log_dir", None)
+        if directory:
+            return directory
+    return trainer.default_root_dir
 
 
 def _pop_comm_seconds(trainer: Trainer) -> float:

@@ -28,6 +28,11 @@ from typing import Any, Iterable
 
 from lightning_green.sensors.base import Reading
 
+#: A counter's power (difference / time) is only trusted for peaks and traces over at least this
+#: long: NVML's energy counter updates about every 100 ms, so a shorter interval can hold a whole
+#: update (a false spike) or none (a false zero). Energy itself is exact either way.
+MIN_COUNTER_DT_S = 0.1
+
 
 class DownsampledTrace:
     """A power trace of bounded size: when it holds more than ``max_points`` points, neighbouring
@@ -44,20 +49,27 @@ class DownsampledTrace:
         self.max_points = max_points
         self._points: list[tuple[float, float, int]] = []  # (mean t, mean power, samples)
         self._stride = 1
-        self._pending: list[tuple[float, float, int]] = []
+        self._pending = (0.0, 0.0, 0)  # running sums of the bucket being filled: (sum t, sum power, samples)
 
     def add(self, t_s: float, power_w: float) -> None:
-        self._pending.append((t_s, power_w, 1))
-        if len(self._pending) < self._stride:
+        sum_t, sum_p, n = self._pending
+        sum_t, sum_p, n = sum_t + t_s, sum_p + power_w, n + 1
+        if n < self._stride:
+            self._pending = (sum_t, sum_p, n)
             return
-        self._points.append(_merge(self._pending))
-        self._pending = []
+        self._points.append((sum_t / n, sum_p / n, n))
+        self._pending = (0.0, 0.0, 0)
         if len(self._points) > self.max_points:
             self._points = [_merge(self._points[i : i + 2]) for i in range(0, len(self._points), 2)]
             self._stride *= 2
 
+    @property
+    def pending_samples(self) -> int:
+        return self._pending[2]
+
     def as_list(self) -> list[tuple[float, float]]:
-        points = self._points + ([_merge(self._pending)] if self._pending else [])
+        sum_t, sum_p, n = self._pending
+        points = self._points + ([(sum_t / n, sum_p / n, n)] if n else [])
         return [(t, p) for t, p, _ in points]
 
 
@@ -82,6 +94,7 @@ class _Channel:
         self.peak_w = 0.0
         self.failed: str | None = None
         self.offset_j = 0.0  # energy restored from a checkpoint
+        self.counter_mark: tuple[float, float] | None = None  # (t, energy) where the last counter power point ended
         self.trace = DownsampledTrace(trace_points)
 
 
@@ -153,10 +166,22 @@ class EnergyMeter:
             ch.e.append(energy)
             ch.p.append(power)
             ch.n_samples += 1
-            if ch.n_samples > 1 or ch.kind == "power":
+            if ch.kind == "power":
                 ch.peak_w = max(ch.peak_w, power)
                 ch.trace.add(t, power)
+            elif ch.n_samples > 1:
+                self._counter_power_point(ch, t, energy)
             return True
+
+    @staticmethod
+    def _counter_power_point(ch: _Channel, t: float, energy: float) -> None:
+        """Peak and trace of a counter over intervals of at least MIN_COUNTER_DT_S."""
+        t0, e0 = ch.counter_mark if ch.counter_mark is not None else (ch.first_t, 0.0)
+        if t - t0 >= MIN_COUNTER_DT_S:
+            power = (energy - e0) / (t - t0)
+            ch.peak_w = max(ch.peak_w, power)
+            ch.trace.add(0.5 * (t0 + t), power)
+            ch.counter_mark = (t, energy)
 
     def mark_failed(self, name: str, reason: str) -> None:
         """Record that a sensor was dropped; its figures stop at its last good reading."""
@@ -221,6 +246,12 @@ class EnergyMeter:
             lo = max(bisect.bisect_right(ch.t, t0_s), start)
             hi = bisect.bisect_right(ch.t, t1_s)
             return [(ch.t[i], ch.p[i]) for i in range(lo, hi)]
+
+    def oldest_time(self) -> float | None:
+        """The oldest reading time still in every sensor's history window (None before any reading)."""
+        with self._lock:
+            times = [ch.t[0] for ch in self._channels.values() if ch.t]
+            return max(times) if times else None
 
     def last_time(self) -> float | None:
         """The newest reading time over all sensors, or None before any reading."""

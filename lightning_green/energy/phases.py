@@ -88,35 +88,50 @@ def step_intervals(edges: dict[str, list[float]], comm_s: float = 0.0) -> list[t
 
 
 class PhaseAccumulator:
-    """Phase intervals waiting for energy attribution, and the running totals.
+    """Phase intervals waiting for energy attribution, the current logging window and the run totals.
+
+    Intervals are attributed as soon as the sensors have a reading past their end (so the meter's
+    bounded history still covers them), and the rest at log time.
 
     Args:
-        max_pending: intervals kept before the oldest are attributed by time alone (bounded memory).
+        max_pending: intervals kept waiting; past that the oldest keep their time but not their energy
+            (counted in ``unattributed_s``), so memory stays bounded.
     """
 
     def __init__(self, max_pending: int = 50_000) -> None:
         self.pending: deque[tuple[str, float, float]] = deque()
         self.max_pending = max_pending
+        self.unattributed_s = 0.0
         self.total_s = dict.fromkeys(PHASES, 0.0)
         self.total_j = dict.fromkeys(PHASES, 0.0)
+        self._window_s = dict.fromkeys(PHASES, 0.0)
+        self._window_j = dict.fromkeys(PHASES, 0.0)
+
+    def _count(self, phase: str, seconds: float, joules: float) -> None:
+        self._window_s[phase] += seconds
+        self._window_j[phase] += joules
+        self.total_s[phase] += seconds
+        self.total_j[phase] += joules
 
     def add(self, intervals: Iterable[tuple[str, float, float]]) -> None:
         self.pending.extend(intervals)
-        while len(self.pending) > self.max_pending:  # never grows without bound
-            self.pending.popleft()
-
-    def resolve(self, meter) -> tuple[dict[str, float], dict[str, float]]:
-        """Attribute the pending intervals' energy with ``meter``; return (seconds, joules) per phase."""
-        seconds = dict.fromkeys(PHASES, 0.0)
-        joules = dict.fromkeys(PHASES, 0.0)
-        while self.pending:
+        while len(self.pending) > self.max_pending:
             phase, a, b = self.pending.popleft()
-            seconds[phase] += b - a
-            joules[phase] += meter.energy_between(a, b) if meter is not None else 0.0
-        for phase in PHASES:
-            self.total_s[phase] += seconds[phase]
-            self.total_j[phase] += joules[phase]
-        return seconds, joules
+            self._count(phase, b - a, 0.0)
+            self.unattributed_s += b - a
+
+    def resolve(self, meter, until_s: float = float("inf")) -> None:
+        """Attribute the energy of the pending intervals that end by ``until_s``, oldest first."""
+        while self.pending and self.pending[0][2] <= until_s:
+            phase, a, b = self.pending.popleft()
+            self._count(phase, b - a, meter.energy_between(a, b) if meter is not None else 0.0)
+
+    def pop_window(self) -> tuple[dict[str, float], dict[str, float]]:
+        """(seconds, joules) per phase attributed since the previous call."""
+        out = (self._window_s, self._window_j)
+        self._window_s = dict.fromkeys(PHASES, 0.0)
+        self._window_j = dict.fromkeys(PHASES, 0.0)
+        return out
 
     def rows(self, memory_j: float | None, memory_note: str) -> list[dict]:
         """The summary table: each phase's time, energy and share, then memory access."""

@@ -32,6 +32,8 @@ class Sampler:
         meter: where readings go.
         interval_s: seconds between readings (> 0).
         thread_name: the thread's name (visible in ``threading.enumerate()``).
+        stop_timeout_s: how long :meth:`stop` waits for a read in progress before giving up on the
+            thread (a hung sensor call; the thread is a daemon and cannot block exit).
 
     The first reading of every sensor is taken synchronously in :meth:`start` and a last one in
     :meth:`stop`, so energy covers exactly the span between the two calls.
@@ -43,12 +45,14 @@ class Sampler:
         meter: EnergyMeter,
         interval_s: float = 0.1,
         thread_name: str = "lightning_green-sampler",
+        stop_timeout_s: float = 5.0,
     ) -> None:
         self.interval_s = check_interval(interval_s)
         self.meter = meter
         self.sensors = list(sensors)
         self._active: list[Sensor] = []
         self._thread_name = thread_name
+        self.stop_timeout_s = stop_timeout_s
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._registered = False
@@ -82,9 +86,10 @@ class Sampler:
         if thread is None:
             return
         self._stop.set()
-        thread.join(timeout=max(10 * self.interval_s, 5.0))
-        if thread.is_alive():  # a sensor call hung: the daemon thread cannot block exit, say so
-            log.warning("lightning_green: the sampler thread did not stop within its timeout")
+        thread.join(timeout=max(10 * self.interval_s, self.stop_timeout_s))
+        if thread.is_alive():  # a sensor call hung: the daemon thread cannot block exit; no final reading
+            log.warning("lightning_green: the sampler thread did not stop within its timeout (a sensor read hangs)")
+            return
         if final_reading:
             self.sample_once()
 
@@ -97,9 +102,16 @@ class Sampler:
             except Exception:  # closing must not raise either
                 pass
 
-    def sample_once(self) -> None:
-        """Read every active sensor once (called by the thread; also usable directly)."""
-        with self._read_lock:
+    def sample_once(self, timeout_s: float | None = None) -> bool:
+        """Read every active sensor once (called by the thread; also usable directly).
+
+        Args:
+            timeout_s: how long to wait for a read in progress on the thread (``None``: as long as it
+                takes). Returns False, having read nothing, when that wait times out.
+        """
+        if not self._read_lock.acquire(timeout=-1 if timeout_s is None else timeout_s):
+            return False
+        try:
             for sensor in list(self._active):
                 try:
                     reading = sensor.read()
@@ -107,6 +119,13 @@ class Sampler:
                     self._drop(sensor, err)
                     continue
                 self.meter.record(sensor.name, reading)
+        finally:
+            self._read_lock.release()
+        return True
+
+    @property
+    def active_names(self) -> list[str]:
+        return [s.name for s in self._active]
 
     def _drop(self, sensor: Sensor, err: BaseException) -> None:
         if sensor in self._active:

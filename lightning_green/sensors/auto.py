@@ -68,4 +68,10 @@ def build_sensors(
             sensors.append(CpuEstimateSensor())
             if name == "estimate?":
                 skipped.append("cpu: no readable CPU counter, so CPU power is an estimate (source 'estimate')")
-    return sensors, skipped
+    unique: dict[str, Sensor] = {}
+    for sensor in sensors:  # "auto" plus "nvml" (say) names one sensor twice: keep the first
+        if sensor.name in unique:
+            sensor.close()
+        else:
+            unique[sensor.name] = sensor
+    return list(unique.values()), skipped

@@ -169,19 +169,22 @@ class NvmlSensor(Sensor):
                     self.kind, self.source = "energy", "counter"
                 except SensorUnavailable:
                     pass  # NOT_SUPPORTED: pre-Volta or a virtual GPU; poll power instead
+            if self.kind == "power":
+                self.note = "; ".join(filter(None, [self.note, "polled board power (a 1 s average on Ampere and newer), can miss short spikes"]))
         except BaseException:
             self.close()
             raise
 
     def read(self) -> Reading:
         pynvml = self._pynvml
+        t0 = time.monotonic()  # an NVML call can take milliseconds: stamp the reading at its middle
         if self.kind == "energy":
             with nvml_errors(f"reading {self.name}'s energy counter"):
                 mj = pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
-            return Reading(time.monotonic(), mj / 1000.0, "energy")
+            return Reading(0.5 * (t0 + time.monotonic()), mj / 1000.0, "energy")
         with nvml_errors(f"reading {self.name}'s power"):
             mw = pynvml.nvmlDeviceGetPowerUsage(self._handle)
-        return Reading(time.monotonic(), mw / 1000.0, "power")
+        return Reading(0.5 * (t0 + time.monotonic()), mw / 1000.0, "power")
 
     def describe(self) -> dict:
         out = super().describe()
