@@ -102,6 +102,9 @@ class FakeNvml:
     def nvmlDeviceGetName(self, handle: FakeGpu) -> str:
         return handle.name
 
+    def nvmlDeviceGetUUID(self, handle: FakeGpu) -> str:
+        return handle.uuid
+
     def nvmlDeviceIsMigDeviceHandle(self, handle: FakeGpu) -> int:
         return int(handle.mig_parent is not None)
 

@@ -189,3 +189,15 @@ def test_auto_not_host_level_reads_gpus_only(tmp_path, fake_nvml):
 def test_unknown_sensor_name():
     with pytest.raises(ValueError, match="allowed: auto, nvml, rapl, estimate"):
         build_sensors(["nvidia"])
+
+
+def test_mig_instances_share_a_key_and_one_rank_counts_it(fake_nvml, monkeypatch):
+    from lightning_green.callbacks.power import shared_owners
+
+    parent = FakeGpu(uuid="GPU-p", power_w=400.0, counter=False)
+    fake_nvml(gpus=[FakeGpu(uuid="MIG-1", mig_parent=parent), FakeGpu(uuid="MIG-2", mig_parent=parent), FakeGpu(uuid="GPU-q")])
+    keys = [NvmlSensor(i).shared_key for i in range(3)]
+    assert keys == ["GPU-p", "GPU-p", "GPU-q"]
+    # ranks 0 and 1 train on the two MIG slices, rank 2 on its own GPU
+    owners = shared_owners([[keys[0]], [keys[1]], [keys[2]]])
+    assert owners == {"GPU-p": 0, "GPU-q": 2}

@@ -418,6 +418,7 @@ class PowerSampler(Callback):
                 sensors.append(s)
         self._owned = built
         sensors += built
+        sensors = self._drop_shared(trainer, sensors)
         if not self._told_skipped:
             self._told_skipped = True
             for reason in self._skipped:
@@ -437,6 +438,25 @@ class PowerSampler(Callback):
         self._cluster = None
         self._sections = {}
         self._reset_windows(now)
+
+    def _drop_shared(self, trainer: Trainer, sensors: list[Sensor]) -> list[Sensor]:
+        """Sensors that measure one physical device from several processes (MIG instances of one GPU)
+        are counted by the lowest rank only (a collective in setup, where every rank is)."""
+        keys = [s.shared_key for s in sensors if s.shared_key]
+        if not distributed(trainer):
+            return sensors
+        owners = shared_owners(gather_objects(trainer, keys))
+        kept = []
+        for sensor in sensors:
+            owner = owners.get(sensor.shared_key, trainer.global_rank) if sensor.shared_key else trainer.global_rank
+            if owner == trainer.global_rank:
+                kept.append(sensor)
+                continue
+            self._skipped.append(f"{sensor.name}: the same physical device ({sensor.shared_key}) is counted by rank {owner}")
+            if sensor in self._owned:
+                self._owned.remove(sensor)
+                sensor.close()
+        return kept
 
     def _finish(self, trainer: Trainer, stage: str, status: str) -> None:
         stage = getattr(stage, "value", stage)
@@ -623,6 +643,15 @@ class PowerSampler(Callback):
             _summary.render(self.summary)
             if "path" in self.summary:
                 rank_zero_info(f"lightning_green: energy summary written to {path}")
+
+
+def shared_owners(keys_by_rank: list[list[str]]) -> dict[str, int]:
+    """For each shared sensor key, the lowest rank that reads it."""
+    owners: dict[str, int] = {}
+    for rank, keys in enumerate(keys_by_rank):
+        for key in keys:
+            owners.setdefault(key, rank)
+    return owners
 
 
 def _log_dir(trainer: Trainer) -> str:

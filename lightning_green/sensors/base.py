@@ -74,6 +74,9 @@ class Sensor(abc.ABC):
     host_level: bool = False
     #: Free-text caveat shown in the summary (for example "MIG instance: whole-GPU energy").
     note: str = ""
+    #: Identifies the physical thing measured (an NVIDIA GPU's UUID). Processes whose sensors share a
+    #: key measure the same device (MIG instances of one GPU): only the lowest rank counts it.
+    shared_key: str | None = None
 
     @abc.abstractmethod
     def read(self) -> Reading:

@@ -160,6 +160,7 @@ class NvmlSensor(Sensor):
                     handle = pynvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
                     self.note = "MIG instance: energy and power are the whole physical GPU's, shared by its instances"
                 self.model = _as_str(pynvml.nvmlDeviceGetName(handle))
+                self.shared_key = _as_str(pynvml.nvmlDeviceGetUUID(handle))
             self._handle = handle
             self.kind, self.source = "power", "polled"
             if use_counter:
