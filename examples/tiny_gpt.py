@@ -123,7 +123,7 @@ def _print_headline(h: dict) -> None:
     print(f"  training energy:       {f(h['train_energy_j'], ' J')}  [{src}]")
     print(f"  EER:                   {f(h['eer_j_per_param'], ' J/parameter')}  [{src}]")
     print(f"  tokens per joule:      {f(h['tokens_per_j'])}  [{src}]")
-    print(f"  carbon:                {f(h['carbon_gco2e'], ' gCO2e')}  (energy so far x PUE x grid intensity)")
+    print(f"  carbon:                {f(h['carbon_gco2e'], ' gCO2e')}  [{src}] (energy so far x PUE x grid intensity)")
     if "epi_float_j" in h:
         print(f"  EPI float -> int4:     {f(h['epi_float_j'], ' J')} -> {f(h['epi_converted_j'], ' J')} per sample  [{src}]")
         print(f"  val loss float -> int4:{f(h['val_loss_float'])} -> {f(h['val_loss_converted'])}; size ratio {f(h['size_ratio'])}")

@@ -144,3 +144,16 @@ def test_phases_off_adds_no_per_step_hooks():
     ps = PowerSampler(sensors=[SimulatedSensor(1.0)])
     assert "on_before_backward" not in vars(ps) and "on_train_batch_start" not in vars(ps)
     assert "on_before_backward" in vars(PowerSampler(sensors=[SimulatedSensor(1.0)], phases=True))
+
+
+def test_summary_tables_name_the_source(tmp_path):
+    from lightning_green import EfficiencyLogger
+
+    ps = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.02, phases=True, summary_dir=str(tmp_path), print_summary=False)
+    tiny_trainer(max_steps=4, callbacks=[ps, EfficiencyLogger()]).fit(Phased(0.0, 0.01, 0.0))
+    phases = ps.summary["sections"]["energy by phase"]
+    assert all(r["source"] == "simulated" for r in phases[:5])
+    assert phases[5]["source"] == ""  # no dram zone: no memory figure, so no source either
+    eff = {r["figure"]: r["source"] for r in ps.summary["sections"]["efficiency"]}
+    assert eff["train_energy_j"] == eff["eer_j_per_param"] == eff["carbon_gco2e"] == "simulated"
+    assert eff["train_samples"] == "" and eff["n_params"] == ""

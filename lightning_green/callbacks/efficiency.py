@@ -308,7 +308,9 @@ class EfficiencyLogger(Callback):
     def _summary_rows(self) -> dict[str, list[dict]]:
         if not self.results:
             return {}
-        rows = [{"figure": k, "value": v} for k, v in self.results.items()]
-        rows.append({"figure": "carbon_intensity_g_per_kwh", "value": self.carbon_intensity_g_per_kwh})
-        rows.append({"figure": "pue", "value": self.pue})
+        source = self._power.sources()
+        energy_words = ("energy", "eer", "epi", "per_j", "carbon")
+        rows = [{"figure": k, "value": v, "source": source if any(w in k for w in energy_words) else ""} for k, v in self.results.items()]
+        rows.append({"figure": "carbon_intensity_g_per_kwh", "value": self.carbon_intensity_g_per_kwh, "source": "setting"})
+        rows.append({"figure": "pue", "value": self.pue, "source": "setting"})
         return {"efficiency": rows}

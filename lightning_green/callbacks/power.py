@@ -230,6 +230,11 @@ class PowerSampler(Callback):
         m.sources = sorted({meter.info(n)["source"] for n in active})
         m.resolved = not (m.duration_s < MIN_COUNTER_DT_S and any(meter.info(n)["kind"] == "energy" for n in active))
 
+    def sources(self) -> str:
+        """The sources of this process's sensors, joined with ``+`` (``"none"`` before any)."""
+        names = self.meter.names if self.meter is not None else []
+        return "+".join(sorted({self.meter.info(n)["source"] for n in names})) or "none"
+
     def add_summary_section(self, title: str, rows: list[dict]) -> None:
         """Add a table (a list of dict rows) to the next summary (for other callbacks)."""
         self._sections[title] = list(rows)
@@ -579,7 +584,7 @@ class PowerSampler(Callback):
             note = f"RAPL dram zone ({', '.join(dram)}), whole run, not split by phase"
         else:
             memory_j, note = None, "not measurable on this hardware: no RAPL dram zone"
-        rows = self._phase_acc.rows(memory_j, note)
+        rows = self._phase_acc.rows(memory_j, note, source=self.sources())
         if self._phase_acc.unattributed_s:
             rows.append({"phase": "(time without energy)", "seconds": self._phase_acc.unattributed_s, "note": "phase intervals beyond the pending limit"})
         return {"energy by phase": rows}

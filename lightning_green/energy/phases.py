@@ -133,8 +133,8 @@ class PhaseAccumulator:
         self._window_j = dict.fromkeys(PHASES, 0.0)
         return out
 
-    def rows(self, memory_j: float | None, memory_note: str) -> list[dict]:
-        """The summary table: each phase's time, energy and share, then memory access."""
+    def rows(self, memory_j: float | None, memory_note: str, source: str = "") -> list[dict]:
+        """The summary table: each phase's time, energy (from ``source``) and share, then memory access."""
         total_s, total_j = sum(self.total_s.values()), sum(self.total_j.values())
         rows = [
             {
@@ -143,8 +143,9 @@ class PhaseAccumulator:
                 "energy_j": self.total_j[p],
                 "time_share_pct": 100 * self.total_s[p] / total_s if total_s else float("nan"),
                 "energy_share_pct": 100 * self.total_j[p] / total_j if total_j else float("nan"),
+                "source": source,
             }
             for p in PHASES
         ]
-        rows.append({"phase": "memory (dram)", "energy_j": memory_j, "note": memory_note})
+        rows.append({"phase": "memory (dram)", "energy_j": memory_j, "source": "rapl" if memory_j is not None else "", "note": memory_note})
         return rows

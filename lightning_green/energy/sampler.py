@@ -93,15 +93,6 @@ class Sampler:
         if final_reading:
             self.sample_once()
 
-    def close(self) -> None:
-        """Stop and release every sensor."""
-        self.stop(final_reading=False)
-        for sensor in self.sensors:
-            try:
-                sensor.close()
-            except Exception:  # closing must not raise either
-                pass
-
     def sample_once(self, timeout_s: float | None = None) -> bool:
         """Read every active sensor once (called by the thread; also usable directly).
 

@@ -663,7 +663,7 @@ class QuantizationAwareTraining(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def _add_summary(self, sampler: Any, report: Mapping[str, Any]) -> None:
-        if sampler is None or not hasattr(sampler, "add_summary_section"):
+        if sampler is None:
             return
         rows = []
         for key, figure, unit in (

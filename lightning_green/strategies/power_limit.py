@@ -396,8 +396,7 @@ class PowerLimiter:
         search = self.search
         if search is not None and not search.done and search.profiles and self._sampler is not None:
             rows = [dict(asdict(p), source="profiled (search incomplete: training ended first)") for p in search.profiles]
-            if hasattr(self._sampler, "add_summary_section"):
-                self._sampler.add_summary_section(_SUMMARY_TITLE, rows)
+            self._sampler.add_summary_section(_SUMMARY_TITLE, rows)
 
     def _edge(self, trainer: Any, strategy: Any, steps_done: int) -> None:
         assert self.search is not None
@@ -428,7 +427,7 @@ class PowerLimiter:
                     log.warning("could not write the power-limit cache %s: %s", self.cache_path, err)
         self._apply(trainer, chosen)
         rows = [dict(r, source="cache" if self.from_cache else "profiled") for r in self.search.table]
-        if self._sampler is not None and hasattr(self._sampler, "add_summary_section"):
+        if self._sampler is not None:
             self._sampler.add_summary_section(_SUMMARY_TITLE, rows)
         log.info("power limit search chose %g W%s", chosen, " (from the cache)" if self.from_cache else "")
 
