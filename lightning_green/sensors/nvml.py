@@ -59,7 +59,8 @@ def nvml_errors(what: str) -> Iterator[None]:
         raise cls(f"NVML {label} while {what}: {err}") from err
 
 
-def _init() -> object:
+def init_nvml() -> object:
+    """Initialise NVML and return the ``pynvml`` module (translated errors). Pair with :func:`shutdown_nvml`."""
     import pynvml
 
     with nvml_errors("initialising NVML"):
@@ -67,7 +68,8 @@ def _init() -> object:
     return pynvml
 
 
-def _shutdown() -> None:
+def shutdown_nvml() -> None:
+    """Balance one :func:`init_nvml` (NVML counts its initialisations); never raises."""
     import pynvml
 
     try:
@@ -76,11 +78,12 @@ def _shutdown() -> None:
         pass
 
 
-def _as_str(value: object) -> str:
+def as_str(value: object) -> str:
+    """NVML returns ``bytes`` in old bindings and ``str`` in new ones: always ``str``."""
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _handle_for_torch_index(pynvml, index: int):
+def handle_for_torch_index(pynvml, index: int):
     """The NVML handle of the GPU that torch calls ``cuda:<index>``.
 
     With CUDA initialised in torch, the mapping is by UUID (robust to ``CUDA_DEVICE_ORDER`` and to
@@ -117,12 +120,12 @@ def visible_gpu_indices() -> list[int]:
     Raises:
         SensorUnavailable: NVML is missing (no driver, no library).
     """
-    pynvml = _init()
+    pynvml = init_nvml()
     try:
         with nvml_errors("counting GPUs"):
             count = pynvml.nvmlDeviceGetCount()
     finally:
-        _shutdown()
+        shutdown_nvml()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         count = min(count, len([e for e in visible.split(",") if e.strip()]))
@@ -150,17 +153,17 @@ class NvmlSensor(Sensor):
             raise ValueError(f"`index` must be a CUDA device index >= 0, got {index!r}")
         self.index = index
         self.name = name or f"gpu{index}"
-        self._pynvml = pynvml = _init()
+        self._pynvml = pynvml = init_nvml()
         self._closed = False
         try:
             with nvml_errors(f"opening cuda:{index}"):
-                handle = _handle_for_torch_index(pynvml, index)
+                handle = handle_for_torch_index(pynvml, index)
                 self.note = ""
                 if _is_mig(pynvml, handle):
                     handle = pynvml.nvmlDeviceGetDeviceHandleFromMigDeviceHandle(handle)
                     self.note = "MIG instance: energy and power are the whole physical GPU's, shared by its instances"
-                self.model = _as_str(pynvml.nvmlDeviceGetName(handle))
-                self.shared_key = _as_str(pynvml.nvmlDeviceGetUUID(handle))
+                self.model = as_str(pynvml.nvmlDeviceGetName(handle))
+                self.shared_key = as_str(pynvml.nvmlDeviceGetUUID(handle))
             self._handle = handle
             self.kind, self.source = "power", "polled"
             if use_counter:
@@ -195,7 +198,7 @@ class NvmlSensor(Sensor):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            _shutdown()
+            shutdown_nvml()
 
 
 def _is_mig(pynvml, handle) -> bool:

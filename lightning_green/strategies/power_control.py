@@ -167,10 +167,10 @@ class NvmlPowerControl(PowerControl):
 
         try:
             if self._handle is None:
-                pynvml = _nv._init()
+                pynvml = _nv.init_nvml()
                 with _nv.nvml_errors(f"finding cuda:{self.index or 0}"):
-                    self._handle = _nv._handle_for_torch_index(pynvml, self.index or 0)
-                    self.device_name = _nv._as_str(pynvml.nvmlDeviceGetName(self._handle))
+                    self._handle = _nv.handle_for_torch_index(pynvml, self.index or 0)
+                    self.device_name = _nv.as_str(pynvml.nvmlDeviceGetName(self._handle))
             import pynvml
 
             return pynvml, self._handle
@@ -205,7 +205,7 @@ class NvmlPowerControl(PowerControl):
             from lightning_green.sensors import nvml as _nv
 
             self._handle = None
-            _nv._shutdown()
+            _nv.shutdown_nvml()
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
