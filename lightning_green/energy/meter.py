@@ -13,100 +13,43 @@ How readings become energy (the attribution rule):
 * Past the newest reading, energy is extrapolated at the newest power for at most ``interval``
   seconds of tail; the next reading replaces the extrapolation.
 
-Rejected readings (NaN, infinite, negative, a counter going backwards, time not moving forward)
-count as gaps: the integral spans the gap by interpolation and the summary reports the gap count.
+Gaps, resets, failures (what the summary's partial figures come from, see :meth:`EnergyMeter.stats`):
+
+* a rejected reading (not a :class:`Reading`, NaN, infinite, negative, a counter going backwards a
+  little, time not moving forward) and a transient read error are gaps. The next good reading
+  bridges the gap: by the counter difference for counters, by interpolating between the neighbouring
+  powers for polled sensors. ``gaps`` counts the missed readings, ``gap_s`` the seconds bridged.
+* a counter that falls below ``RESET_FRACTION`` of its value was reset (driver reload, RAPL reset):
+  a new base starts at the new reading; the interval across the reset is bridged at the counter's
+  power just before it. Energy before and after is kept; ``resets`` counts them.
+* a failed sensor (dropped by the sampler, or hung) keeps its energy up to its last good reading.
+
 Memory is flat: each sensor keeps a bounded window of recent points and a downsampled trace.
 """
 
 from __future__ import annotations
 
 import bisect
-import math
 import threading
-from collections import deque
 from typing import Any, Iterable
 
-from lightning_green.sensors.base import Reading
+from lightning_green.energy.channel import MIN_COUNTER_DT_S, RESET_FRACTION, Channel, DownsampledTrace
+from lightning_green.sensors.base import check_number
 
-#: A counter's power (difference / time) is only trusted for peaks and traces over at least this
-#: long: NVML's energy counter updates about every 100 ms, so a shorter interval can hold a whole
-#: update (a false spike) or none (a false zero). Energy itself is exact either way.
-MIN_COUNTER_DT_S = 0.1
-
-
-class DownsampledTrace:
-    """A power trace of bounded size: when it holds more than ``max_points`` points, neighbouring
-    points are merged in pairs (weighted by the samples each holds) and later samples are averaged
-    in buckets twice as wide. Each point is the mean time and mean power of the samples it holds.
-
-    Args:
-        max_points: the most points kept (>= 2).
-    """
-
-    def __init__(self, max_points: int = 512) -> None:
-        if max_points < 2:
-            raise ValueError(f"`max_points` must be >= 2, got {max_points}")
-        self.max_points = max_points
-        self._points: list[tuple[float, float, int]] = []  # (mean t, mean power, samples)
-        self._stride = 1
-        self._pending = (0.0, 0.0, 0)  # running sums of the bucket being filled: (sum t, sum power, samples)
-
-    def add(self, t_s: float, power_w: float) -> None:
-        sum_t, sum_p, n = self._pending
-        sum_t, sum_p, n = sum_t + t_s, sum_p + power_w, n + 1
-        if n < self._stride:
-            self._pending = (sum_t, sum_p, n)
-            return
-        self._points.append((sum_t / n, sum_p / n, n))
-        self._pending = (0.0, 0.0, 0)
-        if len(self._points) > self.max_points:
-            self._points = [_merge(self._points[i : i + 2]) for i in range(0, len(self._points), 2)]
-            self._stride *= 2
-
-    @property
-    def pending_samples(self) -> int:
-        return self._pending[2]
-
-    def as_list(self) -> list[tuple[float, float]]:
-        sum_t, sum_p, n = self._pending
-        points = self._points + ([(sum_t / n, sum_p / n, n)] if n else [])
-        return [(t, p) for t, p, _ in points]
-
-
-def _merge(points: list[tuple[float, float, int]]) -> tuple[float, float, int]:
-    n = sum(p[2] for p in points)
-    return (sum(p[0] * p[2] for p in points) / n, sum(p[1] * p[2] for p in points) / n, n)
-
-
-class _Channel:
-    """State of one sensor in the meter."""
-
-    def __init__(self, info: dict, history: int, trace_points: int) -> None:
-        self.info = dict(info)
-        self.kind = info["kind"]
-        self.t: deque[float] = deque(maxlen=history)
-        self.e: deque[float] = deque(maxlen=history)  # cumulative joules at t (this process)
-        self.p: deque[float] = deque(maxlen=history)  # watts at t (for counters: mean over the interval ending at t)
-        self.last_raw: float | None = None
-        self.first_t: float | None = None
-        self.n_samples = 0
-        self.n_gaps = 0
-        self.peak_w = 0.0
-        self.failed: str | None = None
-        self.offset_j = 0.0  # energy restored from a checkpoint
-        self.counter_mark: tuple[float, float] | None = None  # (t, energy) where the last counter power point ended
-        self.trace = DownsampledTrace(trace_points)
-
+__all__ = ["MIN_COUNTER_DT_S", "RESET_FRACTION", "DownsampledTrace", "EnergyMeter"]
 
 class EnergyMeter:
     """Cumulative energy per sensor and energy in windows.
 
     Args:
         history: recent points kept per sensor for window queries (a bounded window: at 10 Hz,
-            4096 points cover about 7 minutes).
-        trace_points: points kept per sensor in the downsampled whole-run trace.
+            4096 points cover about 7 minutes); an int >= 2.
+        trace_points: points kept per sensor in the downsampled whole-run trace; an int >= 2.
         extrapolate_s: the longest tail past the newest reading that is extrapolated at the newest
-            power (set it to the sampling interval).
+            power (set it to the sampling interval); seconds >= 0.
+
+    Raises:
+        ValueError: a bad argument (named in the message).
 
     Example::
 
@@ -118,12 +61,10 @@ class EnergyMeter:
     """
 
     def __init__(self, history: int = 4096, trace_points: int = 512, extrapolate_s: float = 0.1) -> None:
-        if history < 2:
-            raise ValueError(f"`history` must be >= 2, got {history}")
-        self.extrapolate_s = extrapolate_s
-        self._history = history
-        self._trace_points = trace_points
-        self._channels: dict[str, _Channel] = {}
+        self._history = check_number("history", history, minimum=2, integer=True)
+        self._trace_points = check_number("trace_points", trace_points, minimum=2, integer=True)
+        self.extrapolate_s = check_number("extrapolate_s", extrapolate_s)
+        self._channels: dict[str, Channel] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ feeding
@@ -135,60 +76,43 @@ class EnergyMeter:
         with self._lock:
             if name in self._channels:
                 raise ValueError(f"two sensors are named {name!r}: sensor names must be unique")
-            self._channels[name] = _Channel(info, self._history, self._trace_points)
+            self._channels[name] = Channel(info, self._history, self._trace_points)
 
-    def record(self, name: str, reading: Reading) -> bool:
-        """Add one reading. Returns False (and counts a gap) when the reading is rejected."""
+    def submit(self, name: str, reading: Any) -> str | None:
+        """Add one reading of ``name``. Returns None when it was used, else why it was rejected
+        (counted as a gap). Never raises: anything that is not a valid :class:`Reading` (None, a
+        float, NaN, a counter going backwards, time not moving forward) is a rejected reading.
+        Readings of a sensor marked failed are ignored."""
         with self._lock:
-            ch = self._channels[name]
-            value, t = reading.value, reading.t_s
-            if reading.kind != ch.kind or not math.isfinite(value) or value < 0 or not math.isfinite(t):
-                ch.n_gaps += 1
-                return False
-            if ch.t and t <= ch.t[-1]:
-                ch.n_gaps += 1
-                return False
-            if not ch.t:
-                ch.first_t = t
-                energy, power = 0.0, (value if ch.kind == "power" else 0.0)
-            else:
-                dt = t - ch.t[-1]
-                if ch.kind == "energy":
-                    delta = value - ch.last_raw
-                    if delta < 0:  # a counter going backwards: reject, keep the old base
-                        ch.n_gaps += 1
-                        return False
-                    energy, power = ch.e[-1] + delta, delta / dt
-                else:
-                    energy, power = ch.e[-1] + 0.5 * (ch.p[-1] + value) * dt, value
-            ch.last_raw = value
-            ch.t.append(t)
-            ch.e.append(energy)
-            ch.p.append(power)
-            ch.n_samples += 1
-            if ch.kind == "power":
-                ch.peak_w = max(ch.peak_w, power)
-                ch.trace.add(t, power)
-            elif ch.n_samples > 1:
-                self._counter_power_point(ch, t, energy)
-            return True
+            ch = self._channels.get(name)
+            if ch is None:
+                return f"no sensor named {name!r} in this meter"
+            if ch.failed is not None:
+                return f"sensor {name!r} was dropped ({ch.failed})"
+            return ch.add(reading)
 
-    @staticmethod
-    def _counter_power_point(ch: _Channel, t: float, energy: float) -> None:
-        """Peak and trace of a counter over intervals of at least MIN_COUNTER_DT_S."""
-        t0, e0 = ch.counter_mark if ch.counter_mark is not None else (ch.first_t, 0.0)
-        if t - t0 >= MIN_COUNTER_DT_S:
-            power = (energy - e0) / (t - t0)
-            ch.peak_w = max(ch.peak_w, power)
-            ch.trace.add(0.5 * (t0 + t), power)
-            ch.counter_mark = (t, energy)
+    def record(self, name: str, reading: Any) -> bool:
+        """Add one reading. Returns False (and counts a gap) when the reading is rejected; never raises."""
+        return self.submit(name, reading) is None
 
-    def mark_failed(self, name: str, reason: str) -> None:
-        """Record that a sensor was dropped; its figures stop at its last good reading."""
+    def note_transient(self, name: str, reason: str) -> None:
+        """A read of ``name`` failed for a reason that may pass: a gap, bridged by the next reading."""
+        with self._lock:
+            self._channels[name].problem(reason, transient=True)
+
+    def mark_failed(self, name: str, reason: str, hung: bool = False) -> None:
+        """Record that a sensor was dropped (``hung``: its read never returned); its figures stop at
+        its last good reading."""
         with self._lock:
             ch = self._channels[name]
             if ch.failed is None:
                 ch.failed = reason
+            ch.hung = ch.hung or hung
+
+    def mark_abandoned(self, name: str) -> None:
+        """Record that the reader of ``name`` was left blocked in ``read()`` when sampling stopped."""
+        with self._lock:
+            self._channels[name].abandoned = True
 
     # ------------------------------------------------------------------ queries
     @property
@@ -205,7 +129,7 @@ class EnergyMeter:
             ch = self._channels[name]
             return ch.offset_j + self._energy_at(ch, t_s)
 
-    def _energy_at(self, ch: _Channel, t: float) -> float:
+    def _energy_at(self, ch: Channel, t: float) -> float:
         if not ch.t:
             return 0.0
         times = ch.t
@@ -260,11 +184,23 @@ class EnergyMeter:
             return max(times) if times else None
 
     def stats(self, name: str) -> dict[str, Any]:
-        """Summary figures of one sensor: source, energy, mean and peak power, duration, gaps."""
+        """Summary figures of one sensor: its :meth:`Sensor.describe` facts and
+
+        * ``energy_j`` (restored included), ``energy_this_run_j``, ``restored_j``, ``mean_power_w``,
+          ``peak_power_w``, ``duration_s``, ``samples``;
+        * ``gaps``: readings missed (``rejected`` + ``transient_errors``), bridged over ``gap_s``
+          seconds by ``gap_bridge`` (``"counter difference"`` or ``"interpolated power"``);
+        * ``rejected``: readings that were not usable; ``transient_errors``: reads retried;
+          ``resets``: counter resets (a new base); ``last_problem``: the newest reason of those;
+        * ``failed``: why the sensor was dropped (None while it works); ``hung``: its read never
+          returned; ``abandoned``: its reader thread was left blocked when sampling stopped;
+        * ``partial``: any of the above happened, so the figures are not a complete measurement.
+        """
         with self._lock:
             ch = self._channels[name]
             duration = (ch.t[-1] - ch.first_t) if ch.t else 0.0
             measured = ch.e[-1] if ch.t else 0.0
+            gaps = ch.n_rejected + ch.n_transient
             out = dict(ch.info)
             out.update(
                 energy_j=ch.offset_j + measured,
@@ -274,9 +210,17 @@ class EnergyMeter:
                 peak_power_w=ch.peak_w,
                 duration_s=duration,
                 samples=ch.n_samples,
-                gaps=ch.n_gaps,
+                gaps=gaps,
+                rejected=ch.n_rejected,
+                transient_errors=ch.n_transient,
+                gap_s=ch.gap_s,
+                gap_bridge="counter difference" if ch.kind == "energy" else "interpolated power",
+                resets=ch.n_resets,
+                last_problem=ch.last_problem,
                 failed=ch.failed,
-                partial=ch.failed is not None or ch.n_gaps > 0,
+                hung=ch.hung,
+                abandoned=ch.abandoned,
+                partial=ch.failed is not None or gaps > 0 or ch.n_resets > 0,
             )
             return out
 
@@ -286,10 +230,6 @@ class EnergyMeter:
             return self._channels[name].trace.as_list()
 
     # ------------------------------------------------------------------ checkpoints
-    def offsets(self) -> dict[str, float]:
-        with self._lock:
-            return {n: ch.offset_j for n, ch in self._channels.items()}
-
     def set_offsets(self, energy_j: dict[str, float]) -> None:
         """Start each named sensor's cumulative energy at the given joules (a resumed run).
         Names not in the meter are ignored: the sensors of a resumed run may differ."""

@@ -7,6 +7,7 @@ from lightning_green.sensors.base import (
     SensorError,
     SensorLost,
     SensorPermissionError,
+    SensorTransientError,
     SensorUnavailable,
 )
 from lightning_green.sensors.estimate import CpuEstimateSensor
@@ -24,6 +25,7 @@ __all__ = [
     "SensorError",
     "SensorLost",
     "SensorPermissionError",
+    "SensorTransientError",
     "SensorUnavailable",
     "SimulatedSensor",
 ]

@@ -7,9 +7,10 @@ created only where ``host_level=True`` (one process per node).
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
-from lightning_green.sensors.base import Sensor, SensorError
+from lightning_green.sensors.base import Sensor, SensorError, check_bool
 from lightning_green.sensors.estimate import CpuEstimateSensor
 from lightning_green.sensors.nvml import NvmlSensor
 from lightning_green.sensors.rapl import DEFAULT_ROOT, RaplSensor
@@ -33,8 +34,20 @@ def build_sensors(
         rapl_root: the powercap sysfs root.
 
     Returns:
-        The sensors, and one sentence for each sensor that was skipped and why.
+        The sensors, and one sentence for each sensor (or RAPL zone) that was skipped and why.
+
+    Raises:
+        ValueError: a bad argument (named in the message).
     """
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise ValueError(f"`names` must be a list of sensor names ({', '.join(SENSOR_NAMES)}), got {names!r}")
+    if isinstance(gpu_indices, str) or not isinstance(gpu_indices, Sequence) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in gpu_indices
+    ):
+        raise ValueError(f"`gpu_indices` must be a list of CUDA device indices >= 0, got {gpu_indices!r}")
+    check_bool("host_level", host_level)
+    if not isinstance(rapl_root, (str, os.PathLike)):
+        raise ValueError(f"`rapl_root` must be a path (str or os.PathLike), got {rapl_root!r}")
     for name in names:
         if name not in SENSOR_NAMES:
             raise ValueError(f"unknown sensor name {name!r} in `sensors`; allowed: {', '.join(SENSOR_NAMES)}")
@@ -58,10 +71,13 @@ def build_sensors(
             skipped.append(f"{name.rstrip('?')}: host-level sensors are read by local rank 0 of each node only")
         elif name == "rapl":
             try:
-                found = RaplSensor.discover(rapl_root)
+                found, problems = RaplSensor.scan(rapl_root)
             except SensorError as err:
                 skipped.append(f"rapl: {err}")
                 continue
+            skipped += [f"rapl: {err}" for err in problems]
+            if not found and not problems:
+                skipped.append(f"rapl: no RAPL zone under {rapl_root}")
             sensors += found
             have_cpu = have_cpu or any(s.domain == "cpu" for s in found)
         elif name == "estimate" or (name == "estimate?" and not have_cpu):

@@ -17,7 +17,7 @@ import math
 import os
 import time
 
-from lightning_green.sensors.base import Reading, Sensor
+from lightning_green.sensors.base import Reading, Sensor, check_name
 
 DEFAULT_W_PER_CPU = 10.0
 DEFAULT_IDLE_FRACTION = 0.3
@@ -32,7 +32,7 @@ class CpuEstimateSensor(Sensor):
         name: the sensor's name in metric keys.
 
     Raises:
-        ValueError: a negative or non-finite wattage, or ``idle_w > max_w``.
+        ValueError: a negative or non-finite wattage, ``idle_w > max_w`` or an empty ``name``.
     """
 
     source = "estimate"
@@ -52,7 +52,7 @@ class CpuEstimateSensor(Sensor):
         import psutil
 
         self._psutil = psutil
-        self.max_w, self.idle_w, self.name = float(max_w), float(idle_w), name
+        self.max_w, self.idle_w, self.name = float(max_w), float(idle_w), check_name("name", name)
         self.note = f"model: {self.idle_w:g} W idle + {self.max_w - self.idle_w:g} W x utilisation; not a measurement"
         self._last = self._busy_total()
 

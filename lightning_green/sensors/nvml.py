@@ -7,7 +7,9 @@ power can miss short spikes (the sensor samples only part of the time on A100/H1
 counter is preferred.
 
 NVML errors are translated into the package's sensor errors here and nowhere else
-(:func:`nvml_errors`). ``pynvml`` is imported on first use, never when ``lightning_green`` is imported.
+(:func:`nvml_errors`): ``UNKNOWN`` and ``TIMEOUT`` are transient (:class:`SensorTransientError`, the
+sampler retries them); ``GPU_IS_LOST``, ``NOT_SUPPORTED``, ``NO_PERMISSION``, ``LIBRARY_NOT_FOUND`` and
+the rest are permanent (the sampler drops the sensor). ``pynvml`` is imported on first use, never when ``lightning_green`` is imported.
 """
 
 from __future__ import annotations
@@ -15,9 +17,19 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
-from lightning_green.sensors.base import Reading, Sensor, SensorError, SensorLost, SensorPermissionError, SensorUnavailable
+from lightning_green.sensors.base import (
+    Reading,
+    Sensor,
+    SensorError,
+    SensorLost,
+    SensorPermissionError,
+    SensorTransientError,
+    SensorUnavailable,
+    check_bool,
+    check_name,
+)
 
 #: NVML return codes (``NVMLError.value``) and the sensor error each becomes.
 _NVML_CODES = {
@@ -27,10 +39,11 @@ _NVML_CODES = {
     4: ("NO_PERMISSION", SensorPermissionError),
     6: ("NOT_FOUND", SensorUnavailable),
     9: ("DRIVER_NOT_LOADED", SensorUnavailable),
+    10: ("TIMEOUT", SensorTransientError),
     12: ("LIBRARY_NOT_FOUND", SensorUnavailable),
     13: ("FUNCTION_NOT_FOUND", SensorUnavailable),
     15: ("GPU_IS_LOST", SensorLost),
-    999: ("UNKNOWN", SensorError),
+    999: ("UNKNOWN", SensorTransientError),
 }
 
 
@@ -139,8 +152,10 @@ class NvmlSensor(Sensor):
         index: the torch CUDA index (after ``CUDA_VISIBLE_DEVICES`` remapping).
         name: the sensor's name in metric keys; default ``gpu<index>``.
         use_counter: try the total-energy counter first (default). ``False`` forces polled power.
+        clock: stamps the readings; ``time.monotonic`` unless a test drives time itself.
 
     Raises:
+        ValueError: a bad argument (named in the message).
         SensorUnavailable: no NVML library or driver, or no such GPU.
         SensorPermissionError: NVML refuses access to the device.
     """
@@ -148,11 +163,18 @@ class NvmlSensor(Sensor):
     domain = "gpu"
     host_level = False
 
-    def __init__(self, index: int = 0, name: str | None = None, use_counter: bool = True) -> None:
+    def __init__(
+        self, index: int = 0, name: str | None = None, use_counter: bool = True, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise ValueError(f"`index` must be a CUDA device index >= 0, got {index!r}")
+        check_bool("use_counter", use_counter)
+        if not callable(clock):
+            raise ValueError(f"`clock` must be a callable returning seconds, got {clock!r}")
         self.index = index
-        self.name = name or f"gpu{index}"
+        self.name = f"gpu{index}" if name is None else check_name("name", name)
+        self._clock = clock
+        self._closed = True  # until NVML is initialised: close() must not shut down what was never started
         self._pynvml = pynvml = init_nvml()
         self._closed = False
         try:
@@ -181,18 +203,18 @@ class NvmlSensor(Sensor):
 
     def read(self) -> Reading:
         pynvml = self._pynvml
-        t0 = time.monotonic()  # an NVML call can take milliseconds: stamp the reading at its middle
+        t0 = self._clock()  # an NVML call can take milliseconds: stamp the reading at its middle
         if self.kind == "energy":
             with nvml_errors(f"reading {self.name}'s energy counter"):
                 mj = pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
-            return Reading(0.5 * (t0 + time.monotonic()), mj / 1000.0, "energy")
+            return Reading(0.5 * (t0 + self._clock()), mj / 1000.0, "energy")
         with nvml_errors(f"reading {self.name}'s power"):
             mw = pynvml.nvmlDeviceGetPowerUsage(self._handle)
-        return Reading(0.5 * (t0 + time.monotonic()), mw / 1000.0, "power")
+        return Reading(0.5 * (t0 + self._clock()), mw / 1000.0, "power")
 
     def describe(self) -> dict:
         out = super().describe()
-        out.update(index=self.index, model=getattr(self, "model", ""))
+        out.update(index=self.index, model=self.model)
         return out
 
     def close(self) -> None:

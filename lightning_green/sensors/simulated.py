@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from typing import Callable, Union
 
-from lightning_green.sensors.base import Reading, Sensor
+from lightning_green.sensors.base import DOMAINS, Reading, Sensor, SensorError, check_bool, check_name
 
 PowerSpec = Union[float, Callable[[float], float]]
 
@@ -17,14 +18,18 @@ class SimulatedSensor(Sensor):
 
     Args:
         power_w: watts, or a callable ``f(t_s) -> watts`` where ``t_s`` is seconds since the first
-            :meth:`read`.
+            :meth:`read`. A callable that raises or returns something other than a number makes
+            :meth:`read` raise a :class:`SensorError` naming ``power_w`` and what it returned (the
+            sampler then drops the sensor with a warning; training goes on). A negative or NaN
+            number is a rejected reading (a gap).
         name: the sensor's name in metric keys (``power/<name>_w``).
         host_level: treat the sensor as a machine-wide one (read by one process per node).
         domain: what it stands for in the summary (``"gpu"``, ``"cpu"``, ``"dram"``, ``"other"``).
         clock: the clock to read; ``time.monotonic`` unless a test drives time itself.
 
     Raises:
-        ValueError: ``power_w`` is negative or not a number/callable, or ``name`` is empty.
+        ValueError: ``power_w`` is negative or not a number/callable, ``name`` is empty, ``host_level``
+            is not a bool, ``domain`` is not one of ``DOMAINS`` or ``clock`` is not callable.
 
     Example::
 
@@ -50,10 +55,12 @@ class SimulatedSensor(Sensor):
             self.power_w = float(power_w)
         else:
             raise ValueError(f"`power_w` must be a number (watts) or a callable f(seconds) -> watts, got {power_w!r}")
-        if not name or not isinstance(name, str):
-            raise ValueError(f"`name` must be a non-empty string, got {name!r}")
-        self.name = name
-        self.host_level = host_level
+        if domain not in DOMAINS:
+            raise ValueError(f"`domain` must be one of {', '.join(DOMAINS)}, got {domain!r}")
+        if not callable(clock):
+            raise ValueError(f"`clock` must be a callable returning seconds, got {clock!r}")
+        self.name = check_name("name", name)
+        self.host_level = check_bool("host_level", host_level)
         self.domain = domain
         self._clock = clock
         self._t0: float | None = None
@@ -62,5 +69,14 @@ class SimulatedSensor(Sensor):
         now = self._clock()
         if self._t0 is None:
             self._t0 = now
-        power = self.power_w(now - self._t0) if callable(self.power_w) else self.power_w
+        power = self._call_power(now - self._t0) if callable(self.power_w) else self.power_w
         return Reading(t_s=now, value=float(power), kind="power")
+
+    def _call_power(self, t_s: float) -> float:
+        try:
+            power = self.power_w(t_s)
+        except Exception as err:  # noqa: BLE001 - say which argument failed
+            raise SensorError(f"`power_w` raised {type(err).__name__}: {err}") from err
+        if isinstance(power, bool) or not isinstance(power, numbers.Real):
+            raise SensorError(f"`power_w` returned {power!r} ({type(power).__name__}); it must return watts as a number")
+        return power

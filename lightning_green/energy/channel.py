@@ -1,0 +1,171 @@
+"""One sensor's readings in the meter: validation, integration, gaps and resets (the rules are
+described in :mod:`lightning_green.energy.meter`), and the bounded power trace."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import deque
+from typing import Any
+
+from lightning_green.sensors.base import Reading, check_number
+
+#: A counter's power (difference / time) is only trusted for peaks and traces over at least this
+#: long: NVML's energy counter updates about every 100 ms, so a shorter interval can hold a whole
+#: update (a false spike) or none (a false zero). Energy itself is exact either way.
+MIN_COUNTER_DT_S = 0.1
+#: A counter reading below this fraction of the previous one is a reset (a new base); a smaller fall
+#: is a rejected reading. A wrap of a RAPL counter is unwrapped by the sensor itself.
+RESET_FRACTION = 0.5
+
+
+class DownsampledTrace:
+    """A power trace of bounded size: when it holds more than ``max_points`` points, neighbouring
+    points are merged in pairs (weighted by the samples each holds) and later samples are averaged
+    in buckets twice as wide. Each point is the mean time and mean power of the samples it holds.
+
+    Args:
+        max_points: the most points kept (>= 2).
+    """
+
+    def __init__(self, max_points: int = 512) -> None:
+        self.max_points = check_number("max_points", max_points, minimum=2, integer=True)
+        self._points: list[tuple[float, float, int]] = []  # (mean t, mean power, samples)
+        self._stride = 1
+        self._pending = (0.0, 0.0, 0)  # running sums of the bucket being filled: (sum t, sum power, samples)
+
+    def add(self, t_s: float, power_w: float) -> None:
+        sum_t, sum_p, n = self._pending
+        sum_t, sum_p, n = sum_t + t_s, sum_p + power_w, n + 1
+        if n < self._stride:
+            self._pending = (sum_t, sum_p, n)
+            return
+        self._points.append((sum_t / n, sum_p / n, n))
+        self._pending = (0.0, 0.0, 0)
+        if len(self._points) > self.max_points:
+            self._points = [_merge(self._points[i : i + 2]) for i in range(0, len(self._points), 2)]
+            self._stride *= 2
+
+    @property
+    def pending_samples(self) -> int:
+        return self._pending[2]
+
+    def as_list(self) -> list[tuple[float, float]]:
+        sum_t, sum_p, n = self._pending
+        points = self._points + ([(sum_t / n, sum_p / n, n)] if n else [])
+        return [(t, p) for t, p, _ in points]
+
+
+def _merge(points: list[tuple[float, float, int]]) -> tuple[float, float, int]:
+    n = sum(p[2] for p in points)
+    return (sum(p[0] * p[2] for p in points) / n, sum(p[1] * p[2] for p in points) / n, n)
+
+
+class Channel:
+    """State of one sensor in the meter, and the rule that turns its readings into energy."""
+
+    def __init__(self, info: dict, history: int, trace_points: int) -> None:
+        self.info = dict(info)
+        self.kind = info["kind"]
+        self.t: deque[float] = deque(maxlen=history)
+        self.e: deque[float] = deque(maxlen=history)  # cumulative joules at t (this process)
+        self.p: deque[float] = deque(maxlen=history)  # watts at t (for counters: mean over the interval ending at t)
+        self.last_raw: float | None = None
+        self.first_t: float | None = None
+        self.n_samples = 0
+        self.n_rejected = 0
+        self.n_transient = 0
+        self.n_resets = 0
+        self.gap_s = 0.0
+        self.gap_open = False  # a reading was missed since the newest good one
+        self.peak_w = 0.0
+        self.failed: str | None = None
+        self.hung = False
+        self.abandoned = False
+        self.last_problem: str | None = None
+        self.offset_j = 0.0  # energy restored from a checkpoint
+        self.counter_mark: tuple[float, float] | None = None  # (t, energy) where the last counter power point ended
+        self.trace = DownsampledTrace(trace_points)
+
+    def problem(self, reason: str, transient: bool) -> None:
+        """A read gave no usable reading: count it; the next good reading closes the gap."""
+        if transient:
+            self.n_transient += 1
+        else:
+            self.n_rejected += 1
+        self.last_problem = reason
+        self.gap_open = bool(self.t)
+
+    def check(self, reading: Any) -> str | None:
+        """Why ``reading`` cannot be used, or None."""
+        if not isinstance(reading, Reading):
+            return f"read() returned {reading!r} ({type(reading).__name__}), not a Reading"
+        value, t = reading.value, reading.t_s
+        if reading.kind != self.kind:
+            return f"a {reading.kind!r} reading from a {self.kind!r} sensor"
+        if not _is_number(value) or not math.isfinite(value) or value < 0:
+            return f"value {value!r} is not a finite number >= 0"
+        if not _is_number(t) or not math.isfinite(t):
+            return f"timestamp {t!r} is not a finite number"
+        if self.t and t <= self.t[-1]:
+            return f"time did not move forward ({t!r} after {self.t[-1]!r})"
+        return None
+
+    def add(self, reading: Any) -> str | None:
+        """Add one reading; return why it was rejected (counted as a gap), or None."""
+        why = self.check(reading)
+        if why is None and self.t and self.kind == "energy" and RESET_FRACTION * self.last_raw <= reading.value < self.last_raw:
+            why = f"counter went backwards from {self.last_raw!r} to {reading.value!r} J"
+        if why is not None:
+            self.problem(why, transient=False)
+            return why
+        value, t = float(reading.value), float(reading.t_s)
+        if not self.t:
+            self.first_t = t
+            energy, power = 0.0, (value if self.kind == "power" else 0.0)
+        else:
+            dt = t - self.t[-1]
+            if self.kind == "power":
+                energy, power = self.e[-1] + 0.5 * (self.p[-1] + value) * dt, value
+            else:
+                delta = value - self.last_raw
+                if delta < 0:  # fell below RESET_FRACTION of its value: a reset, bridged at the power before it
+                    self.n_resets += 1
+                    self.last_problem = f"counter reset from {self.last_raw!r} to {value!r} J"
+                    delta, self.gap_open = self.recent_power() * dt, True
+                energy, power = self.e[-1] + delta, delta / dt
+            if self.gap_open:
+                self.gap_s += dt
+                self.gap_open = False
+        self.last_raw = value
+        self.t.append(t)
+        self.e.append(energy)
+        self.p.append(power)
+        self.n_samples += 1
+        if self.kind == "power":
+            self.peak_w = max(self.peak_w, power)
+            self.trace.add(t, power)
+        elif self.n_samples > 1:
+            self.counter_power_point(t, energy)
+        return None
+
+    def recent_power(self) -> float:
+        """A counter's mean power over its newest interval of at least MIN_COUNTER_DT_S (or all it has)."""
+        t, e = self.t, self.e
+        i = len(t) - 1
+        while i > 0 and t[-1] - t[i] < MIN_COUNTER_DT_S:
+            i -= 1
+        return (e[-1] - e[i]) / (t[-1] - t[i]) if t[-1] > t[i] else 0.0
+
+    def counter_power_point(self, t: float, energy: float) -> None:
+        """Peak and trace of a counter over intervals of at least MIN_COUNTER_DT_S."""
+        t0, e0 = self.counter_mark if self.counter_mark is not None else (self.first_t, 0.0)
+        if t - t0 >= MIN_COUNTER_DT_S:
+            power = (energy - e0) / (t - t0)
+            self.peak_w = max(self.peak_w, power)
+            self.trace.add(0.5 * (t0 + t), power)
+            self.counter_mark = (t, energy)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
