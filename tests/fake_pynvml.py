@@ -10,6 +10,7 @@ import itertools
 import time
 import types
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 class NVMLError(Exception):
@@ -26,11 +27,14 @@ NVML_ERROR_NOT_FOUND = 6
 NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_GPU_IS_LOST = 15
 NVML_ERROR_UNINITIALIZED = 1
+NVML_ERROR_TIMEOUT = 10
+NVML_ERROR_UNKNOWN = 999
 
 
 @dataclass
 class FakeGpu:
-    """One GPU. Power is constant ``power_w``; the counter integrates it over real time."""
+    """One GPU. Power is constant ``power_w``; the counter integrates it over ``clock`` (real time
+    unless a test passes a fake clock)."""
 
     uuid: str
     name: str = "NVIDIA H200"
@@ -42,9 +46,16 @@ class FakeGpu:
     min_limit_mw: int = 200_000
     max_limit_mw: int = 700_000
     can_set_limit: bool = True  # False: NO_PERMISSION on set
+    errors_at: dict[int, int] = field(default_factory=dict)  # reading number (1 = first) -> NVML code it raises
+    reset_at_read: int | None = None  # the counter restarts at 0 (a driver reload) just before this reading
+    clock: Callable[[], float] = time.monotonic
     reads: int = 0
-    t0: float = field(default_factory=time.monotonic)
+    t0: float | None = None  # set from clock
     energy_offset_mj: int = 123_456_789  # the counter counts since driver load, not since start
+
+    def __post_init__(self) -> None:
+        if self.t0 is None:
+            self.t0 = self.clock()
 
 
 class FakeNvml:
@@ -116,12 +127,17 @@ class FakeNvml:
         handle.reads += 1
         if handle.lost_after_reads is not None and handle.reads > handle.lost_after_reads:
             raise NVMLError(NVML_ERROR_GPU_IS_LOST)
+        if handle.reads in handle.errors_at:
+            raise NVMLError(handle.errors_at[handle.reads])
 
     def nvmlDeviceGetTotalEnergyConsumption(self, handle: FakeGpu) -> int:
         if not handle.counter:
             raise NVMLError(NVML_ERROR_NOT_SUPPORTED)
         self._read(handle)
-        return handle.energy_offset_mj + int((time.monotonic() - handle.t0) * handle.power_w * 1000)
+        now = handle.clock()
+        if handle.reads == handle.reset_at_read:  # the driver reloaded a moment ago: the count starts again
+            handle.t0, handle.energy_offset_mj = now - 0.001, 0
+        return handle.energy_offset_mj + int((now - handle.t0) * handle.power_w * 1000)
 
     def nvmlDeviceGetPowerUsage(self, handle: FakeGpu) -> int:
         self._read(handle)

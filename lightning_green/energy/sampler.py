@@ -38,6 +38,8 @@ log = logging.getLogger("lightning_green")
 TRIES_IN_A_ROW = 6
 #: The longest wait between retries of a sensor that fails transiently.
 MAX_BACKOFF_S = 2.0
+#: How long :meth:`Sampler.stop` waits for an idle reader to end (it runs no sensor code, so it ends at once).
+IDLE_JOIN_S = 5.0
 #: :meth:`Sampler.start` waits for first readings for one interval, but at least this long.
 MIN_START_WAIT_S = 0.5
 
@@ -175,13 +177,17 @@ class Sampler:
         if final_reading:
             self.sample_once(max(0.0, deadline - time.monotonic()))
         with self._cv:
-            self._stopping = True
-            readers = list(self._readers)
-        for reader in readers:
+            self._stopping = True  # an idle reader now ends without reading again
+            busy = [r for r in self._readers if r.busy_since is not None]
+            idle = [r for r in self._readers if r.busy_since is None]
+        for reader in busy + idle:
             reader.wake.set()
-        for reader in readers:
-            if not (reader.dropped and reader.busy_since is not None):  # a reader known hung is not waited for
+        for reader in idle:
+            reader.thread.join(IDLE_JOIN_S)
+        for reader in busy:
+            if not reader.dropped:  # a reader known to be hung is not waited for
                 reader.thread.join(max(0.0, deadline - time.monotonic()))
+        readers = busy + idle
         left = [r for r in readers if r.thread.is_alive()]
         self._abandoned = [r.sensor.name for r in left]
         for reader in left:
