@@ -89,7 +89,9 @@ class Sensor(abc.ABC):
 
     @abc.abstractmethod
     def read(self) -> Reading:
-        """Return one reading. Raise :class:`SensorError` (or any exception) when it cannot."""
+        """Return one reading. Raise :class:`SensorTransientError` for a failure that may pass (the
+        sampler retries), :class:`SensorError` (or any exception) when the sensor cannot be read any
+        more (the sampler drops it). Called on the sensor's own reader thread, never concurrently."""
 
     def close(self) -> None:
         """Release what the sensor holds. Safe to call more than once."""
