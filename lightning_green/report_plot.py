@@ -29,8 +29,9 @@ IMAGE_TAG = "energy/report"
 SIZE_IN = (11.0, 6.2)
 DPI = 90
 PHASE_COLORS = {"data": "#8da0cb", "compute": "#fc8d62", "optimizer": "#66c2a5", "comm": "#e78ac3", "other": "#b3b3b3"}
-LOOP_COLORS = {"train": "#ffffff", "validation": "#dfe8f5", "sanity": "#eeeeee", "test": "#f5e9df"}
+LOOP_COLORS = {"validation": "#dfe8f5", "sanity": "#eeeeee", "test": "#f5e9df"}
 ESTIMATE_HATCH = "///"
+MARGINS = {"left": 0.085, "right": 0.985, "top": 0.91, "bottom": 0.085, "hspace": 0.42, "wspace": 0.2}
 
 
 def report_path(directory: str, stage: str) -> str:
@@ -45,10 +46,10 @@ def report_figure(summary: dict) -> Any:
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    fig = Figure(figsize=SIZE_IN, dpi=DPI, layout="constrained")
+    fig = Figure(figsize=SIZE_IN, dpi=DPI)  # fixed margins: a layout engine would double the drawing time
     FigureCanvasAgg(fig)
     pairs = rs.qat_pairs(summary)
-    grid = fig.add_gridspec(2, 2 if pairs else 1, height_ratios=(3, 2))
+    grid = fig.add_gridspec(2, 2 if pairs else 1, height_ratios=(3, 2), **MARGINS)
     _power_panel(fig.add_subplot(grid[0, :]), summary)
     _energy_panel(fig.add_subplot(grid[1, 0]), summary)
     if pairs:
@@ -115,11 +116,11 @@ def _power_panel(ax: Any, summary: dict) -> None:
     sensors = {s["name"]: s for s in summary["sensors"]}
     traces = rs.trace(summary)
     loops = rs.timeline(summary)
-    for i, row in enumerate(loops):
-        color = LOOP_COLORS.get(row["loop"], "#eeeeee")
-        label = row["loop"] if row["loop"] not in {r["loop"] for r in loops[:i]} else None
-        ax.axvspan(row["start_s"], row["end_s"], color=color, alpha=0.9, lw=0, label=label, zorder=0)
+    for i, row in enumerate(loops):  # training is the plain background; other loops are shaded
         ax.axvline(row["start_s"], color="#9aa7b8", lw=0.6, zorder=1)
+        if row["loop"] != "train":
+            label = row["loop"] if row["loop"] not in {r["loop"] for r in loops[:i]} else None
+            ax.axvspan(row["start_s"], row["end_s"], color=LOOP_COLORS.get(row["loop"], "#eeeeee"), lw=0, label=label, zorder=0)
     if not traces:
         ax.text(0.5, 0.5, "no power trace in this summary", transform=ax.transAxes, ha="center", va="center", color="gray")
         ax.set_yticks([])
