@@ -18,7 +18,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from lightning_green import run_summary as rs
 
@@ -62,6 +62,17 @@ class Row:
         }  # fmt: skip
 
 
+class Figure(NamedTuple):
+    """One figure of one summary, before the runs are lined up into rows."""
+
+    figure: str
+    unit: str
+    better: str | None
+    group: str
+    value: Any
+    source: str
+
+
 @dataclass
 class Run:
     arg: str  # the RUN as given
@@ -78,8 +89,8 @@ def load_runs(args: Sequence[str], stage: str | None = None) -> list[Run]:
     return runs
 
 
-def figures(summary: dict) -> list[tuple[str, str, str | None, str, Any, str]]:
-    """``(figure, unit, better, group, value, source)`` for everything one summary holds."""
+def figures(summary: dict) -> list[Figure]:
+    """Every figure one summary holds, in table order within each group."""
     src = rs.sources(summary)
     energy_j = rs.stage_energy_j(summary)
     duration_s = summary.get("duration_s")
@@ -125,7 +136,7 @@ def figures(summary: dict) -> list[tuple[str, str, str | None, str, Any, str]]:
         out.append(("power limit", "W", None, "power limit", *limit))
     if summary.get("partial"):
         out.append(("partial figures", "", None, "notes", "; ".join(summary["partial"]), ""))
-    return out
+    return [Figure(*f) for f in out]
 
 
 def build_rows(summaries: Sequence[dict]) -> list[Row]:
@@ -133,9 +144,9 @@ def build_rows(summaries: Sequence[dict]) -> list[Row]:
     rows: dict[tuple[str, str], Row] = {}
     n = len(summaries)
     for i, summary in enumerate(summaries):
-        for figure, unit, better, group, value, source in figures(summary):
-            row = rows.setdefault((figure, unit), Row(figure, unit, better, group, [None] * n, [""] * n))
-            row.values[i], row.sources[i] = _clean(value), source
+        for f in figures(summary):
+            row = rows.setdefault((f.figure, f.unit), Row(f.figure, f.unit, f.better, f.group, [None] * n, [""] * n))
+            row.values[i], row.sources[i] = _clean(f.value), f.source
     return sorted(rows.values(), key=lambda r: GROUPS.index(r.group))  # stable: first-seen within a group
 
 
@@ -163,7 +174,8 @@ def render(runs: Sequence[Run], rows: Sequence[Row], console: Any = None) -> Non
     for i, run in enumerate(runs):
         table.add_column(escape(f"#{i + 1} {_short(run.arg)}"), justify="right")
     for row in rows:
-        shared = len(set(row.sources)) == 1
+        present = sorted({src for src, v in zip(row.sources, row.values) if v is not None})
+        shared, best = len(present) <= 1, row.best()
         cells = []
         for i, (value, ratio) in enumerate(zip(row.values, row.ratios())):
             text = escape(_fmt(value))
@@ -171,10 +183,10 @@ def render(runs: Sequence[Run], rows: Sequence[Row], console: Any = None) -> Non
                 text += f" [dim]×{ratio:.2f}[/dim]"
             if not shared and row.sources[i]:
                 text += f" [dim]({_style_source(row.sources[i])})[/dim]"
-            if i in row.best():
+            if i in best:
                 text = f"[bold green]{text} {BEST_MARK}[/bold green]"
             cells.append(text)
-        table.add_row(escape(row.figure), row.unit, _style_source(row.sources[0]) if shared else "per run", *cells)
+        table.add_row(escape(row.figure), row.unit, _style_source(present[0] if present else "") if shared else "per run", *cells)
     console.print(table)
     notes = [f"#{i + 1}: {run.path}" for i, run in enumerate(runs)]
     notes.append(f"{BEST_MARK} best in the row (lower is better, higher for tokens/samples per joule; no mark where"

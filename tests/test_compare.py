@@ -63,6 +63,9 @@ def test_compare_cli_prints_both_runs_and_marks_the_lower_energy_best(runs):
     assert second == f"{high_j:.4g} ×{high_j / low_j:.2f}"
     for run_dir in runs.values():
         assert os.path.join(run_dir, "lightning_logs", "version_0", "energy_summary_fit.json") in proc.stdout
+    shown = cli("show", runs["low"])
+    assert shown.returncode == 0 and f"{low_j:.4g}" in shown.stdout
+    assert not {"torch", "lightning", "numpy"} & {line.rsplit("|", 1)[-1].strip() for line in shown.stderr.splitlines()}
 
 
 def test_compare_json_holds_values_best_and_ratio(runs, capsys):
