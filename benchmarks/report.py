@@ -80,7 +80,7 @@ def render_overhead(d: dict) -> tuple[list[str], list[str]]:
     r = d["ratio_of_medians"]
     spread = f"over {d['repeats']} interleaved rounds the ratio ranged from {r['min']:.4f} to {r['max']:.4f}" if isinstance(r, dict) else f"the one run recorded gave {r:.4f}"
     notes = [
-        f"The overhead ratio sits at the noise floor of a shared 2-core machine: {spread}; two callbacks that do nothing cost "
+        f"Step-time ratios on a shared 2-core machine are noisy: {spread}; two callbacks that do nothing cost "
         f"{span(d['ratio_noop_callbacks'], '.4f')} × no callbacks (Lightning dispatches every hook to every callback)."
     ]
     return rows, notes
