@@ -1,16 +1,48 @@
-"""Shared by the benchmarks: machine facts, a table printer and the JSON writer."""
+"""Shared by the benchmarks: machine facts, repeats and their summaries, a table printer, the JSON writer.
+
+Every figure a benchmark writes is measured ``repeats`` times (>= 5 in a full run) and stored as
+``summarize(values)``: ``{"min", "median", "max", "values"}``; a status (met / missed) is decided on
+the median (:func:`met`). A/B figures run interleaved (:func:`interleaved`). ``write`` puts
+``"repeats"``, ``"quick"`` and the script's ``"seconds"`` at the top level of the JSON next to
+``"machine"``; ``benchmarks/report.py`` renders ``median (min–max)`` from it.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import operator
 import platform
+import statistics
 import sys
 import time
+from collections.abc import Iterable, Sequence
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+START_S = time.monotonic()
+MIN_REPEATS = 5  # a full run repeats every measurement at least this often
+OPS = {"<=": operator.le, ">=": operator.ge}
+
+
+def summarize(values: Iterable[float]) -> dict:
+    """``{"min", "median", "max", "values"}`` of repeated measurements of one figure."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("summarize() needs at least one value")
+    return {"min": min(vals), "median": statistics.median(vals), "max": max(vals), "values": vals}
+
+
+def met(summary: dict, op: str, goal: float) -> bool:
+    """Whether the median of ``summary`` meets ``op goal`` (``op`` is ``"<="`` or ``">="``)."""
+    return bool(OPS[op](summary["median"], goal))
+
+
+def interleaved(configs: Sequence, repeats: int) -> list[tuple[int, object]]:
+    """``(round, config)`` pairs, the order reversed every other round (A B, B A, ...) so that drift on
+    a shared machine falls on every configuration alike."""
+    return [(r, c) for r in range(repeats) for c in (configs if r % 2 == 0 else configs[::-1])]
 
 
 def machine() -> dict:
@@ -48,10 +80,15 @@ def table(rows: list[dict], columns: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def write(name: str, payload: dict) -> str:
+def write(name: str, payload: dict, repeats: int | None = None, quick: bool = False) -> str:
+    """Write ``results/<name>.json``: ``benchmark``, ``machine``, ``repeats``, ``quick``, ``seconds``
+    (this script's wall time so far), then ``payload`` (whose keys win)."""
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.json")
-    payload = {"benchmark": name, "machine": machine(), **payload}
+    head = {"benchmark": name, "machine": machine(), "quick": quick, "seconds": time.monotonic() - START_S}
+    if repeats is not None:
+        head["repeats"] = repeats
+    payload = {**head, **payload}
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o))
     print(f"wrote {path}")

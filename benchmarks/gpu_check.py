@@ -9,7 +9,9 @@
 Where there is no NVIDIA GPU (or no NVML) it says so and exits with status 0. Results go to
 benchmarks/results/gpu_check.json.
 
-    python benchmarks/gpu_check.py [--seconds 12] [--skip-qat]
+Checks 1 and 3 run ``--repeats`` times (3 as interleaved rounds); the JSON keeps min/median/max.
+
+    python benchmarks/gpu_check.py [--seconds 12] [--repeats 5] [--skip-qat]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 import time
 import traceback
 
-from _common import table, write
+from _common import MIN_REPEATS, summarize, table, write
 
 
 def _gpu_load(seconds: float, duty: float, size: int = 8192) -> None:
@@ -36,6 +38,13 @@ def _gpu_load(seconds: float, duty: float, size: int = 8192) -> None:
             a = (a @ a).clamp_(-1, 1)
             torch.cuda.synchronize()
         time.sleep(0.2 * (1 - duty))
+
+
+def counter_vs_polled_repeated(seconds: float, repeats: int) -> dict:
+    runs = [counter_vs_polled(seconds) for _ in range(repeats)]
+    rows = [{"window": row["window"], **{k: summarize(r["rows"][i][k] for r in runs) for k in ("seconds", "counter_j", "polled_j", "polled_over_counter", "mean_w_counter")}}
+            for i, row in enumerate(runs[0]["rows"])]
+    return {**runs[0], "rows": rows}
 
 
 def counter_vs_polled(seconds: float) -> dict:
@@ -106,16 +115,20 @@ def overhead(rounds: int, steps: int) -> dict:
 
     import overhead as ov
 
-    base, energy, sources = [], [], []
+    base, energy, ratios, sources = [], [], [], []
     with tempfile.TemporaryDirectory() as logdir:
         ov.one_run(2048, 256, 20, False, "auto", logdir, accelerator="cuda")
         for r in range(rounds):
+            medians = {}
             for with_energy in ((False, True) if r % 2 == 0 else (True, False)):
                 res = ov.one_run(2048, 256, steps, with_energy, "auto", logdir, accelerator="cuda")
-                (energy if with_energy else base).extend(res["step_times"])
-                sources = res.get("sources", sources)
-    return {"median_step_ms_baseline": statistics.median(base) * 1000, "median_step_ms_with_callbacks": statistics.median(energy) * 1000,
-            "ratio_of_medians": statistics.median(energy) / statistics.median(base), "sources": sources}
+                medians[with_energy] = statistics.median(res["step_times"])
+                if with_energy:
+                    sources = res["sources"]
+            base.append(medians[False] * 1000)
+            energy.append(medians[True] * 1000)
+            ratios.append(medians[True] / medians[False])
+    return {"median_step_ms_baseline": summarize(base), "median_step_ms_with_callbacks": summarize(energy), "ratio_of_medians": summarize(ratios), "sources": sources}
 
 
 def qat_on_cuda(steps: int) -> dict:
@@ -138,7 +151,7 @@ def qat_on_cuda(steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=12.0, help="length of the counter-vs-polled load")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=MIN_REPEATS, help="counter-vs-polled runs and interleaved overhead rounds")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--skip-qat", action="store_true")
     args = parser.parse_args()
@@ -159,8 +172,8 @@ def main() -> None:
         print(f"gpu_check: CUDA is present but NVML is not usable ({err}); nothing to check (exit 0).")
         return
     results: dict = {}
-    for name, fn in (("counter_vs_polled", lambda: counter_vs_polled(args.seconds)), ("power_limits", power_limits),
-                     ("overhead", lambda: overhead(args.rounds, args.steps)), ("qat_cuda", None if args.skip_qat else lambda: qat_on_cuda(args.steps))):
+    for name, fn in (("counter_vs_polled", lambda: counter_vs_polled_repeated(args.seconds, args.repeats)), ("power_limits", power_limits),
+                     ("overhead", lambda: overhead(args.repeats, args.steps)), ("qat_cuda", None if args.skip_qat else lambda: qat_on_cuda(args.steps))):
         if fn is None:
             continue
         t = time.monotonic()
@@ -171,8 +184,9 @@ def main() -> None:
         results[name]["check_seconds"] = time.monotonic() - t
         print(f"\n== {name} ==")
         res = results[name]
-        print(table(res["rows"]) if "rows" in res else table([{"figure": k, "value": v} for k, v in res.items() if k != "traceback"]))
-    write("gpu_check", results)
+        rows = res["rows"] if "rows" in res else [{"figure": k, "value": v} for k, v in res.items() if k != "traceback"]
+        print(table([{k: v["median"] if isinstance(v, dict) else v for k, v in row.items()} for row in rows]))
+    write("gpu_check", results, repeats=args.repeats)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
     python benchmarks/run_all.py [--quick]
 
-Each script prints its table and writes benchmarks/results/<name>.json. gpu_check exits at once
-where there is no NVIDIA GPU. About 12 minutes on a 2-core CPU (--quick: about 4).
+Each script prints its table and writes benchmarks/results/<name>.json, every figure measured at
+least 5 times (--quick: fewer, and the JSON says "quick": true, which `report.py --check` refuses).
+gpu_check exits at once where there is no NVIDIA GPU. Then `python benchmarks/report.py --write`
+puts the figures into the README. Each JSON records its script's "seconds".
 """
 
 from __future__ import annotations
@@ -15,23 +17,23 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = [
-    ("integration", [], ["--seconds", "2"]),
-    ("overhead", [], ["--rounds", "4", "--steps", "100"]),
-    ("phases", [], ["--steps", "12", "--rounds", "3"]),
-    ("power_limit", [], []),
-    ("ddp_comm", [], []),
+BENCHMARKS = [  # name, arguments of a full run, arguments of a --quick run
+    ("integration", [], ["--seconds", "1.5", "--repeats", "2", "--quick"]),
+    ("overhead", [], ["--rounds", "2", "--steps", "60", "--quick"]),
+    ("phases", [], ["--steps", "8", "--repeats", "1", "--rounds", "1", "--quick"]),
+    ("power_limit", [], ["--repeats", "2", "--quick"]),
+    ("ddp_comm", [], ["--steps", "30", "--repeats", "1", "--quick"]),
     ("qat", [], ["--quick"]),
-    ("gpu_check", [], []),
+    ("gpu_check", [], ["--repeats", "2"]),
 ]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and steps")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and steps, for development; not for the README")
     parser.add_argument("--only", nargs="*", help="names to run")
     args = parser.parse_args()
-    failed = []
+    failed, start = [], time.monotonic()
     for name, full, quick in BENCHMARKS:
         if args.only and name not in args.only:
             continue
@@ -41,7 +43,7 @@ def main() -> None:
         print(f"######## {name}: exit {code}, {time.monotonic() - t:.0f} s", flush=True)
         if code:
             failed.append(name)
-    print("\nresults in", os.path.join(HERE, "results"))
+    print(f"\nresults in {os.path.join(HERE, 'results')}; {time.monotonic() - start:.0f} s in all")
     if failed:
         print("failed:", ", ".join(failed))
         sys.exit(1)

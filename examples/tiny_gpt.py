@@ -1,11 +1,11 @@
 """Train a tiny byte-level GPT and watch its energy: the lightning_green main example.
 
-Defaults finish in about 2 minutes on a 2-core CPU and need no download: the corpus is the Python
-standard library's own source text. On a machine with an NVIDIA GPU the run uses it and reads its
+Defaults run on a CPU and need no download: the corpus is the Python standard library's own source
+text. On a machine with an NVIDIA GPU the run uses it and reads its
 energy counter through NVML; on a CPU without RAPL the CPU power is an *estimate*, and the summary
 says so.
 
-    python examples/tiny_gpt.py                         # CPU or one GPU, ~2 min on 2 cores
+    python examples/tiny_gpt.py                         # CPU or one GPU
     python examples/tiny_gpt.py --devices 2 --strategy ddp_green   # two processes, energy summed
     python examples/tiny_gpt.py --max-steps 2000 --d-model 384 --n-layer 6   # bigger
     tensorboard --logdir lightning_logs                 # energy, power, efficiency curves

@@ -58,11 +58,61 @@ def test_logged_keys_match_readme(tmp_path):
     assert documented - logged == set(), "in the README table but not logged by this run"
 
 
+def load_report():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmarks_report", README.parent / "benchmarks" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_results_section_matches_benchmark_json():
     import subprocess
     import sys
 
-    report = Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
-    table = subprocess.run([sys.executable, str(report)], capture_output=True, text=True, check=True).stdout.strip()
-    assert table.count("\n") > 10
-    assert table in README.read_text(), "README Results differ from benchmarks/results/*.json: run python benchmarks/report.py"
+    done = subprocess.run([sys.executable, str(README.parent / "benchmarks" / "report.py"), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_check_fails_when_any_results_figure_is_altered(tmp_path, capsys):
+    report = load_report()
+    text = README.read_text()
+    begin, end = text.index(report.BEGIN), text.index(report.END)
+    numbers = list(re.finditer(r"\d+(\.\d+)?", text[begin + len(report.BEGIN) : end]))
+    assert len(numbers) > 50
+    copy = tmp_path / "README.md"
+    for m in numbers:
+        at = begin + len(report.BEGIN) + m.end() - 1
+        altered = text[:at] + ("1" if text[at] != "1" else "2") + text[at + 1 :]
+        copy.write_text(altered)
+        assert report.main(["--check", "--readme", str(copy)]) == 1, f"altering {m.group()!r} went unnoticed"
+    copy.write_text(text)
+    assert report.main(["--check", "--readme", str(copy)]) == 0
+
+
+def test_check_refuses_results_of_a_quick_run(tmp_path):
+    import json
+    import shutil
+
+    report = load_report()
+    results = tmp_path / "results"
+    shutil.copytree(report.RESULTS, results)
+    path = results / "overhead.json"
+    data = json.loads(path.read_text())
+    data["quick"] = True
+    path.write_text(json.dumps(data))
+    readme = tmp_path / "README.md"
+    readme.write_text(README.read_text())
+    assert report.main(["--write", "--readme", str(readme), "--results", str(results)]) == 0
+    assert report.main(["--check", "--readme", str(readme), "--results", str(results)]) == 1
+    data["quick"] = False
+    path.write_text(json.dumps(data))
+    assert report.main(["--check", "--readme", str(readme), "--results", str(results)]) == 0
+
+
+def test_summaries_render_median_and_spread():
+    report = load_report()
+    assert report.span({"min": 0.95, "median": 1.0, "max": 1.2, "values": [0.95, 1.0, 1.2]}, ".2f", " ms") == "1.00 ms (0.95–1.20)"
+    assert report.span({"min": 2.0, "median": 2.0, "max": 2.0}, ".1f") == "2.0"
+    assert report.span(0.5, ".3f") == "0.500"
