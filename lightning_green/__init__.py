@@ -7,7 +7,7 @@ nothing).
 
 from lightning.pytorch.strategies import StrategyRegistry
 
-from lightning_green.callbacks import EfficiencyLogger, Measurement, PowerSampler, find_power_sampler
+from lightning_green.callbacks import EfficiencyLogger, Measurement, PowerLimitSearch, PowerSampler, find_power_sampler
 from lightning_green.quantization import QuantizationAwareTraining
 from lightning_green.sensors import CpuEstimateSensor, NvmlSensor, RaplSensor, Sensor, SimulatedSensor
 from lightning_green.strategies import EnergyAwareDDPStrategy, SimulatedPowerControl
@@ -22,6 +22,7 @@ __all__ = [
     "EnergyAwareDDPStrategy",
     "Measurement",
     "NvmlSensor",
+    "PowerLimitSearch",
     "PowerSampler",
     "QuantizationAwareTraining",
     "RaplSensor",
