@@ -4,7 +4,8 @@ The same model and steps run with and without both callbacks, interleaved round 
 on a shared machine hits both alike); the figure is the ratio of the median step times. The hook
 cost is timed inside the callbacks' per-step hooks and divided by the steps.
 
-Goals (issue 2): ratio <= 1.005 at a ~10 ms CPU step with 10 Hz sampling; hook cost <= 20 us/step.
+Goals: ratio <= 1.005 at a ~10 ms CPU step with 10 Hz sampling; hook cost <= 15 us per training step,
+the mean over all steps including the log steps, at log_every_n_steps=10 (issue 10).
 
     python benchmarks/overhead.py [--rounds 8] [--steps 150] [--sensors auto]
 """
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
 
+LOG_EVERY_N_STEPS = 10  # the hook cost is the mean per step, log steps included, at this cadence
 PER_STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_optimizer_step", "on_after_backward", "on_before_zero_grad", "on_before_backward")
 
 
@@ -95,7 +97,7 @@ def one_run(width: int, batch: int, steps: int, with_energy: bool, sensors: str,
         callbacks += [ps, eff]
         hook_timer = HookTimer([ps, eff])  # both on_train_batch_end hooks close a step: pair them up below
     trainer = Trainer(
-        max_steps=steps, accelerator=accelerator, devices=1, logger=TensorBoardLogger(logdir), log_every_n_steps=50,
+        max_steps=steps, accelerator=accelerator, devices=1, logger=TensorBoardLogger(logdir), log_every_n_steps=LOG_EVERY_N_STEPS,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks + [timer],
     )
     trainer.fit(MLP(width), DataLoader(data, batch_size=batch, shuffle=True))
@@ -142,8 +144,8 @@ def main() -> None:
         {"figure": "ratio of medians", "value": ratio, "goal": "<= 1.005"},
         {"figure": "median step, two no-op callbacks (ms)", "value": noop_med * 1000, "goal": "reported"},
         {"figure": "ratio two no-op callbacks / none (Lightning's dispatch)", "value": noop_med / base_med, "goal": "reported"},
-        {"figure": "hook cost per step, median (us)", "value": hook_us, "goal": "<= 20"},
-        {"figure": "hook cost per step, mean incl. log steps (us)", "value": hook_mean_us, "goal": "reported"},
+        {"figure": f"hook cost per step, mean incl. log steps at log_every_n_steps={LOG_EVERY_N_STEPS} (us)", "value": hook_mean_us, "goal": "<= 15"},
+        {"figure": "hook cost per step, median (us)", "value": hook_us, "goal": "reported"},
         {"figure": "slowest step's hooks (a log step, us)", "value": log_step_us, "goal": "reported"},
     ]
     print(table(rows))
@@ -158,7 +160,8 @@ def main() -> None:
             "median_step_ms_two_noop_callbacks": noop_med * 1000, "ratio_noop_callbacks": noop_med / base_med,
             "ratio_vs_noop_callbacks": energy_med / noop_med,
             "hook_us_per_step_median": hook_us, "hook_us_per_step_mean_incl_log_steps": hook_mean_us,
-            "hook_us_slowest_step": log_step_us, "goal_hook_us": 20.0, "meets_hook_goal": hook_us <= 20.0,
+            "hook_us_slowest_step": log_step_us, "log_every_n_steps": LOG_EVERY_N_STEPS,
+            "goal_hook_us": 15.0, "meets_hook_goal": hook_mean_us <= 15.0,
         },
     )
 

@@ -157,7 +157,7 @@ def gather_cluster(trainer: Any, session: Any, with_state: bool) -> tuple[dict, 
     with ``with_state``, every process's checkpoint state."""
     meter, now = session.meter, session.clock()
     stage_j = sum(meter.stats(n)["energy_this_run_j"] for n in meter.names)
-    mine = {"rank": trainer.global_rank, "node_rank": trainer.node_rank, "energy_j": session.energy_now_j(),
+    mine = {"rank": trainer.global_rank, "node_rank": trainer.node_rank, "energy_j": session.energy_at_j(now),
             "device_energy_j": session.device_energy_j(now), "stage_energy_j": stage_j}
     gathered = gather_objects(trainer, (mine, session.local_state() if with_state else None))
     return cluster_figures([g[0] for g in gathered]), [g[1] for g in gathered]

@@ -419,3 +419,43 @@ def test_simulated_sensor_follows_the_limit_and_pickles():
     assert sensor.read().value == 200
     copy = pickle.loads(pickle.dumps(sensor))  # a spawned rank gets a copy of sensor and control together
     assert copy.read().value == 200
+
+
+# ============================================================================ the callback, any strategy
+def test_callback_on_a_single_device_settles_after_each_change(tmp_path):
+    from lightning_green import PowerLimitSearch as Callback_
+
+    control = SimulatedPowerControl(min_w=300, max_w=400)
+    sampler = PowerSampler(sensors=[control.sensor()], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path))
+    search_cb = Callback_("search", power_control=control, warmup_steps=1, profile_steps=2, settle_steps=2, limit_step_w=50, cache=False)
+    probe, logger = LimitProbe(control), mock_logger()
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=16, logger=logger, callbacks=[sampler, search_cb, probe],
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(BoringModel())
+    search = search_cb.search
+    assert type(trainer.strategy).__name__ == "SingleDeviceStrategy"
+    assert [p.limit_w for p in search.profiles] == [400, 350, 300] and all(p.steps == 2 for p in search.profiles)
+    # windows: 400 W from step 1 (measured 3-5), 350 W from 5 (7-9), 300 W from 9 (11-13), then the choice
+    assert probe.limits[:13] == [400.0] * 5 + [350.0] * 4 + [300.0] * 4
+    assert probe.limits[13:] == [search.chosen_w] * 3 and control.get_limit_w() == 400  # restored
+    assert sampler.summary["sections"]["Power limit search"] == [dict(r, source="profiled") for r in search.table]
+
+
+def test_callback_and_strategy_shorthand_cannot_both_set_limits(tmp_path):
+    from lightning_green import PowerLimitSearch as Callback_
+
+    with pytest.raises(MisconfigurationException, match="pass `power_limit` to one of them only"):
+        fit(EnergyAwareDDPStrategy(power_limit=300, power_control=SimulatedPowerControl()),
+            callbacks=[Callback_(250, power_control=SimulatedPowerControl())], root=tmp_path)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"power_limit": None}, "`power_limit` must be a number of watts > 0 or 'search'"),
+    ({"settle_steps": -1}, "`settle_steps` must be an integer >= 0"),
+    ({"cache": 3}, "`cache` must be True, False, None or a path"),
+])
+def test_callback_bad_arguments(kwargs, match):
+    from lightning_green import PowerLimitSearch as Callback_
+
+    with pytest.raises((ValueError, TypeError), match=match):
+        Callback_(**{"power_control": SimulatedPowerControl(), **kwargs})

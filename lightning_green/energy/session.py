@@ -115,9 +115,13 @@ class EnergySession:
     # ------------------------------------------------------------------ energy
     def energy_now_j(self) -> float:
         """Cumulative joules of every sensor of this process (restored energy included)."""
+        return self.energy_at_j(self.clock())
+
+    def energy_at_j(self, t_s: float) -> float:
+        """:meth:`energy_now_j` at ``t_s`` (several figures at one instant)."""
         if self.meter is None:
             return self.unattributed_j + sum(self._carry_j.values())
-        return self.unattributed_j + self.meter.total_at(self.clock())
+        return self.unattributed_j + self.meter.total_at(t_s)
 
     def by_sensor_j(self, t_s: float) -> dict[str, float]:
         """Cumulative joules of each sensor at ``t_s``."""

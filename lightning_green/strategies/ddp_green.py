@@ -19,7 +19,7 @@ from torch.optim.optimizer import Optimizer
 from typing_extensions import override
 
 from lightning_green.strategies.comm import CommCompression, CommStats, build_comm_hook
-from lightning_green._glue import check_int, log_metrics, misconfigured
+from lightning_green._glue import check_int, check_number, log_metrics, misconfigured
 from lightning_green.strategies.power_control import PowerControl
 from lightning_green.strategies.power_limit import check_eta, check_max_slowdown, check_power_limit
 
@@ -143,6 +143,7 @@ class EnergyAwareDDPStrategy(DDPStrategy):
             )
         else:  # the same checks as the callback's, so a typo fails before any power limit is asked for
             check_int("warmup_steps", warmup_steps, 0), check_int("profile_steps", profile_steps, 1), check_int("settle_steps", settle_steps, 0)
+            check_number("limit_step_w", limit_step_w, 0.0, strict=True, unit="a number of watts")
             if power_control is not None and not isinstance(power_control, PowerControl) and power_control != "nvml":
                 raise ValueError(f"`power_control` must be None, 'nvml' or a PowerControl instance, got {power_control!r}")
 
