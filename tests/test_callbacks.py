@@ -8,6 +8,7 @@ import pytest
 import torch
 from fake_pynvml import FakeGpu
 from helpers import Clock, SleepyModel, logged, tiny_trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -319,14 +320,29 @@ def test_summary_table_names_sources_and_partial(tmp_path, capsys):
     assert "[source: simulated]" in out
 
 
+class FakeClock(Callback):
+    """A clock that moves ``batch_s`` at every training batch start, and only then: window
+    arithmetic is exact whatever the machine's load."""
+
+    def __init__(self, batch_s: float):
+        self.t, self.batch_s = 1000.0, batch_s
+
+    def __call__(self):
+        return self.t
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.t += self.batch_s
+
+
 def test_accumulation_counts_optimizer_steps(tmp_path):
-    logger = mock_logger()
-    ps = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.01, phases=True, summary_dir=str(tmp_path), print_summary=False)
+    logger, clock = mock_logger(), FakeClock(batch_s=0.01)
+    sensor = SimulatedSensor(100.0, clock=clock)
+    ps = PowerSampler(sensors=[sensor], interval_s=3600.0, phases=True, summary_dir=str(tmp_path), print_summary=False, clock=clock)
     eff = EfficiencyLogger()
-    tiny_trainer(max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1, logger=logger, callbacks=[ps, eff]).fit(SleepyModel(step_s=0.01))
+    tiny_trainer(max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1, logger=logger, callbacks=[clock, ps, eff]).fit(SleepyModel(step_s=0.0))
     assert [s for s, _ in logged(logger, "energy/step_j")] == [1, 2, 3]  # no extra "step 0" for the first micro-batch
     step_j = [v for _, v in logged(logger, "energy/step_j")]
-    assert max(step_j) / min(step_j) < 1.5
+    assert step_j == [pytest.approx(100.0 * 2 * 0.01)] * 3  # two 10 ms micro-batches at 100 W per optimizer step
     assert eff.results["train_samples"] == 6
 
 

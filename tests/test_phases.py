@@ -4,6 +4,7 @@ import pytest
 import torch
 from helpers import logged
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
 from unittest.mock import Mock
 
@@ -136,7 +137,7 @@ def test_phase_timing_validation():
     with pytest.raises(ValueError, match="phase_timing.*allowed: host, cuda_events, sync"):
         PowerSampler(phases=True, phase_timing="events")
     ps = PowerSampler(sensors=[SimulatedSensor(1.0)], phases=True, phase_timing="cuda_events", print_summary=False)
-    with pytest.raises(ValueError, match="needs a CUDA device"):
+    with pytest.raises(MisconfigurationException, match="needs a CUDA device"):
         tiny_trainer(callbacks=[ps]).fit(Phased(0.0, 0.0, 0.0))
 
 

@@ -23,7 +23,7 @@ from lightning_green.strategies import (
     NvmlPowerControl,
     PowerControlUnavailable,
     PowerLimitCache,
-    PowerLimitSearch,
+    LimitSearch,
     SimulatedPowerControl,
     choose_limit,
     limit_grid,
@@ -199,7 +199,7 @@ def run_search(control, search, step_s):
 @pytest.mark.parametrize("eta", [0.0, 0.3, 0.5, 0.8, 1.0])
 def test_search_finds_the_cost_optimum_within_one_grid_step(eta):
     control = SimulatedPowerControl(min_w=150, max_w=400)
-    search = PowerLimitSearch(limit_grid(150, 400, 25), warmup_steps=3, profile_steps=4, eta=eta, p_max_w=400)
+    search = LimitSearch(limit_grid(150, 400, 25), warmup_steps=3, profile_steps=4, eta=eta, p_max_w=400)
     steps = run_search(control, search, step_s=0.1)
     assert steps == 3 + 11 * 4 + 1  # warm-up, one window per candidate, then the choice
     fine = [150 + 0.5 * i for i in range(501)]
@@ -217,7 +217,7 @@ def test_search_finds_the_cost_optimum_within_one_grid_step(eta):
 
 def test_search_by_max_slowdown():
     control = SimulatedPowerControl(min_w=150, max_w=400)
-    search = PowerLimitSearch(limit_grid(150, 400, 25), warmup_steps=0, profile_steps=2, max_slowdown=1.10)
+    search = LimitSearch(limit_grid(150, 400, 25), warmup_steps=0, profile_steps=2, max_slowdown=1.10)
     run_search(control, search, step_s=0.1)
     t_max = control.step_time_s(400, 0.1)
     allowed = [w for w in limit_grid(150, 400, 25) if control.step_time_s(w, 0.1) <= 1.10 * t_max]
@@ -226,7 +226,7 @@ def test_search_by_max_slowdown():
 
 
 def test_search_schedule_and_misuse():
-    search = PowerLimitSearch([300, 200], warmup_steps=2, profile_steps=3)
+    search = LimitSearch([300, 200], warmup_steps=2, profile_steps=3)
     assert not search.due(1) and search.due(2)
     assert search.start_next(2) == 300 and search.profiling_w == 300
     with pytest.raises(RuntimeError, match="was not recorded"):
@@ -371,7 +371,7 @@ def test_search_in_a_trainer_then_from_the_cache(tmp_path):
     sampler = PowerSampler(sensors=[control.sensor()], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path))
     probe, logger = LimitProbe(control), mock_logger()
     strategy = EnergyAwareDDPStrategy(
-        power_limit="search", power_control=control, warmup_steps=1, profile_steps=3, limit_step_w=50, power_limit_cache=str(cache)
+        power_limit="search", power_control=control, warmup_steps=1, profile_steps=3, settle_steps=0, limit_step_w=50, power_limit_cache=str(cache)
     )
     fit(strategy, max_steps=22, callbacks=[sampler, probe], logger=logger, root=tmp_path)
     search = strategy.power_limiter.search
@@ -402,7 +402,7 @@ def test_search_in_a_trainer_then_from_the_cache(tmp_path):
 def test_search_cut_short_restores_and_reports_what_it_profiled(tmp_path):
     control = SimulatedPowerControl(min_w=150, max_w=400)
     sampler = PowerSampler(sensors=[control.sensor()], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path))
-    strategy = EnergyAwareDDPStrategy(power_limit="search", power_control=control, warmup_steps=1, profile_steps=2, limit_step_w=50, power_limit_cache=False)
+    strategy = EnergyAwareDDPStrategy(power_limit="search", power_control=control, warmup_steps=1, profile_steps=2, settle_steps=0, limit_step_w=50, power_limit_cache=False)
     fit(strategy, max_steps=6, callbacks=[sampler], root=tmp_path)  # windows: 400 W (1-3), 350 W (3-5), 300 W open
     rows = sampler.summary["sections"]["Power limit search"]
     assert [r["limit_w"] for r in rows] == [400, 350] and all("incomplete" in r["source"] for r in rows)
@@ -419,3 +419,43 @@ def test_simulated_sensor_follows_the_limit_and_pickles():
     assert sensor.read().value == 200
     copy = pickle.loads(pickle.dumps(sensor))  # a spawned rank gets a copy of sensor and control together
     assert copy.read().value == 200
+
+
+# ============================================================================ the callback, any strategy
+def test_callback_on_a_single_device_settles_after_each_change(tmp_path):
+    from lightning_green import PowerLimitSearch as Callback_
+
+    control = SimulatedPowerControl(min_w=300, max_w=400)
+    sampler = PowerSampler(sensors=[control.sensor()], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path))
+    search_cb = Callback_("search", power_control=control, warmup_steps=1, profile_steps=2, settle_steps=2, limit_step_w=50, cache=False)
+    probe, logger = LimitProbe(control), mock_logger()
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=16, logger=logger, callbacks=[sampler, search_cb, probe],
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(BoringModel())
+    search = search_cb.search
+    assert type(trainer.strategy).__name__ == "SingleDeviceStrategy"
+    assert [p.limit_w for p in search.profiles] == [400, 350, 300] and all(p.steps == 2 for p in search.profiles)
+    # windows: 400 W from step 1 (measured 3-5), 350 W from 5 (7-9), 300 W from 9 (11-13), then the choice
+    assert probe.limits[:13] == [400.0] * 5 + [350.0] * 4 + [300.0] * 4
+    assert probe.limits[13:] == [search.chosen_w] * 3 and control.get_limit_w() == 400  # restored
+    assert sampler.summary["sections"]["Power limit search"] == [dict(r, source="profiled") for r in search.table]
+
+
+def test_callback_and_strategy_shorthand_cannot_both_set_limits(tmp_path):
+    from lightning_green import PowerLimitSearch as Callback_
+
+    with pytest.raises(MisconfigurationException, match="pass `power_limit` to one of them only"):
+        fit(EnergyAwareDDPStrategy(power_limit=300, power_control=SimulatedPowerControl()),
+            callbacks=[Callback_(250, power_control=SimulatedPowerControl())], root=tmp_path)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"power_limit": None}, "`power_limit` must be a number of watts > 0 or 'search'"),
+    ({"settle_steps": -1}, "`settle_steps` must be an integer >= 0"),
+    ({"cache": 3}, "`cache` must be True, False, None or a path"),
+])
+def test_callback_bad_arguments(kwargs, match):
+    from lightning_green import PowerLimitSearch as Callback_
+
+    with pytest.raises((ValueError, TypeError), match=match):
+        Callback_(**{"power_control": SimulatedPowerControl(), **kwargs})

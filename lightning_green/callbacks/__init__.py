@@ -2,5 +2,6 @@
 
 from lightning_green.callbacks.efficiency import EfficiencyLogger
 from lightning_green.callbacks.power import Measurement, PowerSampler, find_power_sampler
+from lightning_green.callbacks.power_limit import PowerLimitSearch
 
-__all__ = ["EfficiencyLogger", "Measurement", "PowerSampler", "find_power_sampler"]
+__all__ = ["EfficiencyLogger", "Measurement", "PowerLimitSearch", "PowerSampler", "find_power_sampler"]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any, Callable, Union
 
 import torch
@@ -11,8 +9,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.data import extract_batch_size
 from typing_extensions import override
 
-from lightning_green.callbacks._dist import distributed, gather_objects, reduce_sum
+from lightning_green._glue import LogCadence, WarnOnce, checked_count, log_metrics, misconfigured, state_for_rank
 from lightning_green.callbacks.power import PowerSampler, find_power_sampler
+from lightning_green.distributed import distributed, gather_objects, reduce_sum
 from lightning_green.energy import metrics as M
 
 CountFn = Union[None, str, Callable[[Any], int]]
@@ -38,11 +37,43 @@ def _first_tensor(batch: Any) -> torch.Tensor | None:
     return None
 
 
-def _count(fn: CountFn, batch: Any) -> int:
-    if fn == "numel":
-        tensor = _first_tensor(batch)
-        return int(tensor.numel()) if tensor is not None else 0
-    return int(fn(batch))
+class BatchCounter:
+    """Samples and tokens of a batch, by the rules of :class:`EfficiencyLogger` (Trainer-free).
+
+    A user callable that returns anything but a whole number >= 0 raises ``TypeError`` naming the
+    argument and what it returned, on its first use. A batch whose size Lightning cannot find counts
+    0 samples, with one warning.
+    """
+
+    def __init__(self, samples_per_batch: CountFn = None, tokens_per_batch: CountFn = None) -> None:
+        self.samples_per_batch = samples_per_batch
+        self.tokens_per_batch = tokens_per_batch
+        self._plain = samples_per_batch is None and tokens_per_batch is None
+        self._warn = WarnOnce()
+
+    def __call__(self, batch: Any) -> tuple[int, int]:
+        if self._plain and isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor) and batch[0].dim():
+            return batch[0].shape[0], 0  # the common (inputs, targets) batch, fast
+        samples = self._count("samples_per_batch", self.samples_per_batch, batch) if self.samples_per_batch is not None else self._batch_size(batch)
+        tokens = self._count("tokens_per_batch", self.tokens_per_batch, batch) if self.tokens_per_batch is not None else 0
+        return samples, tokens
+
+    def _batch_size(self, batch: Any) -> int:
+        first = _first_tensor(batch)  # what extract_batch_size finds, without its tree walk
+        if first is not None and first.dim() > 0:
+            return first.shape[0]
+        try:
+            return extract_batch_size(batch)
+        except Exception as err:  # noqa: BLE001 - an unusual batch must not stop training
+            self._warn("batch_size", f"EfficiencyLogger: cannot find the batch size ({err}); such batches count 0 samples, so samples_per_j and EPI are partial. Pass `samples_per_batch`.")
+            return 0
+
+    @staticmethod
+    def _count(arg: str, fn: CountFn, batch: Any) -> int:
+        if fn == "numel":
+            tensor = _first_tensor(batch)
+            return int(tensor.numel()) if tensor is not None else 0
+        return checked_count(arg, fn(batch))
 
 
 class EfficiencyLogger(Callback):
@@ -74,7 +105,10 @@ class EfficiencyLogger(Callback):
 
     Raises:
         ValueError: a negative carbon intensity, ``pue < 1``, or a bad counting function.
-        RuntimeError: in ``setup``, when the Trainer has no ``PowerSampler``.
+        TypeError: on first use, a counting callable that returned anything but a whole number >= 0
+            (the message names the argument and what it returned).
+        MisconfigurationException: in ``setup``, when the Trainer has no ``PowerSampler`` (also a
+            ``RuntimeError``).
 
     Example::
 
@@ -94,6 +128,8 @@ class EfficiencyLogger(Callback):
         self.pue = float(pue)
         self.tokens_per_batch = _check_count_fn("tokens_per_batch", tokens_per_batch)
         self.samples_per_batch = _check_count_fn("samples_per_batch", samples_per_batch)
+        self._counter = BatchCounter(self.samples_per_batch, self.tokens_per_batch)
+        self._cadence = LogCadence()
         self._power: PowerSampler | None = None
         self._trainer: Trainer | None = None
         self._pending_state: dict | None = None
@@ -109,15 +145,13 @@ class EfficiencyLogger(Callback):
         self._window_j, self._window_samples, self._window_tokens = 0.0, 0, 0  # at the last log
         self._window_eval_j = 0.0
         self._eval = {"samples": 0, "tokens": 0, "start_j": 0.0}
-        self._last_step = -1
-        self._every = 0
 
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._power = find_power_sampler(trainer)
         if self._power is None:
-            raise RuntimeError(
+            raise misconfigured(
                 "EfficiencyLogger needs a PowerSampler in the same Trainer: "
                 "Trainer(callbacks=[PowerSampler(), EfficiencyLogger()])"
             )
@@ -129,20 +163,16 @@ class EfficiencyLogger(Callback):
         self._reset()
         self.n_params = sum(p.numel() for p in pl_module.parameters())
         self._fit_start_j = self._window_j = self._power.energy_now_j()
-        self._every = trainer.log_every_n_steps
-        self._last_step = trainer.global_step  # not -1: with accumulation the first batch is no step
+        self._cadence.reset(trainer.log_every_n_steps, trainer.global_step)
         self._apply_state(trainer)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        samples, tokens = self._batch_counts(batch)
+        samples, tokens = self._counter(batch)
         self._samples += samples
         self._tokens += tokens
-        step = trainer.global_step
-        if step != self._last_step:
-            self._last_step = step
-            if self._every and step % self._every == 0:
-                self._log_training(trainer)
+        if self._cadence.advance(trainer.global_step)[1]:
+            self._log_training(trainer)
 
     def _log_training(self, trainer: Trainer) -> None:
         now_j = self._power.energy_now_j()
@@ -161,7 +191,7 @@ class EfficiencyLogger(Callback):
         }
         if self.tokens_per_batch is not None:
             metrics["efficiency/tokens_per_j"] = M.per_joule(tokens, window_j)
-        self._log(trainer, metrics)
+        log_metrics(trainer, metrics)
         self._window_j, self._window_samples, self._window_tokens = now_j, self._samples, self._tokens
         self._window_eval_j = self._eval_in_fit_j
 
@@ -190,12 +220,12 @@ class EfficiencyLogger(Callback):
     def _eval_start(self, trainer: Trainer) -> None:
         if trainer.sanity_checking:
             return
-        self._eval = {"samples": 0, "tokens": 0, "start_j": self._power.energy_now_j(), "start_t": time.monotonic()}
+        self._eval = {"samples": 0, "tokens": 0, "start_j": self._power.energy_now_j()}
 
     def _eval_batch(self, trainer: Trainer, batch: Any) -> None:
         if trainer.sanity_checking:
             return
-        samples, tokens = self._batch_counts(batch)
+        samples, tokens = self._counter(batch)
         self._eval["samples"] += samples
         self._eval["tokens"] += tokens
 
@@ -213,7 +243,7 @@ class EfficiencyLogger(Callback):
         if "efficiency/epi_j_per_token" in metrics:
             self.results[f"{stage}_epi_j_per_token"] = metrics["efficiency/epi_j_per_token"]
         if stage != "predict":
-            self._log(trainer, metrics)
+            log_metrics(trainer, metrics)
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -269,42 +299,15 @@ class EfficiencyLogger(Callback):
 
     def _apply_state(self, trainer: Trainer) -> None:
         state, self._pending_state = self._pending_state, None
-        per_rank = (state or {}).get("per_rank") or []
-        if not per_rank:
-            return
-        if len(per_rank) == trainer.world_size:
-            mine = per_rank[trainer.global_rank]
-        elif trainer.global_rank == 0:  # another world size: rank 0 carries the totals
-            mine = {k: sum(r[k] for r in per_rank) for k in ("train_energy_j", "samples", "tokens")}
-        else:
+        keys = ("train_energy_j", "samples", "tokens")
+        mine = state_for_rank((state or {}).get("per_rank") or [], trainer.world_size, trainer.global_rank, keys)
+        if mine is None:
             return
         self._restored_train_j = float(mine["train_energy_j"])
         self._samples, self._tokens = int(mine["samples"]), int(mine["tokens"])
         self._window_samples, self._window_tokens = self._samples, self._tokens
 
     # ------------------------------------------------------------------ helpers
-    def _batch_counts(self, batch: Any) -> tuple[int, int]:
-        if self.samples_per_batch is None and self.tokens_per_batch is None and isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor) and batch[0].dim():
-            return batch[0].shape[0], 0  # the common (inputs, targets) batch, fast
-        if self.samples_per_batch is None:
-            first = _first_tensor(batch)  # what extract_batch_size finds, without its tree walk
-            if first is not None and first.dim() > 0:
-                samples = first.shape[0]
-            else:
-                try:
-                    samples = extract_batch_size(batch)
-                except Exception:  # noqa: BLE001 - an unusual batch must not stop training
-                    samples = 0
-        else:
-            samples = _count(self.samples_per_batch, batch)
-        tokens = _count(self.tokens_per_batch, batch) if self.tokens_per_batch is not None else 0
-        return samples, tokens
-
-    def _log(self, trainer: Trainer, metrics: dict[str, float]) -> None:
-        metrics = {k: v for k, v in metrics.items() if not math.isnan(v)}
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-
     def _summary_rows(self) -> dict[str, list[dict]]:
         if not self.results:
             return {}

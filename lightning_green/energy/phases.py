@@ -22,6 +22,7 @@ tell 5 ms phases apart by power: it attributes the power it saw around them by d
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Iterable, Sequence
 
@@ -148,4 +149,116 @@ class PhaseAccumulator:
             for p in PHASES
         ]
         rows.append({"phase": "memory (dram)", "energy_j": memory_j, "source": "rapl" if memory_j is not None else "", "note": memory_note})
+        return rows
+
+
+PHASE_TIMINGS = ("host", "cuda_events", "sync")
+
+
+class PhaseRecorder:
+    """Edges of the training steps, turned into per-phase energy and time.
+
+    The hooks call :meth:`edge` (a timestamp appended to a list: the only per-edge work) and
+    :meth:`close_step` when an optimizer step ends; energy is attributed as soon as the sensors have
+    read past an interval, and the window's figures are popped on log steps (:meth:`metrics`).
+
+    Args:
+        timing: ``"host"`` (the clock at each edge), ``"sync"`` (synchronise the CUDA device first) or
+            ``"cuda_events"`` (CUDA events, mapped onto the host clock a few steps later).
+        device: the torch device trained on (``sync`` synchronises it when it is CUDA).
+        clock: the host clock, the meter's timeline.
+    """
+
+    def __init__(self, timing: str = "host", device=None, clock=time.monotonic) -> None:
+        self.timing = timing
+        self.device = device
+        self.clock = clock
+        self.acc = PhaseAccumulator()
+        self.edges: dict[str, list] = {}
+        self._event_steps: list[tuple[dict, float]] = []  # cuda_events: steps whose events may not have run yet
+        self._anchor = None
+        if timing == "cuda_events":
+            import torch
+
+            torch.cuda.synchronize()
+            anchor = torch.cuda.Event(enable_timing=True)
+            anchor.record()
+            anchor.synchronize()
+            self._anchor = (anchor, self.clock())
+
+    def now(self):
+        """A timestamp on this recorder's timeline (a CUDA event under ``cuda_events``)."""
+        if self.timing == "host":
+            return self.clock()
+        import torch
+
+        if self.timing == "sync":
+            if self.device is not None and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return self.clock()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def edge(self, name: str) -> None:
+        self.edges.setdefault(name, []).append(self.now())
+
+    def restart(self, with_edge: bool = True) -> None:
+        """A new step begins here (epoch start, end of a validation loop); ``with_edge=False`` when
+        what follows belongs to no step (a validation loop)."""
+        self.edges = {"prev_end": [self.now()]} if with_edge else {}
+
+    def close_step(self, meter, comm_s: float = 0.0) -> None:
+        """The step that just ended (its ``batch_end`` edge recorded) becomes phase intervals."""
+        edges = self.edges
+        self.edges = {"prev_end": [edges["batch_end"][-1]]}
+        if self.timing != "cuda_events":
+            self.acc.add(step_intervals(edges, comm_s))
+        else:
+            self._event_steps.append((edges, comm_s))
+            self._resolve_events(block=len(self._event_steps) > 64)
+        # attribute what the sensors have already read past, while the meter's history still holds it
+        self.acc.resolve(meter, until_s=meter.last_time() or 0.0)
+
+    def _resolve_events(self, block: bool = False) -> None:
+        """Turn CUDA events into host times for the steps whose last event has run."""
+        anchor, anchor_t = self._anchor
+        while self._event_steps:
+            edges, comm = self._event_steps[0]
+            last = edges["batch_end"][-1]
+            if not block and not last.query():
+                break
+            last.synchronize()
+            self._event_steps.pop(0)
+            times = {k: [anchor_t + anchor.elapsed_time(e) / 1000.0 for e in v] for k, v in edges.items()}
+            self.acc.add(step_intervals(times, comm))
+
+    def flush(self, meter) -> None:
+        """Fold everything pending into the totals (end of training)."""
+        if self.timing == "cuda_events":
+            self._resolve_events(block=True)
+        self.acc.resolve(meter)
+
+    def metrics(self, meter, reduce, world_size: int) -> dict[str, float]:
+        """``energy/phase/<p>_j`` (summed over processes) and ``time/phase/<p>_s`` (mean over
+        processes) of the window since the last call; ``reduce`` is the element-wise sum over processes."""
+        if self.timing == "cuda_events":
+            self._resolve_events()
+        self.acc.resolve(meter)
+        seconds, joules = self.acc.pop_window()
+        reduced = reduce([joules[p] for p in PHASES] + [seconds[p] for p in PHASES])
+        world = max(world_size, 1)
+        out = {f"energy/phase/{p}_j": reduced[i] for i, p in enumerate(PHASES)}
+        out.update({f"time/phase/{p}_s": reduced[len(PHASES) + i] / world for i, p in enumerate(PHASES)})
+        return out
+
+    def rows(self, dram_j: float | None, dram_names: Sequence[str], source: str) -> list[dict]:
+        """The summary table (see :meth:`PhaseAccumulator.rows`), with the memory row explained."""
+        if dram_j is not None:
+            note = f"RAPL dram zone ({', '.join(dram_names)}), whole run, not split by phase"
+        else:
+            note = "not measurable on this hardware: no RAPL dram zone"
+        rows = self.acc.rows(dram_j, note, source=source)
+        if self.acc.unattributed_s:
+            rows.append({"phase": "(time without energy)", "seconds": self.acc.unattributed_s, "note": "phase intervals beyond the pending limit"})
         return rows

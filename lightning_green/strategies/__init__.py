@@ -13,19 +13,19 @@ from lightning_green.strategies.power_control import (
     PowerControlUnavailable,
     SimulatedPowerControl,
 )
-from lightning_green.strategies.power_limit import LimitProfile, PowerLimitCache, PowerLimitSearch, choose_limit, limit_grid
+from lightning_green.strategies.power_limit import LimitProfile, LimitSearch, PowerLimitCache, choose_limit, limit_grid
 
 __all__ = [
     "CommCompression",
     "CommStats",
     "EnergyAwareDDPStrategy",
     "LimitProfile",
+    "LimitSearch",
     "NvmlPowerControl",
     "PowerControl",
     "PowerControlError",
     "PowerControlUnavailable",
     "PowerLimitCache",
-    "PowerLimitSearch",
     "SimulatedPowerControl",
     "choose_limit",
     "limit_grid",

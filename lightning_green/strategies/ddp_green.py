@@ -19,8 +19,9 @@ from torch.optim.optimizer import Optimizer
 from typing_extensions import override
 
 from lightning_green.strategies.comm import CommCompression, CommStats, build_comm_hook
-from lightning_green.strategies.power_control import NvmlPowerControl, PowerControl
-from lightning_green.strategies.power_limit import POWER_LIMIT_SEARCH, PowerLimiter, _check_eta, _check_max_slowdown
+from lightning_green._glue import check_int, check_number, log_metrics, misconfigured
+from lightning_green.strategies.power_control import PowerControl
+from lightning_green.strategies.power_limit import check_eta, check_max_slowdown, check_power_limit
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ class EnergyAwareDDPStrategy(DDPStrategy):
         max_slowdown: if set (``>= 1``), the search picks the lowest-energy limit whose step time is within
             ``max_slowdown`` x the step time at the highest limit, instead of using ``eta``.
         warmup_steps: optimizer steps before the search profiles.
-        profile_steps: optimizer steps per candidate limit.
+        profile_steps: optimizer steps measured per candidate limit.
+        settle_steps: optimizer steps after every limit change that are not measured.
         limit_step_w: spacing of the candidate limits, from the highest down, in watts.
         power_limit_cache: where the search caches its profile, keyed by GPU model and world size:
             ``True`` for ``$XDG_CACHE_HOME/lightning_green/power_limits.json`` (``~/.cache/...``), a path,
@@ -74,7 +76,8 @@ class EnergyAwareDDPStrategy(DDPStrategy):
     Raises:
         ValueError: an argument is out of range (the message names it and the allowed values); a fixed
             ``power_limit`` outside the device's bounds (in ``setup``).
-        MisconfigurationException: ``power_limit="search"`` without a ``PowerSampler`` callback (in ``setup``).
+        MisconfigurationException: ``power_limit="search"`` without a ``PowerSampler`` callback (in ``setup``),
+            or a second PowerLimitSearch callback in the Trainer.
 
     Example::
 
@@ -100,6 +103,7 @@ class EnergyAwareDDPStrategy(DDPStrategy):
         max_slowdown: Optional[float] = None,
         warmup_steps: int = 10,
         profile_steps: int = 10,
+        settle_steps: int = 2,
         limit_step_w: float = 25.0,
         power_limit_cache: Union[str, bool, None] = True,
         **kwargs: Any,
@@ -118,32 +122,30 @@ class EnergyAwareDDPStrategy(DDPStrategy):
                 f"`comm_compression={self.comm_compression.value!r}` and `ddp_comm_hook` both set a communication hook:"
                 " pass one of them"
             )
-        _check_eta(eta)
-        _check_max_slowdown(max_slowdown)
-        _check_power_limit(power_limit)
-        for name, value, low in (("warmup_steps", warmup_steps, 0), ("profile_steps", profile_steps, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
-        if not (isinstance(limit_step_w, (int, float)) and limit_step_w > 0):
-            raise ValueError(f"`limit_step_w` must be a number of watts > 0, got {limit_step_w!r}")
+        check_eta(eta)
+        check_max_slowdown(max_slowdown)
+        check_power_limit(power_limit)
         self.powersgd_rank = powersgd_rank
         self.powersgd_start_step = powersgd_start_step
         self.power_limit = power_limit
         #: Bytes and exposed communication time of this rank (see :class:`CommStats`).
         self.comm_stats = CommStats()
-        self._power: Optional[PowerLimiter] = None
         self._interrupted = False
+        self._warned_barrier = False
+        self._power: Optional[Any] = None  # the PowerLimitSearch callback this shorthand installs
         if power_limit is not None:
-            self._power = PowerLimiter(
-                power_limit=power_limit,
-                control=_make_control(power_control),
-                eta=eta,
-                max_slowdown=max_slowdown,
-                warmup_steps=warmup_steps,
-                profile_steps=profile_steps,
-                limit_step_w=float(limit_step_w),
-                cache=power_limit_cache,
+            from lightning_green.callbacks.power_limit import PowerLimitSearch
+
+            self._power = PowerLimitSearch(
+                power_limit=power_limit, power_control=power_control, eta=eta, max_slowdown=max_slowdown,
+                warmup_steps=warmup_steps, profile_steps=profile_steps, settle_steps=settle_steps,
+                limit_step_w=limit_step_w, cache=power_limit_cache,
             )
+        else:  # the same checks as the callback's, so a typo fails before any power limit is asked for
+            check_int("warmup_steps", warmup_steps, 0), check_int("profile_steps", profile_steps, 1), check_int("settle_steps", settle_steps, 0)
+            check_number("limit_step_w", limit_step_w, 0.0, strict=True, unit="a number of watts")
+            if power_control is not None and not isinstance(power_control, PowerControl) and power_control != "nvml":
+                raise ValueError(f"`power_control` must be None, 'nvml' or a PowerControl instance, got {power_control!r}")
 
     @property
     def power_control(self) -> Optional[PowerControl]:
@@ -151,8 +153,9 @@ class EnergyAwareDDPStrategy(DDPStrategy):
         return self._power.control if self._power is not None else None
 
     @property
-    def power_limiter(self) -> Optional[PowerLimiter]:
-        """The search/limit glue: ``.search.table`` holds the profile once the search is done."""
+    def power_limiter(self) -> Optional[Any]:
+        """The :class:`~lightning_green.callbacks.PowerLimitSearch` callback installed for
+        ``power_limit`` (``.search.table`` holds the profile once the search is done)."""
         return self._power
 
     # ------------------------------------------------------------------------------ registry
@@ -215,10 +218,28 @@ class EnergyAwareDDPStrategy(DDPStrategy):
             "comm/compression_ratio": stats.compression_ratio_last_step,
         }
         # The optimizer step is not counted yet: log it as done, like the metrics of on_train_batch_end.
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step + 1)
+        log_metrics(trainer, metrics, step=trainer.global_step + 1)
 
     # ------------------------------------------------------------------------------ power limits
+    @override
+    def setup_environment(self) -> None:
+        self._interrupted = False
+        super().setup_environment()
+        trainer = self._trainer()
+        if self._power is not None and trainer is not None:
+            self._install_power_limit(trainer)
+
+    def _install_power_limit(self, trainer: Any) -> None:
+        """``power_limit=`` is shorthand for the PowerLimitSearch callback: add it (once)."""
+        from lightning_green.callbacks.power_limit import PowerLimitSearch
+
+        others = [cb for cb in trainer.callbacks if isinstance(cb, PowerLimitSearch) and cb is not self._power]
+        if others:
+            raise misconfigured("`EnergyAwareDDPStrategy(power_limit=...)` installs a PowerLimitSearch callback, and the Trainer has"
+                                " another one: pass `power_limit` to one of them only")
+        if self._power not in trainer.callbacks:
+            trainer.callbacks.append(self._power)
+
     @override
     def setup(self, trainer: Any) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
@@ -226,49 +247,22 @@ class EnergyAwareDDPStrategy(DDPStrategy):
         else:
             with _not_broadcasting_tensor_subclasses(self.model):
                 super().setup(trainer)
-        if self._power is not None and trainer.state.fn == TrainerFn.FITTING:
-            self._power.setup(trainer, self)
+        from lightning_green.callbacks.power import find_power_sampler
 
-    @override
-    def on_train_start(self) -> None:
-        super().on_train_start()
-        trainer = self._trainer()
-        if self._power is not None and trainer is not None:
-            self._power.on_train_start(trainer)
-
-    @override
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        super().on_train_batch_start(batch, batch_idx)
-        trainer = self._trainer()
-        if self._power is not None and trainer is not None:
-            self._power.on_train_batch_start(trainer, self)
-
-    @override
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        trainer = self._trainer()
-        if self._power is not None and trainer is not None:
-            self._power.on_train_end(trainer)
+        sampler = find_power_sampler(trainer)
+        if sampler is not None:  # the comm phase of its energy-by-phase table
+            sampler.set_comm_seconds(self.comm_stats.pop_exposed_comm_s)
 
     @override
     def on_exception(self, exception: BaseException) -> None:
         self._interrupted = True
-        if self._power is not None:
-            self._power.restore()
         super().on_exception(exception)
-
-    @override
-    def setup_environment(self) -> None:
-        self._interrupted = False
-        super().setup_environment()
 
     @override
     def teardown(self) -> None:
         try:
-            if self._power is not None:
-                self._power.teardown()
-        finally:
             super().teardown()
+        finally:
             self._destroy_process_group()
 
     def _destroy_process_group(self) -> None:
@@ -279,8 +273,10 @@ class EnergyAwareDDPStrategy(DDPStrategy):
             # first. Not after an exception: the other ranks may be stuck in another collective.
             try:
                 self.barrier("ddp_green_teardown")
-            except Exception as err:  # a peer gone: destroy anyway
-                log.debug("barrier before destroy_process_group failed: %s", err)
+            except Exception as err:  # noqa: BLE001 - a peer gone: destroy anyway
+                if not self._warned_barrier:
+                    self._warned_barrier = True
+                    log.warning("ddp_green: the barrier before destroying the process group failed (%r); destroyed anyway", err)
         torch.distributed.destroy_process_group()
 
     def _trainer(self) -> Any:
@@ -314,19 +310,3 @@ def _not_broadcasting_tensor_subclasses(module: Any) -> Iterator[None]:
 def _is_tensor_subclass(tensor: torch.Tensor) -> bool:
     data = tensor.data if isinstance(tensor, torch.nn.Parameter) else tensor
     return type(data) is not torch.Tensor
-
-
-def _check_power_limit(power_limit: Any) -> None:
-    if power_limit is None or power_limit == POWER_LIMIT_SEARCH:
-        return
-    if isinstance(power_limit, (int, float)) and not isinstance(power_limit, bool) and power_limit > 0:
-        return
-    raise ValueError(f"`power_limit` must be None, a number of watts > 0 or {POWER_LIMIT_SEARCH!r}, got {power_limit!r}")
-
-
-def _make_control(power_control: Any) -> Optional[PowerControl]:
-    if power_control is None or isinstance(power_control, PowerControl):
-        return power_control
-    if isinstance(power_control, str) and power_control.lower() == "nvml":
-        return NvmlPowerControl()
-    raise ValueError(f"`power_control` must be None, 'nvml' or a PowerControl instance, got {power_control!r}")

@@ -109,7 +109,7 @@ class PowerControl(abc.ABC):
                 self._original_w = self.get_limit_w()
                 if self._exit_guard is None:
                     # Runs at normal interpreter exit and at the exit of multiprocessing children.
-                    self._exit_guard = _mp_util.Finalize(None, self._restore_quietly, exitpriority=100)
+                    self._exit_guard = _mp_util.Finalize(None, self.restore_quietly, exitpriority=100)
             self._set_limit_w(limit_w)
 
     def restore(self) -> bool:
@@ -121,7 +121,8 @@ class PowerControl(abc.ABC):
             self._set_limit_w(original)
             return True
 
-    def _restore_quietly(self) -> None:
+    def restore_quietly(self) -> None:
+        """:meth:`restore` that logs a failure instead of raising (exit paths, signal handlers)."""
         try:
             self.restore()
         except Exception as err:  # at exit or in a signal handler: never raise
@@ -285,8 +286,6 @@ class SimulatedPowerControl(PowerControl):
         if self.state_path and os.path.exists(self.state_path):
             with open(self.state_path) as f:
                 self._limit_w = float(json.load(f)["limit_w"])
-        #: ``(time.monotonic(), limit_w)`` at every change, for tests that integrate the model themselves.
-        self.history: list[tuple[float, float]] = []
 
     # ---------------------------------------------------------------- the model
     def clock_fraction(self, limit_w: float) -> float:
@@ -329,9 +328,8 @@ class SimulatedPowerControl(PowerControl):
 
     def _set_limit_w(self, limit_w: float) -> None:
         self._limit_w = float(limit_w)
-        self.history.append((time.monotonic(), self._limit_w))
         if self.state_path:
-            _write_json_atomic(self.state_path, {"limit_w": self._limit_w, "pid": os.getpid()})
+            write_json_atomic(self.state_path, {"limit_w": self._limit_w, "pid": os.getpid()})
 
 
 class _PowerOf:
@@ -344,7 +342,8 @@ class _PowerOf:
         return self.control.power_w()
 
 
-def _write_json_atomic(path: str, data: dict) -> None:
+def write_json_atomic(path: str, data: dict) -> None:
+    """Write ``data`` as JSON to ``path`` through a temporary file and a rename (never half-written)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
@@ -421,4 +420,5 @@ __all__ = [
     "PowerControlUnavailable",
     "SigtermRestore",
     "SimulatedPowerControl",
+    "write_json_atomic",
 ]

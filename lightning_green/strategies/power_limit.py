@@ -1,6 +1,7 @@
-"""Coordinated power limits: the Trainer-free search, its cache, and the thin glue the strategy calls.
+"""Coordinated power limits, Trainer-free: the search and its cache. The Lightning glue is the
+callback :class:`lightning_green.callbacks.PowerLimitSearch`, which any strategy can use.
 
-The search (:class:`PowerLimitSearch`) in the spirit of Zeus's ``GlobalPowerLimitOptimizer``: after
+The search (:class:`LimitSearch`) in the spirit of Zeus's ``GlobalPowerLimitOptimizer``: after
 ``warmup_steps`` optimizer steps, each candidate limit (from the highest down in ``limit_step_w``
 steps) is profiled for ``profile_steps`` steps; at the end of each window every rank's energy is summed
 and the slowest rank's time is taken; the limit with the lowest cost
@@ -23,26 +24,19 @@ import logging
 import math
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Optional, Sequence, Union
 
-import torch
-import torch.distributed
-
+from lightning_green._glue import check_int, check_number
 from lightning_green.strategies.power_control import (
-    NvmlPowerControl,
-    PowerControl,
-    PowerControlError,
-    PowerControlUnavailable,
-    SigtermRestore,
-    _write_json_atomic,
+    write_json_atomic,
 )
 
 log = logging.getLogger(__name__)
 
 POWER_LIMIT_SEARCH = "search"
-_SUMMARY_TITLE = "Power limit search"
+#: The title of the search's table in the PowerSampler summary.
+SUMMARY_TITLE = "Power limit search"
 
 
 # ============================================================================ the search (no Trainer)
@@ -102,7 +96,7 @@ def choose_limit(
     return best["limit_w"], rows
 
 
-class PowerLimitSearch:
+class LimitSearch:
     """Schedules the profiling windows and picks the limit; fed with measurements, knows no Trainer.
 
     Call :meth:`due` with the number of optimizer steps done; when it says so, :meth:`record` the window
@@ -111,18 +105,20 @@ class PowerLimitSearch:
     Args:
         candidates_w: limits to profile, highest first (see :func:`limit_grid`).
         warmup_steps: steps before the first window.
-        profile_steps: steps per window.
+        profile_steps: steps measured per window.
+        settle_steps: steps after each limit change that are not measured (the device settles;
+            Zeus does the same), so a window spans ``settle_steps + profile_steps``.
         eta: weight of energy in the cost, in ``[0, 1]``.
         max_slowdown: choose by slowdown instead of cost (``>= 1``), or ``None``.
         p_max_w: ``P_max`` of the cost (default: the highest candidate).
 
     Example::
 
-        search = PowerLimitSearch([300, 250, 200], warmup_steps=2, profile_steps=5)
+        search = LimitSearch([300, 250, 200], warmup_steps=2, profile_steps=5, settle_steps=2)
         for step in range(100):
             if search.due(step):
                 if search.profiling_w is not None:
-                    search.record(energy_j=..., time_s=..., steps=5)
+                    search.record(energy_j=..., time_s=..., steps=5)  # measured from search.measure_from
                 limit = search.start_next(step)  # None once done: apply search.chosen_w
     """
 
@@ -134,15 +130,17 @@ class PowerLimitSearch:
         eta: float = 0.5,
         max_slowdown: Optional[float] = None,
         p_max_w: Optional[float] = None,
+        settle_steps: int = 0,
     ) -> None:
         if not candidates_w:
             raise ValueError("`candidates_w` is empty")
-        _check_eta(eta)
-        _check_max_slowdown(max_slowdown)
-        if warmup_steps < 0:
-            raise ValueError(f"`warmup_steps` must be >= 0, got {warmup_steps}")
-        if profile_steps < 1:
-            raise ValueError(f"`profile_steps` must be >= 1, got {profile_steps}")
+        check_eta(eta)
+        check_max_slowdown(max_slowdown)
+        check_int("warmup_steps", warmup_steps, 0)
+        check_int("profile_steps", profile_steps, 1)
+        self.settle_steps = check_int("settle_steps", settle_steps, 0)
+        #: The step from which the open window is measured (its limit has settled).
+        self.measure_from: Optional[int] = None
         self.candidates_w = sorted((float(c) for c in candidates_w), reverse=True)
         self.warmup_steps, self.profile_steps = warmup_steps, profile_steps
         self.eta, self.max_slowdown, self.p_max_w = eta, max_slowdown, p_max_w
@@ -152,6 +150,11 @@ class PowerLimitSearch:
         self.table: list[dict] = []
         self._next = 0
         self._next_edge_step = warmup_steps
+
+    @property
+    def next_edge_step(self) -> int:
+        """The step at which the next window edge falls."""
+        return self._next_edge_step
 
     @property
     def done(self) -> bool:
@@ -178,7 +181,8 @@ class PowerLimitSearch:
         if self._next < len(self.candidates_w):
             self.profiling_w = self.candidates_w[self._next]
             self._next += 1
-            self._next_edge_step = steps_done + self.profile_steps
+            self.measure_from = steps_done + self.settle_steps
+            self._next_edge_step = self.measure_from + self.profile_steps
             return self.profiling_w
         self.finish()
         return None
@@ -189,7 +193,7 @@ class PowerLimitSearch:
         return self.chosen_w
 
     @classmethod
-    def from_profiles(cls, profiles: Sequence[LimitProfile], **kwargs: Any) -> "PowerLimitSearch":
+    def from_profiles(cls, profiles: Sequence[LimitProfile], **kwargs: Any) -> "LimitSearch":
         """A finished search over known profiles (the cache)."""
         search = cls([p.limit_w for p in profiles], **kwargs)
         search.profiles = list(profiles)
@@ -198,14 +202,24 @@ class PowerLimitSearch:
         return search
 
 
-def _check_eta(eta: float) -> None:
-    if not (isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0):
-        raise ValueError(f"`eta` must be a number in [0, 1], got {eta!r}")
+def check_eta(eta: float) -> float:
+    """``eta`` (the weight of energy in the cost) in ``[0, 1]``, else ``ValueError`` naming it."""
+    return check_number("eta", eta, 0.0, high=1.0)
 
 
-def _check_max_slowdown(max_slowdown: Optional[float]) -> None:
-    if max_slowdown is not None and not (isinstance(max_slowdown, (int, float)) and max_slowdown >= 1.0):
+def check_max_slowdown(max_slowdown: Optional[float]) -> Optional[float]:
+    if max_slowdown is not None and not (isinstance(max_slowdown, (int, float)) and not isinstance(max_slowdown, bool) and max_slowdown >= 1.0):
         raise ValueError(f"`max_slowdown` must be None or a number >= 1 (1.05 allows 5% slower steps), got {max_slowdown!r}")
+    return max_slowdown
+
+
+def check_power_limit(power_limit: Any) -> Any:
+    """``None``, a number of watts > 0 or ``"search"``, else ``ValueError`` naming the argument."""
+    if power_limit is None or power_limit == POWER_LIMIT_SEARCH:
+        return power_limit
+    if isinstance(power_limit, (int, float)) and not isinstance(power_limit, bool) and power_limit > 0:
+        return power_limit
+    raise ValueError(f"`power_limit` must be None, a number of watts > 0 or {POWER_LIMIT_SEARCH!r}, got {power_limit!r}")
 
 
 # ============================================================================ the cache
@@ -256,221 +270,4 @@ class PowerLimitCache:
     def store(self, key: str, profiles: Sequence[LimitProfile], **extra: Any) -> None:
         data = self._read()
         data["entries"][key] = {"profiles": [asdict(p) for p in profiles], "created_unix_s": time.time(), **extra}
-        _write_json_atomic(self.path, data)
-
-
-# ============================================================================ glue (Trainer side)
-def _find_power_sampler(trainer: Any) -> Any:
-    try:
-        from lightning_green.callbacks.power import find_power_sampler
-    except ImportError:
-        return None
-    return find_power_sampler(trainer)
-
-
-def _log(trainer: Any, metrics: dict) -> None:
-    for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
-
-
-class PowerLimiter:
-    """Connects a :class:`PowerControl` and a :class:`PowerLimitSearch` to the strategy's hooks.
-
-    Used by :class:`~lightning_green.strategies.EnergyAwareDDPStrategy`; every method is called on every
-    rank at the same point of training (the window edges are collective).
-    """
-
-    def __init__(
-        self,
-        power_limit: Union[float, str],
-        control: Optional[PowerControl],
-        eta: float,
-        max_slowdown: Optional[float],
-        warmup_steps: int,
-        profile_steps: int,
-        limit_step_w: float,
-        cache: Union[str, bool, None],
-    ) -> None:
-        self.power_limit = power_limit
-        self.control = control if control is not None else NvmlPowerControl()
-        self.eta, self.max_slowdown = eta, max_slowdown
-        self.warmup_steps, self.profile_steps, self.limit_step_w = warmup_steps, profile_steps, limit_step_w
-        self.cache_path: Optional[str] = default_cache_path() if cache is True else (cache or None)
-        self.active = False  # False: monitoring only
-        self.search: Optional[PowerLimitSearch] = None
-        self.from_cache = False
-        self._sampler: Any = None
-        self._guard = SigtermRestore(self._on_sigterm)
-        self._released = False  # set by SIGTERM: no limit is applied any more
-        self._window: Optional[tuple[int, float]] = None  # (steps done, time.monotonic()) at the window start
-        self._warned = False
-        self._world_size = 1
-
-    @property
-    def is_search(self) -> bool:
-        return self.power_limit == POWER_LIMIT_SEARCH
-
-    # ---------------------------------------------------------------- setup
-    def setup(self, trainer: Any, strategy: Any) -> None:
-        """Checks that need the device and the Trainer; fails early with what to change."""
-        if self.is_search:
-            self._sampler = _find_power_sampler(trainer)
-            if self._sampler is None:
-                from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-                raise MisconfigurationException(
-                    "`power_limit='search'` measures energy with a PowerSampler: add"
-                    " `lightning_green.PowerSampler(...)` to `Trainer(callbacks=[...])`, or pass a fixed `power_limit`."
-                )
-        self._world_size = strategy.world_size
-        self._window, self.search, self.from_cache, self.active = None, None, False, False
-        error: Optional[str] = None
-        bounds = (float("nan"), float("nan"))
-        try:
-            self.control.attach(strategy.root_device)
-            bounds = self.control.bounds_w()
-            self.control.check_permission()
-        except PowerControlError as err:
-            error = str(err)
-        flags = _gather(strategy, [0.0 if error else 1.0, bounds[0], bounds[1]])
-        ok = flags[:, 0].min().item() == 1.0
-        if not ok:
-            n_bad = int((flags[:, 0] == 0).sum().item())
-            self._warn_once(
-                f"Power limits are not applied, monitoring only: {n_bad} of {len(flags)} rank(s) cannot set them"
-                + (f" (this rank: {error})" if error else "")
-                + ". Setting limits needs root or CAP_SYS_ADMIN and a GPU that supports it."
-            )
-            return
-        lo, hi = float(flags[:, 1].max().item()), float(flags[:, 2].min().item())  # bounds every rank accepts
-        if not self.is_search:
-            limit = float(self.power_limit)
-            if not lo <= limit <= hi:
-                raise ValueError(
-                    f"`power_limit={limit:g}` is outside the device's bounds: allowed values are {lo:g} to {hi:g} W"
-                    f" (or None, or {POWER_LIMIT_SEARCH!r})"
-                )
-        else:
-            kwargs = dict(
-                warmup_steps=self.warmup_steps,
-                profile_steps=self.profile_steps,
-                eta=self.eta,
-                max_slowdown=self.max_slowdown,
-                p_max_w=hi * self._world_size,
-            )
-            cached = [p for p in self._load_cache(strategy) or [] if lo - 1e-6 <= p.limit_w <= hi + 1e-6]
-            if cached:
-                self.search = PowerLimitSearch.from_profiles(cached, **kwargs)
-                self.from_cache = True
-            else:
-                self.search = PowerLimitSearch(limit_grid(lo, hi, self.limit_step_w), **kwargs)
-        self.active = True
-
-    def _cache_key(self) -> str:
-        return PowerLimitCache.key(self.control.device_name, self._world_size)
-
-    def _load_cache(self, strategy: Any) -> Optional[list[LimitProfile]]:
-        if not self.cache_path:
-            return None
-        profiles = None
-        if strategy.global_rank == 0:
-            profiles = PowerLimitCache(self.cache_path).load(self._cache_key())
-        return strategy.broadcast(profiles, src=0)
-
-    # ---------------------------------------------------------------- training
-    def on_train_start(self, trainer: Any) -> None:
-        if not self.active:
-            return
-        self._guard.install()
-        if not self.is_search:
-            self._apply(trainer, float(self.power_limit))
-        elif self.search is not None and self.search.done:
-            self._finish(trainer)
-
-    def on_train_batch_start(self, trainer: Any, strategy: Any) -> None:
-        if self.active and self.search is not None and self.search.due(trainer.global_step):
-            self._edge(trainer, strategy, trainer.global_step)
-        self.control.on_step()
-
-    def on_train_end(self, trainer: Any) -> None:
-        search = self.search
-        if search is not None and not search.done and search.profiles and self._sampler is not None:
-            rows = [dict(asdict(p), source="profiled (search incomplete: training ended first)") for p in search.profiles]
-            self._sampler.add_summary_section(_SUMMARY_TITLE, rows)
-
-    def _edge(self, trainer: Any, strategy: Any, steps_done: int) -> None:
-        assert self.search is not None
-        now = time.monotonic()
-        if self.search.profiling_w is not None and self._window is not None:
-            steps0, t0 = self._window
-            e_rank = float(self._sampler.meter.energy_between(t0, now))  # this process's sensors
-            per_rank = _gather(strategy, [e_rank, now - t0])
-            self.search.record(float(per_rank[:, 0].sum()), float(per_rank[:, 1].max()), steps_done - steps0)
-        limit = self.search.start_next(steps_done)
-        if limit is None:
-            self._finish(trainer, strategy)
-            return
-        self._apply(trainer, limit)
-        self._window = (steps_done, time.monotonic())
-
-    def _finish(self, trainer: Any, strategy: Any = None) -> None:
-        assert self.search is not None and self.search.chosen_w is not None
-        chosen = self.search.chosen_w
-        if strategy is not None:
-            chosen = float(strategy.broadcast(chosen, src=0))  # identical on every rank, whatever the float sums did
-            if self.cache_path and strategy.global_rank == 0:
-                try:
-                    PowerLimitCache(self.cache_path).store(
-                        self._cache_key(), self.search.profiles, eta=self.eta, max_slowdown=self.max_slowdown
-                    )
-                except OSError as err:
-                    log.warning("could not write the power-limit cache %s: %s", self.cache_path, err)
-        self._apply(trainer, chosen)
-        rows = [dict(r, source="cache" if self.from_cache else "profiled") for r in self.search.table]
-        if self._sampler is not None:
-            self._sampler.add_summary_section(_SUMMARY_TITLE, rows)
-        log.info("power limit search chose %g W%s", chosen, " (from the cache)" if self.from_cache else "")
-
-    def _apply(self, trainer: Any, limit_w: float) -> None:
-        if self._released or not self.active:
-            return
-        try:
-            self.control.set_limit_w(limit_w)
-        except PowerControlUnavailable as err:
-            # The window schedule goes on (its edges are collective); only the device is left alone.
-            self._warn_once(f"Power limits are not applied any more, monitoring only: {err}", rank_zero=False)
-            self._released = True
-            return
-        _log(trainer, {"power/limit_w": float(limit_w)})
-
-    # ---------------------------------------------------------------- exits
-    def _on_sigterm(self) -> None:
-        self._released = True
-        self.control._restore_quietly()
-
-    def restore(self) -> None:
-        """Put the original limit back (teardown, exceptions). Never raises."""
-        self.control._restore_quietly()
-
-    def teardown(self) -> None:
-        self.restore()
-        self._guard.uninstall()
-        self.control.close()
-
-    def _warn_once(self, message: str, rank_zero: bool = True) -> None:
-        from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-
-        if not self._warned:
-            self._warned = True
-            (rank_zero_warn if rank_zero else warnings.warn)(message)
-
-
-def _gather(strategy: Any, values: list[float]) -> torch.Tensor:
-    """``values`` of every rank as a ``(world_size, len(values))`` float64 tensor (one collective)."""
-    local = torch.tensor(values, dtype=torch.float64, device=strategy.root_device)
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return local.reshape(1, -1).cpu()
-    parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, local)
-    return torch.stack(parts).cpu()
-
+        write_json_atomic(self.path, data)

@@ -1,0 +1,137 @@
+"""The Trainer-free parts under the callbacks, with plain calls and injected clocks (no wall time)."""
+
+import pytest
+
+from lightning_green._glue import LogCadence, check_int, check_path, checked_count, state_for_rank
+from lightning_green.callbacks.efficiency import BatchCounter
+from lightning_green.distributed import cluster_figures, shared_owners
+from lightning_green.energy.phases import PhaseRecorder
+from lightning_green.energy.session import EnergySession, LogWindow
+from lightning_green.sensors import SimulatedSensor
+from lightning_green.strategies import LimitSearch
+from lightning_green.summary import SummarySections, build_summary, local_cluster, sensor_rows
+
+
+class FakeClock:
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def started_session(power_w=100.0, clock=None):
+    clock = clock or FakeClock()
+    session = EnergySession(interval_s=3600.0, clock=clock)  # the thread never reads: the test does
+    session.start([SimulatedSensor(power_w, clock=clock)])
+    return session, clock
+
+
+def test_session_energy_window_and_measure_are_exact():
+    session, clock = started_session(100.0)
+    window = LogWindow(session)
+    window.reset()
+    clock.t += 2.0
+    session.read_now()
+    window.steps = 4
+    window.validation_started()
+    clock.t += 1.0  # a validation second: not step energy
+    session.read_now()
+    window.validation_ended()
+    metrics = window.close(lambda values: list(values))
+    assert metrics["energy/total_j"] == pytest.approx(300.0)
+    assert metrics["energy/step_j"] == pytest.approx(200.0 / 4)
+    assert metrics["power/sim_w"] == pytest.approx(100.0)
+    with session.measure() as m:
+        clock.t += 0.5
+    assert (m.energy_j, m.duration_s, m.sources) == (pytest.approx(50.0), 0.5, ["simulated"])
+    assert session.finish() and not session.finish()
+    assert session.energy_now_j() == pytest.approx(350.0)
+
+
+def test_session_carries_energy_across_stages_and_from_a_checkpoint():
+    session, clock = started_session(10.0)
+    clock.t += 3.0
+    session.finish()
+    session.start([SimulatedSensor(10.0, clock=clock)])
+    clock.t += 1.0
+    session.read_now()
+    rows = sensor_rows(session.meter)
+    assert rows[0]["stage_energy_j"] == pytest.approx(10.0) and rows[0]["cumulative_energy_j"] == pytest.approx(40.0)
+    session.restore({"sim": 100.0, "gone": 5.0, "__unattributed__": 1.0})
+    assert session.energy_now_j() == pytest.approx(100.0 + 10.0 + 5.0 + 1.0)
+    session.finish()
+
+
+def test_stage_summary_adds_up():
+    session, clock = started_session(50.0)
+    clock.t += 4.0
+    session.finish()
+    sensors = sensor_rows(session.meter)
+    summary = build_summary(stage="test", status="finished", started_at="", duration_s=4.0, rank=0, sensors=sensors,
+                            unattributed_j=7.0, cluster=local_cluster(0, 0, sensors, 7.0), skipped=[], sections={}, trace={})
+    assert summary["stage_energy_j"] == pytest.approx(200.0)
+    assert summary["stage_mean_power_w"] * summary["duration_s"] == pytest.approx(summary["stage_energy_j"])  # J = W x s
+    assert summary["energy_j"] == summary["cumulative_energy_j"] == pytest.approx(207.0)
+    assert summary["cluster"]["stage_total_j"] == pytest.approx(200.0) and summary["cluster"]["total_j"] == pytest.approx(207.0)
+
+
+def test_cadence_follows_log_every_n_steps_and_skips_accumulation():
+    cadence = LogCadence()
+    cadence.reset(every=2, global_step=0)
+    seen = [cadence.advance(s) for s in (0, 1, 1, 2, 3, 4)]
+    assert seen == [(False, False), (True, False), (False, False), (True, True), (True, False), (True, True)]
+
+
+def test_phase_recorder_with_an_injected_clock():
+    session, clock = started_session(100.0)
+    rec = PhaseRecorder("host", clock=clock)
+    rec.restart()
+    for edge, dt in (("batch_start", 1.0), ("zero_grad", 2.0), ("backward_start", 0.5), ("backward_end", 3.0), ("optimizer_start", 0.5), ("batch_end", 1.0)):
+        clock.t += dt
+        rec.edge(edge)
+    session.read_now()
+    rec.close_step(session.meter)
+    metrics = rec.metrics(session.meter, lambda v: list(v), world_size=1)
+    assert metrics["time/phase/data_s"] == pytest.approx(1.0) and metrics["energy/phase/data_j"] == pytest.approx(100.0)
+    assert metrics["time/phase/compute_s"] == pytest.approx(5.0) and metrics["energy/phase/compute_j"] == pytest.approx(500.0)
+    assert metrics["time/phase/optimizer_s"] == pytest.approx(1.5) and metrics["time/phase/other_s"] == pytest.approx(0.5)
+    session.finish()
+
+
+def test_search_settles_after_each_limit_change():
+    search = LimitSearch([300, 200], warmup_steps=1, profile_steps=2, settle_steps=3)
+    assert search.due(1) and search.start_next(1) == 300
+    assert search.measure_from == 4 and search.next_edge_step == 6 and not search.due(5) and search.due(6)
+    search.record(20.0, 0.2, 2)
+    assert search.start_next(6) == 200 and search.measure_from == 9
+
+
+def test_argument_checks_name_the_argument():
+    with pytest.raises(ValueError, match="`history` must be an integer >= 2"):
+        check_int("history", "big", 2)
+    with pytest.raises(TypeError, match="`summary_dir` must be None or a path"):
+        check_path("summary_dir", 123)
+    with pytest.raises(TypeError, match=r"`tokens_per_batch` must return a whole number >= 0 .* returned None"):
+        checked_count("tokens_per_batch", None)
+    with pytest.raises(TypeError, match="`samples_per_batch` must return .* returned -2"):
+        BatchCounter(samples_per_batch=lambda b: -2)([1, 2])
+
+
+def test_resume_rule_and_helpers():
+    per_rank = [{"a": 1.0}, {"a": 2.0}]
+    assert state_for_rank(per_rank, 2, 1, ("a",)) == {"a": 2.0}
+    assert state_for_rank(per_rank, 4, 0, ("a",)) == {"a": 3.0} and state_for_rank(per_rank, 4, 3, ("a",)) is None
+    assert shared_owners([["x"], ["x", "y"]]) == {"x": 0, "y": 1}
+    c = cluster_figures([{"rank": 0, "node_rank": 0, "energy_j": 3.0, "device_energy_j": 1.0, "stage_energy_j": 1.0},
+                         {"rank": 1, "node_rank": 1, "energy_j": 5.0, "device_energy_j": 3.0, "stage_energy_j": 2.0}])
+    assert (c["total_j"], c["stage_total_j"], c["num_nodes"], c["imbalance"]) == (8.0, 3.0, 2, 1.5)
+
+
+def test_a_broken_summary_provider_costs_its_section_only(caplog):
+    sections = SummarySections()
+    sections.add_section("kept", [{"a": 1}])
+    sections.add_provider(lambda: 1 / 0)
+    out = sections.collect()
+    assert out["kept"] == [{"a": 1}] and any(k.startswith("error in") for k in out)
+    assert "summary section" in caplog.text
