@@ -81,8 +81,18 @@ def is_quantized_layer(module: nn.Module) -> bool:
     )
 
 
+def _leave_fast_paths(model: nn.Module, linears: set[str]) -> None:
+    """``nn.TransformerEncoderLayer``'s inference fast path reads ``linear1``/``linear2``'s weights
+    itself, skipping their ``forward``: turn it off for layers that hold selected Linears. The flag it
+    clears gates only that fast path (the activation itself is ``self.activation``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and {f"{name}.linear1", f"{name}.linear2"} & linears:
+            module.activation_relu_or_gelu = 0
+
+
 def prepare(model: nn.Module, scheme: str, group_size: int, selection: Selection) -> None:
     """Swap the selected layers for fake-quantized ones of ``scheme``, in place (parameter names kept)."""
+    _leave_fast_paths(model, selection.linears)
     if SCHEMES[scheme].backend == "torch":
         int8.prepare(model, selection.linears, selection.embeddings)
         return
