@@ -90,6 +90,11 @@ class QatReport:
     def get(self, key: str, default: Any = None) -> Any:
         return self[key] if key in self else default
 
+    @classmethod
+    def from_dict(cls, figures: Mapping[str, Any]) -> QatReport:
+        """A report of the known figures in ``figures`` (as :meth:`as_dict` wrote them)."""
+        return cls(**{k: v for k, v in figures.items() if k in cls._names()})
+
     def as_dict(self) -> dict[str, Any]:
         """The set figures."""
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -131,6 +136,27 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a is not None and b else None
 
 
+def state_dict_size_bytes(module: nn.Module) -> int:
+    """Bytes ``torch.save(module.state_dict())`` writes, counted without keeping them in memory."""
+    counter = _ByteCounter()
+    torch.save(module.state_dict(), counter)
+    return counter.count
+
+
+class _ByteCounter:
+    """A write-only file object that only counts what it is given."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def write(self, data: bytes) -> int:
+        self.count += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
 class LogCapture:
     """Stands in for ``LightningModule.log``/``log_dict`` while :func:`evaluate` runs ``validation_step``."""
 
@@ -167,6 +193,28 @@ class EnergyProbe:
     def __init__(self, sampler: Any = None) -> None:
         self.sampler = sampler
         self._warned = False
+        #: Energy of the QAT phase before this run (from a checkpoint, or earlier fits), J.
+        self.prior_j = 0.0
+        self._start_j: Optional[float] = None
+
+    def attach(self, sampler: Any) -> None:
+        """Use ``sampler`` from now on and start counting the QAT phase, unless it already counts."""
+        self.sampler = sampler
+        if self._start_j is None:
+            self._start_j = self.now_j()
+
+    def so_far_j(self) -> Optional[float]:
+        """Energy of the QAT phase on this rank: earlier runs plus this one."""
+        now = self.now_j() if self._start_j is not None else None
+        if now is None or self._start_j is None:
+            return self.prior_j or None
+        return self.prior_j + now - self._start_j
+
+    def close_phase(self) -> Optional[float]:
+        """End the QAT phase's count (at the conversion); later fits add to it."""
+        energy_j = self.so_far_j()
+        self.prior_j, self._start_j = energy_j or 0.0, None
+        return energy_j
 
     def warn(self, err: BaseException) -> None:
         if not self._warned:

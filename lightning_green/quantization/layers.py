@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
@@ -79,6 +80,27 @@ def is_quantized_layer(module: nn.Module) -> bool:
     return ao is not None and (
         isinstance(module, ao.fake_quantized_types()) or ao.is_quantized_tensor(getattr(module, "weight", None))
     )
+
+
+def prepare_selected(model: nn.Module, scheme: str, group_size: int, filter_fn: Optional[FilterFn], embeddings: bool) -> Selection:
+    """Select the layers (one warning lists those left float) and prepare them; returns the selection.
+
+    Raises:
+        ValueError: no layer to quantize.
+    """
+    chosen = select_layers(model, scheme, group_size, filter_fn, embeddings)
+    if chosen.left_float:
+        rank_zero_warn(f"QuantizationAwareTraining: {len(chosen.left_float)} layer(s) left in float: {', '.join(chosen.left_float)}")
+    if not chosen.linears and not chosen.embeddings:
+        n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
+        raise ValueError(
+            f"QuantizationAwareTraining found no layer to quantize with scheme={scheme!r}: the model has {n_linear}"
+            f" nn.Linear layer(s); {len(chosen.left_float)} must stay float"
+            + ("; filter_fn excluded the rest" if filter_fn is not None else "")
+            + ". Layers built in setup()/configure_model() are not created yet when the callback prepares the model."
+        )
+    prepare(model, scheme, group_size, chosen)
+    return chosen
 
 
 def _leave_fast_paths(model: nn.Module, linears: set[str]) -> None:

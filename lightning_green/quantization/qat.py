@@ -4,6 +4,39 @@ The callback is glue: it decides *when* to choose the scheme, prepare, turn fake
 convert, and how a checkpoint loads. The scheme table is :mod:`.schemes`, the kernel micro-benchmark
 :mod:`.kernels`, layer selection and the two backends :mod:`.layers` (torch int8: :mod:`.int8`;
 ``torchao``: ``_torchao.py``), the figures :mod:`.evaluate`.
+
+**Scheme.** ``scheme="auto"`` (the default) times the candidate kernels on the model's own Linear
+shapes in :meth:`setup` (a few tens of ms) and keeps the fastest: on CPU torch's dynamic int8
+kernel (``"int8_dynamic"``: fbgemm/onednn on x86), on CUDA the ``torchao`` schemes. An explicit
+scheme is timed too and a warning says when its converted model will be slower than float. The
+fake quantization computes what the deployed kernel computes.
+
+**Layers.** Every ``nn.Linear`` (and with ``quantize_embeddings`` every ``nn.Embedding``) that
+``filter_fn`` keeps, except layers whose weight is read outside their own ``forward``
+(``nn.MultiheadAttention.out_proj``, tied weights) and, for grouped schemes, widths that are not a
+multiple of ``group_size``: those stay float, with one warning and ``report["layers_left_float"]``.
+The model is prepared in ``setup("fit")``, before the optimizers and any DDP wrapper; parameter
+names do not change. Fake quantization is on from ``trainer.global_step >= start_step``. Layers
+built in ``configure_model`` do not exist yet then: build them in ``__init__``.
+
+**Conversion** happens in ``on_train_end`` (``convert_on_fit_end=True``; a ``PowerSampler`` is
+still measuring), or through :meth:`convert` / :meth:`export`. Under ``ddp_spawn``/``ddp_fork``
+the workers convert a copy for the figures; call :meth:`convert` on the returned model.
+
+**Checkpoints.** ``trainer.test/validate/predict(ckpt_path=...)`` with this callback in the Trainer
+evaluates the converted model of that file's weights, whatever the file holds: float weights
+(``ModelCheckpoint``'s ``last``/``best`` written during a QAT fit, before the conversion) are loaded
+and then converted; a converted model's weights are loaded into a converted model. This holds in
+the Trainer that ran ``fit`` and in a fresh Trainer with a fresh model. ``eval_as="float"``
+evaluates the float model instead (fake quantization off; a converted file is dequantized).
+``trainer.fit(ckpt_path=...)`` resumes mid-QAT; from a converted file it continues from the
+dequantized weights, with a warning. Weights-only checkpoints skip the callback: use full ones.
+
+**Figures** (validation loss, seconds and energy per sample of the float and the converted model,
+over the first validation dataloader as ``limit_val_batches`` allows, summed over ranks; the loss
+from ``loss_fn(module, batch)`` or from ``validation_step``'s return or its logged ``val_loss``)
+are kept in :attr:`report` (a :class:`~.evaluate.QatReport`), logged through ``trainer.loggers``
+at the conversion step, and added to the ``PowerSampler`` summary with each energy figure's source.
 """
 
 from __future__ import annotations
@@ -20,95 +53,23 @@ from typing_extensions import override
 
 from lightning_green.callbacks.power import find_power_sampler
 from lightning_green.quantization import layers
-from lightning_green.quantization.evaluate import EnergyProbe, LossFn, QatReport, evaluate, reduce_sum_optional
+from lightning_green.quantization.checkpoints import CheckpointLoading
+from lightning_green.quantization.evaluate import EnergyProbe, LossFn, QatReport, evaluate, reduce_sum_optional, state_dict_size_bytes
 from lightning_green.quantization.kernels import Timer, resolve_scheme, wall_timer
 from lightning_green.quantization.layers import FilterFn
-from lightning_green.quantization.schemes import AUTO, SCHEMES, check_scheme
-
-EVAL_AS = ("converted", "float")
-
-
-def state_dict_size_bytes(module: nn.Module) -> int:
-    """Bytes ``torch.save(module.state_dict())`` writes, counted without keeping them in memory."""
-    counter = _ByteCounter()
-    torch.save(module.state_dict(), counter)
-    return counter.count
-
-
-class _ByteCounter:
-    """A write-only file object that only counts what it is given."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def write(self, data: bytes) -> int:
-        self.count += len(data)
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
-def _check_args(scheme: Any, group_size: Any, start_step: Any, filter_fn: Any, loss_fn: Any, embeddings: bool, eval_as: Any) -> None:
-    if scheme != AUTO:
-        check_scheme(scheme)
-    if not (isinstance(group_size, int) and not isinstance(group_size, bool) and group_size > 0 and group_size & (group_size - 1) == 0):
-        raise ValueError(f"`group_size` must be a positive power of two (16, 32, 64, 128, ...), got {group_size!r}")
-    if not isinstance(start_step, int) or isinstance(start_step, bool) or start_step < 0:
-        raise ValueError(f"`start_step` must be an integer >= 0, got {start_step!r}")
-    if filter_fn is not None and not callable(filter_fn):
-        raise ValueError(f"`filter_fn` must be None or a callable (module, fqn) -> bool, got {filter_fn!r}")
-    if loss_fn is not None and not callable(loss_fn):
-        raise ValueError(f"`loss_fn` must be None or a callable (pl_module, batch) -> tensor, got {loss_fn!r}")
-    if eval_as not in EVAL_AS:
-        raise ValueError(f"`eval_as` must be one of {list(EVAL_AS)}, got {eval_as!r}")
-    if embeddings and scheme != AUTO and not SCHEMES[scheme].embeddings:
-        allowed = [AUTO] + [s.name for s in SCHEMES.values() if s.embeddings]
-        raise ValueError(f"`quantize_embeddings=True` needs a scheme that quantizes embeddings, one of {allowed}; got {scheme!r}")
+from lightning_green.quantization.schemes import AUTO, SCHEMES, check_arguments
 
 
 class QuantizationAwareTraining(Callback):
     r"""Train with fake quantization, then convert the model to a quantized one that is cheaper per token.
 
-    **Scheme.** ``scheme="auto"`` (the default) times the candidate kernels on the model's own Linear
-    shapes in :meth:`setup` (a few tens of ms) and keeps the fastest: on CPU torch's dynamic int8
-    kernel (``"int8_dynamic"``: fbgemm/onednn on x86), on CUDA the ``torchao`` schemes. An explicit
-    scheme is timed too and a warning says when its converted model will be slower than float. The
-    fake quantization computes what the deployed kernel computes.
+    How it chooses the scheme and layers, converts, loads checkpoints and measures: see the module
+    docstring of :mod:`lightning_green.quantization.qat` (and the README).
 
-    **Layers.** Every ``nn.Linear`` (and with ``quantize_embeddings`` every ``nn.Embedding``) that
-    ``filter_fn`` keeps, except layers whose weight is read outside their own ``forward``
-    (``nn.MultiheadAttention.out_proj``, tied weights) and, for grouped schemes, widths that are not a
-    multiple of ``group_size``: those stay float, with one warning and ``report["layers_left_float"]``.
-    The model is prepared in ``setup("fit")``, before the optimizers and any DDP wrapper; parameter
-    names do not change. Fake quantization is on from ``trainer.global_step >= start_step``. Layers
-    built in ``configure_model`` do not exist yet then: build them in ``__init__``.
-
-    **Conversion** happens in ``on_train_end`` (``convert_on_fit_end=True``; a ``PowerSampler`` is
-    still measuring), or through :meth:`convert` / :meth:`export`. Under ``ddp_spawn``/``ddp_fork``
-    the workers convert a copy for the figures; call :meth:`convert` on the returned model.
-
-    **Checkpoints.** ``trainer.test/validate/predict(ckpt_path=...)`` with this callback in the Trainer
-    evaluates the converted model of that file's weights, whatever the file holds: float weights
-    (``ModelCheckpoint``'s ``last``/``best`` written during a QAT fit, before the conversion) are loaded
-    and then converted; a converted model's weights are loaded into a converted model. This holds in
-    the Trainer that ran ``fit`` and in a fresh Trainer with a fresh model. ``eval_as="float"``
-    evaluates the float model instead (fake quantization off; a converted file is dequantized).
-    ``trainer.fit(ckpt_path=...)`` resumes mid-QAT; from a converted file it continues from the
-    dequantized weights, with a warning. Weights-only checkpoints skip the callback: use full ones.
-
-    **Figures** (validation loss, seconds and energy per sample of the float and the converted model,
-    over the first validation dataloader as ``limit_val_batches`` allows, summed over ranks; the loss
-    from ``loss_fn(module, batch)`` or from ``validation_step``'s return or its logged ``val_loss``)
-    are kept in :attr:`report` (a :class:`~.evaluate.QatReport`), logged through ``trainer.loggers``
-    at the conversion step, and added to the ``PowerSampler`` summary with each energy figure's source.
-
-    **Logged metrics** (``qat/`` is ``<prefix>/``): ``qat/size_bytes_before``, ``qat/size_bytes_after``
-    (bytes), ``qat/size_ratio``; ``qat/val_loss_float``, ``qat/val_loss_converted`` (loss unit);
-    ``qat/time_float_s``, ``qat/time_converted_s`` (s/sample), ``qat/time_ratio``;
-    ``qat/kernel_decode_ratio``, ``qat/kernel_prefill_ratio`` (setup micro-benchmark, converted/float);
-    with a ``PowerSampler``: ``qat/epi_float_j``, ``qat/epi_converted_j`` (J/sample), ``qat/epi_ratio``,
-    ``qat/energy_j`` (J, training from fit start to the conversion, over fits, ranks and resumes).
+    **Logged metrics**: ``<prefix>/<figure>`` for every figure of :data:`~.evaluate.FIGURES` that was
+    measured: sizes (bytes) and their ratio, validation loss, seconds and J per sample of both models
+    and their ratios, the setup micro-benchmark's kernel ratios, and ``qat/energy_j`` (training from
+    fit start to the conversion, over fits, ranks and resumes). See the README's table.
 
     Args:
         scheme: ``"auto"`` or one of :data:`~.schemes.SCHEMES`: ``"int8_dynamic"``,
@@ -150,7 +111,7 @@ class QuantizationAwareTraining(Callback):
         kernel_timer: Timer = wall_timer,
         prefix: str = "qat",
     ) -> None:
-        _check_args(scheme, group_size, start_step, filter_fn, loss_fn, quantize_embeddings, eval_as)
+        check_arguments(scheme, group_size, start_step, filter_fn, loss_fn, quantize_embeddings, eval_as)
         self.scheme, self.group_size, self.start_step = scheme, group_size, start_step
         self.filter_fn, self.quantize_embeddings, self.convert_on_fit_end = filter_fn, quantize_embeddings, convert_on_fit_end
         self.loss_fn, self.eval_as, self.kernel_timer, self.prefix = loss_fn, eval_as, kernel_timer, prefix
@@ -158,14 +119,9 @@ class QuantizationAwareTraining(Callback):
         self.report = QatReport()
         self._scheme: Optional[str] = None if scheme == AUTO else scheme  # resolved in setup
         self._module: Optional[nn.Module] = None
-        self._stage: Optional[str] = None
-        self._fitting = False
-        self._fake_quant_on: Optional[bool] = None
-        self._hooks: list[Any] = []
-        self._convert_after_load = False
+        self._fitting, self._fake_quant_on, self._hooks = False, None, []
         self._probe = EnergyProbe()
-        self._energy_start_j: Optional[float] = None
-        self._energy_prior_j = 0.0
+        self._loading = CheckpointLoading(self._convert_model)
 
     @property
     def resolved_scheme(self) -> str:
@@ -179,9 +135,7 @@ class QuantizationAwareTraining(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fitting = True
-        self._probe = EnergyProbe(find_power_sampler(trainer))
-        if self._energy_start_j is None:
-            self._energy_start_j = self._probe.now_j()
+        self._probe.attach(find_power_sampler(trainer))
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -190,7 +144,7 @@ class QuantizationAwareTraining(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._fitting = False
-        energy_j = self._close_energy_phase()
+        energy_j = self._probe.close_phase()
         if self.convert_on_fit_end and layers.is_prepared(pl_module):
             self._convert_at_fit_end(trainer, pl_module, energy_j)
 
@@ -212,11 +166,8 @@ class QuantizationAwareTraining(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         converted = self._module is not None and layers.is_converted(self._module)
-        return {
-            "scheme": self.resolved_scheme, "group_size": self.group_size, "quantize_embeddings": self.quantize_embeddings,
-            "start_step": self.start_step, "converted": converted, "energy_j": self._energy_so_far_j(),
-            "report": self.report.as_dict(),
-        }  # fmt: skip
+        return {"scheme": self.resolved_scheme, "group_size": self.group_size, "quantize_embeddings": self.quantize_embeddings,
+                "start_step": self.start_step, "converted": converted, "energy_j": self._probe.so_far_j(), "report": self.report.as_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -224,14 +175,12 @@ class QuantizationAwareTraining(Callback):
         mismatched = {k: state_dict[k] for k in ours if k in state_dict and state_dict[k] != ours[k]}
         if mismatched:
             rank_zero_warn(f"QuantizationAwareTraining: the checkpoint was written with {mismatched}; this callback uses {ours}.")
-        self._energy_prior_j = float(state_dict.get("energy_j") or 0.0)
-        known = set(QatReport().__dataclass_fields__)
-        self.report = QatReport(**{k: v for k, v in (state_dict.get("report") or {}).items() if k in known})
+        self._probe.prior_j = float(state_dict.get("energy_j") or 0.0)
+        self.report = QatReport.from_dict(state_dict.get("report") or {})
 
     def prepare(self, model: nn.Module, device: Union[str, torch.device] = "cpu") -> nn.Module:
-        """Prepare ``model`` for QAT outside a Trainer (Fabric, a plain loop), in place, fake quantization
-        on; build the optimizer after this call. ``device`` is where the converted model will run (for
-        ``scheme="auto"``). Raises ``ValueError`` when no layer can be quantized."""
+        """Prepare ``model`` in place outside a Trainer (fake quantization on; build the optimizer after).
+        ``device``: where the converted model will run. Raises ``ValueError``: no layer to quantize."""
         self._resolve(model, torch.device(device))
         if not layers.is_prepared(model):
             self._prepare(model)
@@ -262,7 +211,7 @@ class QuantizationAwareTraining(Callback):
         before = state_dict_size_bytes(model)
         self._convert_model(model)
         after = state_dict_size_bytes(model)
-        self.report.update(size_bytes_before=before, size_bytes_after=after, size_ratio=after / before, energy_j=self._energy_so_far_j())
+        self.report.update(size_bytes_before=before, size_bytes_after=after, size_ratio=after / before, energy_j=self._probe.so_far_j())
         return model
 
     def export(self, path: Union[str, Path], model: Optional[nn.Module] = None) -> Path:
@@ -278,12 +227,12 @@ class QuantizationAwareTraining(Callback):
         self._resolve(pl_module, trainer.strategy.root_device)
         self._scheme = trainer.strategy.broadcast(self._scheme)  # every rank quantizes as rank 0 measured
         self.report.update(scheme=self._scheme)
-        self._module, self._stage = pl_module, stage
+        self._module = pl_module
+        self._loading.as_float = stage == "fit" or self.eval_as == "float"
+        self._loading.fake_quant_off = stage != "fit" and self.eval_as == "float"
         if not self._hooks:
-            self._hooks = [
-                pl_module.register_load_state_dict_pre_hook(self._before_load),
-                pl_module.register_load_state_dict_post_hook(self._after_load),
-            ]
+            self._hooks = [pl_module.register_load_state_dict_pre_hook(self._loading.before_load),
+                           pl_module.register_load_state_dict_post_hook(self._loading.after_load)]  # fmt: skip
         if stage != "fit":
             return
         dequantized = layers.to_float(pl_module)
@@ -313,20 +262,8 @@ class QuantizationAwareTraining(Callback):
     def _prepare(self, model: nn.Module) -> None:
         if self._scheme is None:  # convert() of a model that no Trainer set up: run it where its weights are
             self._resolve(model, next(model.parameters()).device)
-        scheme = self.resolved_scheme
-        embeddings = self.quantize_embeddings and SCHEMES[scheme].embeddings
-        chosen = layers.select_layers(model, scheme, self.group_size, self.filter_fn, embeddings)
-        if chosen.left_float:
-            rank_zero_warn(f"QuantizationAwareTraining: {len(chosen.left_float)} layer(s) left in float: {', '.join(chosen.left_float)}")
-        if not chosen.linears and not chosen.embeddings:
-            n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
-            raise ValueError(
-                f"QuantizationAwareTraining found no layer to quantize with scheme={scheme!r}: the model has {n_linear}"
-                f" nn.Linear layer(s); {len(chosen.left_float)} must stay float"
-                + ("; filter_fn excluded the rest" if self.filter_fn is not None else "")
-                + ". Layers built in setup()/configure_model() are not created yet when the callback prepares the model."
-            )
-        layers.prepare(model, scheme, self.group_size, chosen)
+        embeddings = self.quantize_embeddings and SCHEMES[self.resolved_scheme].embeddings
+        chosen = layers.prepare_selected(model, self.resolved_scheme, self.group_size, self.filter_fn, embeddings)
         self.report.update(layers_quantized=sorted(chosen.linears | chosen.embeddings), layers_left_float=chosen.left_float)
 
     def _sync_fake_quant(self, model: nn.Module, global_step: int) -> None:
@@ -336,30 +273,6 @@ class QuantizationAwareTraining(Callback):
             self._fake_quant_on = enabled
             if enabled:
                 self.report.update(fake_quant_from_step=global_step)
-
-    def _before_load(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Bring ``module`` to the form of the weights in ``state_dict`` (see Checkpoints above)."""
-        converted_file = layers.checkpoint_holds_converted(state_dict, prefix)
-        if self._stage == "fit" or self.eval_as == "float":
-            if converted_file:
-                n = layers.dequantize_checkpoint(state_dict, prefix)
-                rank_zero_warn(f"QuantizationAwareTraining: the checkpoint holds a converted model; its {n} quantized weight(s) load dequantized.")
-            layers.to_float(module)
-            self._convert_after_load = False
-        elif converted_file:
-            if not layers.is_converted(module) or layers.is_prepared(module):
-                self._convert_model(module)
-            self._convert_after_load = False
-        else:
-            layers.to_float(module)
-            self._convert_after_load = True
-
-    def _after_load(self, module: nn.Module, incompatible_keys: Any) -> None:
-        if self._convert_after_load:
-            self._convert_after_load = False
-            self._convert_model(module)
-        elif self._stage != "fit" and self.eval_as == "float":
-            layers.set_fake_quant_enabled(module, False)
 
     def _convert_model(self, model: nn.Module) -> None:
         if not layers.is_prepared(model):
@@ -372,15 +285,7 @@ class QuantizationAwareTraining(Callback):
         self.report.set_evaluation("float", evaluate(trainer, pl_module, self._probe, self.loss_fn))
         layers.set_fake_quant_enabled(pl_module, True)
         self._fake_quant_on = True
-        target = pl_module
-        if _is_spawn_launched(trainer):
-            target = copy.deepcopy(pl_module)
-            target.trainer = trainer
-            rank_zero_warn(
-                "QuantizationAwareTraining: under a spawn/fork launcher the main process cannot load quantized weights,"
-                " so the figures come from a converted copy and the model returned by fit is the trained float model:"
-                " call `qat.convert(model)` on it."
-            )
+        target = _conversion_target(trainer, pl_module)
         self._convert_model(target)
         size_after = state_dict_size_bytes(target)
         self.report.set_evaluation("converted", evaluate(trainer, target, self._probe, self.loss_fn))
@@ -397,18 +302,6 @@ class QuantizationAwareTraining(Callback):
                 logger.log_metrics(self.report.metrics(self.prefix), step=trainer.global_step)
         self._probe.add_summary(f"Quantization-aware training ({self.resolved_scheme})", self.report.summary_rows())
 
-    def _energy_so_far_j(self) -> Optional[float]:
-        """Energy of the QAT phase on this rank: earlier runs (from the checkpoint) plus this one."""
-        now = self._probe.now_j() if self._energy_start_j is not None else None
-        if now is None or self._energy_start_j is None:
-            return self._energy_prior_j or None
-        return self._energy_prior_j + now - self._energy_start_j
-
-    def _close_energy_phase(self) -> Optional[float]:
-        energy_j = self._energy_so_far_j()
-        self._energy_prior_j, self._energy_start_j = energy_j or 0.0, None
-        return energy_j
-
     def _resolve_model(self, model: Optional[nn.Module]) -> nn.Module:
         model = model if model is not None else self._module
         if model is None:
@@ -416,11 +309,21 @@ class QuantizationAwareTraining(Callback):
         return model
 
 
-def _is_spawn_launched(trainer: Trainer) -> bool:
-    """Whether the workers' weights are sent back to a main process that loads them (ddp_spawn, ddp_fork)."""
+def _conversion_target(trainer: Trainer, pl_module: LightningModule) -> LightningModule:
+    """The module to convert at the end of fit: itself, or a copy under ddp_spawn/ddp_fork (the main
+    process could not load the workers' quantized weights)."""
     from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
-    return isinstance(trainer.strategy.launcher, _MultiProcessingLauncher)
+    if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        return pl_module
+    target = copy.deepcopy(pl_module)
+    target.trainer = trainer
+    rank_zero_warn(
+        "QuantizationAwareTraining: under a spawn/fork launcher the main process cannot load quantized weights,"
+        " so the figures come from a converted copy and the model returned by fit is the trained float model:"
+        " call `qat.convert(model)` on it."
+    )
+    return target
 
 
 __all__ = ["QuantizationAwareTraining", "state_dict_size_bytes"]

@@ -9,6 +9,7 @@ pick by name: it times the candidates on the model's own Linear shapes (:mod:`.k
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -126,3 +127,29 @@ def auto_candidates(device: torch.device) -> list[str]:
     """The schemes ``scheme="auto"`` times on ``device``; every scheme that can run when none is marked."""
     marked = [n for n, s in SCHEMES.items() if device.type in s.auto_on and device_can_run(n, device)]
     return marked or schemes_for_device(device)
+
+
+EVAL_AS = ("converted", "float")
+
+
+def check_arguments(scheme: Any, group_size: Any, start_step: Any, filter_fn: Any, loss_fn: Any, embeddings: bool, eval_as: Any) -> None:
+    """Validate :class:`~.qat.QuantizationAwareTraining`'s arguments.
+
+    Raises:
+        ValueError: naming the argument and the allowed values.
+    """
+    if scheme != AUTO:
+        check_scheme(scheme)
+    if not (isinstance(group_size, int) and not isinstance(group_size, bool) and group_size > 0 and group_size & (group_size - 1) == 0):
+        raise ValueError(f"`group_size` must be a positive power of two (16, 32, 64, 128, ...), got {group_size!r}")
+    if not isinstance(start_step, int) or isinstance(start_step, bool) or start_step < 0:
+        raise ValueError(f"`start_step` must be an integer >= 0, got {start_step!r}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise ValueError(f"`filter_fn` must be None or a callable (module, fqn) -> bool, got {filter_fn!r}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ValueError(f"`loss_fn` must be None or a callable (pl_module, batch) -> tensor, got {loss_fn!r}")
+    if eval_as not in EVAL_AS:
+        raise ValueError(f"`eval_as` must be one of {list(EVAL_AS)}, got {eval_as!r}")
+    if embeddings and scheme != AUTO and not SCHEMES[scheme].embeddings:
+        allowed = [AUTO] + [s.name for s in SCHEMES.values() if s.embeddings]
+        raise ValueError(f"`quantize_embeddings=True` needs a scheme that quantizes embeddings, one of {allowed}; got {scheme!r}")
