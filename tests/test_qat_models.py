@@ -203,7 +203,7 @@ def test_best_mid_qat_and_converted_checkpoints(tmp_path):
 
     # fit resumes from the mid-QAT file, prepared, and converts at its end
     resumed, qat2 = LM("litgpt"), QuantizationAwareTraining(kernel_timer=fast_int8, start_step=1)
-    trainer([qat2], max_steps=4, limit_val_batches=0).fit(resumed, ckpt_path=mid)
+    trainer([qat2], max_steps=4, limit_val_batches=0, default_root_dir=tmp_path).fit(resumed, ckpt_path=mid)
     assert qat2.report["converted_at_step"] == 4 and converted_layers(resumed)
 
 
