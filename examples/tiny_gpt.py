@@ -12,7 +12,8 @@ says so.
 
 What it adds to an unchanged LightningModule: PowerSampler (energy and power, by phase),
 EfficiencyLogger (EER, EPI, tokens per joule, carbon), QuantizationAwareTraining (fake quantization
-from --qat-start-step on, converted to int8-activation/int4-weight at the end) and a TensorBoardLogger.
+from --qat-start-step on; scheme "auto" picks the kernel that is measured fastest on this device, int8 on
+x86 CPU, and converts at the end) and a TensorBoardLogger.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--interval-s", type=float, default=0.1, help="power sampling interval")
     p.add_argument("--no-phases", action="store_true", help="do not split energy by phase")
     p.add_argument("--no-qat", action="store_true", help="train in float only")
-    p.add_argument("--qat-scheme", default="int8_dynamic_int4_weight")
+    p.add_argument("--qat-scheme", default="auto", help="auto | int8_dynamic | int8_dynamic_int4_weight | ...")
     p.add_argument("--qat-start-step", type=int, default=700, help="fake quantization starts at this step")
     p.add_argument("--carbon-intensity", type=float, default=475.0, help="gCO2e per kWh of your grid")
     p.add_argument("--pue", type=float, default=1.0, help="data-centre power usage effectiveness")
@@ -107,7 +108,10 @@ def _headline(args, model, power, efficiency, qat, logger) -> dict:
         "log_dir": logger.log_dir,
     }
     if qat is not None:
-        out.update({k: qat.report.get(k) for k in ("epi_float_j", "epi_converted_j", "val_loss_float", "val_loss_converted", "size_ratio")})
+        keys = ("scheme", "epi_float_j", "epi_converted_j", "epi_ratio", "time_float_s", "time_converted_s", "val_loss_float",
+                "val_loss_converted", "size_ratio")
+        out.update({k: qat.report.get(k) for k in keys})
+        out["block_size"] = args.block_size
     return out
 
 
@@ -125,8 +129,13 @@ def _print_headline(h: dict) -> None:
     print(f"  tokens per joule:      {f(h['tokens_per_j'])}  [{src}]")
     print(f"  carbon:                {f(h['carbon_gco2e'], ' gCO2e')}  [{src}] (energy so far x PUE x grid intensity)")
     if "epi_float_j" in h:
-        print(f"  EPI float -> int4:     {f(h['epi_float_j'], ' J')} -> {f(h['epi_converted_j'], ' J')} per sample  [{src}]")
-        print(f"  val loss float -> int4:{f(h['val_loss_float'])} -> {f(h['val_loss_converted'])}; size ratio {f(h['size_ratio'])}")
+        per_token = {k: (h[k] / h["block_size"] if h.get(k) is not None else None) for k in ("epi_float_j", "epi_converted_j")}
+        ms = {k: (h[k] * 1e3 / h["block_size"] if h.get(k) is not None else None) for k in ("time_float_s", "time_converted_s")}
+        print(f"  QAT scheme:            {h['scheme']} (measured fastest on this device)")
+        print(f"  EPI float -> int8:     {f(per_token['epi_float_j'], ' J')} -> {f(per_token['epi_converted_j'], ' J')} per token"
+              f" (ratio {f(h['epi_ratio'])})  [{src}]")
+        print(f"  time float -> int8:    {f(ms['time_float_s'], ' ms')} -> {f(ms['time_converted_s'], ' ms')} per token")
+        print(f"  val loss float -> int8:{f(h['val_loss_float'])} -> {f(h['val_loss_converted'])}; size ratio {f(h['size_ratio'])}")
     print(f"  test EPI (converted):  {f(h['test_epi_j'], ' J/sample')}, {f(h['test_epi_j_per_token'], ' J/token')}  [{src}]")
     if "estimate" in h["sources"]:
         print("  note: 'estimate' figures come from a CPU utilisation model, not a measurement.")

@@ -34,7 +34,7 @@ def main(out_dir: str) -> None:
     output = model(x).tolist()
     # the converted weights are tensor subclasses that torch's broadcast cannot send: ddp_green skips them
     trainer.test(model, verbose=False)
-    result = {"report": qat.report, "quantized": quantized_params(model), "output": output, "tested": trainer.state.finished}
+    result = {"report": qat.report.as_dict(), "quantized": quantized_params(model), "output": output, "tested": trainer.state.finished}
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
         json.dump(result, f, default=str)
 

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_green import PowerSampler, SimulatedSensor
-from lightning_green.quantization import QuantizationAwareTraining, _torchao
+from lightning_green.quantization import QuantizationAwareTraining, _torchao, int8, layers
 from lightning_green.quantization.qat import state_dict_size_bytes
 
 KEYS = (
@@ -83,11 +83,20 @@ def make_trainer(callbacks, **kwargs):
 
 
 def fake_quantized(model):
-    return [name for name, m in model.named_modules() if isinstance(m, _torchao.fake_quantized_types())]
+    types = int8.FAKE_QUANTIZED + (_torchao.fake_quantized_types() if "torchao" in sys.modules else ())
+    return [name for name, m in model.named_modules() if isinstance(m, types)]
 
 
 def quantized_params(model):
-    return [name for name, p in model.named_parameters() if _torchao.is_quantized_tensor(p)]
+    """Names of the converted weights, either backend."""
+    ours = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, int8.CONVERTED)]
+    ao = [name for name, p in model.named_parameters() if "torchao" in sys.modules and _torchao.is_quantized_tensor(p)]
+    return ours + ao
+
+
+def fast_int8(label, fn):
+    """An injected kernel timer: the int8 kernel takes half the float time."""
+    return 1.0 if label == "float" else 0.5
 
 
 def logged(logger, key):
@@ -126,7 +135,7 @@ def test_prepare_outside_a_trainer():
     qat = QuantizationAwareTraining(start_step=10)
     assert qat.prepare(model) is model
     assert fake_quantized(model) == ["layer.0", "layer.2", "layer.4"]
-    assert _torchao.fake_quant_enabled(model) == [True] * 6
+    assert layers.fake_quant_enabled(model) == [True] * 3
     layer = model.layer[0]
     qat.prepare(model)  # idempotent
     assert model.layer[0] is layer
@@ -148,7 +157,7 @@ class FlagRecorder(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step
-        self.flags[step] = _torchao.fake_quant_enabled(pl_module)
+        self.flags[step] = layers.fake_quant_enabled(pl_module)
         x = torch.randn(8, 32)
         with torch.no_grad():
             out = pl_module(x)
@@ -167,7 +176,7 @@ def test_start_step_delays_fake_quantization():
     for step in (0, 1, 2):
         assert not any(rec.flags[step]) and rec.float_output[step], step
     for step in (3, 4):
-        assert len(rec.flags[step]) == 6 and all(rec.flags[step]), step  # 3 layers x (activation, weight)
+        assert len(rec.flags[step]) == 3 and all(rec.flags[step]), step  # one flag per layer
         assert not rec.float_output[step], step
     assert qat.report["fake_quant_from_step"] == 3
 
@@ -213,7 +222,7 @@ def test_no_validation_loop_skips_loss_figures():
     assert "val_loss_float" not in qat.report and qat.report["size_ratio"] < 1
 
 
-@pytest.mark.parametrize("scheme", ["int4_weight_only", "int8_weight_only"])
+@pytest.mark.parametrize("scheme", ["int8_dynamic_int4_weight", "int4_weight_only", "int8_weight_only"])
 def test_other_cpu_schemes_convert(scheme):
     model = QatModel(width=128)
     qat = QuantizationAwareTraining(scheme=scheme)
@@ -310,7 +319,7 @@ def test_resume_from_mid_qat_checkpoint(tmp_path):
     trainer.fit(model)
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
     saved = torch.load(tmp_path / "mid.ckpt", weights_only=False)
-    assert saved["callbacks"]["QuantizationAwareTraining"]["scheme"] == "int8_dynamic_int4_weight"
+    assert saved["callbacks"]["QuantizationAwareTraining"]["scheme"] == "int8_dynamic"
 
     resumed, qat2, probe, flags = QatModel(), QuantizationAwareTraining(start_step=2), WeightsAtStart(), FlagRecorder()
     trainer2 = make_trainer([qat2, probe, flags], max_steps=6, limit_val_batches=0)
@@ -353,22 +362,23 @@ def test_test_with_checkpoint_of_converted_model(tmp_path):
 
 def test_misfit_layers_are_left_in_float_with_one_warning():
     model = QatModel(misfit=True)
-    qat = QuantizationAwareTraining(convert_on_fit_end=False)
+    qat = QuantizationAwareTraining(scheme="int8_dynamic_int4_weight", convert_on_fit_end=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_trainer([qat], max_steps=1, limit_val_batches=0).fit(model)
-    ours = [str(w.message) for w in caught if "group_size" in str(w.message)]
+    ours = [str(w.message) for w in caught if "left in float" in str(w.message)]
     assert len(ours) == 1
-    assert "layer.6 (in_features=48)" in ours[0] and "layer.4" not in ours[0]
+    assert "layer.6 (in_features=48 not a multiple of group_size=32)" in ours[0] and "layer.4" not in ours[0]
     assert fake_quantized(model) == ["layer.0", "layer.2", "layer.4"]
     assert type(model.layer[6]) is nn.Linear
-    assert qat.report["layers_left_float"] == ["layer.6 (in_features=48)"]
+    assert qat.report["layers_left_float"] == ["layer.6 (in_features=48 not a multiple of group_size=32)"]
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"scheme": "int3"}, r"`scheme` must be one of \['float8_dynamic', 'int4_weight_only', 'int8_dynamic_int4"),
+        ({"scheme": "int3"}, r"`scheme` must be one of \['auto', 'float8_dynamic', 'int4_weight_only', 'int8_dynamic',"),
+        ({"eval_as": "int8"}, r"`eval_as` must be one of \['converted', 'float'\]"),
         ({"group_size": 0}, "`group_size` must be a positive power of two"),
         ({"group_size": 24}, "`group_size` must be a positive power of two"),
         ({"group_size": -32}, "`group_size` must be a positive power of two"),
@@ -385,14 +395,14 @@ def test_bad_input(kwargs, match):
 
 def test_scheme_that_cannot_run_on_cpu_is_refused_in_setup():
     qat = QuantizationAwareTraining(scheme="float8_dynamic")
-    with pytest.raises(ValueError, match=r"float8_dynamic.*device cpu.*'int8_dynamic_int4_weight'"):
+    with pytest.raises(ValueError, match=r"float8_dynamic.*device cpu.*'int8_dynamic', 'int8_dynamic_int4_weight'"):
         make_trainer([qat], max_steps=1).fit(QatModel())
 
 
 def test_model_with_no_eligible_layer_raises():
     model = QatModel()
     model.layer = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 2))  # in_features 32 fits
-    qat = QuantizationAwareTraining(filter_fn=lambda m, fqn: m.in_features == 48)
+    qat = QuantizationAwareTraining(scheme="int8_dynamic_int4_weight", filter_fn=lambda m, fqn: m.in_features == 48)
     with pytest.raises(ValueError, match="no layer to quantize"):
         make_trainer([qat], max_steps=1).fit(model)
 
@@ -416,7 +426,7 @@ def test_energy_figures_with_power_sampler(tmp_path):
         assert 0 < report[f"epi_{tag}_j"] < total_j / report["val_samples"]
         (step, value), = logged(logger, f"qat/epi_{tag}_j")
         assert step == 4 and value == pytest.approx(report[f"epi_{tag}_j"])
-    rows = sampler.summary["sections"]["Quantization-aware training (int8_dynamic_int4_weight)"]
+    rows = sampler.summary["sections"]["Quantization-aware training (int8_dynamic)"]
     assert {r["figure"]: r["source"] for r in rows}["EPI, converted"] == "simulated"
     assert {r["figure"]: r["value"] for r in rows}["size ratio"] == report["size_ratio"]
 

@@ -4,19 +4,19 @@
 inside functions: importing :mod:`lightning_green` never imports ``torchao``. A rename in a new
 release costs this one file.
 
-The named quantization schemes live in :data:`SCHEMES`, one row each. A row is plain data (what
-the scheme does, which devices can run it, whether it uses ``group_size``); the ``torchao`` configs
-are built on demand by :func:`linear_config` and :func:`embedding_config`.
+The named schemes live in :mod:`lightning_green.quantization.schemes`; the ``torchao`` configs of
+the ``torchao`` ones are built on demand here by :func:`_linear_config` and :func:`_embedding_config`.
 
 Measured with ``torchao`` 0.18 on CPU: ``QATConfig(base, step="prepare"|"convert")`` works with
 ``Int8DynamicActivationIntxWeightConfig`` and ``IntxWeightOnlyConfig``; ``Int4WeightOnlyConfig``
 fails at convert without the ``mslk`` kernels, so it is not offered; float8 needs CUDA sm89+.
-Converted int4 weights are stored unpacked, one int8 per value, plus one float scale per group.
+Converted int4 weights are stored unpacked, one int8 per value, plus one float scale per group; the
+converted int4/8da4w layers (``IntxUnpackedToInt8Tensor``) have no x86 kernel in this build and run
+2-5x slower than float on CPU.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -24,72 +24,7 @@ from torch import nn
 
 FilterFn = Callable[[nn.Module, str], bool]
 
-#: Device requirements a scheme can state: ``"any"`` runs wherever torch runs (CPU included);
-#: ``"cuda_sm89"`` needs a CUDA device of compute capability 8.9 or newer (Ada, Hopper, ...).
-REQUIREMENTS = ("any", "cuda_sm89")
-
-
-@dataclass(frozen=True)
-class Scheme:
-    """One named quantization scheme.
-
-    Args:
-        name: the name users pass as ``scheme=``.
-        description: one line for error messages and docs.
-        requires: one of :data:`REQUIREMENTS`.
-        grouped: the weights are quantized in groups of ``group_size`` values along
-            ``in_features``; a Linear layer whose ``in_features`` is not a multiple of it is left in
-            float.
-        weight_bits: bits per stored weight value after conversion, as ``torchao`` stores them
-            (int4 is stored unpacked in int8).
-        embeddings: ``nn.Embedding`` weights can be quantized with this scheme.
-    """
-
-    name: str
-    description: str
-    requires: str
-    grouped: bool
-    weight_bits: int
-    embeddings: bool
-
-
-SCHEMES: dict[str, Scheme] = {
-    s.name: s
-    for s in (
-        Scheme(
-            "int8_dynamic_int4_weight",
-            "int8 dynamic per-token activations, int4 symmetric per-group weights (8da4w)",
-            requires="any",
-            grouped=True,
-            weight_bits=8,
-            embeddings=True,
-        ),
-        Scheme(
-            "int4_weight_only",
-            "int4 symmetric per-group weights, float activations",
-            requires="any",
-            grouped=True,
-            weight_bits=8,
-            embeddings=True,
-        ),
-        Scheme(
-            "int8_weight_only",
-            "int8 symmetric per-output-channel weights, float activations",
-            requires="any",
-            grouped=False,
-            weight_bits=8,
-            embeddings=True,
-        ),
-        Scheme(
-            "float8_dynamic",
-            "float8 e4m3 dynamic per-row activations and weights",
-            requires="cuda_sm89",
-            grouped=False,
-            weight_bits=8,
-            embeddings=False,
-        ),
-    )
-}
+from lightning_green.quantization.schemes import SCHEMES
 
 
 def _linear_config(scheme: str, group_size: int) -> Any:
@@ -125,32 +60,6 @@ def _embedding_config(scheme: str, group_size: int) -> Any:
         f"scheme {scheme!r} cannot quantize nn.Embedding weights; set `quantize_embeddings=False` or use one"
         f" of {[s.name for s in SCHEMES.values() if s.embeddings]}"
     )
-
-
-def check_scheme(scheme: str) -> Scheme:
-    """The table row of ``scheme``.
-
-    Raises:
-        ValueError: unknown name; the message lists the known ones.
-    """
-    if scheme not in SCHEMES:
-        raise ValueError(f"`scheme` must be one of {sorted(SCHEMES)}, got {scheme!r}")
-    return SCHEMES[scheme]
-
-
-def device_can_run(scheme: str, device: torch.device) -> bool:
-    """Whether ``scheme`` can prepare and convert on ``device``."""
-    requires = SCHEMES[scheme].requires
-    if requires == "any":
-        return True
-    if requires == "cuda_sm89":
-        return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-    raise AssertionError(f"unknown requirement {requires!r}")
-
-
-def schemes_for_device(device: torch.device) -> list[str]:
-    """Names of the schemes that can run on ``device``."""
-    return [name for name in SCHEMES if device_can_run(name, device)]
 
 
 def fake_quantized_types() -> tuple[type, ...]:
