@@ -174,3 +174,24 @@ def test_global_step_reader_reads_what_trainer_global_step_reads(model, kwargs):
     tiny_trainer(max_steps=4, callbacks=[watcher], **kwargs).fit(model())
     assert [a for a, _ in watcher.pairs] == [b for _, b in watcher.pairs]
     assert watcher.pairs[-1][1] == 4
+
+
+class RankScripted(Scripted):
+    """Rank 1 logs a lower val_loss than rank 0, without sync_dist: only rank 1 sees the target met."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.val_loss_at[self.global_step] - 0.5 * self.global_rank)
+        return BoringModel.validation_step(self, batch, batch_idx)
+
+
+def test_two_processes_decide_together_and_sum_their_energy(tmp_path):
+    clock = FakeClock()
+    ps = PowerSampler(sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, summary_dir=str(tmp_path), print_summary=False, clock=clock)
+    trainer = tiny_trainer(max_steps=6, devices=2, strategy="ddp_spawn", log_every_n_steps=2, val_check_interval=2, check_val_every_n_epoch=None,
+                           limit_val_batches=1, callbacks=[clock, ps, EfficiencyLogger(targets={"val_loss": 1.6})])
+    trainer.fit(RankScripted({2: 3.0, 4: 2.0, 6: 1.4}))
+    [row] = json.loads((tmp_path / "energy_summary_fit.json").read_text())["sections"]["targets"]
+    # rank 1 sees 2.0 - 0.5 = 1.5 <= 1.6 after step 4 (rank 0 sees 2.0): 4 batches, 2 validation batches, each process
+    seconds = 4 * STEP_S + 2 * VAL_S
+    assert (row["reached"], row["step"], row["value"]) == (True, 4, pytest.approx(2.0))  # rank 0's own value
+    assert row["seconds"] == pytest.approx(seconds) and row["joules"] == pytest.approx(2 * WATTS * seconds, rel=1e-6)

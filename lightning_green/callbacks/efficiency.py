@@ -173,7 +173,7 @@ class EfficiencyLogger(Callback):
         self._target_spec = M.parse_targets(targets) if targets is not None else None
         self.targets: M.EnergyTargets | None = None  # of the current (or last) fit
         self._watch: M.TargetWatch | None = None
-        self._global_step: Callable[[], int] = lambda: 0
+        self._global_step: Callable[[], int] | None = None  # set at train start (a lambda would not pickle for spawn)
         self._cadence = LogCadence()
         self._power: PowerSampler | None = None
         self._trainer: Trainer | None = None
