@@ -11,9 +11,10 @@ says so.
     tensorboard --logdir lightning_logs                 # energy, power, efficiency curves
 
 What it adds to an unchanged LightningModule: PowerSampler (energy and power, by phase),
-EfficiencyLogger (EER, EPI, tokens per joule, carbon), QuantizationAwareTraining (fake quantization
-from --qat-start-step on; scheme "auto" picks the kernel that is measured fastest on this device, int8 on
-x86 CPU, and converts at the end) and a TensorBoardLogger.
+EfficiencyLogger (EER, EPI, tokens per joule, carbon, and the energy until val_loss first reaches
+--target-val-loss), QuantizationAwareTraining (fake quantization from --qat-start-step on; scheme
+"auto" picks the kernel that is measured fastest on this device, int8 on x86 CPU, and converts at
+the end) and a TensorBoardLogger.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--qat-start-step", type=int, default=700, help="fake quantization starts at this step")
     p.add_argument("--carbon-intensity", type=float, default=475.0, help="gCO2e per kWh of your grid")
     p.add_argument("--pue", type=float, default=1.0, help="data-centre power usage effectiveness")
+    p.add_argument("--target-val-loss", type=float, default=2.5,
+                   help="report the energy and time until val_loss (nats per byte; ln 256 = 5.5 untrained) first reaches this")
     p.add_argument("--log-dir", default="lightning_logs")
     return p.parse_args(argv)
 
@@ -70,7 +73,8 @@ def main(argv=None) -> dict:
     model = TinyGPT(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, block_size=args.block_size, lr=args.lr, warmup_steps=20)
 
     power = PowerSampler(sensors="auto", interval_s=args.interval_s, phases=not args.no_phases)
-    efficiency = EfficiencyLogger(carbon_intensity_g_per_kwh=args.carbon_intensity, pue=args.pue, tokens_per_batch="numel")
+    efficiency = EfficiencyLogger(carbon_intensity_g_per_kwh=args.carbon_intensity, pue=args.pue, tokens_per_batch="numel",
+                                  targets={"val_loss": args.target_val_loss})
     callbacks = [power, efficiency]
     qat = None
     if not args.no_qat:
@@ -106,6 +110,8 @@ def _headline(args, model, power, efficiency, qat, logger) -> dict:
         "test_epi_j": r.get("test_epi_j"),
         "test_epi_j_per_token": r.get("test_epi_j_per_token"),
         "log_dir": logger.log_dir,
+        "target_val_loss": args.target_val_loss,
+        "to_target": efficiency.targets.reached.get("val_loss"),  # {"step", "energy_j", "time_s", ...} or None
     }
     if qat is not None:
         keys = ("scheme", "epi_float_j", "epi_converted_j", "epi_ratio", "time_float_s", "time_converted_s", "val_loss_float",
@@ -137,6 +143,9 @@ def _print_headline(h: dict) -> None:
         print(f"  time float -> int8:    {f(ms['time_float_s'], ' ms')} -> {f(ms['time_converted_s'], ' ms')} per token")
         print(f"  val loss float -> int8:{f(h['val_loss_float'])} -> {f(h['val_loss_converted'])}; size ratio {f(h['size_ratio'])}")
     print(f"  test EPI (converted):  {f(h['test_epi_j'], ' J/sample')}, {f(h['test_epi_j_per_token'], ' J/token')}  [{src}]")
+    t = h["to_target"]
+    reached = f"{f(t['energy_j'], ' J')} in {f(t['time_s'], ' s')}, step {t['step']}  [{src}]" if t else "not reached"
+    print(f"  to val_loss <= {h['target_val_loss']:g}:   {reached}")
     if "estimate" in h["sources"]:
         print("  note: 'estimate' figures come from a CPU utilisation model, not a measurement.")
     print(f"\nTensorBoard: tensorboard --logdir {h['log_dir']}")

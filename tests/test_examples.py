@@ -21,6 +21,8 @@ def test_tiny_gpt(tmp_path):
                "--max-bytes", "200000", "--log-dir", str(tmp_path)], cwd=tmp_path)
     assert "=== tiny_gpt: energy headline ===" in out
     assert "EPI float -> int8" in out and "per token" in out and "tensorboard --logdir" in out
+    assert "to val_loss <= 2.5:" in out
+    assert any(r["metric"] == "val_loss" for r in json.loads(next(tmp_path.rglob("energy_summary_fit.json")).read_text())["sections"]["targets"])
     summary = json.loads(next(tmp_path.rglob("energy_summary_fit.json")).read_text())
     assert summary["sources"] and all(s in {"counter", "polled", "rapl", "estimate"} for s in summary["sources"])
     sections = summary["sections"]

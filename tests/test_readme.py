@@ -25,6 +25,7 @@ def documented_keys() -> set[str]:
 def normalise(key: str) -> str:
     key = re.sub(r"^(energy|power|power_trace)/sim_(j|w)$", r"\1/<sensor>_\2", key)
     key = re.sub(r"^(energy|time)/phase/(data|compute|optimizer|comm|other)_", r"\1/phase/<phase>_", key)
+    key = re.sub(r"^efficiency/(energy|time)_to_target/val_loss_(j|s)$", r"efficiency/\1_to_target/<metric>_\2", key)
     return key
 
 
@@ -45,7 +46,7 @@ def test_logged_keys_match_readme(tmp_path):
     strategy = EnergyAwareDDPStrategy(power_limit=300.0, power_control=SimulatedPowerControl(), power_limit_cache=False)
     callbacks = [
         PowerSampler(sensors=[SimulatedSensor(100.0, name="sim")], interval_s=0.01, phases=True, summary_dir=str(tmp_path), print_summary=False),
-        EfficiencyLogger(tokens_per_batch="numel"),
+        EfficiencyLogger(tokens_per_batch="numel", targets={"val_loss": 1e9}),  # reached at the first validation
         QuantizationAwareTraining(scheme="int8_weight_only", group_size=32),
     ]
     trainer = tiny_trainer(max_steps=4, log_every_n_steps=2, limit_val_batches=2, val_check_interval=2, logger=logger, callbacks=callbacks, strategy=strategy)

@@ -54,7 +54,7 @@ def test_a_target_never_reached_and_one_never_logged():
     assert targets.reached == {}
     assert targets.never_logged() == ["val_ppl"]
     rows = {r["metric"]: r for r in targets.rows("simulated")}
-    assert rows["val_loss"]["reached"] is False and math.isnan(rows["val_loss"]["energy_j"]) and rows["val_loss"]["step"] is None
+    assert rows["val_loss"]["reached"] is False and rows["val_loss"]["joules"] is None and rows["val_loss"]["step"] is None
     assert rows["val_ppl"]["mode"] == "max" and rows["val_ppl"]["source"] == "simulated"
 
 
@@ -68,7 +68,7 @@ def test_rows_report_reached_targets_with_the_source():
     targets = EnergyTargets({"val_loss": 1.5})
     constant_power_run(targets, [1.4], power_w=40.0)
     assert targets.rows("estimate") == [{"metric": "val_loss", "target": 1.5, "mode": "min", "reached": True, "value": pytest.approx(1.4),
-                                         "step": 10, "energy_j": 200.0, "time_s": 5.0, "source": "estimate"}]
+                                         "step": 10, "joules": 200.0, "seconds": 5.0, "source": "estimate"}]
 
 
 def test_resumed_run_keeps_targets_already_met():
@@ -94,3 +94,16 @@ def test_restored_state_drops_targets_no_longer_asked_for():
 
 def test_logged_keys_carry_units():
     assert target_keys("val_loss") == ("efficiency/energy_to_target/val_loss_j", "efficiency/time_to_target/val_loss_s")
+
+
+def test_processes_decide_together_from_summed_parts():
+    """Two processes: only rank 1 sees the target met; the summed parts make both record it, with the
+    energy of both and their mean time."""
+    ranks = [EnergyTargets({"val_loss": 1.5, "val_acc": 0.9}) for _ in range(2)]
+    parts = [ranks[0].probe({"val_loss": 1.6, "val_acc": 0.5}, 300.0, 10.0), ranks[1].probe({"val_loss": 1.4}, 200.0, 12.0)]
+    assert parts == [[300.0, 10.0, 0.0, 0.0], [200.0, 12.0, 1.0, 0.0]]
+    summed = [a + b for a, b in zip(*parts)]
+    assert [t.settle(summed, step=40, n_processes=2) for t in ranks] == [["val_loss"], ["val_loss"]]
+    assert ranks[0].reached["val_loss"] == {"value": 1.6, "step": 40, "energy_j": 500.0, "time_s": 11.0}
+    assert ranks[1].reached["val_loss"]["value"] == 1.4
+    assert ranks[0].pending() and ranks[0].never_logged() == [] and ranks[1].never_logged() == ["val_acc"]

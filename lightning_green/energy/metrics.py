@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 J_PER_KWH = 3.6e6
 DEFAULT_CARBON_INTENSITY_G_PER_KWH = 475.0
@@ -118,6 +118,7 @@ class EnergyTargets:
         self.targets = parse_targets(targets)
         self.reached: dict[str, dict] = {}  # name -> {"value", "step", "energy_j", "time_s"}
         self.seen: set[str] = set()
+        self._last: dict[str, float] = {}  # the last value seen of each metric
 
     def update(self, metrics: Mapping[str, object], step: int, energy_j: float, time_s: float) -> list[str]:
         """Check every target against ``metrics``; return the names reached for the first time now.
@@ -125,16 +126,40 @@ class EnergyTargets:
         A metric that is absent or NaN does not count; values are anything ``float()`` accepts (a
         0-d tensor too).
         """
-        newly = []
+        return self.settle(self.probe(metrics, energy_j, time_s), step, n_processes=1)
+
+    def pending(self) -> bool:
+        """Whether some target is not reached yet (else there is nothing left to check)."""
+        return len(self.reached) < len(self.targets)
+
+    def probe(self, metrics: Mapping[str, object], energy_j: float, time_s: float) -> list[float]:
+        """One process's part of a decision all processes share: ``[energy_j, time_s, flag, ...]``
+        with one flag per target, 1.0 where ``metrics`` reach a target not reached before.
+
+        Sum the parts over processes (one all-reduce, with whatever else is reduced then) and pass
+        the sum to :meth:`settle` on every process: the decision is then the same everywhere.
+        """
+        flags = []
         for name, (target, mode) in self.targets.items():
-            if name not in metrics:
-                continue
-            value = float(metrics[name])
-            self.seen.add(name)
-            if name in self.reached or math.isnan(value):
-                continue
-            if (value <= target) if mode == "min" else (value >= target):
-                self.reached[name] = {"value": value, "step": int(step), "energy_j": float(energy_j), "time_s": float(time_s)}
+            hit = 0.0
+            if name in metrics:
+                value = float(metrics[name])
+                self.seen.add(name)
+                self._last[name] = value
+                if name not in self.reached and not math.isnan(value) and ((value <= target) if mode == "min" else (value >= target)):
+                    hit = 1.0
+            flags.append(hit)
+        return [float(energy_j), float(time_s), *flags]
+
+    def settle(self, summed: Sequence[float], step: int, n_processes: int) -> list[str]:
+        """Record the targets that any process reached, from the sum of :meth:`probe` parts: the
+        energy of all processes and their mean time. Returns the names reached for the first time."""
+        energy_j, time_s, *flags = summed
+        newly = []
+        for name, flag in zip(self.targets, flags):
+            if flag > 0 and name not in self.reached:
+                value = self._last.get(name, math.nan)  # this process's value (another may have reached it)
+                self.reached[name] = {"value": value, "step": int(step), "energy_j": float(energy_j), "time_s": float(time_s) / n_processes}
                 newly.append(name)
         return newly
 
@@ -152,13 +177,60 @@ class EnergyTargets:
         self.seen = {name for name in state["seen"] if name in self.targets}
 
     def rows(self, source: str) -> list[dict]:
-        """One summary row per target: reached or not, step, joules, seconds, the energy's source label."""
+        """One summary row per target, in the shape the ``targets`` section is read in
+        (:func:`lightning_green.run_summary.targets`): ``metric``, ``reached``, ``step``, ``joules``,
+        ``seconds``, ``source`` (the energy's source label), plus ``target``, ``mode`` and ``value``.
+        A target not reached has ``None`` for step, joules, seconds and value."""
         out = []
         for name, (target, mode) in self.targets.items():
-            r = self.reached.get(name)
+            r = self.reached.get(name) or {}
             out.append({
-                "metric": name, "target": target, "mode": mode, "reached": r is not None,
-                "value": r["value"] if r else math.nan, "step": r["step"] if r else None,
-                "energy_j": r["energy_j"] if r else math.nan, "time_s": r["time_s"] if r else math.nan, "source": source,
+                "metric": name, "target": target, "mode": mode, "reached": bool(r), "value": r.get("value"),
+                "step": r.get("step"), "joules": r.get("energy_j"), "seconds": r.get("time_s"), "source": source,
             })
         return out
+
+
+class TargetWatch:
+    """Energy-to-target over a run: :class:`EnergyTargets` with the energy and time since the start
+    of fit, carried across a checkpoint resume. Trainer-free: energy and time are callables.
+
+    Each check is a part of a sum over processes (:meth:`part`, then :meth:`settle` with the sum), so
+    the caller can put it into an all-reduce it makes anyway.
+
+    Args:
+        targets: see :func:`parse_targets`.
+        energy_now_j: this process's cumulative energy (J).
+        clock: seconds, on the clock ``energy_now_j`` is on.
+    """
+
+    def __init__(self, targets: EnergyTargets, energy_now_j: Callable[[], float], clock: Callable[[], float]) -> None:
+        self.targets = targets
+        self._energy_now_j, self._clock = energy_now_j, clock
+        self._t0_s, self._e0_j = clock(), energy_now_j()
+        self.restored_j = self.restored_s = 0.0  # before a resume
+
+    def energy_j(self) -> float:
+        """This process's energy since the start of fit, validation included (a resumed run's too)."""
+        return self.restored_j + self._energy_now_j() - self._e0_j
+
+    def time_s(self) -> float:
+        return self.restored_s + self._clock() - self._t0_s
+
+    def part(self, metrics: Callable[[], Mapping[str, object]]) -> list[float]:
+        """This process's part of a check; ``metrics`` is called only while a target is pending
+        (the length is the same either way, as every process must add the same number of values)."""
+        return self.targets.probe(metrics() if self.targets.pending() else {}, self.energy_j(), self.time_s())
+
+    def settle(self, summed: Sequence[float], step: int, n_processes: int) -> dict[str, float]:
+        """The metrics to log for the targets reached for the first time by this check."""
+        out = {}
+        for name in self.targets.settle(summed, step, n_processes):
+            energy_key, time_key = target_keys(name)
+            out[energy_key], out[time_key] = self.targets.reached[name]["energy_j"], self.targets.reached[name]["time_s"]
+        return out
+
+    def never_logged_message(self, logged: Iterable[str]) -> str:
+        """The warning for targets whose metric was never logged, naming them and what was logged."""
+        return (f"EfficiencyLogger: no metric was ever logged for the targets {', '.join(self.targets.never_logged())}, so they are "
+                f"not reached; check the names. Metrics logged: {', '.join(sorted(logged)) or 'none'}.")
