@@ -28,8 +28,8 @@ from lightning_green.strategies import (
     choose_limit,
     limit_grid,
 )
-from lightning_green.strategies import power_control as power_control_module
-from lightning_green.strategies.power_control import SigtermRestore
+from lightning_green.strategies import sigterm as sigterm_module
+from lightning_green.strategies.sigterm import SigtermRestore
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SCRIPTS = os.path.join(os.path.dirname(__file__), "ddp_scripts")
@@ -150,7 +150,7 @@ def test_sigterm_handler_reraises_with_default_handler(monkeypatch):
     order = []
     monkeypatch.setattr(signal, "getsignal", lambda s: signal.SIG_DFL)
     monkeypatch.setattr(signal, "signal", lambda s, h: order.append(("signal", h)))
-    monkeypatch.setattr(power_control_module.os, "kill", lambda pid, s: order.append(("kill", pid, s)))
+    monkeypatch.setattr(sigterm_module.os, "kill", lambda pid, s: order.append(("kill", pid, s)))
     guard = SigtermRestore(lambda: order.append("restore"))
     guard.install()
     guard._handle(signal.SIGTERM, None)
