@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 from multiprocessing import util as _mp_util
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -308,11 +308,12 @@ class SimulatedPowerControl(PowerControl):
         """``E(L) = P(L) T(L)``."""
         return self.power_w(limit_w) * self.step_time_s(limit_w, step_s)
 
-    def sensor(self, name: str = "sim_gpu", host_level: bool = False) -> Any:
-        """A :class:`~lightning_green.sensors.SimulatedSensor` reading ``P(L)`` of the limit in force."""
+    def sensor(self, name: str = "sim_gpu", host_level: bool = False, clock: Callable[[], float] = time.monotonic) -> Any:
+        """A :class:`~lightning_green.sensors.SimulatedSensor` reading ``P(L)`` of the limit in force
+        (``clock`` stamps its readings; tests inject a simulated one)."""
         from lightning_green.sensors.simulated import SimulatedSensor
 
-        return SimulatedSensor(power_w=_PowerOf(self), name=name, host_level=host_level, domain="gpu")
+        return SimulatedSensor(power_w=_PowerOf(self), name=name, host_level=host_level, domain="gpu", clock=clock)
 
     def on_step(self) -> None:
         if self.step_s > 0:
