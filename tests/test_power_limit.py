@@ -464,6 +464,30 @@ def test_callback_on_a_single_device_settles_after_each_change(tmp_path):
     assert sampler.summary["sections"]["Power limit search"] == [dict(r, source="profiled") for r in search.table]
 
 
+def test_callback_with_plain_ddp_two_ranks_agrees_and_restores(tmp_path):
+    # Two processes, strategy="ddp" (not ddp_green): the callback needs only the strategy's collectives.
+    # Rank 1's simulated workload is less clock-bound; time is simulated per rank (exact windows).
+    proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, "limit_search.py"), str(tmp_path)], env=child_env(), cwd=SCRIPTS,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    controls = [SimulatedPowerControl(min_w=150, max_w=400, beta=r["beta"]) for r in ranks]
+    grid = limit_grid(150, 400, 50)
+    # a window's energy is the sum over ranks, its time the slowest rank's; P_max = 400 W x 2 ranks
+    model = [LimitProfile(w, sum(c.energy_per_step_j(w, 0.04) for c in controls), max(c.step_time_s(w, 0.04) for c in controls), 2) for w in grid]
+    expected_w, _ = choose_limit(model, eta=0.5, p_max_w=800)
+    alone_w = [choose_limit([LimitProfile(w, c.energy_per_step_j(w, 0.04), c.step_time_s(w, 0.04), 2) for w in grid], eta=0.5)[0] for c in controls]
+    assert expected_w == 250 and alone_w == [300, 200]  # each rank alone would choose another limit
+    schedule = [400.0] * 4 + [w for w in grid[1:] for _ in range(3)] + [expected_w] * 2  # warm-up 1, then settle 1 + profile 2 each
+    for r in ranks:
+        assert (r["strategy"], r["world_size"]) == ("DDPStrategy", 2)
+        assert r["chosen_w"] == expected_w and r["limits"] == schedule
+        assert [(p["limit_w"], p["steps"]) for p in r["profiles"]] == [(w, 2) for w in grid]
+        for p, m in zip(r["profiles"], model):
+            assert (p["energy_per_step_j"], p["time_per_step_s"]) == (pytest.approx(m.energy_per_step_j), pytest.approx(m.time_per_step_s))
+        assert r["limit_after_fit_w"] == 400 and read_limit(tmp_path / f"dev{r['rank']}.json") == 400  # restored on both devices
+
+
 def test_callback_and_strategy_shorthand_cannot_both_set_limits(tmp_path):
     from lightning_green import PowerLimitSearch as Callback_
 
