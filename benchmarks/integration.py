@@ -62,10 +62,12 @@ def run_once(seconds: float, interval_s: float, rng: random.Random) -> dict[str,
     for _, _, sampler, _ in runs.values():
         sampler.stop()
     out = {}
-    for name, (sensor, meter, _, energy) in runs.items():
-        t0 = sensor._t0
-        times = list(meter._channels["sim"].t)
-        a, b = times[0], times[-1]
+    for name, (_, meter, _, energy) in runs.items():
+        times = [t for t, _ in meter.samples_between("sim", -math.inf, math.inf)]  # every reading: the history holds them all
+        if len(times) != meter.stats("sim")["samples"]:
+            raise RuntimeError(f"{name}: the meter's history dropped readings; raise EnergyMeter(history=...)")
+        t0 = a = times[0]  # a SimulatedSensor's scripted time starts at its first reading
+        b = times[-1]
         exact = energy(b - t0) - energy(a - t0)
         window_errors = []
         for _ in range(50):

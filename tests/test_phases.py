@@ -59,45 +59,59 @@ def test_accumulator_energy_by_time():
     assert rows[-1]["energy_j"] is None and "not measurable" in rows[-1]["note"]
 
 
+class FakeTime:
+    """A clock that moves only when the code under test "sleeps": phase edges and sensor readings
+    land on exact simulated timestamps, whatever the machine's load."""
+
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, seconds):
+        self.t += seconds
+
+
 class SlowData(Dataset):
-    def __init__(self, sleep_s):
-        self.sleep_s = sleep_s
+    def __init__(self, sleep_s, sleep=time.sleep):
+        self.sleep_s, self.sleep = sleep_s, sleep
 
     def __len__(self):
         return 1000
 
     def __getitem__(self, i):
-        time.sleep(self.sleep_s)
+        self.sleep(self.sleep_s)
         return torch.randn(8)
 
 
 class SleepyOptimizer(torch.optim.SGD):
-    def __init__(self, params, sleep_s):
+    def __init__(self, params, sleep_s, sleep=time.sleep):
         super().__init__(params, lr=0.01)
-        self.sleep_s = sleep_s
+        self.sleep_s, self.sleep = sleep_s, sleep
 
     def step(self, closure=None):
         loss = closure() if closure is not None else None
-        time.sleep(self.sleep_s)
+        self.sleep(self.sleep_s)
         super().step()
         return loss
 
 
 class Phased(LightningModule):
-    def __init__(self, data_s, compute_s, opt_s):
+    def __init__(self, data_s, compute_s, opt_s, sleep=time.sleep):
         super().__init__()
         self.layer = torch.nn.Linear(8, 1)
-        self.data_s, self.compute_s, self.opt_s = data_s, compute_s, opt_s
+        self.data_s, self.compute_s, self.opt_s, self.sleep = data_s, compute_s, opt_s, sleep
 
     def training_step(self, batch, batch_idx):
-        time.sleep(self.compute_s)
+        self.sleep(self.compute_s)
         return self.layer(batch).sum()
 
     def train_dataloader(self):
-        return DataLoader(SlowData(self.data_s), batch_size=1)
+        return DataLoader(SlowData(self.data_s, self.sleep), batch_size=1)
 
     def configure_optimizers(self):
-        return SleepyOptimizer(self.parameters(), self.opt_s)
+        return SleepyOptimizer(self.parameters(), self.opt_s, self.sleep)
 
 
 def test_overflow_keeps_time():
@@ -107,29 +121,31 @@ def test_overflow_keeps_time():
 
 
 def test_known_sleeps_give_the_split(tmp_path):
-    logger = Mock()
+    # Simulated time: data, compute and the optimizer step each move the clock by a known amount, and
+    # nothing else does, so each phase's seconds and joules are exact (no race with a busy machine).
+    logger, clock = Mock(), FakeTime()
     logger.log_dir = logger.save_dir = None
-    ps = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.02, phases=True, summary_dir=str(tmp_path), print_summary=False)
-    tiny_trainer(max_steps=12, log_every_n_steps=4, callbacks=[ps], logger=logger).fit(Phased(0.02, 0.04, 0.03))
+    ps = PowerSampler(sensors=[SimulatedSensor(100.0, clock=clock)], interval_s=3600.0, phases=True, summary_dir=str(tmp_path),
+                      print_summary=False, clock=clock)
+    tiny_trainer(max_steps=12, log_every_n_steps=4, callbacks=[ps], logger=logger).fit(Phased(0.02, 0.04, 0.03, sleep=clock.sleep))
     rows = {r["phase"]: r for r in ps.summary["sections"]["energy by phase"]}
-    total_j = sum(rows[p]["energy_j"] for p in ("data", "compute", "optimizer", "comm", "other"))
-    expected = {"data": 0.02 / 0.09, "compute": 0.04 / 0.09, "optimizer": 0.03 / 0.09}
-    for phase, share in expected.items():
-        assert rows[phase]["energy_j"] / total_j == pytest.approx(share, rel=0.10), (phase, rows)
-        assert rows[phase]["energy_j"] == pytest.approx(100.0 * rows[phase]["seconds"], rel=0.02)
-    assert rows["comm"]["energy_j"] == 0.0
+    for phase, seconds in {"data": 0.02, "compute": 0.04, "optimizer": 0.03, "comm": 0.0, "other": 0.0}.items():
+        assert rows[phase]["seconds"] == pytest.approx(12 * seconds, abs=1e-9), (phase, rows)
+        assert rows[phase]["energy_j"] == pytest.approx(100.0 * 12 * seconds, abs=1e-6), (phase, rows)
+    assert rows["data"]["energy_share_pct"] == pytest.approx(100 * 0.02 / 0.09)
     assert "not measurable" in rows["memory (dram)"]["note"]
-    data_j = [v for _, v in logged(logger, "energy/phase/data_j")]
-    assert len(data_j) == 3 and all(v == pytest.approx(100.0 * 4 * 0.02, rel=0.25) for v in data_j)
-    assert logged(logger, "time/phase/compute_s")
+    assert [v for _, v in logged(logger, "energy/phase/data_j")] == [pytest.approx(100.0 * 4 * 0.02)] * 3
+    assert [v for _, v in logged(logger, "time/phase/compute_s")] == [pytest.approx(4 * 0.04)] * 3
 
 
 def test_dram_zone_reported_as_memory(tmp_path):
-    dram = SimulatedSensor(5.0, name="rapl_dram-0", host_level=True, domain="dram")
-    ps = PowerSampler(sensors=[SimulatedSensor(100.0), dram], interval_s=0.02, phases=True, summary_dir=str(tmp_path), print_summary=False)
-    tiny_trainer(max_steps=4, callbacks=[ps]).fit(Phased(0.0, 0.01, 0.0))
+    clock = FakeTime()
+    dram = SimulatedSensor(5.0, name="rapl_dram-0", host_level=True, domain="dram", clock=clock)
+    ps = PowerSampler(sensors=[SimulatedSensor(100.0, clock=clock), dram], interval_s=3600.0, phases=True, summary_dir=str(tmp_path),
+                      print_summary=False, clock=clock)
+    tiny_trainer(max_steps=4, callbacks=[ps]).fit(Phased(0.0, 0.01, 0.0, sleep=clock.sleep))
     row = ps.summary["sections"]["energy by phase"][-1]
-    assert row["energy_j"] == pytest.approx(5.0 * ps.summary["sensors"][1]["duration_s"], rel=0.05)
+    assert row["energy_j"] == pytest.approx(5.0 * 4 * 0.01) and ps.summary["sensors"][1]["duration_s"] == pytest.approx(4 * 0.01)
     assert "rapl_dram-0" in row["note"]
 
 

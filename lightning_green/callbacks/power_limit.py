@@ -20,7 +20,7 @@ from typing_extensions import override
 from lightning_green._glue import WarnOnce, check_int, check_number, log_metrics, misconfigured
 from lightning_green.callbacks.power import PowerSampler, find_power_sampler
 from lightning_green.distributed import broadcast, gather_floats
-from lightning_green.strategies.power_control import NvmlPowerControl, PowerControl, PowerControlError, PowerControlUnavailable, SigtermRestore
+from lightning_green.strategies.power_control import NvmlPowerControl, PowerControl, PowerControlError, PowerControlUnavailable
 from lightning_green.strategies.power_limit import (
     POWER_LIMIT_SEARCH,
     SUMMARY_TITLE,
@@ -33,6 +33,7 @@ from lightning_green.strategies.power_limit import (
     default_cache_path,
     limit_grid,
 )
+from lightning_green.strategies.sigterm import SigtermRestore
 
 log = logging.getLogger("lightning_green")
 
@@ -46,6 +47,17 @@ def make_control(power_control: Any) -> PowerControl:
     if power_control is None or (isinstance(power_control, str) and power_control.lower() == "nvml"):
         return NvmlPowerControl()
     raise ValueError(f"`power_control` must be None, 'nvml' or a PowerControl instance, got {power_control!r}")
+
+
+def check_search_args(power_control: Any, eta: Any, max_slowdown: Any, warmup_steps: Any, profile_steps: Any,
+                      settle_steps: Any, limit_step_w: Any) -> tuple[PowerControl, float, Optional[float], int, int, int, float]:
+    """PowerLimitSearch's argument checks, in its argument order (``ValueError`` naming the argument).
+
+    ``EnergyAwareDDPStrategy`` runs them even without a ``power_limit``, so a typo fails at once.
+    """
+    return (make_control(power_control), check_eta(eta), check_max_slowdown(max_slowdown), check_int("warmup_steps", warmup_steps, 0),
+            check_int("profile_steps", profile_steps, 1), check_int("settle_steps", settle_steps, 0),
+            check_number("limit_step_w", limit_step_w, 0.0, strict=True, unit="a number of watts"))
 
 
 class PowerLimitSearch(Callback):
@@ -100,11 +112,8 @@ class PowerLimitSearch(Callback):
         if check_power_limit(power_limit) is None:
             raise ValueError(f"`power_limit` must be a number of watts > 0 or {POWER_LIMIT_SEARCH!r}, got None")
         self.power_limit = power_limit
-        self.control = make_control(power_control)
-        self.eta, self.max_slowdown = check_eta(eta), check_max_slowdown(max_slowdown)
-        self.warmup_steps, self.profile_steps = check_int("warmup_steps", warmup_steps, 0), check_int("profile_steps", profile_steps, 1)
-        self.settle_steps = check_int("settle_steps", settle_steps, 0)
-        self.limit_step_w = check_number("limit_step_w", limit_step_w, 0.0, strict=True, unit="a number of watts")
+        (self.control, self.eta, self.max_slowdown, self.warmup_steps, self.profile_steps, self.settle_steps,
+         self.limit_step_w) = check_search_args(power_control, eta, max_slowdown, warmup_steps, profile_steps, settle_steps, limit_step_w)
         if not isinstance(cache, (str, bool)) and cache is not None:
             raise TypeError(f"`cache` must be True, False, None or a path, got {cache!r}")
         self.cache_path: Optional[str] = default_cache_path() if cache is True else (cache or None)

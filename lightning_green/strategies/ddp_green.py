@@ -19,9 +19,9 @@ from torch.optim.optimizer import Optimizer
 from typing_extensions import override
 
 from lightning_green.strategies.comm import CommCompression, CommStats, build_comm_hook
-from lightning_green._glue import check_int, check_number, log_metrics, misconfigured
+from lightning_green._glue import check_int, log_metrics, misconfigured
 from lightning_green.strategies.power_control import PowerControl
-from lightning_green.strategies.power_limit import check_eta, check_max_slowdown, check_power_limit
+from lightning_green.strategies.power_limit import check_power_limit
 
 log = logging.getLogger(__name__)
 
@@ -110,42 +110,25 @@ class EnergyAwareDDPStrategy(DDPStrategy):
     ) -> None:
         super().__init__(**kwargs)
         self.comm_compression = CommCompression.parse(comm_compression)
-        if isinstance(powersgd_rank, bool) or not isinstance(powersgd_rank, int) or powersgd_rank < 1:
-            raise ValueError(f"`powersgd_rank` must be an integer >= 1, got {powersgd_rank!r}")
-        if isinstance(powersgd_start_step, bool) or not isinstance(powersgd_start_step, int) or powersgd_start_step < 2:
-            raise ValueError(
-                f"`powersgd_start_step` must be an integer >= 2 (PowerSGD's error feedback needs one plain step),"
-                f" got {powersgd_start_step!r}"
-            )
+        self.powersgd_rank = check_int("powersgd_rank", powersgd_rank, 1)
+        self.powersgd_start_step = check_int("powersgd_start_step", powersgd_start_step, 2)  # PowerSGD's error feedback needs one plain step
         if self.comm_compression is not CommCompression.NONE and self._ddp_comm_hook is not None:
             raise ValueError(
                 f"`comm_compression={self.comm_compression.value!r}` and `ddp_comm_hook` both set a communication hook:"
                 " pass one of them"
             )
-        check_eta(eta)
-        check_max_slowdown(max_slowdown)
-        check_power_limit(power_limit)
-        self.powersgd_rank = powersgd_rank
-        self.powersgd_start_step = powersgd_start_step
-        self.power_limit = power_limit
+        self.power_limit = check_power_limit(power_limit)
         #: Bytes and exposed communication time of this rank (see :class:`CommStats`).
         self.comm_stats = CommStats()
         self._interrupted = False
         self._warned_barrier = False
-        self._power: Optional[Any] = None  # the PowerLimitSearch callback this shorthand installs
-        if power_limit is not None:
-            from lightning_green.callbacks.power_limit import PowerLimitSearch
+        from lightning_green.callbacks.power_limit import PowerLimitSearch, check_search_args
 
-            self._power = PowerLimitSearch(
-                power_limit=power_limit, power_control=power_control, eta=eta, max_slowdown=max_slowdown,
-                warmup_steps=warmup_steps, profile_steps=profile_steps, settle_steps=settle_steps,
-                limit_step_w=limit_step_w, cache=power_limit_cache,
-            )
-        else:  # the same checks as the callback's, so a typo fails before any power limit is asked for
-            check_int("warmup_steps", warmup_steps, 0), check_int("profile_steps", profile_steps, 1), check_int("settle_steps", settle_steps, 0)
-            check_number("limit_step_w", limit_step_w, 0.0, strict=True, unit="a number of watts")
-            if power_control is not None and not isinstance(power_control, PowerControl) and power_control != "nvml":
-                raise ValueError(f"`power_control` must be None, 'nvml' or a PowerControl instance, got {power_control!r}")
+        search_args = dict(power_control=power_control, eta=eta, max_slowdown=max_slowdown, warmup_steps=warmup_steps,
+                           profile_steps=profile_steps, settle_steps=settle_steps, limit_step_w=limit_step_w)
+        check_search_args(**search_args)  # also without a limit, so a typo fails before any limit is asked for
+        # The PowerLimitSearch callback this shorthand installs (None without `power_limit`).
+        self._power = PowerLimitSearch(power_limit, **search_args, cache=power_limit_cache) if power_limit is not None else None
 
     @property
     def power_control(self) -> Optional[PowerControl]:

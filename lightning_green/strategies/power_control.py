@@ -1,8 +1,9 @@
 """Power-limit controls: one abstract base, NVML for NVIDIA GPUs, and a simulated device.
 
 A control changes a device setting that outlives the process, so limits are *borrowed*: the first
-change remembers the original limit and :meth:`PowerControl.restore` puts it back. The strategy calls
-``restore`` at teardown, on exceptions and from a SIGTERM handler; as a last resort every control that
+change remembers the original limit and :meth:`PowerControl.restore` puts it back. The PowerLimitSearch
+callback calls ``restore`` at teardown, on exceptions and from a SIGTERM handler
+(:class:`~lightning_green.strategies.sigterm.SigtermRestore`); as a last resort every control that
 changed a limit also restores it when its process exits normally (including ``multiprocessing`` /
 ``torch.multiprocessing`` children, which skip ``atexit``).
 
@@ -15,12 +16,10 @@ import abc
 import json
 import logging
 import os
-import signal
 import tempfile
 import threading
 import time
 from multiprocessing import util as _mp_util
-from types import FrameType
 from typing import Any, Callable, Optional
 
 import torch
@@ -309,11 +308,12 @@ class SimulatedPowerControl(PowerControl):
         """``E(L) = P(L) T(L)``."""
         return self.power_w(limit_w) * self.step_time_s(limit_w, step_s)
 
-    def sensor(self, name: str = "sim_gpu", host_level: bool = False) -> Any:
-        """A :class:`~lightning_green.sensors.SimulatedSensor` reading ``P(L)`` of the limit in force."""
+    def sensor(self, name: str = "sim_gpu", host_level: bool = False, clock: Callable[[], float] = time.monotonic) -> Any:
+        """A :class:`~lightning_green.sensors.SimulatedSensor` reading ``P(L)`` of the limit in force
+        (``clock`` stamps its readings; tests inject a simulated one)."""
         from lightning_green.sensors.simulated import SimulatedSensor
 
-        return SimulatedSensor(power_w=_PowerOf(self), name=name, host_level=host_level, domain="gpu")
+        return SimulatedSensor(power_w=_PowerOf(self), name=name, host_level=host_level, domain="gpu", clock=clock)
 
     def on_step(self) -> None:
         if self.step_s > 0:
@@ -357,68 +357,11 @@ def write_json_atomic(path: str, data: dict) -> None:
         raise
 
 
-class SigtermRestore:
-    """A SIGTERM handler that restores borrowed power limits first, then hands the signal on.
-
-    The previous handler runs after the restore: a callable is called (Lightning's own handler, which
-    stops training at the next batch); ``SIG_IGN`` stays ignored; the default handler is re-installed and
-    the signal re-raised, so the process still dies of SIGTERM.
-
-    Args:
-        restore: called once per signal; must not raise (exceptions are logged and swallowed).
-    """
-
-    def __init__(self, restore: Callable[[], None]) -> None:
-        self._restore = restore
-        self._previous: Any = None
-        self._installed = False
-        self._handler = self._handle  # the exact object given to signal.signal, compared at uninstall
-
-    def install(self) -> bool:
-        """Install the handler (main thread only). Returns whether it was installed."""
-        if self._installed or threading.current_thread() is not threading.main_thread():
-            return self._installed
-        self._previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, self._handler)
-        self._installed = True
-        return True
-
-    def uninstall(self) -> None:
-        """Put the previous handler back if ours is still the one installed."""
-        if not self._installed or threading.current_thread() is not threading.main_thread():
-            return
-        if signal.getsignal(signal.SIGTERM) is self._handler:
-            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
-        self._installed = False
-
-    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-        try:
-            self._restore()
-        except Exception as err:
-            log.warning("could not restore the power limit on SIGTERM: %s", err)
-        previous = self._previous
-        if callable(previous):
-            previous(signum, frame)
-        elif previous == signal.SIG_IGN:
-            return
-        else:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-
-    def __getstate__(self) -> dict:
-        return {"_restore": self._restore, "_previous": None, "_installed": False}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._handler = self._handle
-
-
 __all__ = [
     "NvmlPowerControl",
     "PowerControl",
     "PowerControlError",
     "PowerControlUnavailable",
-    "SigtermRestore",
     "SimulatedPowerControl",
     "write_json_atomic",
 ]

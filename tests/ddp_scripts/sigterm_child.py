@@ -1,8 +1,8 @@
 """Trains with a fixed simulated power limit until SIGTERM arrives.
 
 ``python sigterm_child.py STATE_JSON READY_FILE``: the simulated device's limit lives in STATE_JSON; once
-the limit is in force, READY_FILE is written and every step sleeps 0.5 s, so a restore that shows up
-within a fraction of a second comes from the SIGTERM handler, not from Lightning's graceful stop.
+the limit is in force, READY_FILE is written and every step sleeps 2 s, so a restore that shows up
+within 1.5 s comes from the SIGTERM handler, not from Lightning's graceful stop.
 """
 
 import sys
@@ -25,7 +25,7 @@ class Ready(Callback):
             with open(self.path, "w") as f:
                 f.write("ready")
         if trainer.global_step >= 3:
-            time.sleep(0.5)
+            time.sleep(2.0)
 
 
 def main(state_path: str, ready_path: str) -> None:
