@@ -78,6 +78,18 @@ class WarnOnce:
             warnings.warn(message, stacklevel=2)
 
 
+def say_once(say: Callable[[str], None]) -> Callable[[str], None]:
+    """``say`` for the first message only: a hint given once per object, not once per stage."""
+    said: list[str] = []
+
+    def once(message: str) -> None:
+        if not said:
+            said.append(message)
+            say(message)
+
+    return once
+
+
 # ============================================================================ argument checks
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

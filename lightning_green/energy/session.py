@@ -12,11 +12,10 @@ collectives are passed in as a function, time as a clock.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
-
-import logging
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from lightning_green.energy.meter import MIN_COUNTER_DT_S, EnergyMeter
 from lightning_green.energy.sampler import Sampler
@@ -191,6 +190,15 @@ class EnergySession:
         if self.meter is not None:
             self.meter.set_offsets(self._carry_j)
 
+    def restore_checkpoint(self, state: Mapping[str, Any], world_size: int, rank: int) -> None:
+        """Go on from a PowerSampler checkpoint: the same world size restores this rank's part per
+        sensor; another world size puts the total on rank 0, unattributed."""
+        per_rank = state.get("per_rank_energy_j") or []
+        if len(per_rank) == world_size:
+            self.restore(per_rank[rank])
+        else:
+            self.restore(None, total_j=float(state.get("total_j", 0.0)) if rank == 0 else 0.0)
+
 
 class LogWindow:
     """The figures of one logging window of a training loop, over an :class:`EnergySession`.
@@ -203,6 +211,7 @@ class LogWindow:
     def __init__(self, session: EnergySession) -> None:
         self.session = session
         self.steps = 0
+        self.power_w = float("nan")  # mean power of every process over the last closed window
         self._t = 0.0
         self._by_sensor: dict[str, float] = {}
         self._local_j = 0.0
@@ -231,8 +240,9 @@ class LogWindow:
         now = session.clock()
         by_sensor = session.by_sensor_j(now)
         local_j = session.unattributed_j + sum(by_sensor.values())
-        total_j, window_j = reduce([local_j, local_j - self._local_j - self._val_j])
+        total_j, window_j, all_j = reduce([local_j, local_j - self._local_j - self._val_j, local_j - self._local_j])
         dt = now - self._t
+        self.power_w = all_j / dt if dt > 0 else float("nan")
         metrics: dict[str, float] = {"energy/total_j": total_j}
         if self.steps:
             metrics["energy/step_j"] = window_j / self.steps
@@ -266,3 +276,89 @@ class LogWindow:
             out[name] = points
         self.trace_t = t_end
         return out
+
+
+class TraceLog:
+    """``power_trace/<sensor>_w`` points waiting to be logged.
+
+    On each log step :meth:`collect` takes the window's readings (at most ``points`` per sensor, see
+    :meth:`LogWindow.trace_points`); they are written in batches (:meth:`due`, :meth:`drain`), so a log
+    step costs the training thread no extra logger call. Each point keeps its own step: milliseconds
+    since ``origin_t``.
+    """
+
+    def __init__(self, points: int, batch: int = 512) -> None:
+        self.points = points
+        self.batch = batch
+        self._pending: list[tuple[int, str, float]] = []
+        self._keys: dict[str, str] = {}
+
+    def collect(self, window: LogWindow, origin_t: float) -> None:
+        for name, points in window.trace_points(self.points).items():
+            key = self._keys.get(name) or self._keys.setdefault(name, f"power_trace/{name}_w")
+            self._pending.extend((int(round((t_s - origin_t) * 1000)), key, power_w) for t_s, power_w in points)
+
+    def due(self) -> bool:
+        """Enough points wait for a batch (memory stays bounded between stage ends)."""
+        return len(self._pending) >= self.batch
+
+    def drain(self) -> list[tuple[int, dict[str, float]]]:
+        """The waiting points as ``(step_ms, {key: watts})`` in time order (one dict per step)."""
+        by_step: dict[int, dict[str, float]] = {}
+        for step, key, power_w in self._pending:
+            by_step.setdefault(step, {})[key] = power_w
+        self._pending = []
+        return sorted(by_step.items())
+
+
+class LoopTimeline:
+    """Which loop ran when (``train``, ``validation``, ``sanity``, ``test`` …), on the trace's time axis.
+
+    Edges are marked once per loop (never per step). Consecutive intervals of the same loop are one;
+    past ``max_entries`` the shortest finished interval that is not ``train`` is given to training, so
+    the record stays bounded and keeps the longest loops (and the one running).
+    """
+
+    def __init__(self, clock: Clock, max_entries: int = 200) -> None:
+        self.clock = clock
+        self.max_entries = max_entries
+        self.origin_t = 0.0
+        self.rows: list[list] = []  # [loop, start_t, end_t or None while open]
+
+    def reset(self, origin_t: float) -> None:
+        self.origin_t, self.rows = origin_t, []
+
+    def begin(self, loop: str) -> None:
+        now = self.clock()
+        self.end(now)
+        if self.rows and self.rows[-1][0] == loop:
+            self.rows[-1][2] = None  # the same loop goes on
+            return
+        self.rows.append([loop, now, None])
+        if len(self.rows) > self.max_entries:
+            self._drop_shortest()
+
+    def end(self, now: float | None = None) -> None:
+        if self.rows and self.rows[-1][2] is None:
+            self.rows[-1][2] = self.clock() if now is None else now
+
+    def _drop_shortest(self) -> None:
+        closed = [i for i, r in enumerate(self.rows[:-1]) if r[0] != "train"]
+        if not closed:
+            del self.rows[0]
+            return
+        i = min(closed, key=lambda k: self.rows[k][2] - self.rows[k][1])
+        self.rows[i][0] = "train"
+        merged: list[list] = []
+        for row in self.rows:
+            if merged and merged[-1][0] == row[0]:
+                merged[-1][2] = row[2]
+            else:
+                merged.append(row)
+        self.rows = merged
+
+    def as_rows(self) -> list[dict]:
+        """``[{"loop", "start_s", "end_s"}]`` in seconds since ``origin_t`` (an open loop ends now)."""
+        now = self.clock()
+        return [{"loop": loop, "start_s": round(t0 - self.origin_t, 4), "end_s": round((now if t1 is None else t1) - self.origin_t, 4)}
+                for loop, t0, t1 in self.rows]
