@@ -17,7 +17,7 @@ import os
 from typing import Any, Callable
 
 from lightning_green.energy.metrics import J_PER_KWH
-from lightning_green.energy.session import LoopTimeline
+from lightning_green.energy.loops import LoopTimeline
 
 log = logging.getLogger("lightning_green")
 
@@ -211,18 +211,10 @@ def stage_summary(session: Any, *, t0: float, origin_t: float, node_rank: int, c
     return build_summary(duration_s=session.clock() - t0, sensors=sensors, unattributed_j=session.unattributed_j, cluster=cluster, trace=trace, **fields)
 
 
-def phase_section(phases: Any, session: Any) -> dict[str, list[dict]]:
-    """The ``energy by phase`` table of a :class:`~lightning_green.energy.phases.PhaseRecorder`, with the
-    memory energy of the session's ``dram`` sensors where there are any."""
-    meter, dram = session.meter, session.names_in_domain("dram")
-    dram_j = sum(meter.stats(n)["energy_this_run_j"] for n in dram) if dram else None
-    return {"energy by phase": phases.rows(dram_j, dram, session.sources())}
-
-
 class StageRecord:
     """What a stage's summary needs besides the meter, kept Trainer-free: the stage's name, start and
-    loops (a :class:`~lightning_green.energy.session.LoopTimeline` on the trace's axis, whose origin
-    is the first stage's start), the sensors skipped, and the figures gathered from every process.
+    loops (a :class:`~lightning_green.energy.loops.LoopTimeline` on the trace's axis, whose origin is
+    the first stage's start), the sensors skipped, and the figures gathered from every process.
 
     Example::
 
@@ -253,12 +245,16 @@ class StageRecord:
         self.started_at, self.cluster = now_iso(), None
         self.timeline.reset(self.origin_t)
 
-    def gather(self, trainer: Any, session: Any, with_state: bool) -> None:
-        """Every process's figures for the summary (a collective: every rank calls it at the same point)."""
+    def gather(self, trainer: Any, session: Any, with_state: bool = False) -> None:
+        """Every process's figures for the summary (a collective: every rank calls it at the same point);
+        nothing before the session's first start."""
+        if session.meter is None:
+            return
         self.cluster, states = gather_cluster(trainer, session, with_state)
         self.per_rank_state = states if with_state else self.per_rank_state
 
     def summary(self, session: Any, status: str, *, rank: int, node_rank: int, world_size: int, sections: dict) -> dict:
+        """The stage's summary (:func:`stage_summary`); the loop running now ends here."""
         self.timeline.end()
         return stage_summary(
             session, stage=self.stage, status=status, started_at=self.started_at, t0=self.t0, origin_t=self.origin_t,

@@ -16,7 +16,7 @@ from lightning_green import PowerSampler, SimulatedSensor
 from lightning_green import report_plot as rp
 from lightning_green import summary as S
 from lightning_green.callbacks import power
-from lightning_green.energy.session import LoopTimeline, TraceLog
+from lightning_green.energy.loops import LoopTimeline, TraceLog
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -19,12 +19,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_green import summary as S
-from lightning_green._glue import LogCadence, check_bool, check_choice, check_int, check_path, log_metrics, misconfigured, say_once
+from lightning_green._glue import check_bool, check_choice, check_int, check_path, log_metrics, misconfigured, say_once
 from lightning_green.callbacks.sensor_choice import check_sensors, sensors_for_process
 from lightning_green.distributed import reduce_sum, shared_owners
-from lightning_green.energy.phases import PHASE_TIMINGS, PhaseRecorder
+from lightning_green.energy.loops import TrainingLog
+from lightning_green.energy.phases import PHASE_TIMINGS
 from lightning_green.energy.sampler import check_interval
-from lightning_green.energy.session import EnergySession, LogWindow, Measurement, TraceLog
+from lightning_green.energy.session import EnergySession, Measurement
 from lightning_green.sensors.base import Sensor
 from lightning_green.sensors.rapl import DEFAULT_ROOT
 
@@ -145,16 +146,12 @@ class PowerSampler(Callback):
         if clock is not None and not callable(clock):
             raise TypeError(f"`clock` must be None or a callable returning seconds, got {clock!r}")
         self.session = EnergySession(self.interval_s, self.history, clock or time.monotonic)
-        self.window, self.trace = LogWindow(self.session), TraceLog(self.trace_points)
+        self.training = TrainingLog(self.session, self.trace_points, self.phase_timing if self.phases else None)
         self.sections = S.SummarySections()
         self.summary: dict | None = None  # the last summary built (every rank has its own)
         self.summary_by_stage: dict[str, dict] = {}
-        self._cadence = LogCadence()
-        self._phases: PhaseRecorder | None = None
-        self._comm_seconds: Callable[[], float] | None = None
         self.record = S.StageRecord(self.session.clock)
         self._trainer: Trainer | None = None
-        self._pending_state: dict | None = None
         self._plots_hint = say_once(rank_zero_info)  # matplotlib missing: said once, not per stage
         for hook, edge in PHASE_EDGE_HOOKS if self.phases else ():  # per instance: phases=False costs nothing
             setattr(self, hook, functools.partial(self._phase_edge, edge))
@@ -194,14 +191,14 @@ class PowerSampler(Callback):
     def set_comm_seconds(self, pop_exposed_comm_s: Callable[[], float] | None) -> None:
         """Where the ``comm`` phase comes from: a strategy that measures its exposed all-reduce time
         (``ddp_green``) hands its counter here in its ``setup``."""
-        self._comm_seconds = pop_exposed_comm_s
+        self.training.comm_seconds = pop_exposed_comm_s
 
     # ------------------------------------------------------------------ lifecycle
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.phases and self.phase_timing == "cuda_events" and trainer.strategy.root_device.type != "cuda":
             raise misconfigured(f"`phase_timing='cuda_events'` needs a CUDA device, but this Trainer runs on {trainer.strategy.root_device.type}; use phase_timing='host' or 'sync'")
-        self._comm_seconds = None
+        self.training.comm_seconds = None
         self._start(trainer, _stage_name(stage))
 
     @override
@@ -215,68 +212,50 @@ class PowerSampler(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.window.reset()
+        self.training.start(trainer.log_every_n_steps, trainer.global_step, trainer.strategy.root_device)
         self.record.timeline.begin("train")
-        self._cadence.reset(trainer.log_every_n_steps, trainer.global_step)
         if self.phases:
-            self._phases = PhaseRecorder(self.phase_timing, trainer.strategy.root_device, self.session.clock)
             self.add_summary_provider(self._phase_rows)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.window.start_epoch()
+        self.training.start_epoch()
         self.record.timeline.begin("train")
-        if self._phases is not None:
-            self._phases.restart()
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._phases is not None:
-            self._phases.edge("batch_end")
-        stepped, log_now = self._cadence.advance(trainer.global_step)
-        if stepped:  # else accumulating gradients: no optimizer step yet
-            self.window.steps += 1
-            if self._phases is not None:
-                self._phases.close_step(self.session.meter, self._comm_seconds() if self._comm_seconds else 0.0)
-            if log_now:
-                self._log_window(trainer, pl_module)
+        if self.training.batch_end(trainer.global_step):
+            self._log_window(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        log_metrics(trainer, {"energy/epoch_j": reduce_sum(trainer, [self.window.epoch_energy_j()])[0]})
+        log_metrics(trainer, {"energy/epoch_j": reduce_sum(trainer, [self.training.window.epoch_energy_j()])[0]})
         self._write_trace(trainer)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.window.steps and self._cadence.every:  # the last, partial logging window
+        if self.training.unlogged_steps:  # the last, partial logging window
             self._log_window(trainer, pl_module)
         self._write_trace(trainer)
         self.record.timeline.end()
-        if self._phases is not None:
-            self._phases.flush(self.session.meter)
-        self._gather_cluster(trainer, with_state=True)
+        self.training.end()
+        self.record.gather(trainer, self.session, with_state=True)
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.record.timeline.begin(_loop_name(trainer))
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self.window.validation_started()
-            self._write_trace(trainer)
-        if self._phases is not None:
-            self._phases.restart(with_edge=False)  # a validation loop is not part of any training step
+        self.training.validation_started(in_fit=trainer.state.fn == "fit" and not trainer.sanity_checking)
+        self._write_trace(trainer)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn != "fit":
             self.record.timeline.end()
             if trainer.state.fn == "validate":
-                self._gather_cluster(trainer)
+                self.record.gather(trainer, self.session)
             return
         self.record.timeline.begin("train")
-        if not trainer.sanity_checking:
-            self.window.validation_ended()
-        if self._phases is not None:
-            self._phases.restart()
+        self.training.validation_ended(in_fit=not trainer.sanity_checking)
 
     @override
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -285,7 +264,7 @@ class PowerSampler(Callback):
     @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.record.timeline.end()
-        self._gather_cluster(trainer)
+        self.record.gather(trainer, self.session)
 
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -294,7 +273,7 @@ class PowerSampler(Callback):
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.record.timeline.end()
-        self._gather_cluster(trainer)
+        self.record.gather(trainer, self.session)
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -306,13 +285,9 @@ class PowerSampler(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_state = dict(state_dict)
+        self.session.load_checkpoint(state_dict)
         if self.session.started and self._trainer is not None:
-            self._apply_state(self._trainer)
-
-    def _apply_state(self, trainer: Trainer) -> None:
-        state, self._pending_state = self._pending_state, None
-        self.session.restore_checkpoint(state, trainer.world_size, trainer.global_rank)
+            self.session.restore_checkpoint(self._trainer.world_size, self._trainer.global_rank)
 
     # ------------------------------------------------------------------ internals
     def _start(self, trainer: Trainer, stage: str) -> None:
@@ -321,11 +296,10 @@ class PowerSampler(Callback):
         self._trainer = trainer
         sensors, owned, skipped = sensors_for_process(trainer, self._sensor_spec, self.rapl_root, tell=self.record.first)
         self.session.start(sensors, owned)
-        if self._pending_state is not None:
-            self._apply_state(trainer)
+        self.session.restore_checkpoint(trainer.world_size, trainer.global_rank)
         self.record.begin(stage, skipped)
         self.sections.clear_sections()
-        self.window.reset()
+        self.training.window.reset()
 
     def _finish(self, trainer: Trainer, stage: str, status: str) -> None:
         if not self.session.finish():
@@ -338,30 +312,19 @@ class PowerSampler(Callback):
             S.emit(self.summary, self.summary_dir or summary_dir_of(trainer), self.print_summary, picture)
 
     def _log_window(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        reduce = functools.partial(reduce_sum, trainer)
-        metrics = self.window.close(reduce)
-        if self._phases is not None:
-            metrics.update(self._phases.metrics(self.session.meter, reduce, trainer.world_size))
+        metrics = self.training.close(functools.partial(reduce_sum, trainer), trainer.world_size)
         log_metrics(trainer, metrics)
         if self.progress_bar:
-            pl_module.log_dict({"energy_kj": metrics["energy/total_j"] / 1000.0, "power_w": self.window.power_w}, prog_bar=True, logger=False)
-        if self.log_trace and trainer.is_global_zero:
-            self.trace.collect(self.window, self.record.origin_t)
-            if self.trace.due():
-                self._write_trace(trainer)
+            pl_module.log_dict({"energy_kj": metrics["energy/total_j"] / 1000.0, "power_w": self.training.window.power_w}, prog_bar=True, logger=False)
+        if self.log_trace and trainer.is_global_zero and self.training.collect_trace(self.record.origin_t):
+            self._write_trace(trainer)
 
     def _write_trace(self, trainer: Trainer) -> None:
-        for step_ms, points in self.trace.drain():
+        for step_ms, points in self.training.trace.drain():
             log_metrics(trainer, points, step=step_ms)
 
     def _phase_edge(self, edge: str, *args: Any, **kwargs: Any) -> None:
-        self._phases.edge(edge)
+        self.training.edge(edge)
 
     def _phase_rows(self) -> dict[str, list[dict]]:
-        if self._phases is None or self.session.meter is None or self.record.stage != "fit":
-            return {}
-        return S.phase_section(self._phases, self.session)
-
-    def _gather_cluster(self, trainer: Trainer, with_state: bool = False) -> None:
-        if self.session.meter is not None:  # a collective at stage end: every rank calls it
-            self.record.gather(trainer, self.session, with_state)
+        return self.training.phase_rows() if self.record.stage == "fit" else {}

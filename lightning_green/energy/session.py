@@ -73,6 +73,7 @@ class EnergySession:
         self._sampler: Sampler | None = None
         self._carry_j: dict[str, float] = {}  # per sensor, from earlier stages and checkpoints
         self.unattributed_j = 0.0  # restored energy no sensor of this run can hold
+        self._pending_state: dict | None = None  # a checkpoint loaded before this process's rank is known
 
     @property
     def started(self) -> bool:
@@ -190,9 +191,16 @@ class EnergySession:
         if self.meter is not None:
             self.meter.set_offsets(self._carry_j)
 
-    def restore_checkpoint(self, state: Mapping[str, Any], world_size: int, rank: int) -> None:
-        """Go on from a PowerSampler checkpoint: the same world size restores this rank's part per
-        sensor; another world size puts the total on rank 0, unattributed."""
+    def load_checkpoint(self, state: Mapping[str, Any]) -> None:
+        """Keep a PowerSampler checkpoint until :meth:`restore_checkpoint` knows this process's rank."""
+        self._pending_state = dict(state)
+
+    def restore_checkpoint(self, world_size: int, rank: int) -> None:
+        """Go on from the checkpoint loaded (nothing without one): the same world size restores this
+        rank's part per sensor; another world size puts the total on rank 0, unattributed."""
+        state, self._pending_state = self._pending_state, None
+        if state is None:
+            return
         per_rank = state.get("per_rank_energy_j") or []
         if len(per_rank) == world_size:
             self.restore(per_rank[rank])
@@ -277,88 +285,3 @@ class LogWindow:
         self.trace_t = t_end
         return out
 
-
-class TraceLog:
-    """``power_trace/<sensor>_w`` points waiting to be logged.
-
-    On each log step :meth:`collect` takes the window's readings (at most ``points`` per sensor, see
-    :meth:`LogWindow.trace_points`); they are written in batches (:meth:`due`, :meth:`drain`), so a log
-    step costs the training thread no extra logger call. Each point keeps its own step: milliseconds
-    since ``origin_t``.
-    """
-
-    def __init__(self, points: int, batch: int = 512) -> None:
-        self.points = points
-        self.batch = batch
-        self._pending: list[tuple[int, str, float]] = []
-        self._keys: dict[str, str] = {}
-
-    def collect(self, window: LogWindow, origin_t: float) -> None:
-        for name, points in window.trace_points(self.points).items():
-            key = self._keys.get(name) or self._keys.setdefault(name, f"power_trace/{name}_w")
-            self._pending.extend((int(round((t_s - origin_t) * 1000)), key, power_w) for t_s, power_w in points)
-
-    def due(self) -> bool:
-        """Enough points wait for a batch (memory stays bounded between stage ends)."""
-        return len(self._pending) >= self.batch
-
-    def drain(self) -> list[tuple[int, dict[str, float]]]:
-        """The waiting points as ``(step_ms, {key: watts})`` in time order (one dict per step)."""
-        by_step: dict[int, dict[str, float]] = {}
-        for step, key, power_w in self._pending:
-            by_step.setdefault(step, {})[key] = power_w
-        self._pending = []
-        return sorted(by_step.items())
-
-
-class LoopTimeline:
-    """Which loop ran when (``train``, ``validation``, ``sanity``, ``test`` …), on the trace's time axis.
-
-    Edges are marked once per loop (never per step). Consecutive intervals of the same loop are one;
-    past ``max_entries`` the shortest finished interval that is not ``train`` is given to training, so
-    the record stays bounded and keeps the longest loops (and the one running).
-    """
-
-    def __init__(self, clock: Clock, max_entries: int = 200) -> None:
-        self.clock = clock
-        self.max_entries = max_entries
-        self.origin_t = 0.0
-        self.rows: list[list] = []  # [loop, start_t, end_t or None while open]
-
-    def reset(self, origin_t: float) -> None:
-        self.origin_t, self.rows = origin_t, []
-
-    def begin(self, loop: str) -> None:
-        now = self.clock()
-        self.end(now)
-        if self.rows and self.rows[-1][0] == loop:
-            self.rows[-1][2] = None  # the same loop goes on
-            return
-        self.rows.append([loop, now, None])
-        if len(self.rows) > self.max_entries:
-            self._drop_shortest()
-
-    def end(self, now: float | None = None) -> None:
-        if self.rows and self.rows[-1][2] is None:
-            self.rows[-1][2] = self.clock() if now is None else now
-
-    def _drop_shortest(self) -> None:
-        closed = [i for i, r in enumerate(self.rows[:-1]) if r[0] != "train"]
-        if not closed:
-            del self.rows[0]
-            return
-        i = min(closed, key=lambda k: self.rows[k][2] - self.rows[k][1])
-        self.rows[i][0] = "train"
-        merged: list[list] = []
-        for row in self.rows:
-            if merged and merged[-1][0] == row[0]:
-                merged[-1][2] = row[2]
-            else:
-                merged.append(row)
-        self.rows = merged
-
-    def as_rows(self) -> list[dict]:
-        """``[{"loop", "start_s", "end_s"}]`` in seconds since ``origin_t`` (an open loop ends now)."""
-        now = self.clock()
-        return [{"loop": loop, "start_s": round(t0 - self.origin_t, 4), "end_s": round((now if t1 is None else t1) - self.origin_t, 4)}
-                for loop, t0, t1 in self.rows]
