@@ -78,16 +78,18 @@ class WarnOnce:
             warnings.warn(message, stacklevel=2)
 
 
-def say_once(say: Callable[[str], None]) -> Callable[[str], None]:
-    """``say`` for the first message only: a hint given once per object, not once per stage."""
-    said: list[str] = []
+class SayOnce:
+    """``say`` for the first message only: a hint given once per object, not once per stage
+    (picklable, so a callback holding one goes through ``ddp_spawn``)."""
 
-    def once(message: str) -> None:
-        if not said:
-            said.append(message)
-            say(message)
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.said = False
 
-    return once
+    def __call__(self, message: str) -> None:
+        if not self.said:
+            self.said = True
+            self.say(message)
 
 
 # ============================================================================ argument checks

@@ -253,6 +253,12 @@ class StageRecord:
         self.cluster, states = gather_cluster(trainer, session, with_state)
         self.per_rank_state = states if with_state else self.per_rank_state
 
+    def stage_loop_ended(self, trainer: Any, session: Any, with_state: bool = False) -> None:
+        """The stage's main loop (training, or that of validate, test, predict) ended: it leaves the
+        timeline, and every process's figures are gathered (a collective)."""
+        self.timeline.end()
+        self.gather(trainer, session, with_state)
+
     def summary(self, session: Any, status: str, *, rank: int, node_rank: int, world_size: int, sections: dict) -> dict:
         """The stage's summary (:func:`stage_summary`); the loop running now ends here."""
         self.timeline.end()

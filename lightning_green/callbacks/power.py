@@ -7,19 +7,18 @@ the logging window a :class:`~lightning_green.energy.session.LogWindow`, phases 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
 from enum import Enum
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_green import summary as S
-from lightning_green._glue import check_bool, check_choice, check_int, check_path, log_metrics, misconfigured, say_once
+from lightning_green._glue import SayOnce, check_bool, check_choice, check_int, check_path, log_metrics, misconfigured
 from lightning_green.callbacks.sensor_choice import check_sensors, sensors_for_process
 from lightning_green.distributed import reduce_sum, shared_owners
 from lightning_green.energy.loops import TrainingLog
@@ -152,9 +151,11 @@ class PowerSampler(Callback):
         self.summary_by_stage: dict[str, dict] = {}
         self.record = S.StageRecord(self.session.clock)
         self._trainer: Trainer | None = None
-        self._plots_hint = say_once(rank_zero_info)  # matplotlib missing: said once, not per stage
+        self._plots_hint = SayOnce(rank_zero_info)  # matplotlib missing: said once, not per stage
         for hook, edge in PHASE_EDGE_HOOKS if self.phases else ():  # per instance: phases=False costs nothing
-            setattr(self, hook, functools.partial(self._phase_edge, edge))
+            setattr(self, hook, self.training.edge_hook(edge))
+        if self.phases:
+            self.sections.add_provider(self._phase_rows)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -170,11 +171,9 @@ class PowerSampler(Callback):
         """Cumulative joules of every sensor of this process (restored energy included)."""
         return self.session.energy_now_j()
 
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[Measurement]:
-        """Measure the energy of a block (see :meth:`EnergySession.measure`)."""
-        with self.session.measure() as m:
-            yield m
+    def measure(self) -> ContextManager[Measurement]:
+        """Measure the energy of a block: ``with sampler.measure() as m:`` (see :meth:`EnergySession.measure`)."""
+        return self.session.measure()
 
     def sources(self) -> str:
         """The sources of this process's sensors, joined with ``+`` (``"none"`` before any)."""
@@ -207,15 +206,12 @@ class PowerSampler(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        stage = trainer.state.fn.value if trainer.state.fn is not None else "unknown"
-        self._finish(trainer, stage, status=f"interrupted ({type(exception).__name__})")
+        self._finish(trainer, _stage_name(trainer.state.fn or "unknown"), status=f"interrupted ({type(exception).__name__})")
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.training.start(trainer.log_every_n_steps, trainer.global_step, trainer.strategy.root_device)
         self.record.timeline.begin("train")
-        if self.phases:
-            self.add_summary_provider(self._phase_rows)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -237,9 +233,8 @@ class PowerSampler(Callback):
         if self.training.unlogged_steps:  # the last, partial logging window
             self._log_window(trainer, pl_module)
         self._write_trace(trainer)
-        self.record.timeline.end()
         self.training.end()
-        self.record.gather(trainer, self.session, with_state=True)
+        self.record.stage_loop_ended(trainer, self.session, with_state=True)
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -249,13 +244,11 @@ class PowerSampler(Callback):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn != "fit":
-            self.record.timeline.end()
-            if trainer.state.fn == "validate":
-                self.record.gather(trainer, self.session)
-            return
-        self.record.timeline.begin("train")
-        self.training.validation_ended(in_fit=not trainer.sanity_checking)
+        if trainer.state.fn == "fit":
+            self.record.timeline.begin("train")
+            self.training.validation_ended(in_fit=not trainer.sanity_checking)
+        elif trainer.state.fn == "validate":
+            self.record.stage_loop_ended(trainer, self.session)
 
     @override
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -263,8 +256,7 @@ class PowerSampler(Callback):
 
     @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.record.timeline.end()
-        self.record.gather(trainer, self.session)
+        self.record.stage_loop_ended(trainer, self.session)
 
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -272,8 +264,7 @@ class PowerSampler(Callback):
 
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.record.timeline.end()
-        self.record.gather(trainer, self.session)
+        self.record.stage_loop_ended(trainer, self.session)
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -322,9 +313,6 @@ class PowerSampler(Callback):
     def _write_trace(self, trainer: Trainer) -> None:
         for step_ms, points in self.training.trace.drain():
             log_metrics(trainer, points, step=step_ms)
-
-    def _phase_edge(self, edge: str, *args: Any, **kwargs: Any) -> None:
-        self.training.edge(edge)
 
     def _phase_rows(self) -> dict[str, list[dict]]:
         return self.training.phase_rows() if self.record.stage == "fit" else {}

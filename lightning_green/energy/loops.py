@@ -9,6 +9,7 @@ The callbacks connect them to Trainer hooks; collectives come in as a function, 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 from lightning_green._glue import LogCadence
@@ -51,8 +52,12 @@ class TrainingLog:
         if self.phases is not None:
             self.phases.restart()
 
-    def edge(self, name: str) -> None:
-        """A phase edge (``batch_start``, ``backward_start`` …) of the running step."""
+    def edge_hook(self, name: str) -> Callable[..., None]:
+        """A hook (any arguments) that marks the phase edge ``name`` (``batch_start`` …) of the running
+        step (a partial: picklable for ``ddp_spawn``)."""
+        return functools.partial(self.mark_edge, name)
+
+    def mark_edge(self, name: str, *hook_args: Any, **hook_kwargs: Any) -> None:
         self.phases.edge(name)
 
     def batch_end(self, global_step: int) -> bool:
