@@ -78,6 +78,20 @@ class WarnOnce:
             warnings.warn(message, stacklevel=2)
 
 
+class SayOnce:
+    """``say`` for the first message only: a hint given once per object, not once per stage
+    (picklable, so a callback holding one goes through ``ddp_spawn``)."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.said = False
+
+    def __call__(self, message: str) -> None:
+        if not self.said:
+            self.said = True
+            self.say(message)
+
+
 # ============================================================================ argument checks
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

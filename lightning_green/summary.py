@@ -16,10 +16,13 @@ import math
 import os
 from typing import Any, Callable
 
-from lightning_green.distributed import cluster_figures, distributed, gather_objects
 from lightning_green.energy.metrics import J_PER_KWH
+from lightning_green.energy.loops import LoopTimeline
 
 log = logging.getLogger("lightning_green")
+
+# lightning_green.distributed (torch) is imported where a summary is built, not here: `show` renders
+# a written summary without torch.
 
 #: Stages whose summary is printed and written (validate and predict keep theirs in memory).
 SUMMARY_STAGES = ("fit", "test")
@@ -35,6 +38,35 @@ def _fmt(value: Any, digits: int = 4) -> str:
             return "n/a"
         return f"{value:.{digits}g}"
     return str(value)
+
+
+def _ratio(num: Any, den: Any) -> float:
+    """``num / den``, NaN when either is missing (a JSON null) or ``den`` is not > 0."""
+    ok = isinstance(num, (int, float)) and isinstance(den, (int, float)) and den > 0
+    return num / den if ok else float("nan")
+
+
+def _is_nan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def partial_reason(sensor: dict) -> str:
+    """Why a sensor's figures are partial, in words, from the meter's stats (a row of an older
+    summary may lack some of them)."""
+    if sensor.get("failed"):
+        how = "; its reader was abandoned, still blocked at stop" if sensor.get("abandoned") else ""
+        return f"dropped ({sensor['failed']}){how}; figures up to its last good reading"
+    parts = []
+    for key, words in (("rejected", "readings rejected"), ("transient_errors", "transient read errors (retried)"), ("resets", "counter resets")):
+        if sensor.get(key):
+            parts.append(f"{sensor[key]} {words}")
+    if not parts and sensor.get("gaps"):
+        parts.append(f"{sensor['gaps']} readings missed")
+    if sensor.get("gap_s"):
+        parts.append(f"{_fmt(float(sensor['gap_s']), 3)} s of gaps bridged by {sensor.get('gap_bridge') or 'the next reading'}")
+    if sensor.get("last_problem"):
+        parts.append(f"last: {sensor['last_problem']}")
+    return "; ".join(parts) or "partial"
 
 
 def _jsonable(value: Any) -> Any:
@@ -118,6 +150,7 @@ def build_summary(
     skipped: list[str],
     sections: dict[str, list[dict]],
     trace: dict[str, list],
+    timeline: list[dict] | None = None,
 ) -> dict:
     """The summary dict of one stage of one process (see the module docstring for the two energies)."""
     energy_j = unattributed_j + sum(s["energy_j"] for s in sensors)
@@ -137,15 +170,18 @@ def build_summary(
         "stage_mean_power_w": stage_j / duration_s if duration_s > 0 else float("nan"),
         "restored_j": unattributed_j + sum(s["restored_j"] for s in sensors),
         "cluster": cluster,
-        "partial": [f"{s['name']}: " + (s["failed"] or f"{s['gaps']} rejected readings") for s in sensors if s["partial"]],
+        "partial": [f"{s['name']}: {partial_reason(s)}" for s in sensors if s["partial"]],
         "skipped": list(skipped),
         "sections": sections,
         "trace": trace,
+        "timeline": list(timeline or []),
     }
 
 
 def local_cluster(rank: int, node_rank: int, sensors: list[dict], unattributed_j: float) -> dict:
     """The cluster figures of a single process (no collective)."""
+    from lightning_green.distributed import cluster_figures
+
     energy_j = unattributed_j + sum(s["energy_j"] for s in sensors)
     device_j = sum(s["energy_j"] for s in sensors if not s["host_level"])
     stage_j = sum(s["energy_this_run_j"] for s in sensors)
@@ -155,6 +191,8 @@ def local_cluster(rank: int, node_rank: int, sensors: list[dict], unattributed_j
 def gather_cluster(trainer: Any, session: Any, with_state: bool) -> tuple[dict, list | None]:
     """Every process's energy for the summary (a collective at stage end: all ranks call it) and,
     with ``with_state``, every process's checkpoint state."""
+    from lightning_green.distributed import cluster_figures, gather_objects
+
     meter, now = session.meter, session.clock()
     stage_j = sum(meter.stats(n)["energy_this_run_j"] for n in meter.names)
     mine = {"rank": trainer.global_rank, "node_rank": trainer.node_rank, "energy_j": session.energy_at_j(now),
@@ -173,8 +211,68 @@ def stage_summary(session: Any, *, t0: float, origin_t: float, node_rank: int, c
     return build_summary(duration_s=session.clock() - t0, sensors=sensors, unattributed_j=session.unattributed_j, cluster=cluster, trace=trace, **fields)
 
 
+class StageRecord:
+    """What a stage's summary needs besides the meter, kept Trainer-free: the stage's name, start and
+    loops (a :class:`~lightning_green.energy.loops.LoopTimeline` on the trace's axis, whose origin is
+    the first stage's start), the sensors skipped, and the figures gathered from every process.
+
+    Example::
+
+        record = StageRecord(session.clock)
+        record.begin("fit", skipped=[])
+        record.timeline.begin("train")
+        summary = record.summary(session, "finished", rank=0, node_rank=0, world_size=1, sections={})
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.stage, self.t0, self.started_at = "", 0.0, ""
+        self.origin_t: float | None = None  # the trace's time zero: the first stage's start
+        self.skipped: list[str] = []
+        self.cluster: dict | None = None
+        self.per_rank_state: list[dict] | None = None  # every process's checkpoint part, gathered at train end
+        self.timeline = LoopTimeline(clock)
+
+    @property
+    def first(self) -> bool:
+        """No stage has begun yet (what is said once per run is said now)."""
+        return self.origin_t is None
+
+    def begin(self, stage: str, skipped: list[str]) -> None:
+        self.stage, self.skipped = stage, list(skipped)
+        self.t0 = self.clock()
+        self.origin_t = self.t0 if self.origin_t is None else self.origin_t
+        self.started_at, self.cluster = now_iso(), None
+        self.timeline.reset(self.origin_t)
+
+    def gather(self, trainer: Any, session: Any, with_state: bool = False) -> None:
+        """Every process's figures for the summary (a collective: every rank calls it at the same point);
+        nothing before the session's first start."""
+        if session.meter is None:
+            return
+        self.cluster, states = gather_cluster(trainer, session, with_state)
+        self.per_rank_state = states if with_state else self.per_rank_state
+
+    def stage_loop_ended(self, trainer: Any, session: Any, with_state: bool = False) -> None:
+        """The stage's main loop (training, or that of validate, test, predict) ended: it leaves the
+        timeline, and every process's figures are gathered (a collective)."""
+        self.timeline.end()
+        self.gather(trainer, session, with_state)
+
+    def summary(self, session: Any, status: str, *, rank: int, node_rank: int, world_size: int, sections: dict) -> dict:
+        """The stage's summary (:func:`stage_summary`); the loop running now ends here."""
+        self.timeline.end()
+        return stage_summary(
+            session, stage=self.stage, status=status, started_at=self.started_at, t0=self.t0, origin_t=self.origin_t,
+            rank=rank, node_rank=node_rank, cluster=self.cluster if world_size > 1 else None, skipped=self.skipped,
+            sections=sections, timeline=self.timeline.as_rows(),
+        )
+
+
 def checkpoint_state(trainer: Any, local: dict, per_rank_gathered: list | None) -> dict:
     """A PowerSampler's checkpoint: every process's energy so far, and the total."""
+    from lightning_green.distributed import distributed, gather_objects
+
     if trainer is not None and trainer.world_size > 1 and not distributed(trainer) and per_rank_gathered:
         per_rank = list(per_rank_gathered)
         per_rank[trainer.global_rank] = local
@@ -183,15 +281,23 @@ def checkpoint_state(trainer: Any, local: dict, per_rank_gathered: list | None) 
     return {"version": 1, "world_size": len(per_rank), "per_rank_energy_j": per_rank, "total_j": sum(sum(r.values()) for r in per_rank)}
 
 
-def emit(summary: dict, directory: str, print_table: bool) -> None:
+def emit(summary: dict, directory: str, print_table: bool, picture: dict | None = None) -> None:
     """Write ``energy_summary_<stage>.json`` to ``directory`` (``summary["path"]`` set on success;
-    a failure is a warning) and print the table."""
+    a failure is a warning), print the table and, with ``picture`` (the keyword arguments of
+    :func:`~lightning_green.report_plot.write_report_picture`: ``loggers``, ``step``, ``info``),
+    draw ``energy_report_<stage>.png`` beside it (``summary["picture"]`` set when drawn)."""
     path = os.path.join(directory, f"energy_summary_{summary['stage']}.json")
     try:
         write_json(summary, path)
         summary["path"] = path
     except OSError as err:
         log.warning("lightning_green: could not write %s: %s", path, err)
+    if picture is not None:
+        from lightning_green.report_plot import write_report_picture
+
+        drawn = write_report_picture(summary, directory, summary["stage"], **picture)
+        if drawn is not None:
+            summary["picture"] = drawn
     if print_table:
         render(summary)
         if "path" in summary:
@@ -215,34 +321,34 @@ def render(summary: dict) -> None:
         table.add_column(col, justify="left" if col in ("sensor", "source", "status") else "right")
     notes = []
     for s in summary["sensors"]:
-        status = "ok" if not s["partial"] else ("failed" if s["failed"] else "gaps")
+        status = "ok" if not s.get("partial") else ("failed" if s.get("failed") else "gaps")
         if s.get("note"):
             notes.append(f"{s['name']}: {s['note']}")
         table.add_row(
-            s["name"], s["source"], _fmt(s["energy_this_run_j"]), _fmt(s["mean_power_w"]), _fmt(s["duration_s"]),
-            _fmt(s["peak_power_w"]), _fmt(s["energy_j"]), str(s["gaps"]), status,
+            s["name"], str(s.get("source")), _fmt(s.get("energy_this_run_j")), _fmt(s.get("mean_power_w")), _fmt(s.get("duration_s")),
+            _fmt(s.get("peak_power_w")), _fmt(s.get("energy_j")), _fmt(s.get("gaps")), status,
         )
     console.print(table)
-    sources = "+".join(summary["sources"]) or "none"
+    sources = "+".join(summary.get("sources") or []) or "none"
     cluster = summary.get("cluster") or {}
-    stage_j = summary["energy_this_run_j"]
+    stage_j, duration_s, energy_j = summary.get("energy_this_run_j"), summary.get("duration_s"), summary.get("energy_j")
     lines = notes + [
-        f"this stage ({summary['stage']}, this process): {_fmt(stage_j)} J in {_fmt(summary['duration_s'])} s"
-        f" = {_fmt(stage_j / summary['duration_s'] if summary['duration_s'] > 0 else float('nan'))} W mean  [source: {sources}]",
+        f"this stage ({summary['stage']}, this process): {_fmt(stage_j)} J in {_fmt(duration_s)} s"
+        f" = {_fmt(_ratio(stage_j, duration_s))} W mean  [source: {sources}]",
         f"total energy (this process, cumulative over every stage and any resumed checkpoint):"
-        f" {_fmt(summary['energy_j'])} J = {_fmt(summary['energy_j'] / J_PER_KWH)} kWh  [source: {sources}]",
+        f" {_fmt(energy_j)} J = {_fmt(_ratio(energy_j, J_PER_KWH))} kWh  [source: {sources}]",
     ]
-    if cluster.get("world_size", 1) > 1:
-        per_rank = ", ".join(f"rank {r['rank']} (node {r['node_rank']}): {_fmt(r['energy_j'])} J" for r in cluster["per_rank"])
-        imbalance = _fmt(cluster["imbalance"]) if not math.isnan(cluster["imbalance"]) else "n/a (no per-process device sensor)"
-        lines.append(f"cluster total, cumulative ({cluster['world_size']} processes, {cluster['num_nodes']} nodes): {_fmt(cluster['total_j'])} J; {per_rank}; device-energy imbalance (max/mean): {imbalance}")
-    if summary["partial"]:
+    if (cluster.get("world_size") or 1) > 1:
+        per_rank = ", ".join(f"rank {r.get('rank')} (node {r.get('node_rank')}): {_fmt(r.get('energy_j'))} J" for r in cluster.get("per_rank") or [])
+        imbalance = "n/a (no per-process device sensor)" if _is_nan(cluster.get("imbalance")) else _fmt(cluster["imbalance"])
+        lines.append(f"cluster total, cumulative ({cluster['world_size']} processes, {_fmt(cluster.get('num_nodes'))} nodes): {_fmt(cluster.get('total_j'))} J; {per_rank}; device-energy imbalance (max/mean): {imbalance}")
+    if summary.get("partial"):
         lines.append("partial figures: " + "; ".join(summary["partial"]))
-    for reason in summary["skipped"]:
+    for reason in summary.get("skipped") or []:
         lines.append("skipped: " + reason)
     for line in lines:
         console.print(line, markup=False, highlight=False)
-    for section, rows in summary["sections"].items():
+    for section, rows in (summary.get("sections") or {}).items():
         if not rows:
             continue
         sub = Table(title=section, title_justify="left")

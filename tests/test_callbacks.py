@@ -102,7 +102,7 @@ def test_failing_sensor_does_not_stop_training(tmp_path):
     trainer = tiny_trainer(max_steps=20, callbacks=[ps])
     trainer.fit(SleepyModel(step_s=0.01))
     assert trainer.global_step == 20
-    assert ps.summary["partial"] == ["flaky: OSError: device vanished"]
+    assert ps.summary["partial"] == ["flaky: dropped (OSError: device vanished); figures up to its last good reading"]
     assert ps.summary["sensors"][0]["partial"] is False
 
 
@@ -139,7 +139,8 @@ def test_nan_and_negative_readings_are_gaps(tmp_path):
     tiny_trainer(max_steps=10, callbacks=[ps]).fit(SleepyModel(step_s=0.01))
     s = ps.summary["sensors"][0]
     assert s["gaps"] == 2 and s["partial"] and s["energy_j"] == pytest.approx(10.0 * s["duration_s"], rel=0.01)
-    assert ps.summary["partial"] == ["noisy: 2 rejected readings"]
+    (partial,) = ps.summary["partial"]
+    assert partial.startswith("noisy: 2 readings rejected; ") and "s of gaps bridged by interpolated power; last: " in partial
 
 
 def test_no_thread_after_exception(tmp_path):
@@ -321,7 +322,7 @@ def test_summary_table_names_sources_and_partial(tmp_path, capsys):
     tiny_trainer(max_steps=8, callbacks=[ps]).fit(SleepyModel(step_s=0.01))
     out = capsys.readouterr().out
     assert "simulated" in out and "flaky" in out and "failed" in out
-    assert "partial figures: flaky: OSError: device vanished" in out
+    assert "partial figures: flaky: dropped (OSError: device vanished); figures up to its last good reading" in out
     assert "[source: simulated]" in out
 
 

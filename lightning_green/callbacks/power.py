@@ -7,23 +7,24 @@ the logging window a :class:`~lightning_green.energy.session.LogWindow`, phases 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import time
 from enum import Enum
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, ContextManager, Optional, Sequence
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_green import summary as S
-from lightning_green._glue import LogCadence, check_bool, check_choice, check_int, check_path, log_metrics, misconfigured
+from lightning_green._glue import SayOnce, check_bool, check_choice, check_int, check_path, log_metrics, misconfigured
 from lightning_green.callbacks.sensor_choice import check_sensors, sensors_for_process
 from lightning_green.distributed import reduce_sum, shared_owners
-from lightning_green.energy.phases import PHASE_TIMINGS, PhaseRecorder
+from lightning_green.energy.loops import TrainingLog
+from lightning_green.energy.phases import PHASE_TIMINGS
 from lightning_green.energy.sampler import check_interval
-from lightning_green.energy.session import EnergySession, LogWindow, Measurement
+from lightning_green.energy.session import EnergySession, Measurement
 from lightning_green.sensors.base import Sensor
 from lightning_green.sensors.rapl import DEFAULT_ROOT
 
@@ -61,6 +62,10 @@ def _stage_name(stage: Any) -> str:
     return stage.value if isinstance(stage, Enum) else str(stage)
 
 
+def _loop_name(trainer: Trainer) -> str:
+    return "sanity" if trainer.sanity_checking else "validation"
+
+
 class PowerSampler(Callback):
     r"""Measure energy while Lightning trains, validates, tests or predicts.
 
@@ -76,14 +81,17 @@ class PowerSampler(Callback):
           (validation loops in the window excluded).
         - ``energy/epoch_j`` (J): energy of the training epoch, all processes (at epoch end).
         - ``power_trace/<sensor>_w`` (W): the sampler's readings, at most ``trace_points`` per logging
-          window; their step is milliseconds since the sampler first started.
+          window; their step is milliseconds since the sampler first started. Written in batches: at
+          epoch end, before validation, at the end of training, and every 512 points.
         - with ``phases=True``: ``energy/phase/<phase>_j`` (J, all processes) and ``time/phase/<phase>_s``
           (s, mean over processes) over the logging window, for ``data``, ``compute``, ``optimizer``,
           ``comm`` and ``other`` (the rule is in :mod:`lightning_green.energy.phases`).
+        - with ``progress_bar=True``, in the progress bar only: ``energy_kj`` (kJ, all processes, so far)
+          and ``power_w`` (W, all processes, over the logging window).
 
-    At the end of ``fit`` and ``test`` a table is printed and ``energy_summary_<stage>.json`` written
-    (:mod:`lightning_green.summary`): the stage's own energy, time and mean power, and the process's
-    cumulative energy, each labelled; every figure names its source.
+    At the end of ``fit`` and ``test`` a table is printed, ``energy_summary_<stage>.json`` written
+    (:mod:`lightning_green.summary`) and, with matplotlib, ``energy_report_<stage>.png`` drawn beside
+    it and sent to TensorBoard as the image ``energy/report`` (:mod:`lightning_green.report_plot`).
 
     Args:
         sensors: ``"auto"``, ``"nvml"``, ``"rapl"``, ``"estimate"``, or a list of
@@ -92,13 +100,14 @@ class PowerSampler(Callback):
         log_trace: log ``power_trace/<sensor>_w`` points.
         trace_points: most trace points per sensor per logging window (>= 1).
         print_summary: print the summary table at the end of fit and test (rank 0).
-        summary_dir: where the JSON summary goes (a path); default the first logger's folder.
+        summary_dir: where the summary and picture go (a path); default the first logger's folder.
         rapl_root: the powercap sysfs root for RAPL sensors.
         history: recent readings kept per sensor for window queries (>= 2).
         phases: attribute each training step's energy to data / compute / optimizer / comm / other.
         phase_timing: ``"host"``, ``"cuda_events"`` or ``"sync"`` (see
             :class:`~lightning_green.energy.phases.PhaseRecorder`).
         clock: the monotonic clock of window edges; tests inject one with their sensors.
+        progress_bar: show energy so far and power in Lightning's progress bar (TQDM or Rich).
 
     Raises:
         ValueError / TypeError: an argument out of range or of the wrong type (the message names it).
@@ -106,7 +115,7 @@ class PowerSampler(Callback):
 
     Example::
 
-        trainer = Trainer(callbacks=[PowerSampler(interval_s=0.1), EfficiencyLogger()])
+        trainer = Trainer(callbacks=[PowerSampler(interval_s=0.1, progress_bar=True), EfficiencyLogger()])
     """
 
     def __init__(
@@ -122,6 +131,7 @@ class PowerSampler(Callback):
         phases: bool = False,
         phase_timing: str = "host",
         clock: Optional[Callable[[], float]] = None,
+        progress_bar: bool = False,
     ) -> None:
         super().__init__()
         self._sensor_spec = check_sensors(sensors)
@@ -131,25 +141,21 @@ class PowerSampler(Callback):
         self.summary_dir, self.rapl_root = check_path("summary_dir", summary_dir), check_path("rapl_root", rapl_root, optional=False)
         self.history = check_int("history", history, 2)
         self.phases, self.phase_timing = check_bool("phases", phases), check_choice("phase_timing", phase_timing, PHASE_TIMINGS)
+        self.progress_bar = check_bool("progress_bar", progress_bar)
         if clock is not None and not callable(clock):
             raise TypeError(f"`clock` must be None or a callable returning seconds, got {clock!r}")
         self.session = EnergySession(self.interval_s, self.history, clock or time.monotonic)
-        self.window = LogWindow(self.session)
+        self.training = TrainingLog(self.session, self.trace_points, self.phase_timing if self.phases else None)
         self.sections = S.SummarySections()
         self.summary: dict | None = None  # the last summary built (every rank has its own)
         self.summary_by_stage: dict[str, dict] = {}
-        self._cadence = LogCadence()
-        self._phases: PhaseRecorder | None = None
-        self._comm_seconds: Callable[[], float] | None = None
-        self._skipped: list[str] = []
+        self.record = S.StageRecord(self.session.clock)
         self._trainer: Trainer | None = None
-        self._stage, self._stage_t0, self._started_at = "", 0.0, ""
-        self._origin_t: float | None = None
-        self._cluster: dict | None = None
-        self._per_rank_state: list[dict] | None = None
-        self._pending_state: dict | None = None
+        self._plots_hint = SayOnce(rank_zero_info)  # matplotlib missing: said once, not per stage
         for hook, edge in PHASE_EDGE_HOOKS if self.phases else ():  # per instance: phases=False costs nothing
-            setattr(self, hook, functools.partial(self._phase_edge, edge))
+            setattr(self, hook, self.training.edge_hook(edge))
+        if self.phases:
+            self.sections.add_provider(self._phase_rows)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -165,11 +171,9 @@ class PowerSampler(Callback):
         """Cumulative joules of every sensor of this process (restored energy included)."""
         return self.session.energy_now_j()
 
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[Measurement]:
-        """Measure the energy of a block (see :meth:`EnergySession.measure`)."""
-        with self.session.measure() as m:
-            yield m
+    def measure(self) -> ContextManager[Measurement]:
+        """Measure the energy of a block: ``with sampler.measure() as m:`` (see :meth:`EnergySession.measure`)."""
+        return self.session.measure()
 
     def sources(self) -> str:
         """The sources of this process's sensors, joined with ``+`` (``"none"`` before any)."""
@@ -186,14 +190,14 @@ class PowerSampler(Callback):
     def set_comm_seconds(self, pop_exposed_comm_s: Callable[[], float] | None) -> None:
         """Where the ``comm`` phase comes from: a strategy that measures its exposed all-reduce time
         (``ddp_green``) hands its counter here in its ``setup``."""
-        self._comm_seconds = pop_exposed_comm_s
+        self.training.comm_seconds = pop_exposed_comm_s
 
     # ------------------------------------------------------------------ lifecycle
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.phases and self.phase_timing == "cuda_events" and trainer.strategy.root_device.type != "cuda":
             raise misconfigured(f"`phase_timing='cuda_events'` needs a CUDA device, but this Trainer runs on {trainer.strategy.root_device.type}; use phase_timing='host' or 'sync'")
-        self._comm_seconds = None
+        self.training.comm_seconds = None
         self._start(trainer, _stage_name(stage))
 
     @override
@@ -202,71 +206,65 @@ class PowerSampler(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        stage = trainer.state.fn.value if trainer.state.fn is not None else "unknown"
-        self._finish(trainer, stage, status=f"interrupted ({type(exception).__name__})")
+        self._finish(trainer, _stage_name(trainer.state.fn or "unknown"), status=f"interrupted ({type(exception).__name__})")
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.window.reset()
-        self._cadence.reset(trainer.log_every_n_steps, trainer.global_step)
-        if self.phases:
-            self._phases = PhaseRecorder(self.phase_timing, trainer.strategy.root_device, self.session.clock)
-            self.add_summary_provider(self._phase_rows)
+        self.training.start(trainer.log_every_n_steps, trainer.global_step, trainer.strategy.root_device)
+        self.record.timeline.begin("train")
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.window.start_epoch()
-        if self._phases is not None:
-            self._phases.restart()
+        self.training.start_epoch()
+        self.record.timeline.begin("train")
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._phases is not None:
-            self._phases.edge("batch_end")
-        stepped, log_now = self._cadence.advance(trainer.global_step)
-        if stepped:  # else accumulating gradients: no optimizer step yet
-            self.window.steps += 1
-            if self._phases is not None:
-                self._phases.close_step(self.session.meter, self._comm_seconds() if self._comm_seconds else 0.0)
-            if log_now:
-                self._log_window(trainer)
+        if self.training.batch_end(trainer.global_step):
+            self._log_window(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        log_metrics(trainer, {"energy/epoch_j": reduce_sum(trainer, [self.window.epoch_energy_j()])[0]})
+        log_metrics(trainer, {"energy/epoch_j": reduce_sum(trainer, [self.training.window.epoch_energy_j()])[0]})
+        self._write_trace(trainer)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.window.steps and self._cadence.every:  # the last, partial logging window
-            self._log_window(trainer)
-        if self._phases is not None:
-            self._phases.flush(self.session.meter)
-        self._gather_cluster(trainer, with_state=True)
+        if self.training.unlogged_steps:  # the last, partial logging window
+            self._log_window(trainer, pl_module)
+        self._write_trace(trainer)
+        self.training.end()
+        self.record.stage_loop_ended(trainer, self.session, with_state=True)
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self.window.validation_started()
-        if self._phases is not None:
-            self._phases.restart(with_edge=False)  # a validation loop is not part of any training step
+        self.record.timeline.begin(_loop_name(trainer))
+        self.training.validation_started(in_fit=trainer.state.fn == "fit" and not trainer.sanity_checking)
+        self._write_trace(trainer)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn == "validate":
-            self._gather_cluster(trainer)
-            return
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self.window.validation_ended()
-        if self._phases is not None and trainer.state.fn == "fit":
-            self._phases.restart()
+        if trainer.state.fn == "fit":
+            self.record.timeline.begin("train")
+            self.training.validation_ended(in_fit=not trainer.sanity_checking)
+        elif trainer.state.fn == "validate":
+            self.record.stage_loop_ended(trainer, self.session)
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.record.timeline.begin("test")
 
     @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._gather_cluster(trainer)
+        self.record.stage_loop_ended(trainer, self.session)
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.record.timeline.begin("predict")
 
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._gather_cluster(trainer)
+        self.record.stage_loop_ended(trainer, self.session)
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -274,73 +272,47 @@ class PowerSampler(Callback):
         """Every process's energy so far (a collective when the process group is up; after fit under
         ``ddp_green`` the group is gone, and the other ranks' parts are those gathered at train end)."""
         self.session.read_now()  # a checkpoint is no hot path: read the sensors now
-        return S.checkpoint_state(self._trainer, self.session.local_state(), self._per_rank_state)
+        return S.checkpoint_state(self._trainer, self.session.local_state(), self.record.per_rank_state)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_state = dict(state_dict)
+        self.session.load_checkpoint(state_dict)
         if self.session.started and self._trainer is not None:
-            self._apply_state(self._trainer)
-
-    def _apply_state(self, trainer: Trainer) -> None:
-        state, self._pending_state = self._pending_state, None
-        per_rank = state.get("per_rank_energy_j") or []
-        if len(per_rank) == trainer.world_size:
-            self.session.restore(per_rank[trainer.global_rank])
-        else:  # another world size: rank 0 carries the total, the per-sensor split does not go on
-            self.session.restore(None, total_j=float(state.get("total_j", 0.0)) if trainer.global_rank == 0 else 0.0)
+            self.session.restore_checkpoint(self._trainer.world_size, self._trainer.global_rank)
 
     # ------------------------------------------------------------------ internals
     def _start(self, trainer: Trainer, stage: str) -> None:
         if self.session.started:  # a previous run ended without teardown
-            self._finish(trainer, self._stage, status="superseded")
-        self._trainer, self._stage = trainer, stage
-        sensors, owned, self._skipped = sensors_for_process(trainer, self._sensor_spec, self.rapl_root, tell=self._origin_t is None)
+            self._finish(trainer, self.record.stage, status="superseded")
+        self._trainer = trainer
+        sensors, owned, skipped = sensors_for_process(trainer, self._sensor_spec, self.rapl_root, tell=self.record.first)
         self.session.start(sensors, owned)
-        if self._pending_state is not None:
-            self._apply_state(trainer)
-        self._stage_t0 = self.session.clock()
-        self._origin_t = self._origin_t if self._origin_t is not None else self._stage_t0
-        self._started_at, self._cluster = S.now_iso(), None
+        self.session.restore_checkpoint(trainer.world_size, trainer.global_rank)
+        self.record.begin(stage, skipped)
         self.sections.clear_sections()
-        self.window.reset()
+        self.training.window.reset()
 
     def _finish(self, trainer: Trainer, stage: str, status: str) -> None:
         if not self.session.finish():
             return
-        self.summary = self.summary_by_stage[stage] = self._build_summary(trainer, stage, status)
+        self.summary = self.summary_by_stage[stage] = self.record.summary(
+            self.session, status, rank=trainer.global_rank, node_rank=trainer.node_rank, world_size=trainer.world_size, sections=self.sections.collect()
+        )
         if stage in S.SUMMARY_STAGES and trainer.is_global_zero:
-            S.emit(self.summary, self.summary_dir or summary_dir_of(trainer), self.print_summary)
+            picture = {"loggers": trainer.loggers, "step": trainer.global_step, "info": self._plots_hint}
+            S.emit(self.summary, self.summary_dir or summary_dir_of(trainer), self.print_summary, picture)
 
-    def _log_window(self, trainer: Trainer) -> None:
-        reduce = functools.partial(reduce_sum, trainer)
-        metrics = self.window.close(reduce)
-        if self._phases is not None:
-            metrics.update(self._phases.metrics(self.session.meter, reduce, trainer.world_size))
+    def _log_window(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        metrics = self.training.close(functools.partial(reduce_sum, trainer), trainer.world_size)
         log_metrics(trainer, metrics)
-        if self.log_trace and trainer.is_global_zero:
-            for name, points in self.window.trace_points(self.trace_points).items():
-                for t_s, power_w in points:
-                    log_metrics(trainer, {f"power_trace/{name}_w": power_w}, step=int(round((t_s - self._origin_t) * 1000)))
+        if self.progress_bar:
+            pl_module.log_dict({"energy_kj": metrics["energy/total_j"] / 1000.0, "power_w": self.training.window.power_w}, prog_bar=True, logger=False)
+        if self.log_trace and trainer.is_global_zero and self.training.collect_trace(self.record.origin_t):
+            self._write_trace(trainer)
 
-    def _phase_edge(self, edge: str, *args: Any, **kwargs: Any) -> None:
-        self._phases.edge(edge)
+    def _write_trace(self, trainer: Trainer) -> None:
+        for step_ms, points in self.training.trace.drain():
+            log_metrics(trainer, points, step=step_ms)
 
     def _phase_rows(self) -> dict[str, list[dict]]:
-        if self._phases is None or self.session.meter is None or self._stage != "fit":
-            return {}
-        meter, dram = self.session.meter, self.session.names_in_domain("dram")
-        dram_j = sum(meter.stats(n)["energy_this_run_j"] for n in dram) if dram else None
-        return {"energy by phase": self._phases.rows(dram_j, dram, self.sources())}
-
-    def _gather_cluster(self, trainer: Trainer, with_state: bool = False) -> None:
-        if self.session.meter is not None:  # a collective at stage end: every rank calls it
-            self._cluster, states = S.gather_cluster(trainer, self.session, with_state)
-            self._per_rank_state = states if with_state else self._per_rank_state
-
-    def _build_summary(self, trainer: Trainer, stage: str, status: str) -> dict:
-        return S.stage_summary(
-            self.session, stage=stage, status=status, started_at=self._started_at, t0=self._stage_t0, origin_t=self._origin_t,
-            rank=trainer.global_rank, node_rank=trainer.node_rank, cluster=self._cluster if trainer.world_size > 1 else None,
-            skipped=self._skipped, sections=self.sections.collect(),
-        )
+        return self.training.phase_rows() if self.record.stage == "fit" else {}

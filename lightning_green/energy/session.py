@@ -12,11 +12,10 @@ collectives are passed in as a function, time as a clock.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
-
-import logging
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from lightning_green.energy.meter import MIN_COUNTER_DT_S, EnergyMeter
 from lightning_green.energy.sampler import Sampler
@@ -74,6 +73,7 @@ class EnergySession:
         self._sampler: Sampler | None = None
         self._carry_j: dict[str, float] = {}  # per sensor, from earlier stages and checkpoints
         self.unattributed_j = 0.0  # restored energy no sensor of this run can hold
+        self._pending_state: dict | None = None  # a checkpoint loaded before this process's rank is known
 
     @property
     def started(self) -> bool:
@@ -191,6 +191,22 @@ class EnergySession:
         if self.meter is not None:
             self.meter.set_offsets(self._carry_j)
 
+    def load_checkpoint(self, state: Mapping[str, Any]) -> None:
+        """Keep a PowerSampler checkpoint until :meth:`restore_checkpoint` knows this process's rank."""
+        self._pending_state = dict(state)
+
+    def restore_checkpoint(self, world_size: int, rank: int) -> None:
+        """Go on from the checkpoint loaded (nothing without one): the same world size restores this
+        rank's part per sensor; another world size puts the total on rank 0, unattributed."""
+        state, self._pending_state = self._pending_state, None
+        if state is None:
+            return
+        per_rank = state.get("per_rank_energy_j") or []
+        if len(per_rank) == world_size:
+            self.restore(per_rank[rank])
+        else:
+            self.restore(None, total_j=float(state.get("total_j", 0.0)) if rank == 0 else 0.0)
+
 
 class LogWindow:
     """The figures of one logging window of a training loop, over an :class:`EnergySession`.
@@ -203,6 +219,7 @@ class LogWindow:
     def __init__(self, session: EnergySession) -> None:
         self.session = session
         self.steps = 0
+        self.power_w = float("nan")  # mean power of every process over the last closed window
         self._t = 0.0
         self._by_sensor: dict[str, float] = {}
         self._local_j = 0.0
@@ -231,8 +248,9 @@ class LogWindow:
         now = session.clock()
         by_sensor = session.by_sensor_j(now)
         local_j = session.unattributed_j + sum(by_sensor.values())
-        total_j, window_j = reduce([local_j, local_j - self._local_j - self._val_j])
+        total_j, window_j, all_j = reduce([local_j, local_j - self._local_j - self._val_j, local_j - self._local_j])
         dt = now - self._t
+        self.power_w = all_j / dt if dt > 0 else float("nan")
         metrics: dict[str, float] = {"energy/total_j": total_j}
         if self.steps:
             metrics["energy/step_j"] = window_j / self.steps
@@ -266,3 +284,4 @@ class LogWindow:
             out[name] = points
         self.trace_t = t_end
         return out
+

@@ -1,0 +1,203 @@
+"""The loops of a stage over an :class:`~lightning_green.energy.session.EnergySession`, Trainer-free.
+
+* :class:`TrainingLog`: a training loop's logging window, cadence, phases and trace points;
+* :class:`TraceLog`: ``power_trace`` points waiting to be written, in batches;
+* :class:`LoopTimeline`: which loop ran when, for the summary and its picture.
+
+The callbacks connect them to Trainer hooks; collectives come in as a function, time as a clock.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+from lightning_green._glue import LogCadence
+from lightning_green.energy.phases import PhaseRecorder
+from lightning_green.energy.session import Clock, EnergySession, LogWindow, Reduce
+
+
+class TrainingLog:
+    """A training loop's energy figures: the :class:`LogWindow`, Lightning's ``log_every_n_steps``
+    cadence, the optional :class:`~lightning_green.energy.phases.PhaseRecorder` and the trace points.
+
+    Per batch :meth:`batch_end` costs two integer compares and an add (and the phase edge with
+    phases on); figures are built on log steps only (:meth:`close`).
+
+    Args:
+        session: the measurement.
+        trace_points: most trace points per sensor per logging window.
+        phase_timing: ``"host"``, ``"cuda_events"`` or ``"sync"``; None without phases.
+    """
+
+    def __init__(self, session: EnergySession, trace_points: int, phase_timing: str | None = None) -> None:
+        self.session = session
+        self.window = LogWindow(session)
+        self.cadence = LogCadence()
+        self.trace = TraceLog(trace_points)
+        self.phase_timing = phase_timing
+        self.phases: PhaseRecorder | None = None
+        #: the exposed all-reduce seconds since the last call (``ddp_green`` hands its counter over)
+        self.comm_seconds: Callable[[], float] | None = None
+
+    def start(self, every: int, global_step: int, device: Any = None) -> None:
+        """Training starts at ``global_step``, logging every ``every`` optimizer steps."""
+        self.window.reset()
+        self.cadence.reset(every, global_step)
+        if self.phase_timing is not None:
+            self.phases = PhaseRecorder(self.phase_timing, device, self.session.clock)
+
+    def start_epoch(self) -> None:
+        self.window.start_epoch()
+        if self.phases is not None:
+            self.phases.restart()
+
+    def edge_hook(self, name: str) -> Callable[..., None]:
+        """A hook (any arguments) that marks the phase edge ``name`` (``batch_start`` …) of the running
+        step (a partial: picklable for ``ddp_spawn``)."""
+        return functools.partial(self.mark_edge, name)
+
+    def mark_edge(self, name: str, *hook_args: Any, **hook_kwargs: Any) -> None:
+        self.phases.edge(name)
+
+    def batch_end(self, global_step: int) -> bool:
+        """A training batch ended at ``global_step``; True when it is a log step."""
+        phases = self.phases
+        if phases is not None:
+            phases.edge("batch_end")
+        stepped, log_now = self.cadence.advance(global_step)
+        if not stepped:  # accumulating gradients: no optimizer step yet
+            return False
+        self.window.steps += 1
+        if phases is not None:
+            phases.close_step(self.session.meter, self.comm_seconds() if self.comm_seconds else 0.0)
+        return log_now
+
+    def close(self, reduce: Reduce, world_size: int) -> dict[str, float]:
+        """The window's metrics (phases included) with one collective each; the next window starts."""
+        metrics = self.window.close(reduce)
+        if self.phases is not None:
+            metrics.update(self.phases.metrics(self.session.meter, reduce, world_size))
+        return metrics
+
+    def collect_trace(self, origin_t: float) -> bool:
+        """Keep the window's trace points (steps in ms since ``origin_t``); True when a batch is due."""
+        self.trace.collect(self.window, origin_t)
+        return self.trace.due()
+
+    @property
+    def unlogged_steps(self) -> bool:
+        """Steps since the last log step, while logging is on (the last, partial window)."""
+        return bool(self.window.steps and self.cadence.every)
+
+    def validation_started(self, in_fit: bool) -> None:
+        """A validation loop (``in_fit``: inside fit, not the sanity check) begins: not step energy."""
+        if in_fit:
+            self.window.validation_started()
+        if self.phases is not None:
+            self.phases.restart(with_edge=False)  # a validation loop is not part of any training step
+
+    def validation_ended(self, in_fit: bool) -> None:
+        if in_fit:
+            self.window.validation_ended()
+        if self.phases is not None:
+            self.phases.restart()
+
+    def end(self) -> None:
+        if self.phases is not None:
+            self.phases.flush(self.session.meter)
+
+    def phase_rows(self) -> dict[str, list[dict]]:
+        """The ``energy by phase`` summary table ({} without phases)."""
+        phases, session = self.phases, self.session
+        if phases is None or session.meter is None:
+            return {}
+        meter, dram = session.meter, session.names_in_domain("dram")
+        dram_j = sum(meter.stats(n)["energy_this_run_j"] for n in dram) if dram else None
+        return {"energy by phase": phases.rows(dram_j, dram, session.sources())}
+
+
+class TraceLog:
+    """``power_trace/<sensor>_w`` points waiting to be logged.
+
+    On each log step :meth:`collect` takes the window's readings (at most ``points`` per sensor, see
+    :meth:`LogWindow.trace_points`); they are written in batches (:meth:`due`, :meth:`drain`), so a log
+    step costs the training thread no extra logger call. Each point keeps its own step: milliseconds
+    since ``origin_t``.
+    """
+
+    def __init__(self, points: int, batch: int = 512) -> None:
+        self.points = points
+        self.batch = batch
+        self._pending: list[tuple[int, str, float]] = []
+        self._keys: dict[str, str] = {}
+
+    def collect(self, window: LogWindow, origin_t: float) -> None:
+        for name, points in window.trace_points(self.points).items():
+            key = self._keys.get(name) or self._keys.setdefault(name, f"power_trace/{name}_w")
+            self._pending.extend((int(round((t_s - origin_t) * 1000)), key, power_w) for t_s, power_w in points)
+
+    def due(self) -> bool:
+        """Enough points wait for a batch (memory stays bounded between stage ends)."""
+        return len(self._pending) >= self.batch
+
+    def drain(self) -> list[tuple[int, dict[str, float]]]:
+        """The waiting points as ``(step_ms, {key: watts})`` in time order (one dict per step)."""
+        by_step: dict[int, dict[str, float]] = {}
+        for step, key, power_w in self._pending:
+            by_step.setdefault(step, {})[key] = power_w
+        self._pending = []
+        return sorted(by_step.items())
+
+
+class LoopTimeline:
+    """Which loop ran when (``train``, ``validation``, ``sanity``, ``test`` …), on the trace's time axis.
+
+    Edges are marked once per loop (never per step). Consecutive intervals of the same loop are one;
+    past ``max_entries`` the shortest finished interval that is not ``train`` is given to training, so
+    the record stays bounded and keeps the longest loops (and the one running).
+    """
+
+    def __init__(self, clock: Clock, max_entries: int = 200) -> None:
+        self.clock = clock
+        self.max_entries = max_entries
+        self.origin_t = 0.0
+        self.rows: list[list] = []  # [loop, start_t, end_t or None while open]
+
+    def reset(self, origin_t: float) -> None:
+        self.origin_t, self.rows = origin_t, []
+
+    def begin(self, loop: str) -> None:
+        now = self.clock()
+        self.end(now)
+        if self.rows and self.rows[-1][0] == loop:
+            self.rows[-1][2] = None  # the same loop goes on
+            return
+        self.rows.append([loop, now, None])
+        if len(self.rows) > self.max_entries:
+            self._drop_shortest()
+
+    def end(self, now: float | None = None) -> None:
+        if self.rows and self.rows[-1][2] is None:
+            self.rows[-1][2] = self.clock() if now is None else now
+
+    def _drop_shortest(self) -> None:
+        closed = [i for i, r in enumerate(self.rows[:-1]) if r[0] != "train"]
+        if not closed:
+            del self.rows[0]
+            return
+        i = min(closed, key=lambda k: self.rows[k][2] - self.rows[k][1])
+        self.rows[i][0] = "train"
+        merged: list[list] = []
+        for row in self.rows:
+            if merged and merged[-1][0] == row[0]:
+                merged[-1][2] = row[2]
+            else:
+                merged.append(row)
+        self.rows = merged
+
+    def as_rows(self) -> list[dict]:
+        """``[{"loop", "start_s", "end_s"}]`` in seconds since ``origin_t`` (an open loop ends now)."""
+        now = self.clock()
+        return [{"loop": loop, "start_s": round(t0 - self.origin_t, 4), "end_s": round((now if t1 is None else t1) - self.origin_t, 4)}
+                for loop, t0, t1 in self.rows]

@@ -1,0 +1,42 @@
+"""``PowerSampler(progress_bar=True)``: energy so far and power in Lightning's progress bar, TQDM or Rich."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import SleepyModel, tiny_trainer
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+from lightning_green import PowerSampler, SimulatedSensor
+
+
+def fit_with_bar(tmp_path, bar, enabled: bool):
+    ps = PowerSampler(sensors=[SimulatedSensor(200.0)], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path), progress_bar=enabled)
+    model = SleepyModel(step_s=0.01)
+    trainer = tiny_trainer(max_steps=8, log_every_n_steps=4, enable_progress_bar=True, callbacks=[ps, bar])
+    trainer.fit(model)
+    return trainer, model, ps
+
+
+@pytest.mark.parametrize("bar", [TQDMProgressBar, RichProgressBar], ids=["tqdm", "rich"])
+def test_energy_and_power_in_the_progress_bar_when_enabled(tmp_path, bar):
+    trainer, model, ps = fit_with_bar(tmp_path, bar(), enabled=True)
+    shown = trainer.progress_bar_callback.get_metrics(trainer, model)
+    assert {"energy_kj", "power_w"} <= shown.keys()
+    assert trainer.progress_bar_metrics["energy_kj"] == pytest.approx(float(shown["energy_kj"]))
+    # the last logging window's figures: energy so far (at step 8, before teardown's last reading)
+    assert 0 < trainer.progress_bar_metrics["energy_kj"] <= ps.summary["energy_j"] / 1000.0
+    # 200 W over the window (a busy machine delays readings, so window edges can be off by an interval)
+    assert trainer.progress_bar_metrics["power_w"] == pytest.approx(200.0, rel=0.5)
+
+
+@pytest.mark.parametrize("bar", [TQDMProgressBar, RichProgressBar], ids=["tqdm", "rich"])
+def test_nothing_in_the_progress_bar_by_default(tmp_path, bar):
+    trainer, model, _ = fit_with_bar(tmp_path, bar(), enabled=False)
+    shown = trainer.progress_bar_callback.get_metrics(trainer, model)
+    assert not {"energy_kj", "power_w"} & shown.keys()
+    assert not {"energy_kj", "power_w"} & trainer.progress_bar_metrics.keys()
+
+
+def test_progress_bar_argument_is_checked():
+    with pytest.raises(TypeError, match="`progress_bar` must be True or False"):
+        PowerSampler(progress_bar="yes")
