@@ -81,10 +81,6 @@ def context(args: argparse.Namespace) -> int:
     return max(args.block_size, 8 + args.new_tokens)
 
 
-def spread(values: list[float]) -> dict:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
-
-
 def interleaved(repeats: int, fns: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
     """Seconds of each ``fns`` entry per repeat, run side by side (order alternates each repeat)."""
     out: dict[str, list[float]] = {k: [] for k in fns}
@@ -221,7 +217,7 @@ def run(args: argparse.Namespace) -> dict:
                    "kernel_decode_ratio": report.get("kernel_decode_ratio"),
                    "kernel_prefill_ratio": report.get("kernel_prefill_ratio"), "torch_threads": torch.get_num_threads()},
         "energy_source": "estimate",
-        "figures": {k: spread(v) for k, v in figures.items()},
+        "figures": {k: _common.summarize(v) for k, v in figures.items()},
         "single": single,
         "eval_loss": losses,
         "callback_report": report.as_dict(),
@@ -278,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["goals"] = rows
     payload = {k: v for k, v in result.items() if k != "callback_report"} | {"callback_report": result["callback_report"]}
     if args.out is None:
-        _common.write("qat", payload)
+        _common.write("qat", payload, repeats=args.repeats, quick=args.quick)
     else:
         Path(args.out).write_text(json.dumps({"benchmark": "qat", "machine": _common.machine(), **payload}, indent=2, default=str))
     return result
