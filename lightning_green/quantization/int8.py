@@ -7,10 +7,11 @@ kernel behind ``torch.ao.quantization.quantize_dynamic``. Per call it takes the 
 engines need), multiplies with int8 weights in int32 and rescales. Weights are symmetric int8 per
 output channel, ``scale = max|w| / 127``, values in ``[-127, 127]``.
 
-QAT uses torch's fused ops ``fake_quantize_per_tensor_affine`` (activations, the kernel's own
+QAT rounds as ``fake_quantize_per_tensor_affine`` (activations, with the kernel's own
 ``_choose_qparams_per_tensor``) and ``fake_quantize_per_channel_affine`` (weights, the same scale as
-the conversion), with straight-through gradients: the fake-quantized forward equals the converted
-one up to float rounding.
+the conversion) do, written as a few in-place passes with straight-through gradients (several times
+faster than those ops on CPU): the fake-quantized forward equals the converted one up to float
+rounding.
 
 Converted layers keep plain tensors in their ``state_dict`` under the float names (``weight`` as
 int8, plus ``weight_scale``), so checkpoints load with any ``map_location``; the packed weight the
@@ -45,16 +46,30 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fake_quantize_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The weight rounded to the int8 grid of :func:`quantize_weight`, straight-through gradient."""
+    """The weight rounded to the int8 grid of :func:`quantize_weight`, straight-through gradient.
+
+    Computes what ``torch.fake_quantize_per_channel_affine`` computes (``round(w / scale)`` clamped to
+    ``[-127, 127]``, times ``scale``) in a few in-place passes, several times faster on CPU. With
+    ``scale = max|w| / 127`` no value is clamped, so the gradient is exactly the identity.
+    """
     scale = weight_scale(weight)
-    zero = torch.zeros(scale.shape, dtype=torch.int32, device=weight.device)
-    return torch.fake_quantize_per_channel_affine(weight, scale.to(weight.dtype), zero, 0, -QMAX_WEIGHT, QMAX_WEIGHT)
+    detached = weight.detach()
+    delta = (detached * (1.0 / scale)[:, None]).round_().clamp_(-QMAX_WEIGHT, QMAX_WEIGHT).mul_(scale[:, None])
+    return weight + delta.sub_(detached).to(weight.dtype)
 
 
 def fake_quantize_activation(x: torch.Tensor) -> torch.Tensor:
-    """``x`` rounded as the dynamic kernel quantizes it (per tensor, asymmetric, 7 bits)."""
+    """``x`` rounded as the dynamic kernel quantizes it (per tensor, asymmetric, 7 bits), with the
+    kernel's own ``_choose_qparams_per_tensor``; straight-through gradient.
+
+    The same arithmetic as ``torch.fake_quantize_per_tensor_affine`` (``x * (1 / scale)`` rounded half
+    to even, plus the zero point, clamped to ``[0, 127]``), in place. The range spans the tensor's own
+    minimum and maximum, so nothing is clamped and the gradient is exactly the identity.
+    """
     scale, zero_point = torch._choose_qparams_per_tensor(x.detach(), REDUCE_RANGE)
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, QMAX_ACTIVATION)
+    detached = x.detach()
+    delta = (detached * (1.0 / scale)).round_().add_(zero_point).clamp_(0, QMAX_ACTIVATION).sub_(zero_point).mul_(scale)
+    return x + delta.sub_(detached).to(x.dtype)
 
 
 class FakeQuantInt8Linear(nn.Linear):
