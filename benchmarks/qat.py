@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.steps, args.finetune_steps, args.eval_batches, args.timing_steps = 20, 6, 2, 3
     import tempfile
 
-    args.tmp = tempfile.mkdtemp(prefix="qat_bench_")
-    result = run(args)
+    with tempfile.TemporaryDirectory(prefix="qat_bench_") as args.tmp:
+        result = run(args)
     rows = goal_table(result)
     print(f"\nQAT benchmark: LitGPT GPT {result['config']['parameters'] / 1e6:.1f} M params, scheme={result['config']['scheme']},"
           f" {args.repeats} repeats interleaved; energy source: estimate")  # fmt: skip

@@ -12,7 +12,6 @@ energy per inference (EPI) measured by a PowerSampler on this machine, with its 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import lightning as L

@@ -121,6 +121,13 @@ def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
     return value
 
 
+def check_name(name: str, value: Any) -> str:
+    """``value`` if it is a non-empty string, else ``ValueError`` naming ``name``."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"`{name}` must be a non-empty string, got {value!r}")
+    return value
+
+
 def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be True or False, got {value!r}")

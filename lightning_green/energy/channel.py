@@ -8,7 +8,8 @@ import numbers
 from collections import deque
 from typing import Any
 
-from lightning_green.sensors.base import Reading, check_number
+from lightning_green._glue import check_int
+from lightning_green.sensors.base import Reading
 
 #: A counter's power (difference / time) is only trusted for peaks and traces over at least this
 #: long: NVML's energy counter updates about every 100 ms, so a shorter interval can hold a whole
@@ -29,7 +30,7 @@ class DownsampledTrace:
     """
 
     def __init__(self, max_points: int = 512) -> None:
-        self.max_points = check_number("max_points", max_points, minimum=2, integer=True)
+        self.max_points = check_int("max_points", max_points, 2)
         self._points: list[tuple[float, float, int]] = []  # (mean t, mean power, samples)
         self._stride = 1
         self._pending = (0.0, 0.0, 0)  # running sums of the bucket being filled: (sum t, sum power, samples)

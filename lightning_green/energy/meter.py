@@ -34,7 +34,7 @@ import threading
 from typing import Any, Iterable
 
 from lightning_green.energy.channel import MIN_COUNTER_DT_S, RESET_FRACTION, Channel, DownsampledTrace
-from lightning_green.sensors.base import check_number
+from lightning_green._glue import check_int, check_number
 
 __all__ = ["MIN_COUNTER_DT_S", "RESET_FRACTION", "DownsampledTrace", "EnergyMeter"]
 
@@ -61,9 +61,9 @@ class EnergyMeter:
     """
 
     def __init__(self, history: int = 4096, trace_points: int = 512, extrapolate_s: float = 0.1) -> None:
-        self._history = check_number("history", history, minimum=2, integer=True)
-        self._trace_points = check_number("trace_points", trace_points, minimum=2, integer=True)
-        self.extrapolate_s = check_number("extrapolate_s", extrapolate_s)
+        self._history = check_int("history", history, 2)
+        self._trace_points = check_int("trace_points", trace_points, 2)
+        self.extrapolate_s = check_number("extrapolate_s", extrapolate_s, 0.0)
         self._channels: dict[str, Channel] = {}
         self._lock = threading.Lock()
 

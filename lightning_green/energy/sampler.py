@@ -30,7 +30,8 @@ import time
 from typing import Sequence
 
 from lightning_green.energy.meter import EnergyMeter
-from lightning_green.sensors.base import Sensor, SensorTransientError, check_name, check_number
+from lightning_green._glue import check_name, check_number
+from lightning_green.sensors.base import Sensor, SensorTransientError
 
 log = logging.getLogger("lightning_green")
 
@@ -106,10 +107,10 @@ class Sampler:
         self.meter = meter
         self.sensors = list(sensors)
         self._thread_name = check_name("thread_name", thread_name)
-        self.stop_timeout_s = check_number("stop_timeout_s", stop_timeout_s, strict=True)
-        self.read_timeout_s = check_number("read_timeout_s", read_timeout_s, strict=True)
+        self.stop_timeout_s = check_number("stop_timeout_s", stop_timeout_s, 0.0, strict=True)
+        self.read_timeout_s = check_number("read_timeout_s", read_timeout_s, 0.0, strict=True)
         default_start = max(self.interval_s, MIN_START_WAIT_S)
-        self.start_timeout_s = default_start if start_timeout_s is None else check_number("start_timeout_s", start_timeout_s)
+        self.start_timeout_s = default_start if start_timeout_s is None else check_number("start_timeout_s", start_timeout_s, 0.0)
         self._cv = threading.Condition()
         self._readers: list[_Reader] = []
         self._gen = 0  # request generation: a read that begins after a request carries its number

@@ -20,7 +20,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 
-from lightning_green.callbacks._dist import reduce_sum
+from lightning_green.distributed import reduce_sum
 
 LossFn = Callable[[LightningModule, Any], torch.Tensor]
 
@@ -136,7 +136,7 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a is not None and b else None
 
 
-def state_dict_size_bytes(module: nn.Module) -> int:
+def state_dict_size_bytes(module: torch.nn.Module) -> int:
     """Bytes ``torch.save(module.state_dict())`` writes, counted without keeping them in memory."""
     counter = _ByteCounter()
     torch.save(module.state_dict(), counter)

@@ -155,6 +155,6 @@ def resolve_scheme(
         return best.scheme, best, (
             f"scheme {best.scheme!r} has no kernel faster than float on {device}: its converted Linear layers took"
             f" {best.decode_ratio:.2f}x float time at 1 token and {best.prefill_ratio:.2f}x at 64 tokens, so the"
-            " converted model will be slower" + (f"; on this device try scheme='auto'" if requested != AUTO else "")
+            " converted model will be slower" + ("; on this device try scheme='auto'" if requested != AUTO else "")
         )
     return best.scheme, best, None

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from lightning_green.sensors.base import Sensor, SensorError, check_bool
+from lightning_green._glue import check_bool
+from lightning_green.sensors.base import Sensor, SensorError
 from lightning_green.sensors.estimate import CpuEstimateSensor
 from lightning_green.sensors.nvml import NvmlSensor
 from lightning_green.sensors.rapl import DEFAULT_ROOT, RaplSensor

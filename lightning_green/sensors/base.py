@@ -14,10 +14,8 @@ Two kinds of reading exist:
 from __future__ import annotations
 
 import abc
-import math
-import numbers
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 #: Where an energy figure comes from. Every figure the package reports carries one of these.
 SOURCES = ("counter", "polled", "rapl", "estimate", "simulated")
@@ -109,29 +107,3 @@ class Sensor(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, source={self.source!r})"
-
-
-# ---------------------------------------------------------------------- argument checks
-def check_number(arg: str, value: Any, minimum: float = 0.0, strict: bool = False, integer: bool = False) -> Any:
-    """``value`` if it is a finite number ``>= minimum`` (``> minimum`` when ``strict``; an ``int``
-    when ``integer``), else a :class:`ValueError` that names ``arg`` and says what is allowed."""
-    kind = "an integer" if integer else "a finite number"
-    ok = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and (value > minimum if strict else value >= minimum)
-    if not ok:
-        raise ValueError(f"`{arg}` must be {kind} {'>' if strict else '>='} {minimum:g}, got {value!r}")
-    return value
-
-
-def check_name(arg: str, value: Any) -> str:
-    """``value`` if it is a non-empty string, else a :class:`ValueError` naming ``arg``."""
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"`{arg}` must be a non-empty string, got {value!r}")
-    return value
-
-
-def check_bool(arg: str, value: Any) -> bool:
-    """``value`` if it is ``True`` or ``False``, else a :class:`ValueError` naming ``arg``."""
-    if not isinstance(value, bool):
-        raise ValueError(f"`{arg}` must be True or False, got {value!r}")
-    return value

@@ -17,7 +17,8 @@ import math
 import os
 import time
 
-from lightning_green.sensors.base import Reading, Sensor, check_name
+from lightning_green._glue import check_name
+from lightning_green.sensors.base import Reading, Sensor
 
 DEFAULT_W_PER_CPU = 10.0
 DEFAULT_IDLE_FRACTION = 0.3

@@ -19,6 +19,7 @@ import os
 import time
 from typing import Callable, Iterator
 
+from lightning_green._glue import check_bool, check_name
 from lightning_green.sensors.base import (
     Reading,
     Sensor,
@@ -27,8 +28,6 @@ from lightning_green.sensors.base import (
     SensorPermissionError,
     SensorTransientError,
     SensorUnavailable,
-    check_bool,
-    check_name,
 )
 
 #: NVML return codes (``NVMLError.value``) and the sensor error each becomes.

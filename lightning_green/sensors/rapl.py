@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from lightning_green._glue import check_name
 from lightning_green.sensors.base import (
     Reading,
     Sensor,
@@ -28,7 +29,6 @@ from lightning_green.sensors.base import (
     SensorPermissionError,
     SensorTransientError,
     SensorUnavailable,
-    check_name,
 )
 
 DEFAULT_ROOT = "/sys/class/powercap"

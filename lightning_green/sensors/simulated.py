@@ -8,7 +8,8 @@ import numbers
 import time
 from typing import Callable, Union
 
-from lightning_green.sensors.base import DOMAINS, Reading, Sensor, SensorError, check_bool, check_name
+from lightning_green._glue import check_bool, check_name
+from lightning_green.sensors.base import DOMAINS, Reading, Sensor, SensorError
 
 PowerSpec = Union[float, Callable[[float], float]]
 

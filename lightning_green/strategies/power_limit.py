@@ -25,7 +25,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 from lightning_green._glue import check_int, check_number
 from lightning_green.strategies.power_control import (
