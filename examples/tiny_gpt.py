@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-from tinygpt_model import ByteDataModule, TinyGPT, count_parameters  # noqa: E402
+from tinygpt_model import ByteDataModule, TinyGPT  # noqa: E402
 
 import lightning_green  # noqa: E402,F401  (registers "ddp_green")
 from lightning_green import EfficiencyLogger, PowerSampler, QuantizationAwareTraining  # noqa: E402
@@ -100,7 +100,7 @@ def _headline(args, model, power, efficiency, qat, logger) -> dict:
     fit_summary = power.summary_by_stage.get("fit", {})
     r = efficiency.results
     out = {
-        "parameters": count_parameters(model),
+        "parameters": efficiency.n_params,  # counted when training started: the float model EER divides by
         "sensors": [(s["name"], s["source"], s["energy_j"]) for s in fit_summary.get("sensors", [])],
         "sources": fit_summary.get("sources", []),
         "train_energy_j": r.get("train_energy_j"),
