@@ -134,6 +134,13 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
+def check_callable(name: str, value: Any, optional: bool = True) -> Any:
+    """``value`` if it is callable (or ``None`` when ``optional``), else ``TypeError`` naming ``name``."""
+    if (value is None and optional) or callable(value):
+        return value
+    raise TypeError(f"`{name}` must be {'None or ' if optional else ''}a callable, got {value!r}")
+
+
 def check_path(name: str, value: Any, optional: bool = True) -> str | None:
     """A folder or file path (``str`` or ``os.PathLike``); ``None`` when ``optional``."""
     if value is None and optional:

@@ -81,6 +81,15 @@ def test_without_matplotlib_the_hint_is_said_once_per_sampler(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["energy_summary_fit.json", "energy_summary_test.json"]
 
 
+def test_report_picture_false_writes_the_summary_only(tmp_path):
+    ps = PowerSampler(sensors=[SimulatedSensor(10.0)], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path), report_picture=False)
+    tiny_trainer(max_steps=2, callbacks=[ps]).fit(SleepyModel(step_s=0.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["energy_summary_fit.json"]
+    assert "picture" not in ps.summary_by_stage["fit"]
+    with pytest.raises(TypeError, match="`report_picture`"):
+        PowerSampler(report_picture="no")
+
+
 # --------------------------------------------------------------------------- Trainer-free parts
 def test_loop_timeline_merges_same_loops_and_stays_bounded():
     clock = FakeClock(100.0)

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_green import summary as S
-from lightning_green._glue import SayOnce, check_bool, check_choice, check_int, check_path, log_metrics, misconfigured
+from lightning_green._glue import SayOnce, check_bool, check_callable, check_choice, check_int, check_path, log_metrics, misconfigured
 from lightning_green.callbacks.sensor_choice import check_sensors, sensors_for_process
 from lightning_green.distributed import reduce_sum, shared_owners
 from lightning_green.energy.loops import TrainingLog
@@ -90,7 +90,7 @@ class PowerSampler(Callback):
           and ``power_w`` (W, all processes, over the logging window).
 
     At the end of ``fit`` and ``test`` a table is printed, ``energy_summary_<stage>.json`` written
-    (:mod:`lightning_green.summary`) and, with matplotlib, ``energy_report_<stage>.png`` drawn beside
+    (:mod:`lightning_green.summary`) and, with matplotlib and ``report_picture``, ``energy_report_<stage>.png`` drawn beside
     it and sent to TensorBoard as the image ``energy/report`` (:mod:`lightning_green.report_plot`).
 
     Args:
@@ -108,6 +108,7 @@ class PowerSampler(Callback):
             :class:`~lightning_green.energy.phases.PhaseRecorder`).
         clock: the monotonic clock of window edges; tests inject one with their sensors.
         progress_bar: show energy so far and power in Lightning's progress bar (TQDM or Rich).
+        report_picture: draw ``energy_report_<stage>.png`` (and the TensorBoard image) at the end.
 
     Raises:
         ValueError / TypeError: an argument out of range or of the wrong type (the message names it).
@@ -132,6 +133,7 @@ class PowerSampler(Callback):
         phase_timing: str = "host",
         clock: Optional[Callable[[], float]] = None,
         progress_bar: bool = False,
+        report_picture: bool = True,
     ) -> None:
         super().__init__()
         self._sensor_spec = check_sensors(sensors)
@@ -141,10 +143,8 @@ class PowerSampler(Callback):
         self.summary_dir, self.rapl_root = check_path("summary_dir", summary_dir), check_path("rapl_root", rapl_root, optional=False)
         self.history = check_int("history", history, 2)
         self.phases, self.phase_timing = check_bool("phases", phases), check_choice("phase_timing", phase_timing, PHASE_TIMINGS)
-        self.progress_bar = check_bool("progress_bar", progress_bar)
-        if clock is not None and not callable(clock):
-            raise TypeError(f"`clock` must be None or a callable returning seconds, got {clock!r}")
-        self.session = EnergySession(self.interval_s, self.history, clock or time.monotonic)
+        self.progress_bar, self.report_picture = check_bool("progress_bar", progress_bar), check_bool("report_picture", report_picture)
+        self.session = EnergySession(self.interval_s, self.history, check_callable("clock", clock) or time.monotonic)
         self.training = TrainingLog(self.session, self.trace_points, self.phase_timing if self.phases else None)
         self.sections = S.SummarySections()
         self.summary: dict | None = None  # the last summary built (every rank has its own)
@@ -188,8 +188,7 @@ class PowerSampler(Callback):
         self.sections.add_provider(provider)
 
     def set_comm_seconds(self, pop_exposed_comm_s: Callable[[], float] | None) -> None:
-        """Where the ``comm`` phase comes from: a strategy that measures its exposed all-reduce time
-        (``ddp_green``) hands its counter here in its ``setup``."""
+        """Where the ``comm`` phase's seconds come from (``ddp_green`` hands its counter in ``setup``)."""
         self.training.comm_seconds = pop_exposed_comm_s
 
     # ------------------------------------------------------------------ lifecycle
@@ -299,7 +298,7 @@ class PowerSampler(Callback):
             self.session, status, rank=trainer.global_rank, node_rank=trainer.node_rank, world_size=trainer.world_size, sections=self.sections.collect()
         )
         if stage in S.SUMMARY_STAGES and trainer.is_global_zero:
-            picture = {"loggers": trainer.loggers, "step": trainer.global_step, "info": self._plots_hint}
+            picture = {"loggers": trainer.loggers, "step": trainer.global_step, "info": self._plots_hint} if self.report_picture else None
             S.emit(self.summary, self.summary_dir or summary_dir_of(trainer), self.print_summary, picture)
 
     def _log_window(self, trainer: Trainer, pl_module: LightningModule) -> None:
