@@ -83,8 +83,9 @@ def write_json(summary: dict, path: str | os.PathLike) -> str:
     """Write ``summary`` to ``path`` (folders created; NaN and infinities become null)."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    text = json.dumps(_jsonable(summary), indent=2, default=str)  # a tensor in a user's section: its text
     with open(path, "w") as f:
-        json.dump(_jsonable(summary), f, indent=2)
+        f.write(text)
     return path
 
 
@@ -290,7 +291,7 @@ def emit(summary: dict, directory: str, print_table: bool, picture: dict | None 
     try:
         write_json(summary, path)
         summary["path"] = path
-    except OSError as err:
+    except (OSError, TypeError, ValueError) as err:  # teardown must not fail a finished run over its summary
         log.warning("lightning_green: could not write %s: %s", path, err)
     if picture is not None:
         from lightning_green.report_plot import write_report_picture
@@ -299,7 +300,10 @@ def emit(summary: dict, directory: str, print_table: bool, picture: dict | None 
         if drawn is not None:
             summary["picture"] = drawn
     if print_table:
-        render(summary)
+        try:
+            render(summary)
+        except Exception as err:  # noqa: BLE001 - the JSON is written; a table that cannot print is a warning
+            log.warning("lightning_green: could not print the summary table: %s: %s", type(err).__name__, err)
         if "path" in summary:
             from lightning.pytorch.utilities.rank_zero import rank_zero_info
 

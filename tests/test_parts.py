@@ -41,12 +41,17 @@ def test_session_energy_window_and_measure_are_exact():
     metrics = window.close(lambda values: list(values))
     assert metrics["energy/total_j"] == pytest.approx(300.0)
     assert metrics["energy/step_j"] == pytest.approx(200.0 / 4)
+    clock.t += 0.5
+    session.read_now()
+    assert window.epoch_energy_j() == pytest.approx(250.0)  # 3.5 s at 100 W, less the 1 s of validation
+    window.start_epoch()
+    assert window.epoch_energy_j() == pytest.approx(0.0)
     assert metrics["power/sim_w"] == pytest.approx(100.0)
     with session.measure() as m:
         clock.t += 0.5
     assert (m.energy_j, m.duration_s, m.sources) == (pytest.approx(50.0), 0.5, ["simulated"])
     assert session.finish() and not session.finish()
-    assert session.energy_now_j() == pytest.approx(350.0)
+    assert session.energy_now_j() == pytest.approx(400.0)  # 4 s at 100 W
 
 
 def test_session_carries_energy_across_stages_and_from_a_checkpoint():

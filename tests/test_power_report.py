@@ -187,3 +187,13 @@ def test_render_tolerates_nulls_and_nan(capsys):
     assert "imbalance (max/mean): n/a (no" in " ".join(capsys.readouterr().out.split())
     assert math.isnan(S.build_summary(stage="fit", status="finished", started_at="", duration_s=0.0, rank=0, sensors=[], unattributed_j=0.0,
                                       cluster={}, skipped=[], sections={}, trace={})["stage_mean_power_w"])  # fmt: skip
+
+
+def test_a_section_value_json_cannot_hold_is_written_as_text_not_raised(tmp_path):
+    import torch
+
+    ps = PowerSampler(sensors=[SimulatedSensor(10.0)], interval_s=0.01, print_summary=True, summary_dir=str(tmp_path), report_picture=False)
+    ps.add_summary_provider(lambda: {"mine": [{"figure": "a tensor", "value": torch.tensor(1.5)}]})
+    tiny_trainer(max_steps=2, callbacks=[ps]).fit(SleepyModel(step_s=0.0))
+    rows = json.loads((tmp_path / "energy_summary_fit.json").read_text())["sections"]["mine"]
+    assert rows == [{"figure": "a tensor", "value": "tensor(1.5000)"}]

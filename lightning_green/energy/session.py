@@ -155,9 +155,9 @@ class EnergySession:
         oldest = meter.oldest_time()
         m.energy_j = meter.energy_between(t0, t1) if oldest is not None and oldest <= t0 else meter.total_at(t1) - start_j
         m.duration_s = t1 - t0
-        active = sampler.active_names
-        m.sources = sorted({meter.info(n)["source"] for n in active})
-        m.resolved = not (m.duration_s < MIN_COUNTER_DT_S and any(meter.info(n)["kind"] == "energy" for n in active))
+        # every sensor's source, a sensor dropped inside the block too: its energy is in the figure
+        m.sources = sorted({meter.info(n)["source"] for n in meter.names})
+        m.resolved = not (m.duration_s < MIN_COUNTER_DT_S and any(meter.info(n)["kind"] == "energy" for n in sampler.active_names))
 
     def sources(self) -> str:
         """The sources of this process's sensors, joined with ``+`` (``"none"`` before any)."""
@@ -225,6 +225,7 @@ class LogWindow:
         self._local_j = 0.0
         self._val_j = 0.0
         self._val_start_j = 0.0
+        self._epoch_val_j = 0.0  # validation inside this epoch: not training energy
         self.trace_t = 0.0
         self.epoch_start_j = 0.0
 
@@ -234,13 +235,15 @@ class LogWindow:
         self._by_sensor = self.session.by_sensor_j(now)
         self._local_j = self.epoch_start_j = self.session.energy_now_j()
         self.steps = 0
-        self._val_j = self._val_start_j = 0.0
+        self._val_j = self._val_start_j = self._epoch_val_j = 0.0
 
     def validation_started(self) -> None:
         self._val_start_j = self.session.energy_now_j()
 
     def validation_ended(self) -> None:
-        self._val_j += self.session.energy_now_j() - self._val_start_j
+        val_j = self.session.energy_now_j() - self._val_start_j
+        self._val_j += val_j
+        self._epoch_val_j += val_j
 
     def close(self, reduce: Reduce) -> dict[str, float]:
         """The window's metrics (``energy/total_j``, ``energy/step_j``, ``energy/<s>_j``, ``power/<s>_w``)."""
@@ -264,11 +267,13 @@ class LogWindow:
         return metrics
 
     def epoch_energy_j(self) -> float:
-        """This process's energy since :meth:`reset` or the last :meth:`start_epoch`."""
-        return self.session.energy_now_j() - self.epoch_start_j
+        """This process's training energy since :meth:`reset` or the last :meth:`start_epoch`, less the
+        validation loops run inside the epoch (Lightning runs them before ``on_train_epoch_end``)."""
+        return self.session.energy_now_j() - self.epoch_start_j - self._epoch_val_j
 
     def start_epoch(self) -> None:
         self.epoch_start_j = self.session.energy_now_j()
+        self._epoch_val_j = 0.0
 
     def trace_points(self, max_points: int) -> dict[str, list[tuple[float, float]]]:
         """Each sensor's (time, watts) readings since the last call, at most ``max_points`` (an even
