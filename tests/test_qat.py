@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import csv
 import json
 import math
@@ -473,3 +474,16 @@ def test_ddp_two_processes_subprocess(tmp_path):
         assert ranks[0]["report"][key] == ranks[1]["report"][key], key
     assert ranks[0]["output"] == ranks[1]["output"]  # DDP kept the replicas identical
     assert ranks[0]["tested"] and ranks[1]["tested"]  # test() of the converted model under ddp_green
+
+
+def test_checkpointed_qat_energy_is_carried_once_by_global_rank_zero():
+    from types import SimpleNamespace
+
+    from lightning_green.quantization.evaluate import EnergyProbe
+
+    for rank, carried in ((0, 12.5), (1, 0.0)):
+        probe = EnergyProbe()
+        probe.bind(SimpleNamespace(global_rank=rank, world_size=1))
+        probe.restore_j(12.5)
+        assert probe.prior_j == carried and probe.checkpoint_j() == (carried or None)
+    assert pickle.loads(pickle.dumps(probe)).trainer is None  # spawn pickles callbacks

@@ -196,6 +196,24 @@ class EnergyProbe:
         #: Energy of the QAT phase before this run (from a checkpoint, or earlier fits), J.
         self.prior_j = 0.0
         self._start_j: Optional[float] = None
+        self.trainer: Optional[Trainer] = None
+
+    def bind(self, trainer: Trainer) -> None:
+        """The Trainer counted for: its collectives sum checkpointed energy, its rank carries restored energy."""
+        self.trainer = trainer
+
+    def checkpoint_j(self) -> Optional[float]:
+        """The QAT phase's energy so far, all ranks (a collective while the process group is up)."""
+        local = self.so_far_j()
+        return local if self.trainer is None else reduce_sum_optional(self.trainer, local)
+
+    def restore_j(self, total_j: float) -> None:
+        """All ranks' energy from a checkpoint, carried once (by global rank 0) so the sum at conversion
+        counts it once, whatever the world size now."""
+        self.prior_j = total_j if self.trainer is None or self.trainer.global_rank == 0 else 0.0
+
+    def __getstate__(self) -> dict:  # spawn pickles callbacks: the Trainer is bound again in setup
+        return {**self.__dict__, "trainer": None}
 
     def attach(self, sampler: Any) -> None:
         """Use ``sampler`` from now on and start counting the QAT phase, unless it already counts."""

@@ -130,6 +130,7 @@ class QuantizationAwareTraining(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._probe.bind(trainer)
         self._setup(trainer, pl_module, stage)
 
     @override
@@ -167,7 +168,7 @@ class QuantizationAwareTraining(Callback):
     def state_dict(self) -> dict[str, Any]:
         converted = self._module is not None and layers.is_converted(self._module)
         return {"scheme": self.resolved_scheme, "group_size": self.group_size, "quantize_embeddings": self.quantize_embeddings,
-                "start_step": self.start_step, "converted": converted, "energy_j": self._probe.so_far_j(), "report": self.report.as_dict()}
+                "start_step": self.start_step, "converted": converted, "energy_j": self._probe.checkpoint_j(), "report": self.report.as_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -175,7 +176,7 @@ class QuantizationAwareTraining(Callback):
         mismatched = {k: state_dict[k] for k in ours if k in state_dict and state_dict[k] != ours[k]}
         if mismatched:
             rank_zero_warn(f"QuantizationAwareTraining: the checkpoint was written with {mismatched}; this callback uses {ours}.")
-        self._probe.prior_j = float(state_dict.get("energy_j") or 0.0)
+        self._probe.restore_j(float(state_dict.get("energy_j") or 0.0))
         self.report = QatReport.from_dict(state_dict.get("report") or {})
 
     def prepare(self, model: nn.Module, device: Union[str, torch.device] = "cpu") -> nn.Module:
