@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import pickle
 import csv
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
 import warnings

@@ -128,6 +128,25 @@ def test_hung_sensor_holds_up_only_itself(caplog):
     assert sum("'hangs'" in r.message and "dropped" in r.message for r in caplog.records) == 1
 
 
+def test_a_caller_does_not_wait_on_a_read_already_late():
+    meter = EnergyMeter()
+    good = SimulatedSensor(100.0, name="good", clock=StepClock(0.01))
+    hung = Hangs(hang_from=2)
+    sampler = Sampler([good, hung], meter, interval_s=0.01, read_timeout_s=60.0, stop_timeout_s=1.0)
+    try:
+        sampler.start()
+        assert hung.entered.wait(30)
+        time.sleep(0.05)  # the hung read is now older than one interval (a lower bound: load only lengthens it)
+        n = meter.stats("good")["samples"]
+        t0 = time.monotonic()
+        assert sampler.sample_once(timeout_s=30.0) is False  # not every sensor answered...
+        assert time.monotonic() - t0 < 20.0  # ...and the call did not wait out its 30 s for the late one
+        assert meter.stats("good")["samples"] > n  # the healthy sensor was read for the caller
+        sampler.stop()
+    finally:
+        release_and_join(hung)
+
+
 def test_read_that_hangs_at_stop_is_abandoned_within_the_stop_timeout():
     meter = EnergyMeter()
     hung = Hangs(hang_from=3)

@@ -213,10 +213,13 @@ class Sampler:
             if self._stopping or not self._readers:
                 return False
             self._gen += 1
-            gen = self._gen
+            gen, now = self._gen, time.monotonic()
+            # a read already running for over an interval is late (maybe hung): the caller does not wait on it
+            late = [r for r in self._readers if r.busy_since is not None and now - r.busy_since > self.interval_s]
             for reader in self._readers:
                 reader.wake.set()
-            return self._cv.wait_for(lambda: all(r.dropped or r.done_gen >= gen for r in self._readers), wait_s)
+            answered = self._cv.wait_for(lambda: all(r.dropped or r in late or r.done_gen >= gen for r in self._readers), wait_s)
+            return answered and not late
 
     # ------------------------------------------------------------------ readers
     def _read_loop(self, reader: _Reader) -> None:
