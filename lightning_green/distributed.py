@@ -70,5 +70,6 @@ def cluster_figures(per_rank: Sequence[dict]) -> dict:
         "total_j": sum(r["energy_j"] for r in per_rank),  # cumulative, every stage
         "stage_total_j": sum(r["stage_energy_j"] for r in per_rank),  # this stage only
         "per_rank": list(per_rank),
+        "sources": sorted({s for r in per_rank for s in r["sources"]}),  # every process's: an estimate anywhere shows
         "imbalance": max(energies) / mean if mean > 0 else float("nan"),
     }

@@ -186,7 +186,8 @@ def local_cluster(rank: int, node_rank: int, sensors: list[dict], unattributed_j
     energy_j = unattributed_j + sum(s["energy_j"] for s in sensors)
     device_j = sum(s["energy_j"] for s in sensors if not s["host_level"])
     stage_j = sum(s["energy_this_run_j"] for s in sensors)
-    return cluster_figures([{"rank": rank, "node_rank": node_rank, "energy_j": energy_j, "device_energy_j": device_j, "stage_energy_j": stage_j}])
+    sources = sorted({s["source"] for s in sensors})
+    return cluster_figures([{"rank": rank, "node_rank": node_rank, "energy_j": energy_j, "device_energy_j": device_j, "stage_energy_j": stage_j, "sources": sources}])
 
 
 def gather_cluster(trainer: Any, session: Any, with_state: bool) -> tuple[dict, list | None]:
@@ -197,7 +198,8 @@ def gather_cluster(trainer: Any, session: Any, with_state: bool) -> tuple[dict, 
     meter, now = session.meter, session.clock()
     stage_j = sum(meter.stats(n)["energy_this_run_j"] for n in meter.names)
     mine = {"rank": trainer.global_rank, "node_rank": trainer.node_rank, "energy_j": session.energy_at_j(now),
-            "device_energy_j": session.device_energy_j(now), "stage_energy_j": stage_j}
+            "device_energy_j": session.device_energy_j(now), "stage_energy_j": stage_j,
+            "sources": sorted({meter.info(n)["source"] for n in meter.names})}
     gathered = gather_objects(trainer, (mine, session.local_state() if with_state else None))
     return cluster_figures([g[0] for g in gathered]), [g[1] for g in gathered]
 
@@ -253,6 +255,10 @@ class StageRecord:
             return
         self.cluster, states = gather_cluster(trainer, session, with_state)
         self.per_rank_state = states if with_state else self.per_rank_state
+
+    def sources(self, this_process: str) -> str:
+        """The sources of every process's sensors as last gathered, else ``this_process``'s."""
+        return "+".join(self.cluster["sources"]) if self.cluster is not None and self.cluster["sources"] else this_process
 
     def stage_loop_ended(self, trainer: Any, session: Any, with_state: bool = False) -> None:
         """The stage's main loop (training, or that of validate, test, predict) ended: it leaves the

@@ -9,7 +9,7 @@ from lightning_green.energy.phases import PhaseRecorder
 from lightning_green.energy.session import EnergySession, LogWindow
 from lightning_green.sensors import SimulatedSensor
 from lightning_green.strategies import LimitSearch
-from lightning_green.summary import SummarySections, build_summary, local_cluster, sensor_rows
+from lightning_green.summary import StageRecord, SummarySections, build_summary, local_cluster, sensor_rows
 
 
 class FakeClock:
@@ -128,9 +128,14 @@ def test_resume_rule_and_helpers():
     assert state_for_rank(per_rank, 2, 1, ("a",)) == {"a": 2.0}
     assert state_for_rank(per_rank, 4, 0, ("a",)) == {"a": 3.0} and state_for_rank(per_rank, 4, 3, ("a",)) is None
     assert shared_owners([["x"], ["x", "y"]]) == {"x": 0, "y": 1}
-    c = cluster_figures([{"rank": 0, "node_rank": 0, "energy_j": 3.0, "device_energy_j": 1.0, "stage_energy_j": 1.0},
-                         {"rank": 1, "node_rank": 1, "energy_j": 5.0, "device_energy_j": 3.0, "stage_energy_j": 2.0}])
+    c = cluster_figures([{"rank": 0, "node_rank": 0, "energy_j": 3.0, "device_energy_j": 1.0, "stage_energy_j": 1.0, "sources": ["counter", "rapl"]},
+                         {"rank": 1, "node_rank": 1, "energy_j": 5.0, "device_energy_j": 3.0, "stage_energy_j": 2.0, "sources": ["counter", "estimate"]}])
     assert (c["total_j"], c["stage_total_j"], c["num_nodes"], c["imbalance"]) == (8.0, 3.0, 2, 1.5)
+    assert c["sources"] == ["counter", "estimate", "rapl"]  # node 1's estimate is named beside rank 0's measurements
+    record = StageRecord(FakeClock())
+    assert record.sources("counter+rapl") == "counter+rapl"  # nothing gathered yet: this process's
+    record.cluster = c
+    assert record.sources("counter+rapl") == "counter+estimate+rapl"
 
 
 def test_a_broken_summary_provider_costs_its_section_only(caplog):

@@ -348,7 +348,7 @@ class EfficiencyLogger(Callback):
             log_metrics(trainer, self._watch.settle(summed, trainer.global_step, trainer.world_size if distributed(trainer) else 1))
 
     def _summary_rows(self) -> dict[str, list[dict]]:
-        source = self._power.sources()
+        source = self._power.sources(all_processes=True)  # the figures are sums over every process
         out = {"targets": self.targets.rows(source)} if self.targets is not None else {}
         if self.results:
             out["efficiency"] = efficiency_rows(self.results, source, self.carbon_intensity_g_per_kwh, self.pue)

@@ -175,9 +175,9 @@ class PowerSampler(Callback):
         """Measure the energy of a block: ``with sampler.measure() as m:`` (see :meth:`EnergySession.measure`)."""
         return self.session.measure()
 
-    def sources(self) -> str:
-        """The sources of this process's sensors, joined with ``+`` (``"none"`` before any)."""
-        return self.session.sources()
+    def sources(self, all_processes: bool = False) -> str:
+        """The sources of this process's sensors (``all_processes``: of every process's, as gathered at the loop's end), joined with ``+``."""
+        return self.record.sources(self.session.sources()) if all_processes else self.session.sources()
 
     def add_summary_section(self, title: str, rows: list[dict]) -> None:
         """Add a table (a list of dict rows) to the next summary (for other callbacks)."""
