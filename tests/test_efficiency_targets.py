@@ -12,6 +12,7 @@ from helpers import logged, tiny_trainer
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
 from lightning_green.callbacks.efficiency import global_step_reader
@@ -59,12 +60,12 @@ def mock_logger():
     return logger
 
 
-def run(tmp_path, targets, val_loss_at, max_steps=8, ckpt_path=None, extra=(), then=()):
+def run(tmp_path, targets, val_loss_at, max_steps=8, ckpt_path=None, extra=(), then=(), strategy="auto"):
     logger, clock = mock_logger(), FakeClock()
     ps = PowerSampler(sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, summary_dir=str(tmp_path), print_summary=False, clock=clock)
     eff = EfficiencyLogger(targets=targets)
     trainer = tiny_trainer(max_steps=max_steps, log_every_n_steps=2, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1,
-                           logger=logger, callbacks=[clock, ps, eff, *extra], enable_checkpointing=bool(extra))
+                           logger=logger, callbacks=[clock, ps, eff, *extra], enable_checkpointing=bool(extra), strategy=strategy)
     model = Scripted(val_loss_at)
     trainer.fit(model, ckpt_path=ckpt_path)
     for stage in then:  # "validate", "test": loops outside fit do not check targets
@@ -120,12 +121,22 @@ def test_a_target_never_logged_gets_one_warning_naming_it(tmp_path):
     assert not logged(logger, "efficiency/energy_to_target/val_ppl_j")
 
 
-def test_resumed_run_keeps_targets_met_and_counts_energy_from_the_first_start(tmp_path):
+class RestoreAfterSetup(SingleDeviceStrategy):
+    """Restores callbacks after ``on_fit_start``, as FSDP and DeepSpeed do."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("restore_after_setup", [False, True])
+def test_resumed_run_keeps_targets_met_and_counts_energy_from_the_first_start(tmp_path, restore_after_setup):
     ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=8, save_top_k=-1)
     _, _, eff1 = run(tmp_path, {"val_loss": 1.5, "train_acc": 0.85}, LOSSES, max_steps=8, extra=[ckpt])
     first = dict(eff1.targets.reached["val_loss"])
     assert "train_acc" not in eff1.targets.reached
-    logger, ps, eff2 = run(tmp_path, {"val_loss": 1.5, "train_acc": 0.85}, LOSSES, max_steps=12, ckpt_path=tmp_path / "epoch=0-step=8.ckpt")
+    strategy = RestoreAfterSetup("cpu") if restore_after_setup else "auto"
+    logger, ps, eff2 = run(tmp_path, {"val_loss": 1.5, "train_acc": 0.85}, LOSSES, max_steps=12, ckpt_path=tmp_path / "epoch=0-step=8.ckpt", strategy=strategy)
     assert eff2.targets.reached["val_loss"] == first  # kept, and not logged again
     assert logged(logger, ENERGY_KEY) == []
     # train_acc (0.9 in batch 10) first >= 0.85 at step 10. The checkpoint was taken at the end of batch

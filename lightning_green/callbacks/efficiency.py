@@ -203,7 +203,7 @@ class EfficiencyLogger(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._target_spec is not None:
             self.targets = M.EnergyTargets(self._target_spec)
-            self._watch = M.TargetWatch(self.targets, self._power.energy_now_j, self._power.session.clock)
+            self._watch = M.TargetWatch(self.targets, self._power.session.measured_now_j, self._power.session.clock)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

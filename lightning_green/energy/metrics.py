@@ -200,7 +200,7 @@ class TargetWatch:
 
     Args:
         targets: see :func:`parse_targets`.
-        energy_now_j: this process's cumulative energy (J).
+        energy_now_j: this process's energy counter (J); only differences of it are used.
         clock: seconds, on the clock ``energy_now_j`` is on.
     """
 

@@ -117,6 +117,15 @@ class EnergySession:
         """Cumulative joules of every sensor of this process (restored energy included)."""
         return self.energy_at_j(self.clock())
 
+    def measured_now_j(self) -> float:
+        """:meth:`energy_now_j` less what was carried in (earlier stages, a checkpoint): the joules this
+        process's sensors measured in the running stage. A checkpoint restored mid-stage (FSDP and
+        DeepSpeed restore after ``on_fit_start``) leaves it unchanged, so differences of it are safe."""
+        if self.meter is None:
+            return 0.0
+        names = set(self.meter.names)
+        return self.meter.total_at(self.clock()) - sum(j for n, j in self._carry_j.items() if n in names)
+
     def energy_at_j(self, t_s: float) -> float:
         """:meth:`energy_now_j` at ``t_s`` (several figures at one instant)."""
         if self.meter is None:
