@@ -163,9 +163,11 @@ def test_fit_convert_and_test_from_last_checkpoint(kind, tmp_path):
     last = tmp_path / "last.ckpt"
     assert torch.load(last, weights_only=False)["state_dict"][f"{_a_quantized(qat)}.weight"].dtype == torch.float32
     expected = loss_of(converted_from_file(kind, last))
+    report = qat.report.as_dict()
     same = fit_trainer.test(model, ckpt_path="last", verbose=False)[0]["test_loss"]
     assert same == pytest.approx(expected, rel=1e-5)
     assert converted_layers(model) == qat.report["layers_quantized"]
+    assert qat.report.as_dict() == report  # the file's older report (written before conversion) does not replace it
 
     fresh = LM(kind)
     tested = trainer([QuantizationAwareTraining(kernel_timer=fast_int8)]).test(fresh, ckpt_path=last, verbose=False)

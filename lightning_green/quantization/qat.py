@@ -177,7 +177,8 @@ class QuantizationAwareTraining(Callback):
         if mismatched:
             rank_zero_warn(f"QuantizationAwareTraining: the checkpoint was written with {mismatched}; this callback uses {ours}.")
         self._probe.restore_j(float(state_dict.get("energy_j") or 0.0))
-        self.report = QatReport.from_dict(state_dict.get("report") or {})
+        if self.report.converted_at_step is None:  # after a conversion here, a checkpoint's report (e.g. `last`, written before it) is older
+            self.report = QatReport.from_dict(state_dict.get("report") or {})
 
     def prepare(self, model: nn.Module, device: Union[str, torch.device] = "cpu") -> nn.Module:
         """Prepare ``model`` in place outside a Trainer (fake quantization on; build the optimizer after).
