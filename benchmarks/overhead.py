@@ -48,6 +48,14 @@ class NoOp(Callback):
     """A callback that overrides nothing: what Lightning's hook dispatch costs per callback."""
 
 
+class EmptyHook(Callback):
+    """A callback whose ``on_train_batch_end`` does nothing: the floor of a timed per-step hook (the
+    call and the timer, with caches cold after the step's tensor work)."""
+
+    def on_train_batch_end(self, *args, **kwargs):
+        pass
+
+
 class StepTimer(Callback):
     def __init__(self):
         self.times: list[float] = []
@@ -123,21 +131,23 @@ def one_run(width: int, batch: int, steps: int, with_energy: bool, sensors: str,
     data = TensorDataset(torch.randn(batch * 64, width), torch.randint(0, 10, (batch * 64,)))
     timer = StepTimer()
     callbacks: list[Callback] = []
-    hook_timer = None
+    hook_timer = empty_timer = None
     if noop:
         callbacks += [NoOp(), NoOp()]
     if with_energy:
         ps = PowerSampler(sensors=[SimulatedSensor(100.0)] if sensors == "simulated" else sensors, interval_s=0.1, print_summary=False)
         eff = EfficiencyLogger()
-        callbacks += [ps, eff]
-        hook_timer = HookTimer([ps, eff])
-        callbacks.append(hook_timer)
+        empty = EmptyHook()
+        callbacks += [ps, eff, empty]
+        hook_timer, empty_timer = HookTimer([ps, eff]), HookTimer([empty])
+        callbacks += [hook_timer, empty_timer]
     trainer = Trainer(
         max_steps=steps, accelerator=accelerator, devices=1, logger=TensorBoardLogger(logdir), log_every_n_steps=LOG_EVERY_N_STEPS,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks + [timer],
     )
     trainer.fit(MLP(width), DataLoader(data, batch_size=batch, shuffle=True))
-    out = {"step_times": timer.step_times(), "hook_ns_per_step": hook_timer.per_step_ns if hook_timer else []}
+    out = {"step_times": timer.step_times(), "hook_ns_per_step": hook_timer.per_step_ns if hook_timer else [],
+           "empty_ns_per_step": empty_timer.per_step_ns if hook_timer else []}  # fmt: skip
     if with_energy:
         out["sources"] = callbacks[0].summary["sources"]
     return out
@@ -153,7 +163,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="development run: marks the JSON as quick")
     args = parser.parse_args()
     torch.set_num_threads(1)  # leave the second core to the sampler thread and the OS, as on a loaded machine
-    per_round = {k: [] for k in ("base_ms", "energy_ms", "noop_ms", "ratio", "ratio_noop", "ratio_vs_noop", "hook_median_us", "hook_mean_us", "hook_max_us", "one_time_ms", "one_time_picture_ms")}
+    per_round = {k: [] for k in ("base_ms", "energy_ms", "noop_ms", "ratio", "ratio_noop", "ratio_vs_noop", "hook_median_us", "hook_mean_us", "hook_max_us", "empty_hook_us", "one_time_ms", "one_time_picture_ms")}
     sources: list[str] = []
     with tempfile.TemporaryDirectory() as logdir:
         one_run(args.width, args.batch, 20, False, args.sensors, logdir)  # warm-up, discarded
@@ -166,6 +176,7 @@ def main() -> None:
                 per_round["hook_median_us"].append(statistics.median(hook_us))
                 per_round["hook_mean_us"].append(statistics.mean(hook_us))
                 per_round["hook_max_us"].append(max(hook_us))
+                per_round["empty_hook_us"].append(statistics.median(ns / 1000 for ns in res["empty_ns_per_step"]))
                 sources = res["sources"]
             if len(medians) == 3:  # the round is complete
                 per_round["base_ms"].append(medians["base"] * 1000)
@@ -188,6 +199,7 @@ def main() -> None:
         ("hook cost per step, median (us)", "hook_median_us", "<= 20"),
         (f"hook cost per step, mean incl. log steps every {LOG_EVERY_N_STEPS} (us)", "hook_mean_us", "<= 15"),
         ("slowest step's hooks (a log step, us)", "hook_max_us", "reported"),
+        ("an empty per-step hook, same timer, median (us)", "empty_hook_us", "reported"),
         ("one-time hooks per fit, summary JSON (ms)", "one_time_ms", "<= 50"),
         ("one-time hooks per fit, with the report picture (ms)", "one_time_picture_ms", "<= 1000"),
     ]
@@ -205,7 +217,7 @@ def main() -> None:
             "hook_us_per_step_median": s["hook_median_us"], "goal_hook_us": 20.0, "meets_hook_goal": met(s["hook_median_us"], "<=", 20.0),
             "hook_us_per_step_mean_incl_log_steps": s["hook_mean_us"], "goal_hook_mean_us": 15.0,
             "meets_hook_mean_goal": met(s["hook_mean_us"], "<=", 15.0),
-            "hook_us_slowest_step": s["hook_max_us"],
+            "hook_us_slowest_step": s["hook_max_us"], "empty_hook_us_per_step_median": s["empty_hook_us"],
             "one_time_ms": s["one_time_ms"], "meets_one_time_goal": met(s["one_time_ms"], "<=", 50.0),
             "one_time_ms_with_picture": s["one_time_picture_ms"], "meets_picture_goal": met(s["one_time_picture_ms"], "<=", 1000.0),
         },

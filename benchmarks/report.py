@@ -85,6 +85,12 @@ def render_overhead(d: dict) -> tuple[list[str], list[str]]:
         f"Step-time ratios on a shared 2-core machine are noisy: {spread}; two callbacks that do nothing cost "
         f"{span(d['ratio_noop_callbacks'], '.4f')} × no callbacks (Lightning dispatches every hook to every callback)."
     ]
+    if "empty_hook_us_per_step_median" in d:
+        notes.append(
+            f"Hook cost: an empty `on_train_batch_end` timed the same way costs {span(d['empty_hook_us_per_step_median'], '.2f', ' µs')}; "
+            f"the slowest step (a log step) cost {span(d['hook_us_slowest_step'], '.0f', ' µs')}. TensorBoard's writes run on a "
+            "background thread, so they are not in these figures; what they cost the step shows in the step-time ratio."
+        )
     return rows, notes
 
 

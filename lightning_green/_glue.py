@@ -7,24 +7,148 @@ testable with plain calls.
 
 from __future__ import annotations
 
+import collections
+import functools
 import math
 import os
+import threading
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 # ============================================================================ logging
-def log_metrics(trainer: Any, metrics: Mapping[str, float], step: int | None = None) -> None:
-    """Send ``metrics`` to every logger of ``trainer`` at ``step`` (default ``trainer.global_step``).
+def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
+    """NaN figures (a rate without energy, an EPI without samples) left out: a logger plots them as
+    breaks at best."""
+    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
 
-    NaN figures (a rate without energy, an EPI without samples) are left out: a logger plots them as
-    breaks at best.
-    """
-    kept = {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
+
+def log_metrics(trainer: Any, metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Send ``metrics`` (NaN left out) to every logger of ``trainer`` at ``step`` (default ``trainer.global_step``)."""
+    kept = _finite(metrics)
     if not kept:
         return
     step = trainer.global_step if step is None else step
     for logger in trainer.loggers:
         logger.log_metrics(kept, step=step)
+
+
+def writes_thread_safe(logger: Any) -> bool:
+    """True for Lightning's ``TensorBoardLogger``: its ``SummaryWriter`` puts each event on a queue under
+    a lock that Lightning's own writes and flushes take too. Other loggers may race with Lightning's
+    ``save()`` (``CSVLogger`` rewrites its rows there), so they are written on the training thread."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return isinstance(logger, TensorBoardLogger)
+
+
+class LogQueue:
+    """Per-step metrics to a list of loggers, the thread-safe ones written by a background thread.
+
+    :meth:`put` writes the other loggers in place and appends the metrics to a queue that a thread
+    drains every ``drain_every_s``, so a log step costs the training thread a list append instead of
+    TensorBoard's writes (about 150 µs for a few scalars on a 2-core machine, most of it waking
+    TensorBoard's own writer thread); nothing is woken per step. The thread runs from :meth:`start` to
+    :meth:`stop`, which writes what is queued and returns within ``stop_timeout_s``. A logger that
+    raises is reported once and written no more; training goes on. Before :meth:`start` (or on a
+    process that is not global rank 0) every logger is written in place.
+
+    Example::
+
+        writes = LogQueue("PowerSampler")
+        writes.start(trainer.loggers, background=trainer.is_global_zero)
+        writes.put({"energy/total_j": 12.5}, step=trainer.global_step)
+        writes.stop()
+    """
+
+    def __init__(self, name: str, thread_safe: Callable[[Any], bool] = writes_thread_safe, drain_every_s: float = 0.5, stop_timeout_s: float = 2.0) -> None:
+        self.name = name
+        self.thread_safe = thread_safe
+        self.drain_every_s = drain_every_s
+        self.stop_timeout_s = stop_timeout_s
+        self._inline: list[Any] | None = None  # None: not started, the caller's loggers are written in place
+        self._background: list[Any] = []
+        self._items: collections.deque | None = None  # appended by the training thread, popped by the thread
+        self._stop: threading.Event | None = None  # made at start: a callback holding one pickles for spawn
+        self._thread: threading.Thread | None = None
+        self._warn = WarnOnce()
+
+    def start(self, loggers: Sequence[Any], background: bool = True) -> None:
+        """Write ``loggers`` from now on; the thread-safe ones on a thread when ``background``."""
+        self.stop()
+        self._background = [lg for lg in loggers if background and self.thread_safe(lg)]
+        self._inline = [lg for lg in loggers if lg not in self._background]
+        if self._background:
+            self._items, self._stop = collections.deque(), threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(self._items, self._stop), name=f"lightning_green-log:{self.name}", daemon=True)
+            self._thread.start()
+
+    def put(self, metrics: Mapping[str, float], step: int, loggers: Sequence[Any] = ()) -> None:
+        """Log ``metrics`` (NaN left out) at ``step``; ``loggers`` are written in place when not started."""
+        kept = _finite(metrics)
+        if not kept:
+            return
+        for logger in loggers if self._inline is None else self._inline:
+            logger.log_metrics(kept, step=step)
+        if self._items is not None:
+            self._items.append((kept, step))
+
+    def call(self, work: Callable[[Callable[[Mapping[str, float], int], None]], None], loggers: Sequence[Any] = ()) -> None:
+        """Run ``work(write)``, where ``write(metrics, step)`` logs: on the thread, after what is queued,
+        when every logger is written there; else now, writing ``loggers`` (or those of :meth:`start`).
+        Work that only the thread runs while it is up keeps its state to itself."""
+        if self._items is not None and not self._inline:
+            self._items.append(work)
+        else:
+            work(functools.partial(self.put, loggers=loggers))
+
+    def _run(self, items: collections.deque, stop: threading.Event) -> None:
+        while True:
+            stopping = stop.wait(self.drain_every_s)
+            while items:
+                item = items.popleft()
+                if not callable(item):
+                    self._write(*item)
+                    continue
+                try:
+                    item(self._write)
+                except Exception as err:  # noqa: BLE001 - monitoring must not stop training
+                    self._warn("work", f"{self.name}: background log work failed: {err!r}; some metrics are missing", rank_zero=False)
+            if stopping:
+                return
+
+    def _write(self, metrics: Mapping[str, float], step: int) -> None:
+        for logger in list(self._background):
+            try:
+                logger.log_metrics(_finite(metrics), step=step)
+            except Exception as err:  # noqa: BLE001 - a logger must not stop training
+                self._background.remove(logger)
+                self._warn(f"fail:{id(logger)}", f"{self.name}: {type(logger).__name__}.log_metrics raised {err!r}; its energy metrics stop here", rank_zero=False)
+
+    def stop(self) -> None:
+        """Write what is queued and end the thread (at most ``stop_timeout_s``); loggers are then written
+        in place again."""
+        thread = self._thread
+        self._thread = self._items = self._inline = None
+        if thread is None:
+            return
+        self._stop.set()
+        self._stop = None
+        thread.join(self.stop_timeout_s)
+        self._background = []
+        if thread.is_alive():
+            self._warn("stuck", f"{self.name}: a logger write did not return within {self.stop_timeout_s} s; the thread is left behind (a daemon)", rank_zero=False)
+
+
+def global_step_reader(trainer: Any) -> Callable[[], int]:
+    """``trainer.global_step`` for a per-batch hook, about 0.1 µs a read instead of 1.2: the fit
+    loop's optimizer-step counter, read directly (what ``global_step`` returns, by Lightning's own
+    ``_TrainingEpochLoop.global_step``). Call it once the fit loop is set up (``on_train_start``)."""
+    loop = trainer.fit_loop.epoch_loop
+    if trainer.lightning_module.automatic_optimization:
+        tracker = loop.automatic_optimization.optim_progress.optimizer.step.total
+    else:
+        tracker = loop.manual_optimization.optim_step_progress.total
+    return functools.partial(getattr, tracker, "completed")
 
 
 class LogCadence:

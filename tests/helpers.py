@@ -58,3 +58,22 @@ def tiny_trainer(**kwargs):
     )
     defaults.update(kwargs)
     return Trainer(**defaults)
+
+
+class FakeClock(Callback):
+    """A clock that moves ``batch_s`` at every training batch start, and only then: window
+    arithmetic is exact whatever the machine's load."""
+
+    def __init__(self, batch_s: float):
+        self.t, self.batch_s = 1000.0, batch_s
+        self.reads = None  # an EnergySession to read at every batch end but the last (the final reading is there), if set
+
+    def __call__(self):
+        return self.t
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.t += self.batch_s
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.reads is not None and trainer.global_step < trainer.max_steps:
+            self.reads.read_now()

@@ -7,7 +7,7 @@ from unittest.mock import Mock
 import pytest
 import torch
 from fake_pynvml import FakeGpu
-from helpers import Clock, SleepyModel, logged, tiny_trainer
+from helpers import Clock, FakeClock, SleepyModel, logged, tiny_trainer
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -324,25 +324,6 @@ def test_summary_table_names_sources_and_partial(tmp_path, capsys):
     assert "simulated" in out and "flaky" in out and "failed" in out
     assert "partial figures: flaky: dropped (OSError: device vanished); figures up to its last good reading" in out
     assert "[source: simulated]" in out
-
-
-class FakeClock(Callback):
-    """A clock that moves ``batch_s`` at every training batch start, and only then: window
-    arithmetic is exact whatever the machine's load."""
-
-    def __init__(self, batch_s: float):
-        self.t, self.batch_s = 1000.0, batch_s
-        self.reads = None  # an EnergySession to read at every batch end but the last (the final reading is there), if set
-
-    def __call__(self):
-        return self.t
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.t += self.batch_s
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.reads is not None and trainer.global_step < trainer.max_steps:
-            self.reads.read_now()
 
 
 def test_accumulation_counts_optimizer_steps(tmp_path):

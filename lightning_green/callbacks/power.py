@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_green import summary as S
-from lightning_green._glue import SayOnce, check_bool, check_callable, check_choice, check_int, check_path, log_metrics, misconfigured
+from lightning_green._glue import LogQueue, SayOnce, check_bool, check_callable, check_choice, check_int, check_path, global_step_reader, misconfigured
 from lightning_green.callbacks.sensor_choice import check_sensors, sensors_for_process
 from lightning_green.distributed import reduce_sum, shared_owners
 from lightning_green.energy.loops import TrainingLog
@@ -69,9 +69,10 @@ def _loop_name(trainer: Trainer) -> str:
 class PowerSampler(Callback):
     r"""Measure energy while Lightning trains, validates, tests or predicts.
 
-    A background thread reads the sensors each ``interval_s``; hooks only note timestamps. Energy is
-    logged at the Trainer's ``log_every_n_steps``. Each process measures its own GPU; machine-wide
-    sensors are read by local rank 0 of each node; totals are summed across processes at log time.
+    Background threads read the sensors each ``interval_s``; hooks only note timestamps. Energy is
+    logged at the Trainer's ``log_every_n_steps`` (TensorBoard written off the training thread, see
+    :class:`~lightning_green._glue.LogQueue`). Each process measures its own GPU; machine-wide sensors
+    are read by local rank 0 of each node; totals are summed across processes at log time.
 
     Logged metrics (through ``trainer.loggers``, step = ``trainer.global_step``):
         - ``power/<sensor>_w`` (W): mean power of this process's sensor over the logging window.
@@ -81,8 +82,7 @@ class PowerSampler(Callback):
           (validation loops in the window excluded).
         - ``energy/epoch_j`` (J): energy of the training epoch, all processes (at epoch end).
         - ``power_trace/<sensor>_w`` (W): the sampler's readings, at most ``trace_points`` per logging
-          window; their step is milliseconds since the sampler first started. Written in batches: at
-          epoch end, before validation, at the end of training, and every 512 points.
+          window; step: ms since the sampler first started. Written in batches of 512 and at loop edges.
         - with ``phases=True``: ``energy/phase/<phase>_j`` (J, all processes) and ``time/phase/<phase>_s``
           (s, mean over processes) over the logging window, for ``data``, ``compute``, ``optimizer``,
           ``comm`` and ``other`` (the rule is in :mod:`lightning_green.energy.phases`).
@@ -151,6 +151,7 @@ class PowerSampler(Callback):
         self.summary_by_stage: dict[str, dict] = {}
         self.record = S.StageRecord(self.session.clock)
         self._trainer: Trainer | None = None
+        self.log_queue, self._global_step = LogQueue("PowerSampler"), None  # per-step metrics (EfficiencyLogger's too); step reader
         self._plots_hint = SayOnce(rank_zero_info)  # matplotlib missing: said once, not per stage
         for hook, edge in PHASE_EDGE_HOOKS if self.phases else ():  # per instance: phases=False costs nothing
             setattr(self, hook, self.training.edge_hook(edge))
@@ -211,6 +212,8 @@ class PowerSampler(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.training.start(trainer.log_every_n_steps, trainer.global_step, trainer.strategy.root_device)
         self.record.timeline.begin("train")
+        self.log_queue.start(trainer.loggers, background=trainer.is_global_zero)
+        self._global_step = global_step_reader(trainer)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -219,19 +222,20 @@ class PowerSampler(Callback):
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.training.batch_end(trainer.global_step):
+        if self.training.batch_end(self._global_step()):
             self._log_window(trainer, pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        log_metrics(trainer, {"energy/epoch_j": reduce_sum(trainer, [self.training.window.epoch_energy_j()])[0]})
-        self._write_trace(trainer)
+        self.log_queue.put({"energy/epoch_j": reduce_sum(trainer, [self.training.window.epoch_energy_j()])[0]}, trainer.global_step, trainer.loggers)
+        self.log_queue.call(self.training.drain_trace, trainer.loggers)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.training.unlogged_steps:  # the last, partial logging window
             self._log_window(trainer, pl_module)
-        self._write_trace(trainer)
+        self.log_queue.call(self.training.drain_trace, trainer.loggers)
+        self.log_queue.stop()
         self.training.end()
         self.record.stage_loop_ended(trainer, self.session, with_state=True)
 
@@ -239,7 +243,7 @@ class PowerSampler(Callback):
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.record.timeline.begin(_loop_name(trainer))
         self.training.validation_started(in_fit=trainer.state.fn == "fit" and not trainer.sanity_checking)
-        self._write_trace(trainer)
+        self.log_queue.call(self.training.drain_trace, trainer.loggers)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -292,6 +296,7 @@ class PowerSampler(Callback):
         self.training.window.reset()
 
     def _finish(self, trainer: Trainer, stage: str, status: str) -> None:
+        self.log_queue.stop()
         if not self.session.finish():
             return
         self.summary = self.summary_by_stage[stage] = self.record.summary(
@@ -303,15 +308,11 @@ class PowerSampler(Callback):
 
     def _log_window(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = self.training.close(functools.partial(reduce_sum, trainer), trainer.world_size)
-        log_metrics(trainer, metrics)
+        self.log_queue.put(metrics, trainer.global_step, trainer.loggers)
         if self.progress_bar:
             pl_module.log_dict({"energy_kj": metrics["energy/total_j"] / 1000.0, "power_w": self.training.window.power_w}, prog_bar=True, logger=False)
-        if self.log_trace and trainer.is_global_zero and self.training.collect_trace(self.record.origin_t):
-            self._write_trace(trainer)
-
-    def _write_trace(self, trainer: Trainer) -> None:
-        for step_ms, points in self.training.trace.drain():
-            log_metrics(trainer, points, step=step_ms)
+        if self.log_trace and trainer.is_global_zero:
+            self.log_queue.call(functools.partial(self.training.collect_trace, self.record.origin_t), trainer.loggers)
 
     def _phase_rows(self) -> dict[str, list[dict]]:
         return self.training.phase_rows() if self.record.stage == "fit" else {}

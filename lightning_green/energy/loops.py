@@ -16,6 +16,8 @@ from lightning_green._glue import LogCadence
 from lightning_green.energy.phases import PhaseRecorder
 from lightning_green.energy.session import Clock, EnergySession, LogWindow, Reduce
 
+Write = Callable[[dict, int], None]  # write(metrics, step) to the loggers
+
 
 class TrainingLog:
     """A training loop's energy figures: the :class:`LogWindow`, Lightning's ``log_every_n_steps``
@@ -80,10 +82,16 @@ class TrainingLog:
             metrics.update(self.phases.metrics(self.session.meter, reduce, world_size))
         return metrics
 
-    def collect_trace(self, origin_t: float) -> bool:
-        """Keep the window's trace points (steps in ms since ``origin_t``); True when a batch is due."""
+    def collect_trace(self, origin_t: float, write: Write) -> None:
+        """Keep the window's trace points (steps in ms since ``origin_t``); ``write`` a batch when one is due."""
         self.trace.collect(self.window, origin_t)
-        return self.trace.due()
+        if self.trace.due():
+            self.drain_trace(write)
+
+    def drain_trace(self, write: Write) -> None:
+        """``write(points, step_ms)`` every waiting trace point."""
+        for step_ms, points in self.trace.drain():
+            write(points, step_ms)
 
     @property
     def unlogged_steps(self) -> bool:
