@@ -8,7 +8,9 @@ byte vocabulary (about 6.6 M parameters), trained on the Python standard library
    ``PowerSampler`` on the CPU estimate sensor) train ``--finetune-steps`` steps on the same batches.
 3. Figures, each over ``--repeats`` repeats, float and converted interleaved side by side:
    seconds and joules per generated token (decode with a KV cache, 64 new tokens, batch 1 and 16);
-   prefill (8 x 64 tokens) seconds and joules per sample; QAT step / float step (a plain loop that
+   prefill (8 x 64 tokens) seconds and joules per sample; decode batch 1 split into the time in the Linear
+   layers and outside them (float and converted rerun with their Linear layers replaced by free stand-ins),
+   and the best whole-model ratio that split allows; QAT step / float step (a plain loop that
    alternates one step of each); eval loss of float, PTQ and QAT; recovery
    ``(loss_PTQ - loss_QAT) / (loss_PTQ - loss_float)``; size converted / float; the callback's own
    EPI ratio. Energy: ``estimate`` (CPU utilisation model, machine-wide: not a measurement).
@@ -81,17 +83,59 @@ def context(args: argparse.Namespace) -> int:
     return max(args.block_size, 8 + args.new_tokens)
 
 
-def interleaved(repeats: int, fns: dict[str, Callable[[], Any]]) -> dict[str, list[float]]:
-    """Seconds of each ``fns`` entry per repeat, run side by side (order alternates each repeat)."""
-    out: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for fn in fns.values():
-        fn()  # warm-up
+class _ZeroLinear(torch.nn.Module):
+    """Stands in for a Linear layer at no cost: returns a zero tensor of the output shape (cached)."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features, self.cache = out_features, {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (*x.shape[:-1], self.out_features)
+        if shape not in self.cache:
+            self.cache[shape] = torch.zeros(shape, dtype=x.dtype)
+        return self.cache[shape]
+
+
+def without_linear(model: GPTModule) -> GPTModule:
+    """A copy of ``model`` whose Linear layers (float or converted) cost nothing: what is left of a decode
+    step is the work outside them (embedding, norms, rope, attention over the KV cache, Python dispatch),
+    whose cost depends on shapes only, not on the values the zero outputs change."""
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Int8DynamicLinear":
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, _ZeroLinear(module.out_features))
+    return model
+
+
+def decode_split(models: dict[str, GPTModule], prompt: torch.Tensor, new_tokens: int, repeats: int,
+                 kernel_ratio: float | None, tries: int = 3) -> dict[str, list[float]]:
+    """Decode (batch 1) time per token of float and converted, and of both with their Linear layers at no cost,
+    interleaved, each the fastest of ``tries`` runs (differences of times need the least disturbed ones on a
+    shared machine); per repeat: the share of float's time outside the Linear layers, the Linear layers' own
+    converted / float ratio inside the model, the whole model's ratio were the converted Linear layers free
+    (Amdahl's limit), and the best ratio the kernel's measured ratio allows (outside share + kernel ratio x
+    Linear share)."""
+    runs = {**models, **{f"{k}_outside_linear": without_linear(m) for k, m in models.items()}}
+    s: dict[str, list[float]] = {k: [] for k in runs}
+    for m in runs.values():
+        generate(m, prompt, new_tokens)  # warm-up
     for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            t0 = time.perf_counter()
-            fns[name]()
-            out[name].append(time.perf_counter() - t0)
+        for name in list(runs) if r % 2 == 0 else list(runs)[::-1]:
+            best = float("inf")
+            for _ in range(tries):
+                t0 = time.perf_counter()
+                generate(runs[name], prompt, new_tokens)
+                best = min(best, time.perf_counter() - t0)
+            s[name].append(best / new_tokens)
+    out = {f"decode_b1_split_s_{k}": v for k, v in s.items()}
+    f, c, fo, co = s["float"], s["converted"], s["float_outside_linear"], s["converted_outside_linear"]
+    out["decode_b1_outside_linear_share"] = [o / t for o, t in zip(fo, f)]
+    out["decode_b1_linear_ratio"] = [(ct - o2) / (ft - o1) for ct, o2, ft, o1 in zip(c, co, f, fo)]
+    out["decode_b1_ratio_free_linear"] = [o2 / ft for o2, ft in zip(co, f)]
+    if kernel_ratio is not None:
+        out["decode_b1_ratio_bound"] = [sh + kernel_ratio * (1 - sh) for sh in out["decode_b1_outside_linear_share"]]
     return out
 
 
@@ -201,6 +245,8 @@ def run(args: argparse.Namespace) -> dict:
                 figures.setdefault(f"{regime}_j_{name}", []).append(joules / units)
         figures[f"{regime}_ratio"] = [c / f for c, f in zip(figures[f"{regime}_s_converted"], figures[f"{regime}_s_float"])]
 
+    figures |= decode_split(models, prompt[1], args.new_tokens, args.repeats, report.get("kernel_decode_ratio"))
+
     train_batches = [b for _, b in zip(range(args.timing_steps), dm.train_dataloader())]
     prepared = QuantizationAwareTraining().prepare(copy.deepcopy(base))
     figures["qat_step_ratio"] = step_ratio(prepared, copy.deepcopy(base), train_batches, args.repeats)
@@ -215,7 +261,8 @@ def run(args: argparse.Namespace) -> dict:
         "repeats": args.repeats,
         "config": {**vars(args), "parameters": sum(p.numel() for p in base.parameters()), "scheme": report["scheme"],
                    "kernel_decode_ratio": report.get("kernel_decode_ratio"),
-                   "kernel_prefill_ratio": report.get("kernel_prefill_ratio"), "torch_threads": torch.get_num_threads()},
+                   "kernel_prefill_ratio": report.get("kernel_prefill_ratio"), "torch_threads": torch.get_num_threads(),
+                   "converted_linear_layers": sum(type(m).__name__ == "Int8DynamicLinear" for m in qat_model.modules())},
         "energy_source": "estimate",
         "figures": {k: _common.summarize(v) for k, v in figures.items()},
         "single": single,
@@ -270,6 +317,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {regime}: float {f[f'{regime}_s_float']['median'] * 1e3:.3g} ms, {f[f'{regime}_j_float']['median']:.3g} J/{unit};"
               f" converted {f[f'{regime}_s_converted']['median'] * 1e3:.3g} ms, {f[f'{regime}_j_converted']['median']:.3g} J/{unit}"
               " [estimate]")  # fmt: skip
+    print(f"  decode_b1 split: {f['decode_b1_outside_linear_share']['median']:.3f} of float's time per token is outside the"
+          f" Linear layers; their converted / float ratio in the model {f['decode_b1_linear_ratio']['median']:.3f};"
+          f" whole-model ratio with free converted Linear layers {f['decode_b1_ratio_free_linear']['median']:.3f},"
+          f" with the kernel's micro-benchmark ratio {f.get('decode_b1_ratio_bound', {}).get('median', float('nan')):.3f}")  # fmt: skip
     print(f"  eval loss: {result['eval_loss']}")
     result["goals"] = rows
     payload = {k: v for k, v in result.items() if k != "callback_report"} | {"callback_report": result["callback_report"]}

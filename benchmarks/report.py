@@ -212,11 +212,42 @@ def render_qat(d: dict) -> tuple[list[str], list[str]]:
         f"{c['kernel_decode_ratio']:.2f} × float for one token and {c['kernel_prefill_ratio']:.2f} × for 64 tokens (one "
         "measurement in `setup`); a generated token also spends time outside those layers (attention, KV cache, norms, "
         "Python dispatch), which quantization does not shorten, so the whole model's ratio stays above the kernels'.",
+    ]
+    if "decode_b1_outside_linear_share" in f:
+        share, free = f["decode_b1_outside_linear_share"], f["decode_b1_ratio_free_linear"]
+        split = (
+            f"decode batch 1, time per token outside the Linear layers / float's whole time {span(share, '.3g')}; "
+            f"converted / float of the Linear layers inside the model {span(f['decode_b1_linear_ratio'], '.3g')}; "
+            f"whole-model ratio were the converted Linear layers free {span(free, '.3g')}"
+        )
+        if "decode_b1_ratio_bound" in f:
+            split += f", with the kernel's micro-benchmark ratio {span(f['decode_b1_ratio_bound'], '.3g')}"
+        out.append(f"| QAT `{scheme}`: where a decoded token's time goes | reported | {split} | reported | {runs(d)} | CPU |")
+        goal = float(next(g["goal"] for g in d["goals"] if g["figure"] == "decode_ratio_b1").split()[-1])
+        notes.append(
+            "QAT decode split: both models rerun with their Linear layers replaced by free stand-ins (same shapes, "
+            f"zero outputs) give the time outside them; best ratio = outside share + kernel ratio × (1 - outside share). "
+            + (f"With the converted Linear layers free the ratio would still be {med(free):.3g} > {goal}: no Linear kernel "
+               f"reaches the ≤ {goal} goal in eager mode on this machine." if med(free) > goal else
+               f"The ≤ {goal} goal needs the converted Linear layers at ≤ {(goal - med(free)) / (1 - med(share)):.3g} × "
+               "float's Linear time inside the model" + _per_layer(f, c, goal - med(free)) + ".")
+        )
+    notes += [
         f"QAT figures: energy per token and per sample is a CPU `{src}`, not a measurement. Recovery is "
         "(loss_PTQ - loss_QAT) / (loss_PTQ - loss_float); with an int8 scheme PTQ loses little, so the denominator is small "
         "and the figure is ill-conditioned."
     ]
     return out, notes
+
+
+def _per_layer(f: dict, c: dict, allowed_share: float) -> str:
+    """The time per converted Linear layer and token that the decode goal allows, and what it took (medians)."""
+    n = c.get("converted_linear_layers")
+    if not n:
+        return ""
+    took = (med(f["decode_b1_split_s_converted"]) - med(f["decode_b1_split_s_converted_outside_linear"])) / n
+    allowed = allowed_share * med(f["decode_b1_split_s_float"]) / n
+    return f": about {allowed * 1e6:.3g} µs per layer and token for its {n} layers, which took {took * 1e6:.3g} µs each"
 
 
 def _pct(x):

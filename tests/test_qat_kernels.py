@@ -48,6 +48,35 @@ def test_converted_linear_survives_deepcopy_and_reload():
     assert converted.state_dict()["weight"].dtype == torch.int8
 
 
+def test_converted_linear_follows_edits_of_its_buffers():
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 16)
+    converted = int8.Int8DynamicLinear.from_float(linear.weight, linear.bias)
+    bias = converted.bias.clone()
+    x = torch.randn(2, 32)
+    product = converted(x) - bias  # the int8 product, rescaled
+    converted.bias = converted.bias + 1.0  # a new tensor: the packed weight holds the old one
+    assert torch.allclose(converted(x), product + bias + 1.0, atol=1e-5)
+    with torch.no_grad():
+        converted.weight_scale.mul_(2.0)
+    assert torch.allclose(converted(x), 2 * product + bias + 1.0, atol=1e-5)
+    converted.weight = -converted.weight  # a new tensor, not written to since
+    assert torch.allclose(converted(x), -2 * product + bias + 1.0, atol=1e-5)
+    with torch.no_grad():
+        converted.weight.neg_()
+    assert torch.allclose(converted(x), 2 * product + bias + 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_converted_linear_returns_the_input_dtype(dtype):
+    torch.manual_seed(0)
+    converted = int8.Int8DynamicLinear.from_float(nn.Linear(32, 16).weight, None)
+    x = torch.randn(3, 32)
+    out = converted(x.to(dtype))
+    assert out.dtype == dtype and converted(x).dtype == torch.float32
+    assert torch.equal(out, converted(x.to(dtype).float()).to(dtype))  # the kernel runs in float32
+
+
 def test_int8_embedding_matches_its_fake_quantization():
     emb = nn.Embedding(50, 16)
     idx = torch.randint(0, 50, (3, 7))

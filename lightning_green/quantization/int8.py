@@ -133,8 +133,16 @@ class Int8DynamicLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight.float() * self.weight_scale[:, None]
 
+    def _weight_key(self) -> tuple[int, ...]:
+        """Where the weight, scale and bias live and how often they were written: the packed weight is
+        rebuilt when this changes. Read straight from ``_buffers`` (a few microseconds less per call)."""
+        buffers = self._buffers
+        w, s, b = buffers["weight"], buffers["weight_scale"], buffers["bias"]
+        key = (w.data_ptr(), w._version, s.data_ptr(), s._version)
+        return key if b is None else key + (b.data_ptr(), b._version)
+
     def _packed_weight(self) -> Any:
-        key = tuple((t.data_ptr(), t._version) for t in (self.weight, self.weight_scale) + ((self.bias,) if self.bias is not None else ()))
+        key = self._weight_key()
         if self._packed is None or key != self._packed_key:
             zero = torch.zeros(self.out_features, dtype=torch.long)
             with warnings.catch_warnings():  # torch deprecates creating quantized tensors; its kernel still needs one
@@ -145,8 +153,9 @@ class Int8DynamicLinear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.quantized.linear_dynamic(x.float(), self._packed_weight(), REDUCE_RANGE)
-        return y.to(x.dtype)
+        if x.dtype is torch.float32:  # no casts around the kernel: at one token they cost as much as it saves
+            return torch.ops.quantized.linear_dynamic(x, self._packed_weight(), REDUCE_RANGE)
+        return torch.ops.quantized.linear_dynamic(x.float(), self._packed_weight(), REDUCE_RANGE).to(x.dtype)
 
     def __getstate__(self) -> dict[str, Any]:  # deepcopy/pickle: the packed weight is rebuilt on use
         return {**self.__dict__, "_packed": None, "_packed_key": None}
