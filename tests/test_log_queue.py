@@ -144,3 +144,24 @@ def test_fit_with_tensorboard_and_csv_logs_every_window_and_leaves_no_thread(tmp
     assert acc.Scalars("power_trace/sim_w")
     rows = open(csv.experiment.metrics_file_path).read()
     assert "energy/total_j" in rows and "efficiency/samples_per_j" in rows and "power_trace/sim_w" in rows
+
+
+@pytest.mark.parametrize("failure", ["fail_at", "interrupt_at"])
+def test_a_fit_that_fails_writes_what_was_queued_and_leaves_no_thread(tmp_path, failure):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb, clock = TensorBoardLogger(tmp_path, name="tb"), FakeClock(batch_s=0.02)
+    ps = PowerSampler(sensors=[SimulatedSensor(power_w=100.0, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock)
+    clock.reads = ps.session
+    trainer = tiny_trainer(max_steps=30, log_every_n_steps=5, logger=tb, callbacks=[clock, ps, EfficiencyLogger()])
+    if failure == "fail_at":
+        with pytest.raises(RuntimeError, match="boom"):
+            trainer.fit(SleepyModel(step_s=0.0, fail_at=12))
+    else:  # Lightning handles Ctrl+C itself, then exits
+        with pytest.raises(SystemExit):
+            trainer.fit(SleepyModel(step_s=0.0, interrupt_at=12))
+    assert not sampler_threads()
+    acc = EventAccumulator(tb.log_dir)
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("energy/total_j")] == [5, 10]
+    assert [e.step for e in acc.Scalars("efficiency/samples_per_j")] == [5, 10]
