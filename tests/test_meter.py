@@ -208,3 +208,31 @@ def test_stop_returns_when_a_read_hangs():
     assert time.monotonic() - t < 1.0
     assert sampler.sample_once(timeout_s=0.05) is False  # the stuck read still holds the lock
     sensor.release.set()
+
+
+def test_energy_now_without_the_lock_equals_the_history_rule_through_offsets_and_drops():
+    """``energy_at`` at or after the newest reading reads a snapshot without the lock; it must give what
+    the history gives (``energy_between`` from the first reading, plus the offset) after every change."""
+    m = EnergyMeter(extrapolate_s=0.5)
+    m.add_channel({"name": "p", "source": "simulated", "kind": "power"})
+    m.add_channel({"name": "c", "source": "counter", "kind": "energy"})
+    offsets = {"p": 0.0, "c": 0.0}
+
+    def check(t):
+        for name in ("p", "c"):
+            expected = m.energy_between(0.0, t, [name]) + offsets[name]
+            assert m.energy_at(name, t) == pytest.approx(expected, abs=1e-9), (name, t)
+        assert m.total_at(t) == pytest.approx(sum(m.energy_between(0.0, t, [n]) for n in ("p", "c")) + sum(offsets.values()))
+
+    for i, (w, j) in enumerate([(100.0, 0.0), (150.0, 120.0), (90.0, 260.0), (200.0, 300.0)]):
+        m.record("p", Reading(float(i), w, "power"))
+        m.record("c", Reading(float(i), 1000.0 + j, "energy"))
+        check(float(i)), check(i + 0.2), check(i + 3.0)  # at the reading, extrapolated, capped
+    offsets.update(p=40.0, c=7.5)
+    m.set_offsets(offsets)
+    check(3.0), check(3.4)
+    m.mark_failed("p", "gone")
+    check(3.4), check(9.0)  # a dropped sensor stops at its last reading
+    m.record("c", Reading(4.0, 1350.0, "energy"))
+    check(3.5), check(4.25)  # between readings (the history, under the lock) and after the newest
+    assert m.energy_at("c", 4.25) == pytest.approx(7.5 + 350.0 + 50.0 * 0.25)

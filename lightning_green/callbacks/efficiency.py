@@ -238,7 +238,7 @@ class EfficiencyLogger(Callback):
         }
         if self.tokens_per_batch is not None:
             metrics["efficiency/tokens_per_j"] = M.per_joule(tokens, window_j)
-        self._power.log_queue.put(metrics, trainer.global_step, trainer.loggers)
+        self._power.log_queue.put(metrics, self._global_step(), trainer.loggers)
         self._window_j, self._window_samples, self._window_tokens = now_j, self._counter.samples, self._counter.tokens
         self._window_eval_j = self._eval_in_fit_j
 

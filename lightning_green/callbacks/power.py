@@ -308,7 +308,7 @@ class PowerSampler(Callback):
 
     def _log_window(self, trainer: Trainer, pl_module: LightningModule) -> None:
         metrics = self.training.close(functools.partial(reduce_sum, trainer), trainer.world_size)
-        self.log_queue.put(metrics, trainer.global_step, trainer.loggers)
+        self.log_queue.put(metrics, self._global_step(), trainer.loggers)
         if self.progress_bar:
             pl_module.log_dict({"energy_kj": metrics["energy/total_j"] / 1000.0, "power_w": self.training.window.power_w}, prog_bar=True, logger=False)
         if self.log_trace and trainer.is_global_zero:

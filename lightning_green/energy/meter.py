@@ -66,6 +66,9 @@ class EnergyMeter:
         self.extrapolate_s = check_number("extrapolate_s", extrapolate_s, 0.0)
         self._channels: dict[str, Channel] = {}
         self._lock = threading.Lock()
+        # name -> (newest reading time, cumulative J there with the offset, W there, dropped): replaced
+        # whole under the lock at each change, read without it for "energy now" (the per-step path)
+        self._newest: dict[str, tuple[float, float, float, bool]] = {}
 
     # ------------------------------------------------------------------ feeding
     def add_channel(self, info: dict) -> None:
@@ -89,7 +92,13 @@ class EnergyMeter:
                 return f"no sensor named {name!r} in this meter"
             if ch.failed is not None:
                 return f"sensor {name!r} was dropped ({ch.failed})"
-            return ch.add(reading)
+            why = ch.add(reading)
+            self._note_newest(name, ch)
+            return why
+
+    def _note_newest(self, name: str, ch: Channel) -> None:
+        if ch.t:
+            self._newest[name] = (ch.t[-1], ch.offset_j + ch.e[-1], ch.p[-1], ch.failed is not None)
 
     def record(self, name: str, reading: Any) -> bool:
         """Add one reading. Returns False (and counts a gap) when the reading is rejected; never raises."""
@@ -107,6 +116,7 @@ class EnergyMeter:
             ch = self._channels[name]
             if ch.failed is None:
                 ch.failed = reason
+            self._note_newest(name, ch)
             ch.hung = ch.hung or hung
 
     def mark_abandoned(self, name: str) -> None:
@@ -125,6 +135,10 @@ class EnergyMeter:
     def energy_at(self, name: str, t_s: float) -> float:
         """Joules this process measured on ``name`` from its first reading to ``t_s``, plus any
         restored offset."""
+        newest = self._newest.get(name)
+        if newest is not None and t_s >= newest[0]:  # now or later: no lock, no history
+            t, joules, watts, dropped = newest
+            return joules if dropped else joules + watts * min(t_s - t, self.extrapolate_s)
         with self._lock:
             ch = self._channels[name]
             return ch.offset_j + self._energy_at(ch, t_s)
@@ -158,6 +172,8 @@ class EnergyMeter:
 
     def total_at(self, t_s: float, names: Iterable[str] | None = None) -> float:
         """Cumulative joules (restored offsets included) over ``names`` (default: all) at ``t_s``."""
+        if names is None:
+            return sum(self.energy_at(n, t_s) for n in list(self._channels))
         with self._lock:
             chans = [self._channels[n] for n in (self._channels if names is None else names)]
             return sum(ch.offset_j + self._energy_at(ch, t_s) for ch in chans)
@@ -237,3 +253,4 @@ class EnergyMeter:
             for name, joules in energy_j.items():
                 if name in self._channels:
                     self._channels[name].offset_j = float(joules)
+                    self._note_newest(name, self._channels[name])

@@ -231,6 +231,7 @@ class LogWindow:
         self.power_w = float("nan")  # mean power of every process over the last closed window
         self._t = 0.0
         self._by_sensor: dict[str, float] = {}
+        self._keys: dict[str, tuple[str, str]] = {}  # sensor name -> its metric keys, made once
         self._local_j = 0.0
         self._val_j = 0.0
         self._val_start_j = 0.0
@@ -267,9 +268,10 @@ class LogWindow:
         if self.steps:
             metrics["energy/step_j"] = window_j / self.steps
         for name, joules in by_sensor.items():
-            metrics[f"energy/{name}_j"] = joules
+            energy_key, power_key = self._keys.get(name) or self._keys.setdefault(name, (f"energy/{name}_j", f"power/{name}_w"))
+            metrics[energy_key] = joules
             if dt > 0:
-                metrics[f"power/{name}_w"] = (joules - self._by_sensor.get(name, joules)) / dt
+                metrics[power_key] = (joules - self._by_sensor.get(name, joules)) / dt
         self._t, self._by_sensor, self._local_j = now, by_sensor, local_j
         self.steps = 0
         self._val_j = 0.0
