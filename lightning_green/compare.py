@@ -108,7 +108,8 @@ def figures(summary: dict) -> list[Figure]:
     eff = rs.efficiency(summary)
     if "train_energy_j" in eff:
         out.append(("training energy (validation excluded)", "J", "lower", "energy", *eff["train_energy_j"]))
-    mean_w = energy_j / duration_s if _is_number(energy_j) and _is_number(duration_s) and duration_s > 0 else None
+    own_j = summary.get("energy_this_run_j", energy_j)  # this stage's own: a resumed fit's restored joules took no time of it
+    mean_w = own_j / duration_s if _is_number(own_j) and _is_number(duration_s) and duration_s > 0 else None
     out.append(("mean power", "W", None, "energy", mean_w, src))
     for key, figure, unit, better in (
         ("eer_j_per_param", "EER", "J/param", "lower"),

@@ -106,19 +106,31 @@ def section(summary: dict, title: str) -> list[dict]:
 
 def stage_energy_key(summary: dict) -> str:
     """``energy_j`` for ``fit`` (a resumed fit counts its restored energy), ``energy_this_run_j`` for
-    the other stages (their ``energy_j`` carries the energy of the stages before them)."""
+    the other stages (their ``energy_j`` carries the energy of the stages before them). A fit's
+    ``energy_j`` less its ``carried_j`` (what earlier stages of the process carried in) is what
+    :func:`stage_energy_j` gives."""
     return "energy_j" if summary.get("stage") == "fit" or "energy_this_run_j" not in summary else "energy_this_run_j"
 
 
+def _less_carried(figures: dict, key: str, value: Any) -> Any:
+    """``value`` less ``figures["carried_j"]`` when ``key`` is the cumulative ``energy_j`` (a summary
+    older than ``carried_j`` lacks it: the value as it is)."""
+    carried_j = figures.get("carried_j")
+    ok = key == "energy_j" and isinstance(value, (int, float)) and isinstance(carried_j, (int, float))
+    return value - carried_j if ok else value
+
+
 def stage_energy_j(summary: dict) -> float | None:
-    """This stage's energy of this process's sensors, in joules."""
-    return summary.get(stage_energy_key(summary))
+    """This stage's energy of this process's sensors, in joules (a fit's with the energy it restored
+    from a checkpoint, never that of the stages before it in the process)."""
+    key = stage_energy_key(summary)
+    return _less_carried(summary, key, summary.get(key))
 
 
 def sensor_energy_j(summary: dict, sensor: dict) -> float | None:
-    """This stage's energy of one sensor (same rule as :func:`stage_energy_key`)."""
+    """This stage's energy of one sensor (same rule as :func:`stage_energy_j`)."""
     key = stage_energy_key(summary)
-    return sensor.get(key, sensor.get("energy_j"))
+    return _less_carried(sensor, key if key in sensor else "energy_j", sensor.get(key, sensor.get("energy_j")))
 
 
 def sources(summary: dict) -> str:

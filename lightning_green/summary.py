@@ -4,7 +4,10 @@ printed as ``rich`` tables and written as JSON.
 Every stage's summary gives that stage's own energy, time and mean power (``stage_energy_j``,
 ``duration_s``, ``stage_mean_power_w``: J = W x s in a row) and, labelled apart, the process's
 cumulative energy over every stage and any checkpoint it resumed from (``energy_j``, also
-``cumulative_energy_j``).
+``cumulative_energy_j``). What the cumulative holds besides this stage's is split by where it came
+from: ``carried_j``, measured by this process in earlier stages (``validate`` then ``fit``, ``fit``
+then ``test``), and ``restored_j``, restored from a checkpoint (``fit(ckpt_path=...)``), so
+``energy_j = stage_energy_j + carried_j + restored_j``; each sensor's row has the same figures.
 """
 
 from __future__ import annotations
@@ -127,11 +130,17 @@ def now_iso() -> str:
     return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
-def sensor_rows(meter) -> list[dict]:
-    """Per-sensor figures of a stage, each labelled: the stage's own and the cumulative energy."""
+def sensor_rows(meter, restored: dict[str, float] | None = None) -> list[dict]:
+    """Per-sensor figures of a stage, each labelled: the stage's own and the cumulative energy, and
+    the rest of the cumulative split into ``restored_j`` (from a checkpoint: ``restored``, per sensor,
+    as :meth:`~lightning_green.energy.session.EnergySession.restored_j` gives it) and ``carried_j``
+    (measured by this process in earlier stages)."""
     rows = []
     for name in meter.names:
         row = meter.stats(name)
+        offset_j = row.pop("offset_j")
+        row["restored_j"] = min(offset_j, (restored or {}).get(name, 0.0))
+        row["carried_j"] = offset_j - row["restored_j"]
         row["stage_energy_j"] = row["energy_this_run_j"]
         row["cumulative_energy_j"] = row["energy_j"]
         rows.append(row)
@@ -169,7 +178,8 @@ def build_summary(
         "energy_this_run_j": stage_j,
         "stage_energy_j": stage_j,
         "stage_mean_power_w": stage_j / duration_s if duration_s > 0 else float("nan"),
-        "restored_j": unattributed_j + sum(s["restored_j"] for s in sensors),
+        "restored_j": unattributed_j + sum(s["restored_j"] for s in sensors),  # from a checkpoint
+        "carried_j": sum(s["carried_j"] for s in sensors),  # from earlier stages of this process
         "cluster": cluster,
         "partial": [f"{s['name']}: {partial_reason(s)}" for s in sensors if s["partial"]],
         "skipped": list(skipped),
@@ -208,7 +218,7 @@ def stage_summary(session: Any, *, t0: float, origin_t: float, node_rank: int, c
     """:func:`build_summary` of a finished :class:`~lightning_green.energy.session.EnergySession`
     (``cluster``: as gathered, or None for this process alone)."""
     meter = session.meter
-    sensors = sensor_rows(meter)
+    sensors = sensor_rows(meter, session.restored_j())
     trace = {n: [[round(t - origin_t, 4), round(p, 3)] for t, p in meter.trace(n)] for n in meter.names}
     cluster = cluster or local_cluster(fields["rank"], node_rank, sensors, session.unattributed_j)
     return build_summary(duration_s=session.clock() - t0, sensors=sensors, unattributed_j=session.unattributed_j, cluster=cluster, trace=trace, **fields)
@@ -348,6 +358,12 @@ def render(summary: dict) -> None:
         f"total energy (this process, cumulative over every stage and any resumed checkpoint):"
         f" {_fmt(energy_j)} J = {_fmt(_ratio(energy_j, J_PER_KWH))} kWh  [source: {sources}]",
     ]
+    carried_j, restored_j = summary.get("carried_j"), summary.get("restored_j")
+    if "carried_j" not in summary and restored_j:  # an older summary: its restored_j held earlier stages too
+        lines.append(f"  of the total, carried in (earlier stages of this process or a checkpoint): {_fmt(restored_j)} J")
+    elif carried_j or restored_j:
+        lines.append(f"  of the total: this stage {_fmt(stage_j)} J; carried from earlier stages of this process"
+                     f" {_fmt(carried_j or 0.0)} J; restored from a checkpoint {_fmt(restored_j or 0.0)} J")
     if (cluster.get("world_size") or 1) > 1:
         per_rank = ", ".join(f"rank {r.get('rank')} (node {r.get('node_rank')}): {_fmt(r.get('energy_j'))} J" for r in cluster.get("per_rank") or [])
         imbalance = "n/a (no per-process device sensor)" if _is_nan(cluster.get("imbalance")) else _fmt(cluster["imbalance"])

@@ -84,7 +84,7 @@ class Channel:
         self.hung = False
         self.abandoned = False
         self.last_problem: str | None = None
-        self.offset_j = 0.0  # energy restored from a checkpoint
+        self.offset_j = 0.0  # energy carried in: earlier stages of the process, a checkpoint
         self.counter_mark: tuple[float, float] | None = None  # (t, energy) where the last counter power point ended
         self.trace = DownsampledTrace(trace_points)
 

@@ -133,8 +133,8 @@ class EnergyMeter:
         return dict(self._channels[name].info)
 
     def energy_at(self, name: str, t_s: float) -> float:
-        """Joules this process measured on ``name`` from its first reading to ``t_s``, plus any
-        restored offset."""
+        """Joules this process measured on ``name`` from its first reading to ``t_s``, plus its offset
+        (the energy carried in: earlier stages, a checkpoint)."""
         newest = self._newest.get(name)
         if newest is not None and t_s >= newest[0]:  # now or later: no lock, no history
             t, joules, watts, dropped = newest
@@ -171,7 +171,7 @@ class EnergyMeter:
             return sum(self._energy_at(ch, t1_s) - self._energy_at(ch, t0_s) for ch in chans)
 
     def total_at(self, t_s: float, names: Iterable[str] | None = None) -> float:
-        """Cumulative joules (restored offsets included) over ``names`` (default: all) at ``t_s``."""
+        """Cumulative joules (offsets included) over ``names`` (default: all) at ``t_s``."""
         if names is None:
             return sum(self.energy_at(n, t_s) for n in list(self._channels))
         with self._lock:
@@ -202,7 +202,8 @@ class EnergyMeter:
     def stats(self, name: str) -> dict[str, Any]:
         """Summary figures of one sensor: its :meth:`Sensor.describe` facts and
 
-        * ``energy_j`` (restored included), ``energy_this_run_j``, ``restored_j``, ``mean_power_w``,
+        * ``energy_j`` (the offset included), ``energy_this_run_j``, ``offset_j`` (the energy carried in
+          by :meth:`set_offsets`: earlier stages, a checkpoint), ``mean_power_w``,
           ``peak_power_w``, ``duration_s``, ``samples``;
         * ``gaps``: readings missed (``rejected`` + ``transient_errors``), bridged over ``gap_s``
           seconds by ``gap_bridge`` (``"counter difference"`` or ``"interpolated power"``);
@@ -221,7 +222,7 @@ class EnergyMeter:
             out.update(
                 energy_j=ch.offset_j + measured,
                 energy_this_run_j=measured,
-                restored_j=ch.offset_j,
+                offset_j=ch.offset_j,
                 mean_power_w=measured / duration if duration > 0 else 0.0,
                 peak_power_w=ch.peak_w,
                 duration_s=duration,
@@ -247,7 +248,8 @@ class EnergyMeter:
 
     # ------------------------------------------------------------------ checkpoints
     def set_offsets(self, energy_j: dict[str, float]) -> None:
-        """Start each named sensor's cumulative energy at the given joules (a resumed run).
+        """Start each named sensor's cumulative energy at the given joules (carried from earlier stages
+        or restored from a checkpoint).
         Names not in the meter are ignored: the sensors of a resumed run may differ."""
         with self._lock:
             for name, joules in energy_j.items():

@@ -3,6 +3,8 @@
 A session owns the sampler thread and the meter of one stage (``start`` … ``finish``), carries each
 sensor's energy from one stage to the next and from a checkpoint, and answers the questions the
 callbacks ask: energy now, energy of a block (:meth:`EnergySession.measure`), sources, state.
+Of the energy carried in, it keeps apart the part restored from a checkpoint
+(:meth:`EnergySession.restored_j`): the rest was measured by this process in earlier stages.
 
 :class:`LogWindow` turns a session into the figures of one logging window (energy, power per
 sensor, energy per step without the validation loops in it, trace points). Both know no Trainer:
@@ -72,6 +74,7 @@ class EnergySession:
         self._owned: list[Sensor] = []  # built for this session: closed by finish()
         self._sampler: Sampler | None = None
         self._carry_j: dict[str, float] = {}  # per sensor, from earlier stages and checkpoints
+        self._restored_j: dict[str, float] = {}  # per sensor, the part of _carry_j a checkpoint restored
         self.unattributed_j = 0.0  # restored energy no sensor of this run can hold
         self._pending_state: dict | None = None  # a checkpoint loaded before this process's rank is known
 
@@ -185,9 +188,17 @@ class EnergySession:
         local[UNATTRIBUTED_KEY] = self.unattributed_j
         return local
 
+    def restored_j(self) -> dict[str, float]:
+        """Per sensor, the joules of its cumulative energy restored from a checkpoint (by this stage or
+        an earlier one of this process); the rest of what was carried in, the sensor's cumulative less
+        this stage's and these, this process measured in earlier stages. ``unattributed_j`` is
+        restored energy too."""
+        return dict(self._restored_j)
+
     def restore(self, mine: dict[str, float] | None, total_j: float = 0.0) -> None:
         """Go on from a checkpoint: ``mine`` is this process's saved state (same world size), else
-        ``total_j`` is carried as unattributed energy (rank 0 of another world size; 0 elsewhere)."""
+        ``total_j`` is carried as unattributed energy (rank 0 of another world size; 0 elsewhere).
+        The checkpoint's energy replaces what earlier stages carried (it is all restored energy)."""
         self._carry_j, self.unattributed_j = {}, 0.0
         names = set(self.meter.names) if self.meter is not None else set()
         if mine is not None:
@@ -197,6 +208,7 @@ class EnergySession:
             self.unattributed_j += sum(j for n, j in mine.items() if n not in names)
         else:
             self.unattributed_j = float(total_j)
+        self._restored_j = dict(self._carry_j)
         if self.meter is not None:
             self.meter.set_offsets(self._carry_j)
 
