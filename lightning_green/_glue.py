@@ -83,14 +83,15 @@ class LogQueue:
             self._thread.start()
 
     def put(self, metrics: Mapping[str, float], step: int, loggers: Sequence[Any] = ()) -> None:
-        """Log ``metrics`` (NaN left out) at ``step``; ``loggers`` are written in place when not started."""
-        kept = _finite(metrics)
-        if not kept:
-            return
-        for logger in loggers if self._inline is None else self._inline:
-            logger.log_metrics(kept, step=step)
+        """Log ``metrics`` (NaN left out) at ``step``; ``loggers`` are written in place when not started.
+        The thread's share is filtered on the thread: the training thread only appends it."""
+        inline = loggers if self._inline is None else self._inline
+        if inline:
+            kept = _finite(metrics)
+            for logger in inline if kept else ():
+                logger.log_metrics(kept, step=step)
         if self._items is not None:
-            self._items.append((kept, step))
+            self._items.append((metrics, step))
 
     def call(self, work: Callable[[Callable[[Mapping[str, float], int], None]], None], loggers: Sequence[Any] = ()) -> None:
         """Run ``work(write)``, where ``write(metrics, step)`` logs: on the thread, after what is queued,
@@ -117,9 +118,10 @@ class LogQueue:
                 return
 
     def _write(self, metrics: Mapping[str, float], step: int) -> None:
-        for logger in list(self._background):
+        kept = _finite(metrics)
+        for logger in list(self._background) if kept else ():
             try:
-                logger.log_metrics(_finite(metrics), step=step)
+                logger.log_metrics(kept, step=step)
             except Exception as err:  # noqa: BLE001 - a logger must not stop training
                 self._background.remove(logger)
                 self._warn(f"fail:{id(logger)}", f"{self.name}: {type(logger).__name__}.log_metrics raised {err!r}; its energy metrics stop here", rank_zero=False)

@@ -36,6 +36,7 @@ def test_thread_safe_loggers_are_written_by_the_thread_in_order_at_stop():
     q.start([tb, csv])
     q.put({"a": 1.0, "nan": math.nan}, step=10)
     q.put({"a": 2.0}, step=20)
+    q.put({"nan": math.nan}, step=25)  # nothing to log: no call on either side
     assert tb.calls == []  # queued: the thread drains only at stop here
     assert csv.calls == [("MainThread", {"a": 1.0}, 10), ("MainThread", {"a": 2.0}, 20)]  # in place, NaN left out
     q.stop()
