@@ -22,14 +22,16 @@ def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
+def write_metrics(loggers: Sequence[Any], metrics: Mapping[str, float], step: int) -> None:
+    """Send ``metrics`` (NaN left out) to each of ``loggers`` at ``step``; nothing when none is left."""
+    kept = _finite(metrics)
+    for logger in loggers if kept else ():
+        logger.log_metrics(kept, step=step)
+
+
 def log_metrics(trainer: Any, metrics: Mapping[str, float], step: int | None = None) -> None:
     """Send ``metrics`` (NaN left out) to every logger of ``trainer`` at ``step`` (default ``trainer.global_step``)."""
-    kept = _finite(metrics)
-    if not kept:
-        return
-    step = trainer.global_step if step is None else step
-    for logger in trainer.loggers:
-        logger.log_metrics(kept, step=step)
+    write_metrics(trainer.loggers, metrics, trainer.global_step if step is None else step)
 
 
 def writes_thread_safe(logger: Any) -> bool:
@@ -87,9 +89,7 @@ class LogQueue:
         The thread's share is filtered on the thread: the training thread only appends it."""
         inline = loggers if self._inline is None else self._inline
         if inline:
-            kept = _finite(metrics)
-            for logger in inline if kept else ():
-                logger.log_metrics(kept, step=step)
+            write_metrics(inline, metrics, step)
         if self._items is not None:
             self._items.append((metrics, step))
 
@@ -100,7 +100,7 @@ class LogQueue:
         if self._items is not None and not self._inline:
             self._items.append(work)
         else:
-            work(functools.partial(self.put, loggers=loggers))
+            work(functools.partial(self.put, loggers=loggers))  # writes the started inline loggers, or ``loggers``
 
     def _run(self, items: collections.deque, stop: threading.Event) -> None:
         while True:

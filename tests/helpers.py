@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.demos.boring_classes import BoringModel
 

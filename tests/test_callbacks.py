@@ -8,7 +8,6 @@ import pytest
 import torch
 from fake_pynvml import FakeGpu
 from helpers import Clock, FakeClock, SleepyModel, logged, tiny_trainer
-from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 

@@ -56,21 +56,18 @@ class BatchCounter:
         self.samples = self.tokens = 0  # running totals of :meth:`add`
 
     def add(self, batch: Any) -> None:
-        """Add ``batch`` to :attr:`samples` and :attr:`tokens` (per training batch: the common
-        ``[inputs, targets]`` batch takes one type check)."""
-        if self._plain and type(batch) is list and batch and isinstance(batch[0], torch.Tensor) and batch[0].dim():
-            self.samples += batch[0].shape[0]
-            return
+        """Add ``batch`` to :attr:`samples` and :attr:`tokens`. Per training batch, so the common
+        batches (a tensor, or a list or tuple led by one) take a fast rule with no call and no tuple."""
+        if self._plain:
+            first = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+            if isinstance(first, torch.Tensor) and first.dim():
+                self.samples += first.shape[0]
+                return
         samples, tokens = self(batch)
         self.samples += samples
         self.tokens += tokens
 
     def __call__(self, batch: Any) -> tuple[int, int]:
-        if self._plain:  # the common batches, fast: a tensor, or (inputs, targets)
-            if isinstance(batch, torch.Tensor) and batch.dim():
-                return batch.shape[0], 0
-            if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor) and batch[0].dim():
-                return batch[0].shape[0], 0
         samples = self._count("samples_per_batch", self.samples_per_batch, batch) if self.samples_per_batch is not None else self._batch_size(batch)
         tokens = self._count("tokens_per_batch", self.tokens_per_batch, batch) if self.tokens_per_batch is not None else 0
         return samples, tokens

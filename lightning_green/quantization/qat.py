@@ -51,6 +51,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_green._glue import log_metrics
 from lightning_green.callbacks.power import find_power_sampler
 from lightning_green.quantization import layers
 from lightning_green.quantization.checkpoints import CheckpointLoading
@@ -300,8 +301,7 @@ class QuantizationAwareTraining(Callback):
             energy_source=self._probe.sources() if energy_j is not None else None,
         )  # fmt: skip
         if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(self.report.metrics(self.prefix), step=trainer.global_step)
+            log_metrics(trainer, self.report.metrics(self.prefix))
         self._probe.add_summary(f"Quantization-aware training ({self.resolved_scheme})", self.report.summary_rows())
 
     def _resolve_model(self, model: Optional[nn.Module]) -> nn.Module:
