@@ -98,7 +98,18 @@ def test_time_schemes_divides_injected_times():
     timer, calls = table_timer({"float": 2.0, "int8_dynamic": 0.5})
     (timing,) = kernels.time_schemes(["int8_dynamic"], [(64, 32), (32, 64)], CPU, timer=timer)
     assert timing.decode_ratio == 0.25 and timing.prefill_ratio == 0.25 and timing.ratio == 0.25
-    assert calls.count("float") == 4 and calls.count("int8_dynamic") == 4  # 2 shapes x 2 regimes
+    assert calls.count("float") == 12 and calls.count("int8_dynamic") == 12  # 2 shapes x 2 regimes x 3 rounds in turn
+    assert calls[:6] == ["float", "int8_dynamic"] * 3
+
+
+def test_time_schemes_keeps_each_sides_fastest_round_so_a_burst_of_load_does_not_decide():
+    rounds = iter([40.0, 1.0, 2.0, 2.0, 40.0, 2.0])  # float at 1 token, then at 64; one round of each hit by load
+
+    def timer(label, fn):
+        return next(rounds) if label == "float" else 0.5
+
+    (timing,) = kernels.time_schemes(["int8_dynamic"], [(64, 32)], CPU, timer=timer, rounds=3)
+    assert timing.decode_ratio == 0.5 and timing.prefill_ratio == 0.25  # 0.5 / min(40, 1, 2) and 0.5 / min(2, 40, 2)
 
 
 def test_auto_picks_the_fastest_candidate_and_warns_only_when_slow():
