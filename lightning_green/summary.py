@@ -360,10 +360,11 @@ def render(summary: dict) -> None:
     ]
     carried_j, restored_j = summary.get("carried_j"), summary.get("restored_j")
     if "carried_j" not in summary and restored_j:  # an older summary: its restored_j held earlier stages too
-        lines.append(f"  of the total, carried in (earlier stages of this process or a checkpoint): {_fmt(restored_j)} J")
+        lines.append(f"  of the total, carried in (earlier stages of this process or a checkpoint): {_fmt(restored_j)} J  [source: {sources}]")
     elif carried_j or restored_j:
         lines.append(f"  of the total: this stage {_fmt(stage_j)} J; carried from earlier stages of this process"
-                     f" {_fmt(carried_j or 0.0)} J; restored from a checkpoint {_fmt(restored_j or 0.0)} J")
+                     f" {_fmt(carried_j or 0.0)} J; restored from a checkpoint {_fmt(restored_j or 0.0)} J"
+                     f"  [source: {sources}; restored: as the run that wrote the checkpoint measured it]")
     if (cluster.get("world_size") or 1) > 1:
         per_rank = ", ".join(f"rank {r.get('rank')} (node {r.get('node_rank')}): {_fmt(r.get('energy_j'))} J" for r in cluster.get("per_rank") or [])
         imbalance = "n/a (no per-process device sensor)" if _is_nan(cluster.get("imbalance")) else _fmt(cluster["imbalance"])

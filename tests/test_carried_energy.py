@@ -60,7 +60,7 @@ def test_validate_then_fit_labels_the_validate_energy_carried_not_restored(tmp_p
         assert figures(s) == pytest.approx((200.0, 100.0, 0.0, 300.0, 200.0, 100.0, 0.0, 300.0))
         adds_up(s)
     assert "this stage (fit, this process): 200 J in 2 s = 100 W mean" in out
-    assert "of the total: this stage 200 J; carried from earlier stages of this process 100 J; restored from a checkpoint 0 J" in out
+    assert "of the total: this stage 200 J; carried from earlier stages of this process 100 J; restored from a checkpoint 0 J [source: simulated;" in out
     # compare/show and the picture: the fit's own energy, not validate's too
     assert rs.stage_energy_j(written) == pytest.approx(200.0) and rs.sensor_energy_j(written, written["sensors"][0]) == pytest.approx(200.0)
     rows = {f[0]: f[4] for f in cmp.figures(written)}
