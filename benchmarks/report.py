@@ -88,8 +88,9 @@ def render_overhead(d: dict) -> tuple[list[str], list[str]]:
     if "empty_hook_us_per_step_median" in d:
         notes.append(
             f"Hook cost: an empty `on_train_batch_end` timed the same way costs {span(d['empty_hook_us_per_step_median'], '.2f', ' µs')}; "
-            f"the slowest step (a log step) cost {span(d['hook_us_slowest_step'], '.0f', ' µs')}. TensorBoard's writes run on a "
-            "background thread, so they are not in these figures; what they cost the step shows in the step-time ratio."
+            f"the slowest step (a log step) cost {span(d['hook_us_slowest_step'], '.0f', ' µs')}. In this single-process run a log step "
+            "only notes the time, the sensors' newest readings and the counts; the figures are built and written to TensorBoard on a "
+            "background thread, so that work is not in these figures; what it costs the step shows in the step-time ratio."
         )
     return rows, notes
 

@@ -158,32 +158,47 @@ class LogCadence:
 
     A batch that completes an optimizer step (``global_step`` moved) is a *step*; a step whose
     ``global_step`` is a multiple of ``every`` is a *log step*. Batches that only accumulate gradients
-    are neither. Two integer compares per batch.
+    are neither. Two integer compares and an add per batch; :attr:`steps` counts the steps since the
+    last :meth:`take_steps`.
 
     Example::
 
         cadence = LogCadence()
         cadence.reset(every=10, global_step=0)
-        new_step, log_now = cadence.advance(global_step)
+        if cadence.log_step(global_step):
+            steps_in_window = cadence.take_steps()
     """
 
-    __slots__ = ("every", "last_step")
+    __slots__ = ("every", "last_step", "steps")
 
     def __init__(self) -> None:
         self.every = 0
         self.last_step = -1
+        self.steps = 0
 
     def reset(self, every: int, global_step: int) -> None:
         """Start counting at ``global_step`` (not -1: with accumulation the first batch is no step)."""
         self.every = int(every)
         self.last_step = global_step
+        self.steps = 0
+
+    def log_step(self, global_step: int) -> bool:
+        """Whether a batch that ended at ``global_step`` is a log step (the per-batch call)."""
+        if global_step == self.last_step:
+            return False
+        self.last_step = global_step
+        self.steps += 1
+        return self.every != 0 and global_step % self.every == 0
 
     def advance(self, global_step: int) -> tuple[bool, bool]:
         """``(a step was completed, it is a log step)`` for a batch that ended at ``global_step``."""
-        if global_step == self.last_step:
-            return False, False
-        self.last_step = global_step
-        return True, bool(self.every) and global_step % self.every == 0
+        stepped = global_step != self.last_step
+        return stepped, self.log_step(global_step)
+
+    def take_steps(self) -> int:
+        """The steps since the last call (or :meth:`reset`); the count starts again from 0."""
+        steps, self.steps = self.steps, 0
+        return steps
 
 
 class WarnOnce:

@@ -7,7 +7,8 @@ or DeepSpeed. A collective must be called by every rank at the same point.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -23,6 +24,17 @@ def reduce_sum(trainer: Any, values: Sequence[float]) -> list[float]:
         return [float(v) for v in values]
     tensor = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
     return trainer.strategy.reduce(tensor, reduce_op="sum").tolist()
+
+
+def local_sum(values: Sequence[float]) -> list[float]:
+    """:func:`reduce_sum` of a single process: the values as floats."""
+    return [float(v) for v in values]
+
+
+def sum_reducer(trainer: Any) -> Callable[[Sequence[float]], list[float]]:
+    """:func:`reduce_sum` bound to ``trainer``, for a log step: a single process gets :func:`local_sum`,
+    which reads no Trainer property per call (call it once the strategy is set up)."""
+    return local_sum if trainer.world_size == 1 else functools.partial(reduce_sum, trainer)
 
 
 def gather_floats(trainer: Any, values: Sequence[float]) -> list[list[float]]:

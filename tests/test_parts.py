@@ -33,12 +33,11 @@ def test_session_energy_window_and_measure_are_exact():
     window.reset()
     clock.t += 2.0
     session.read_now()
-    window.steps = 4
     window.validation_started()
     clock.t += 1.0  # a validation second: not step energy
     session.read_now()
     window.validation_ended()
-    metrics = window.close(lambda values: list(values))
+    metrics = window.close(lambda values: list(values), window.end(steps=4))
     assert metrics["energy/total_j"] == pytest.approx(300.0)
     assert metrics["energy/step_j"] == pytest.approx(200.0 / 4)
     clock.t += 0.5
@@ -86,6 +85,17 @@ def test_cadence_follows_log_every_n_steps_and_skips_accumulation():
     cadence.reset(every=2, global_step=0)
     seen = [cadence.advance(s) for s in (0, 1, 1, 2, 3, 4)]
     assert seen == [(False, False), (True, False), (False, False), (True, True), (True, False), (True, True)]
+    assert cadence.take_steps() == 4 and cadence.take_steps() == 0  # batches 1, 2, 3, 4 stepped
+    # the per-batch call: the same rule, and the steps of each window
+    cadence.reset(every=3, global_step=10)
+    logs, windows = [], []
+    for step in (10, 11, 11, 12, 12, 12, 13, 14, 15, 16):  # accumulation repeats a step
+        if cadence.log_step(step):
+            logs.append(step)
+            windows.append(cadence.take_steps())
+    assert logs == [12, 15] and windows == [2, 3] and cadence.steps == 1
+    cadence.reset(every=0, global_step=0)
+    assert not any(cadence.log_step(s) for s in range(1, 5)) and cadence.steps == 4  # logging off: steps still counted
 
 
 def test_phase_recorder_with_an_injected_clock():

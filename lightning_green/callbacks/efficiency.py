@@ -11,10 +11,11 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_green._glue import LogCadence, WarnOnce, checked_count, global_step_reader, log_metrics, misconfigured, state_for_rank
+from lightning_green._glue import WarnOnce, checked_count, log_metrics, misconfigured, state_for_rank
 from lightning_green.callbacks.power import PowerSampler, find_power_sampler
 from lightning_green.distributed import distributed, gather_objects, reduce_sum
 from lightning_green.energy import metrics as M
+from lightning_green.energy.session import Reduce
 
 CountFn = Union[None, str, Callable[[Any], int]]
 TargetSpec = Union[float, "tuple[float, str]"]
@@ -60,8 +61,9 @@ class BatchCounter:
         batches (a tensor, or a list or tuple led by one) take a fast rule with no call and no tuple."""
         if self._plain:
             first = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
-            if isinstance(first, torch.Tensor) and first.dim():
-                self.samples += first.shape[0]
+            shape = first.shape if isinstance(first, torch.Tensor) else ()  # one call into torch, not two
+            if shape:
+                self.samples += shape[0]
                 return
         samples, tokens = self(batch)
         self.samples += samples
@@ -119,8 +121,8 @@ class EfficiencyLogger(Callback):
 
     Energy-to-target (Zeus's energy-to-accuracy): targets are checked against
     ``trainer.callback_metrics`` after each validation loop of fit, at training log steps and at the
-    end of training, inside the all-reduce those figures make anyway: a target is reached when any
-    process sees it reached (log with ``sync_dist=True`` and all see the same value). The summary's
+    end of training, with one all-reduce (at the loop ends, the one those figures make anyway): a
+    target is reached when any process sees it reached (log with ``sync_dist=True`` and all see the same value). The summary's
     ``targets`` section lists each target (reached or not, step, joules, seconds, source); a resumed
     run keeps the targets met; a target whose metric was never logged gets one warning at fit end.
 
@@ -169,8 +171,6 @@ class EfficiencyLogger(Callback):
         self._target_spec = M.parse_targets(targets) if targets is not None else None
         self.targets: M.EnergyTargets | None = None  # of the current (or last) fit
         self._watch: M.TargetWatch | None = None
-        self._global_step: Callable[[], int] | None = None  # set at train start (a lambda would not pickle for spawn)
-        self._cadence = LogCadence()
         self._power: PowerSampler | None = None
         self._trainer: Trainer | None = None
         self._pending_state: dict | None = None
@@ -193,6 +193,7 @@ class EfficiencyLogger(Callback):
         if self._power is None:
             raise misconfigured("EfficiencyLogger needs a PowerSampler in the same Trainer: Trainer(callbacks=[PowerSampler(), EfficiencyLogger()])")
         self._power.add_summary_provider(self._summary_rows)
+        self._power.add_log_step_listener(self._log_step)
         self._trainer = trainer
 
     @override
@@ -206,38 +207,39 @@ class EfficiencyLogger(Callback):
         self._reset()
         self.n_params = sum(p.numel() for p in pl_module.parameters())
         self._fit_start_j = self._window_j = self._power.energy_now_j()
-        self._global_step = global_step_reader(trainer)
-        self._cadence.reset(trainer.log_every_n_steps, self._global_step())
         self._apply_state(trainer)
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._counter.add(batch)
-        if self._cadence.advance(self._global_step())[1]:
-            self._log_training(trainer)
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._counter.add(batch)  # at the start, so a log step's figures hold its own batch whichever hook runs first
 
-    def _log_training(self, trainer: Trainer) -> None:
-        now_j = self._power.energy_now_j()
+    def _log_step(self, step: int, reduce: Reduce) -> Callable[[float], dict[str, float]]:
+        """The PowerSampler's log-step listener (training thread): settle the targets, note the counts;
+        the figures are built by the returned function from the energy at the window's end."""
+        if self._watch is not None:
+            self._log_targets(self._trainer, reduce(self._target_part(self._trainer)))
+        return functools.partial(self._window_metrics, reduce, self._counter.samples, self._counter.tokens, self._eval_in_fit_j)
+
+    def _window_metrics(self, reduce: Reduce, samples: int, tokens: int, eval_in_fit_j: float, now_j: float) -> dict[str, float]:
+        """The window's rates, EER and carbon from the counts noted at its log step (may run on the log
+        thread: it reads the counts it is given, and the last window's, which only it writes)."""
         local = [
-            self._train_energy_j(now_j),
-            now_j - self._window_j - (self._eval_in_fit_j - self._window_eval_j),
-            self._counter.samples - self._window_samples,
-            self._counter.tokens - self._window_tokens,
+            self._restored_train_j + now_j - self._fit_start_j - eval_in_fit_j,  # training energy so far
+            now_j - self._window_j - (eval_in_fit_j - self._window_eval_j),
+            samples - self._window_samples,
+            tokens - self._window_tokens,
             now_j,
         ]
-        summed = reduce_sum(trainer, local + self._target_part(trainer))
-        train_j, window_j, samples, tokens, total_j = summed[:5]
-        self._log_targets(trainer, summed[5:])
+        train_j, window_j, window_samples, window_tokens, total_j = reduce(local)
         metrics = {
             "efficiency/eer_j_per_param": M.eer_j_per_param(train_j, self.n_params),
-            "efficiency/samples_per_j": M.per_joule(samples, window_j),
+            "efficiency/samples_per_j": M.per_joule(window_samples, window_j),
             "carbon/gco2e": M.carbon_g(total_j, self.carbon_intensity_g_per_kwh, self.pue),
         }
         if self.tokens_per_batch is not None:
-            metrics["efficiency/tokens_per_j"] = M.per_joule(tokens, window_j)
-        self._power.log_queue.put(metrics, self._global_step(), trainer.loggers)
-        self._window_j, self._window_samples, self._window_tokens = now_j, self._counter.samples, self._counter.tokens
-        self._window_eval_j = self._eval_in_fit_j
+            metrics["efficiency/tokens_per_j"] = M.per_joule(window_tokens, window_j)
+        self._window_j, self._window_samples, self._window_tokens, self._window_eval_j = now_j, samples, tokens, eval_in_fit_j
+        return metrics
 
     def _train_energy_j(self, now_j: float) -> float:
         """This process's training energy: fit so far less its validation loops, plus any restored."""

@@ -7,7 +7,6 @@ the logging window a :class:`~lightning_green.energy.session.LogWindow`, phases 
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from enum import Enum
@@ -20,8 +19,8 @@ from typing_extensions import override
 from lightning_green import summary as S
 from lightning_green._glue import LogQueue, SayOnce, check_bool, check_callable, check_choice, check_int, check_path, global_step_reader, misconfigured
 from lightning_green.callbacks.sensor_choice import check_sensors, sensors_for_process
-from lightning_green.distributed import reduce_sum, shared_owners
-from lightning_green.energy.loops import TrainingLog
+from lightning_green.distributed import reduce_sum, shared_owners, sum_reducer
+from lightning_green.energy.loops import Listener, TrainingLog
 from lightning_green.energy.phases import PHASE_TIMINGS
 from lightning_green.energy.sampler import check_interval
 from lightning_green.energy.session import EnergySession, Measurement
@@ -30,7 +29,10 @@ from lightning_green.sensors.rapl import DEFAULT_ROOT
 
 log = logging.getLogger("lightning_green")
 
-__all__ = ["Measurement", "PowerSampler", "find_power_sampler", "shared_owners"]
+__all__ = ["LogStepListener", "Measurement", "PowerSampler", "find_power_sampler", "shared_owners"]
+
+#: ``listener(step, reduce) -> finish``: see :meth:`PowerSampler.add_log_step_listener`.
+LogStepListener = Listener
 
 
 def find_power_sampler(trainer: Trainer) -> "PowerSampler | None":
@@ -188,6 +190,11 @@ class PowerSampler(Callback):
         """Register ``provider() -> {title: rows}``, called when the summary is built."""
         self.sections.add_provider(provider)
 
+    def add_log_step_listener(self, listener: LogStepListener) -> None:
+        """Have another callback log at this one's training log steps, with no energy read, step read or
+        cadence of its own (EfficiencyLogger does): see :meth:`TrainingLog.log_window <lightning_green.energy.loops.TrainingLog.log_window>`."""
+        self.training.add_listener(listener)
+
     def set_comm_seconds(self, pop_exposed_comm_s: Callable[[], float] | None) -> None:
         """Where the ``comm`` phase's seconds come from (``ddp_green`` hands its counter in ``setup``)."""
         self.training.comm_seconds = pop_exposed_comm_s
@@ -210,7 +217,8 @@ class PowerSampler(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.training.start(trainer.log_every_n_steps, trainer.global_step, trainer.strategy.root_device)
+        trace_origin_t = self.record.origin_t if self.log_trace and trainer.is_global_zero else None
+        self.training.start(trainer.log_every_n_steps, trainer.global_step, trainer.strategy.root_device, sum_reducer(trainer), trainer.world_size, trace_origin_t)
         self.record.timeline.begin("train")
         self.log_queue.start(trainer.loggers, background=trainer.is_global_zero)
         self._global_step = global_step_reader(trainer)
@@ -222,8 +230,10 @@ class PowerSampler(Callback):
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.training.batch_end(self._global_step()):
-            self._log_window(trainer, pl_module)
+        if self.training.batch_end(self._global_step()):  # a log step: the figures are built off this thread where they can be
+            metrics = self.training.log_window(self._global_step(), self.log_queue, in_place=self.progress_bar)
+            if self.progress_bar:
+                pl_module.log_dict({"energy_kj": metrics["energy/total_j"] / 1000.0, "power_w": self.training.window.power_w}, prog_bar=True, logger=False)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -232,8 +242,8 @@ class PowerSampler(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.training.unlogged_steps:  # the last, partial logging window
-            self._log_window(trainer, pl_module)
+        if self.training.unlogged_steps:  # the last, partial logging window (no listeners, no progress bar)
+            self.training.log_window(self._global_step(), self.log_queue, log_step=False)
         self.log_queue.call(self.training.drain_trace, trainer.loggers)
         self.log_queue.stop()
         self.training.end()
@@ -305,14 +315,6 @@ class PowerSampler(Callback):
         if stage in S.SUMMARY_STAGES and trainer.is_global_zero:
             picture = {"loggers": trainer.loggers, "step": trainer.global_step, "info": self._plots_hint} if self.report_picture else None
             S.emit(self.summary, self.summary_dir or summary_dir_of(trainer), self.print_summary, picture)
-
-    def _log_window(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        metrics = self.training.close(functools.partial(reduce_sum, trainer), trainer.world_size)
-        self.log_queue.put(metrics, self._global_step(), trainer.loggers)
-        if self.progress_bar:
-            pl_module.log_dict({"energy_kj": metrics["energy/total_j"] / 1000.0, "power_w": self.training.window.power_w}, prog_bar=True, logger=False)
-        if self.log_trace and trainer.is_global_zero:
-            self.log_queue.call(functools.partial(self.training.collect_trace, self.record.origin_t), trainer.loggers)
 
     def _phase_rows(self) -> dict[str, list[dict]]:
         return self.training.phase_rows() if self.record.stage == "fit" else {}

@@ -10,21 +10,26 @@ The callbacks connect them to Trainer hooks; collectives come in as a function, 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
-from lightning_green._glue import LogCadence
+from lightning_green._glue import LogCadence, LogQueue
 from lightning_green.energy.phases import PhaseRecorder
-from lightning_green.energy.session import Clock, EnergySession, LogWindow, Reduce
+from lightning_green.energy.session import Clock, EnergySession, LogWindow, Reduce, WindowEnd
 
 Write = Callable[[dict, int], None]  # write(metrics, step) to the loggers
+#: ``finish(energy_j) -> metrics``: a listener's figures of a window, given this process's energy at its end
+Finish = Callable[[float], Mapping[str, float]]
+#: ``listener(step, reduce) -> finish``, called on the training thread at each log step (see :meth:`TrainingLog.log_window`)
+Listener = Callable[[int, Reduce], Finish]
 
 
 class TrainingLog:
     """A training loop's energy figures: the :class:`LogWindow`, Lightning's ``log_every_n_steps``
     cadence, the optional :class:`~lightning_green.energy.phases.PhaseRecorder` and the trace points.
 
-    Per batch :meth:`batch_end` costs two integer compares and an add (and the phase edge with
-    phases on); figures are built on log steps only (:meth:`close`).
+    Per batch :attr:`batch_end` costs two integer compares and an add (and the phase edges with
+    phases on); figures are built on log steps only (:meth:`log_window`), off the training thread
+    where they can be.
 
     Args:
         session: the measurement.
@@ -39,15 +44,30 @@ class TrainingLog:
         self.trace = TraceLog(trace_points)
         self.phase_timing = phase_timing
         self.phases: PhaseRecorder | None = None
+        self.reduce: Reduce = list  # the element-wise sum over processes at log steps (one process: the values)
+        self.world_size = 1
+        #: whether a window's figures may be built off the training thread (set by :meth:`start`): one
+        #: process (no collective) and no phases (their recorder lives on the training thread)
+        self.closes_off_thread = True
+        self.listeners: list[Listener] = []
+        self._collect_trace: Callable[[Write], None] | None = None  # the trace work of this loop, if it keeps one
         #: the exposed all-reduce seconds since the last call (``ddp_green`` hands its counter over)
         self.comm_seconds: Callable[[], float] | None = None
+        #: ``batch_end(global_step) -> bool``: a training batch ended at ``global_step``; True on a log
+        #: step. Without phases the cadence's own call, one Python call per batch.
+        self.batch_end: Callable[[int], bool] = self.cadence.log_step if phase_timing is None else self._batch_end_with_phases
 
-    def start(self, every: int, global_step: int, device: Any = None) -> None:
-        """Training starts at ``global_step``, logging every ``every`` optimizer steps."""
+    def start(self, every: int, global_step: int, device: Any = None, reduce: Reduce = list, world_size: int = 1, trace_origin_t: float | None = None) -> None:
+        """Training starts at ``global_step``, logging every ``every`` optimizer steps; log steps sum
+        over the ``world_size`` processes with ``reduce``; trace points are kept with steps in ms since
+        ``trace_origin_t`` (None: no trace on this process)."""
+        self.reduce, self.world_size = reduce, world_size
+        self._collect_trace = None if trace_origin_t is None else functools.partial(self.collect_trace, trace_origin_t)
         self.window.reset()
         self.cadence.reset(every, global_step)
         if self.phase_timing is not None:
             self.phases = PhaseRecorder(self.phase_timing, device, self.session.clock)
+        self.closes_off_thread = world_size == 1 and self.phases is None
 
     def start_epoch(self) -> None:
         self.window.start_epoch()
@@ -62,24 +82,51 @@ class TrainingLog:
     def mark_edge(self, name: str, *hook_args: Any, **hook_kwargs: Any) -> None:
         self.phases.edge(name)
 
-    def batch_end(self, global_step: int) -> bool:
-        """A training batch ended at ``global_step``; True when it is a log step."""
-        phases = self.phases
-        if phases is not None:
-            phases.edge("batch_end")
+    def _batch_end_with_phases(self, global_step: int) -> bool:
+        self.phases.edge("batch_end")
         stepped, log_now = self.cadence.advance(global_step)
-        if not stepped:  # accumulating gradients: no optimizer step yet
-            return False
-        self.window.steps += 1
-        if phases is not None:
-            phases.close_step(self.session.meter, self.comm_seconds() if self.comm_seconds else 0.0)
+        if stepped:  # not a batch that only accumulates gradients
+            self.phases.close_step(self.session.meter, self.comm_seconds() if self.comm_seconds else 0.0)
         return log_now
 
-    def close(self, reduce: Reduce, world_size: int) -> dict[str, float]:
-        """The window's metrics (phases included) with one collective each; the next window starts."""
-        metrics = self.window.close(reduce)
+    def close(self, end: WindowEnd) -> dict[str, float]:
+        """The metrics (phases included) of the window that ``end`` ended, with one collective each."""
+        metrics = self.window.close(self.reduce, end)
         if self.phases is not None:
-            metrics.update(self.phases.metrics(self.session.meter, reduce, world_size))
+            metrics.update(self.phases.metrics(self.session.meter, self.reduce, self.world_size))
+        return metrics
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener`` at each log step (once, however often it is added)."""
+        if listener not in self.listeners:
+            self.listeners.append(listener)
+
+    def log_window(self, step: int, queue: LogQueue, log_step: bool = True, in_place: bool = False) -> dict[str, float] | None:
+        """End the window now (training thread) and log its metrics at ``step`` through ``queue``, with
+        the listeners' on a ``log_step``, then the trace work. The figures are built on the queue's
+        thread when :attr:`closes_off_thread` and not ``in_place``; else here, and returned.
+
+        A listener is called here, ``listener(step, reduce)``, on the training thread: it notes what it
+        needs (counts, the targets it settles) and returns ``finish(energy_j) -> metrics``, which gets
+        this process's cumulative joules at the window's end and builds the metrics to log at ``step``;
+        ``finish`` runs where the figures are built, so it reads only what the listener handed it and
+        what only it writes. ``reduce(values)`` is the element-wise sum over processes."""
+        finishers = [listen(step, self.reduce) for listen in self.listeners] if log_step else ()
+        work = functools.partial(self._write_window, self.window.end(self.cadence.take_steps()), step, finishers)
+        metrics = None
+        if self.closes_off_thread and not in_place:
+            queue.call(work)
+        else:
+            metrics = work(queue.put)
+        if self._collect_trace is not None:
+            queue.call(self._collect_trace)
+        return metrics
+
+    def _write_window(self, end: WindowEnd, step: int, finishers: Sequence[Finish], write: Write) -> dict[str, float]:
+        metrics = self.close(end)
+        write(metrics, step)
+        for finish in finishers:
+            write(finish(self.window.local_j), step)
         return metrics
 
     def collect_trace(self, origin_t: float, write: Write) -> None:
@@ -96,7 +143,7 @@ class TrainingLog:
     @property
     def unlogged_steps(self) -> bool:
         """Steps since the last log step, while logging is on (the last, partial window)."""
-        return bool(self.window.steps and self.cadence.every)
+        return bool(self.cadence.steps and self.cadence.every)
 
     def validation_started(self, in_fit: bool) -> None:
         """A validation loop (``in_fit``: inside fit, not the sanity check) begins: not step energy."""

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import bisect
 import threading
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from lightning_green.energy.channel import MIN_COUNTER_DT_S, RESET_FRACTION, Channel, DownsampledTrace
 from lightning_green._glue import check_int, check_number
@@ -132,10 +132,17 @@ class EnergyMeter:
     def info(self, name: str) -> dict:
         return dict(self._channels[name].info)
 
-    def energy_at(self, name: str, t_s: float) -> float:
+    def newest(self) -> dict[str, tuple[float, float, float, bool]]:
+        """Each sensor's newest reading, copied without the lock: ``{name: (time, cumulative J there with
+        the offset, W there, dropped)}``. Pass it to :meth:`energy_at` to get, later and on any thread,
+        the figures "now" had when it was taken (a sensor without a reading yet is not in it)."""
+        return dict(self._newest)  # one C call under the GIL: a consistent copy
+
+    def energy_at(self, name: str, t_s: float, readings: Mapping[str, tuple[float, float, float, bool]] | None = None) -> float:
         """Joules this process measured on ``name`` from its first reading to ``t_s``, plus its offset
-        (the energy carried in: earlier stages, a checkpoint)."""
-        newest = self._newest.get(name)
+        (the energy carried in: earlier stages, a checkpoint); ``readings``: a :meth:`newest` copy to
+        answer from, for ``t_s`` at or after its reading."""
+        newest = (self._newest if readings is None else readings).get(name)
         if newest is not None and t_s >= newest[0]:  # now or later: no lock, no history
             t, joules, watts, dropped = newest
             return joules if dropped else joules + watts * min(t_s - t, self.extrapolate_s)

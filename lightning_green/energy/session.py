@@ -135,10 +135,16 @@ class EnergySession:
             return self.unattributed_j + sum(self._carry_j.values())
         return self.unattributed_j + self.meter.total_at(t_s)
 
-    def by_sensor_j(self, t_s: float) -> dict[str, float]:
-        """Cumulative joules of each sensor at ``t_s``."""
+    def by_sensor_j(self, t_s: float, readings: Mapping[str, tuple] | None = None) -> dict[str, float]:
+        """Cumulative joules of each sensor at ``t_s`` (``readings``: answered from :meth:`newest_readings`
+        taken at ``t_s``)."""
         meter = self.meter
-        return {n: meter.energy_at(n, t_s) for n in meter.names} if meter is not None else {}
+        return {n: meter.energy_at(n, t_s, readings) for n in meter.names} if meter is not None else {}
+
+    def newest_readings(self) -> dict[str, tuple]:
+        """Each sensor's newest reading (:meth:`EnergyMeter.newest`): with the time it was taken, what
+        :meth:`by_sensor_j` needs to give that moment's figures later, on another thread."""
+        return self.meter.newest() if self.meter is not None else {}
 
     def device_energy_j(self, t_s: float) -> float:
         """Joules of this process's own devices (not the host-level sensors one rank per node reads)."""
@@ -229,22 +235,30 @@ class EnergySession:
             self.restore(None, total_j=float(state.get("total_j", 0.0)) if rank == 0 else 0.0)
 
 
+#: What a logging window's figures need from the training thread, taken at its log step
+#: (:meth:`LogWindow.end`): ``(t, readings, steps, val_j)``, the session clock at the end, each sensor's
+#: newest reading then (:meth:`EnergySession.newest_readings`), the optimizer steps in the window and
+#: this process's joules of the validation loops inside it. A plain tuple: made on every log step.
+WindowEnd = tuple[float, dict, int, float]
+
+
 class LogWindow:
     """The figures of one logging window of a training loop, over an :class:`EnergySession`.
 
-    Per step it counts (one integer add); per validation loop inside fit it notes the energy spent,
-    which is not step energy; on a log step :meth:`close` builds the metrics with one collective
-    (``reduce``, the element-wise sum over processes) and starts the next window.
+    Per validation loop inside fit it notes the energy spent, which is not step energy (the steps are
+    counted by the caller's :class:`~lightning_green._glue.LogCadence`). A log step ends the window on the training thread (:meth:`end`: a clock
+    read and a copy of the sensors' newest readings) and :meth:`close` builds the metrics from that end with one
+    collective (``reduce``, the element-wise sum over processes), on the training thread or, for a
+    single process, on a log thread: ``close`` reads only the end and the figures of the last close.
     """
 
     def __init__(self, session: EnergySession) -> None:
         self.session = session
-        self.steps = 0
         self.power_w = float("nan")  # mean power of every process over the last closed window
+        self.local_j = 0.0  # this process's cumulative joules at the last close (or reset)
         self._t = 0.0
         self._by_sensor: dict[str, float] = {}
         self._keys: dict[str, tuple[str, str]] = {}  # sensor name -> its metric keys, made once
-        self._local_j = 0.0
         self._val_j = 0.0
         self._val_start_j = 0.0
         self._epoch_val_j = 0.0  # validation inside this epoch: not training energy
@@ -255,8 +269,7 @@ class LogWindow:
         now = self.session.clock()
         self._t = self.trace_t = now
         self._by_sensor = self.session.by_sensor_j(now)
-        self._local_j = self.epoch_start_j = self.session.energy_now_j()
-        self.steps = 0
+        self.local_j = self.epoch_start_j = self.session.energy_now_j()
         self._val_j = self._val_start_j = self._epoch_val_j = 0.0
 
     def validation_started(self) -> None:
@@ -267,26 +280,30 @@ class LogWindow:
         self._val_j += val_j
         self._epoch_val_j += val_j
 
-    def close(self, reduce: Reduce) -> dict[str, float]:
-        """The window's metrics (``energy/total_j``, ``energy/step_j``, ``energy/<s>_j``, ``power/<s>_w``)."""
-        session = self.session
-        now = session.clock()
-        by_sensor = session.by_sensor_j(now)
-        local_j = session.unattributed_j + sum(by_sensor.values())
-        total_j, window_j, all_j = reduce([local_j, local_j - self._local_j - self._val_j, local_j - self._local_j])
+    def end(self, steps: int) -> WindowEnd:
+        """The window of ``steps`` optimizer steps ends now (training thread); the next one starts."""
+        end = (self.session.clock(), self.session.newest_readings(), steps, self._val_j)
+        self._val_j = 0.0
+        return end
+
+    def close(self, reduce: Reduce, end: WindowEnd) -> dict[str, float]:
+        """The metrics of the window that ``end`` ended: ``energy/total_j``, ``energy/step_j``,
+        ``energy/<s>_j`` and ``power/<s>_w``."""
+        now, readings, steps, val_j = end
+        by_sensor = self.session.by_sensor_j(now, readings)
+        local_j = self.session.unattributed_j + sum(by_sensor.values())
+        total_j, window_j, all_j = reduce([local_j, local_j - self.local_j - val_j, local_j - self.local_j])
         dt = now - self._t
         self.power_w = all_j / dt if dt > 0 else float("nan")
         metrics: dict[str, float] = {"energy/total_j": total_j}
-        if self.steps:
-            metrics["energy/step_j"] = window_j / self.steps
+        if steps:
+            metrics["energy/step_j"] = window_j / steps
         for name, joules in by_sensor.items():
             energy_key, power_key = self._keys.get(name) or self._keys.setdefault(name, (f"energy/{name}_j", f"power/{name}_w"))
             metrics[energy_key] = joules
             if dt > 0:
                 metrics[power_key] = (joules - self._by_sensor.get(name, joules)) / dt
-        self._t, self._by_sensor, self._local_j = now, by_sensor, local_j
-        self.steps = 0
-        self._val_j = 0.0
+        self._t, self._by_sensor, self.local_j = now, by_sensor, local_j
         return metrics
 
     def epoch_energy_j(self) -> float:
