@@ -81,7 +81,7 @@ class LogQueue:
         self._inline = [lg for lg in loggers if lg not in self._background]
         if self._background:
             self._items, self._stop = collections.deque(), threading.Event()
-            self._thread = threading.Thread(target=self._run, args=(self._items, self._stop), name=f"lightning_green-log:{self.name}", daemon=True)
+            self._thread = threading.Thread(target=self._run, args=(self._items, self._stop, self._background), name=f"lightning_green-log:{self.name}", daemon=True)
             self._thread.start()
 
     def put(self, metrics: Mapping[str, float], step: int, loggers: Sequence[Any] = ()) -> None:
@@ -102,34 +102,37 @@ class LogQueue:
         else:
             work(functools.partial(self.put, loggers=loggers))  # writes the started inline loggers, or ``loggers``
 
-    def _run(self, items: collections.deque, stop: threading.Event) -> None:
+    def _run(self, items: collections.deque, stop: threading.Event, loggers: list[Any]) -> None:
+        """The thread: its own queue, stop event and loggers, so a thread left behind by :meth:`stop`
+        (a write that hangs) never writes to the loggers of a later :meth:`start`."""
+        write = functools.partial(self._write, loggers)
         while True:
             stopping = stop.wait(self.drain_every_s)
             while items:
                 item = items.popleft()
                 if not callable(item):
-                    self._write(*item)
+                    write(*item)
                     continue
                 try:
-                    item(self._write)
+                    item(write)
                 except Exception as err:  # noqa: BLE001 - monitoring must not stop training
                     self._warn("work", f"{self.name}: background log work failed: {err!r}; some metrics are missing", rank_zero=False)
             if stopping:
                 return
 
-    def _write(self, metrics: Mapping[str, float], step: int) -> None:
+    def _write(self, loggers: list[Any], metrics: Mapping[str, float], step: int) -> None:
         kept = _finite(metrics)
-        for logger in list(self._background) if kept else ():
+        for logger in list(loggers) if kept else ():
             try:
                 logger.log_metrics(kept, step=step)
             except Exception as err:  # noqa: BLE001 - a logger must not stop training
-                self._background.remove(logger)
+                loggers.remove(logger)
                 self._warn(f"fail:{id(logger)}", f"{self.name}: {type(logger).__name__}.log_metrics raised {err!r}; its energy metrics stop here", rank_zero=False)
 
     def stop(self) -> None:
         """Write what is queued and end the thread (at most ``stop_timeout_s``); loggers are then written
         in place again."""
-        thread = self._thread
+        thread, items = self._thread, self._items
         self._thread = self._items = self._inline = None
         if thread is None:
             return
@@ -138,7 +141,8 @@ class LogQueue:
         thread.join(self.stop_timeout_s)
         self._background = []
         if thread.is_alive():
-            self._warn("stuck", f"{self.name}: a logger write did not return within {self.stop_timeout_s} s; the thread is left behind (a daemon)", rank_zero=False)
+            items.clear()  # what is still queued is dropped: run later, its work would land in the next run
+            self._warn("stuck", f"{self.name}: a logger write did not return within {self.stop_timeout_s} s; the thread is left behind (a daemon) and what was queued is dropped", rank_zero=False)
 
 
 def global_step_reader(trainer: Any) -> Callable[[], int]:

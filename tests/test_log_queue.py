@@ -115,6 +115,39 @@ def test_stop_returns_within_its_timeout_when_a_write_hangs():
     assert stuck.calls and not sampler_threads()
 
 
+class Blocking:
+    """A logger whose first write blocks until ``gate`` is set; ``entered`` says it is blocked."""
+
+    def __init__(self):
+        self.entered, self.gate, self.steps = threading.Event(), threading.Event(), []
+
+    def log_metrics(self, metrics, step):
+        self.entered.set()
+        self.gate.wait()
+        self.steps.append(step)
+
+
+def test_a_thread_left_behind_drops_its_queue_and_never_writes_the_next_runs_loggers():
+    stuck, fresh, ran = Blocking(), Recorder(), []
+    q = LogQueue("T", thread_safe=lambda logger: True, drain_every_s=0.0, stop_timeout_s=0.05)
+    q.start([stuck])
+    q.put({"a": 1.0}, step=1)
+    assert stuck.entered.wait(5)  # the thread is blocked in the first write
+    q.put({"a": 2.0}, step=2)
+    q.call(lambda write: ran.append("work"))
+    with pytest.warns(UserWarning, match="dropped"):
+        q.stop()
+    q.start([fresh])  # the next run
+    q.put({"b": 3.0}, step=3)
+    stuck.gate.set()
+    q.stop()
+    for t in sampler_threads():
+        t.join(5)
+    assert stuck.steps == [1] and ran == []  # what was queued behind the hung write is dropped, not run later
+    assert [s for _, _, s in fresh.calls] == [3]
+    assert not sampler_threads()
+
+
 def test_tensorboard_is_thread_safe_and_csv_is_not(tmp_path):
     assert writes_thread_safe(TensorBoardLogger(tmp_path))
     assert not writes_thread_safe(CSVLogger(tmp_path))

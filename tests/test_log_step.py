@@ -10,6 +10,7 @@ import threading
 import pytest
 from conftest import sampler_threads
 from helpers import FakeClock, SleepyModel, tiny_trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
@@ -104,20 +105,64 @@ def test_figures_are_built_off_the_training_thread_only_for_one_process_without_
     session.finish()
 
 
-def test_a_log_step_listener_is_called_once_per_log_step_and_logs_at_its_step(tmp_path):
+class ListensAtTrainStart(Callback):
+    """Adds a listener to the PowerSampler at each train start, as the docs say, twice (once counts)."""
+
+    def __init__(self, ps):
+        self.ps, self.steps = ps, []
+
+    def on_train_start(self, trainer, pl_module):
+        self.ps.add_log_step_listener(self.listener)
+        self.ps.add_log_step_listener(self.listener)
+
+    def listener(self, step, reduce):
+        self.steps.append(step)
+        return lambda energy_j: {"mine/energy_j": energy_j}
+
+
+def test_a_log_step_listener_is_called_once_per_log_step_and_forgotten_by_the_next_stage(tmp_path):
     clock = FakeClock(batch_s=BATCH_S)
     ps = PowerSampler(sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock)
     clock.reads = ps.session
-    steps = []
-
-    def listener(step, reduce):
-        steps.append(step)
-        return lambda energy_j: {"mine/energy_j": energy_j, "mine/summed": reduce([1.0, 2.5])[1]}
-
-    ps.add_log_step_listener(listener)
-    ps.add_log_step_listener(listener)  # once is enough
+    listens = ListensAtTrainStart(ps)
     logger = RecordingTensorBoard(tmp_path)
-    tiny_trainer(max_steps=25, log_every_n_steps=10, logger=logger, callbacks=[clock, ps]).fit(SleepyModel(step_s=0.0))
-    assert steps == [10, 20]  # log steps only: not the last, partial window
+    tiny_trainer(max_steps=25, log_every_n_steps=10, logger=logger, callbacks=[clock, ps, listens]).fit(SleepyModel(step_s=0.0))
+    assert listens.steps == [10, 20]  # log steps only: not the last, partial window
     assert logger.values("mine/energy_j") == [(10, pytest.approx(WATTS * BATCH_S * 10)), (20, pytest.approx(WATTS * BATCH_S * 20))]
-    assert logger.values("mine/summed") == [(10, 2.5), (20, 2.5)]
+    # the same PowerSampler in a new Trainer without the listener's callback: nothing of it is logged
+    again = RecordingTensorBoard(tmp_path, name="again")
+    tiny_trainer(max_steps=20, log_every_n_steps=10, logger=again, callbacks=[clock, ps]).fit(SleepyModel(step_s=0.0))
+    assert listens.steps == [10, 20] and not again.values("mine/energy_j")
+    assert [step for step, _ in again.values("energy/total_j")] == [10, 20]
+
+
+class ValidationClock(FakeClock):
+    """The FakeClock, moving ``val_s`` at each validation batch too: validation loops spend energy."""
+
+    def __init__(self, batch_s, val_s):
+        super().__init__(batch_s)
+        self.val_s = val_s
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.t += self.val_s
+
+
+def test_efficiency_figures_built_after_the_fit_use_the_counts_of_their_log_step(tmp_path):
+    """Validation inside fit every 5 steps, and the log thread drains only at the end of training: each
+    window's figures must come from the samples and validation energy noted at its log step."""
+    val_s, val_batches = 0.01, 2
+    clock = ValidationClock(batch_s=BATCH_S, val_s=val_s)
+    ps = PowerSampler(sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock)
+    ps.log_queue.drain_every_s = 3600.0  # nothing is built before LogQueue.stop at train end
+    clock.reads = ps.session
+    logger = RecordingTensorBoard(tmp_path)
+    trainer = tiny_trainer(max_steps=20, log_every_n_steps=10, logger=logger, callbacks=[clock, ps, EfficiencyLogger()],
+                           val_check_interval=5, limit_val_batches=val_batches)  # fmt: skip
+    trainer.fit(SleepyModel(step_s=0.0))
+    val_j = WATTS * val_s * val_batches  # one validation loop
+    # at step 10 one validation ran (after step 5; the one after step 10 comes after its log step), at 20 three
+    assert logger.values("energy/total_j") == [(10, pytest.approx(WATTS * BATCH_S * 10 + val_j)), (20, pytest.approx(WATTS * BATCH_S * 20 + 3 * val_j))]
+    assert logger.values("energy/step_j") == [(s, pytest.approx(WATTS * BATCH_S)) for s in (10, 20)]
+    assert logger.values("efficiency/samples_per_j") == [(s, pytest.approx(10 / (WATTS * BATCH_S * 10))) for s in (10, 20)]
+    n_params = sum(p.numel() for p in SleepyModel().parameters())
+    assert logger.values("efficiency/eer_j_per_param") == [(s, pytest.approx(WATTS * BATCH_S * s / n_params)) for s in (10, 20)]

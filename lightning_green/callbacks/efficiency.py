@@ -129,7 +129,8 @@ class EfficiencyLogger(Callback):
     Samples per batch are found with Lightning's ``extract_batch_size`` unless ``samples_per_batch``
     is given. Tokens are counted only when ``tokens_per_batch`` is given: ``"numel"`` counts the
     elements of the batch's first tensor (token ids of shape ``[batch, sequence]``), a callable
-    ``batch -> int`` counts anything else.
+    ``batch -> int`` counts anything else. A training batch is counted as it starts, so a batch that a
+    LightningModule skips (``on_train_batch_start`` returning -1) is counted too.
 
     Args:
         carbon_intensity_g_per_kwh: grid carbon intensity in gCO2e/kWh; default 475, the world average
@@ -193,7 +194,6 @@ class EfficiencyLogger(Callback):
         if self._power is None:
             raise misconfigured("EfficiencyLogger needs a PowerSampler in the same Trainer: Trainer(callbacks=[PowerSampler(), EfficiencyLogger()])")
         self._power.add_summary_provider(self._summary_rows)
-        self._power.add_log_step_listener(self._log_step)
         self._trainer = trainer
 
     @override
@@ -208,6 +208,7 @@ class EfficiencyLogger(Callback):
         self.n_params = sum(p.numel() for p in pl_module.parameters())
         self._fit_start_j = self._window_j = self._power.energy_now_j()
         self._apply_state(trainer)
+        self._power.add_log_step_listener(self._log_step)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

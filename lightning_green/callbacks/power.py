@@ -72,9 +72,9 @@ class PowerSampler(Callback):
     r"""Measure energy while Lightning trains, validates, tests or predicts.
 
     Background threads read the sensors each ``interval_s``; hooks only note timestamps. Energy is
-    logged at the Trainer's ``log_every_n_steps`` (TensorBoard written off the training thread, see
-    :class:`~lightning_green._glue.LogQueue`). Each process measures its own GPU; machine-wide sensors
-    are read by local rank 0 of each node; totals are summed across processes at log time.
+    logged at the Trainer's ``log_every_n_steps``, its figures built off the training thread where they
+    can be (:meth:`~lightning_green.energy.loops.TrainingLog.log_window`). Each process measures its own
+    GPU; machine-wide sensors are read by local rank 0 of each node; totals are summed at log time.
 
     Logged metrics (through ``trainer.loggers``, step = ``trainer.global_step``):
         - ``power/<sensor>_w`` (W): mean power of this process's sensor over the logging window.
@@ -191,8 +191,8 @@ class PowerSampler(Callback):
         self.sections.add_provider(provider)
 
     def add_log_step_listener(self, listener: LogStepListener) -> None:
-        """Have another callback log at this one's training log steps, with no energy read, step read or
-        cadence of its own (EfficiencyLogger does): see :meth:`TrainingLog.log_window <lightning_green.energy.loops.TrainingLog.log_window>`."""
+        """Have another callback log at this one's training log steps (EfficiencyLogger does); add it in
+        ``on_train_start``, as each stage's setup forgets them. The protocol: :meth:`TrainingLog.log_window`."""
         self.training.add_listener(listener)
 
     def set_comm_seconds(self, pop_exposed_comm_s: Callable[[], float] | None) -> None:
@@ -303,7 +303,7 @@ class PowerSampler(Callback):
         self.session.restore_checkpoint(trainer.world_size, trainer.global_rank)
         self.record.begin(stage, skipped)
         self.sections.clear_sections()
-        self.training.window.reset()
+        self.training.begin_stage()
 
     def _finish(self, trainer: Trainer, stage: str, status: str) -> None:
         self.log_queue.stop()

@@ -69,6 +69,11 @@ class TrainingLog:
             self.phases = PhaseRecorder(self.phase_timing, device, self.session.clock)
         self.closes_off_thread = world_size == 1 and self.phases is None
 
+    def begin_stage(self) -> None:
+        """A stage (fit, validate, …) begins: a new window, and no listener from an earlier stage."""
+        self.window.reset()
+        self.listeners.clear()
+
     def start_epoch(self) -> None:
         self.window.start_epoch()
         if self.phases is not None:
@@ -124,9 +129,11 @@ class TrainingLog:
 
     def _write_window(self, end: WindowEnd, step: int, finishers: Sequence[Finish], write: Write) -> dict[str, float]:
         metrics = self.close(end)
-        write(metrics, step)
-        for finish in finishers:
-            write(finish(self.window.local_j), step)
+        # every figure first, then the writes: a write that hangs past LogQueue.stop then leaves no
+        # state change behind to land in the next fit
+        listened = [finish(self.window.local_j) for finish in finishers]
+        for each in (metrics, *listened):
+            write(each, step)
         return metrics
 
     def collect_trace(self, origin_t: float, write: Write) -> None:
