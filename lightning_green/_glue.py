@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import numbers
 import os
 import threading
 import warnings
@@ -297,9 +298,12 @@ def check_path(name: str, value: Any, optional: bool = True) -> str | None:
 
 
 def checked_count(name: str, value: Any) -> int:
-    """What a user callable returned for ``name``, checked on use: an int >= 0 (or an integral float)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (isinstance(value, float) and not value.is_integer()):
-        raise TypeError(f"`{name}` must return a whole number >= 0 for each batch, but it returned {value!r}")
+    """What a user callable returned for ``name``, checked on use: a whole number >= 0, as an int, a
+    float or a NumPy scalar (a tensor is refused: reading it may wait for the device)."""
+    whole = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer())
+    if isinstance(value, bool) or not whole or value < 0:
+        hint = "; for a tensor, return `.item()`" if type(value).__name__ == "Tensor" else ""
+        raise TypeError(f"`{name}` must return a whole number >= 0 for each batch, but it returned {value!r}{hint}")
     return int(value)
 
 

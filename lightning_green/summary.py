@@ -286,16 +286,19 @@ class StageRecord:
         )
 
 
-def checkpoint_state(trainer: Any, local: dict, per_rank_gathered: list | None) -> dict:
-    """A PowerSampler's checkpoint: every process's energy so far, and the total."""
+def checkpoint_state(trainer: Any, local: dict, per_rank_gathered: list | None, origin: str | None = None) -> dict:
+    """A PowerSampler's checkpoint: every process's energy so far, the total, and each process's
+    ``origin`` (:attr:`EnergySession.origin`: a process that loads its own checkpoint has counted it)."""
     from lightning_green.distributed import distributed, gather_objects
 
     if trainer is not None and trainer.world_size > 1 and not distributed(trainer) and per_rank_gathered:
-        per_rank = list(per_rank_gathered)
-        per_rank[trainer.global_rank] = local
+        per_rank, origins = list(per_rank_gathered), [None] * len(per_rank_gathered)
+        per_rank[trainer.global_rank], origins[trainer.global_rank] = local, origin
     else:
-        per_rank = gather_objects(trainer, local) if trainer is not None else [local]
-    return {"version": 1, "world_size": len(per_rank), "per_rank_energy_j": per_rank, "total_j": sum(sum(r.values()) for r in per_rank)}
+        pairs = gather_objects(trainer, (local, origin)) if trainer is not None else [(local, origin)]
+        per_rank, origins = [p[0] for p in pairs], [p[1] for p in pairs]
+    return {"version": 1, "world_size": len(per_rank), "per_rank_energy_j": per_rank, "origins": origins,
+            "total_j": sum(sum(r.values()) for r in per_rank)}  # fmt: skip
 
 
 def emit(summary: dict, directory: str, print_table: bool, picture: dict | None = None) -> None:

@@ -110,14 +110,32 @@ def test_a_checkpoint_resume_is_restored_not_carried(tmp_path, capsys):
     assert figures(test)[:4] == pytest.approx((test["stage_energy_j"], 100.0, 200.0, 300.0 + test["stage_energy_j"]))
 
 
-def test_resume_in_the_same_process_replaces_what_was_carried(tmp_path):
+def test_resume_in_the_same_process_keeps_what_it_carried(tmp_path):
     """fit, then fit(ckpt_path) of a checkpoint of that fit, with the same sampler: the checkpoint's
-    energy is restored, and the first fit's is not counted twice."""
+    energy was measured by this process and is carried already; it is neither restored nor counted twice."""
     clock = StageClock(batch_s=0.5)
     ps = sampler(tmp_path, clock)
     path = first_fit_with_checkpoint(tmp_path, clock, ps)
     tiny_trainer(max_steps=8, callbacks=[clock, ps]).fit(SleepyModel(step_s=0.0), ckpt_path=path)
-    assert figures(ps.summary_by_stage["fit"]) == pytest.approx((200.0, 0.0, 200.0, 400.0, 200.0, 0.0, 200.0, 400.0))
+    assert figures(ps.summary_by_stage["fit"]) == pytest.approx((200.0, 200.0, 0.0, 400.0, 200.0, 200.0, 0.0, 400.0))
+
+
+def test_testing_an_earlier_checkpoint_of_this_process_never_takes_energy_back(tmp_path):
+    """fit 8 steps with a checkpoint at step 4, then test(ckpt_path=step 4) in the same process: the
+    process has spent the fit's 400 J whatever checkpoint it tests; a new process restores the 200 J."""
+    clock = StageClock(batch_s=0.5)
+    ps = sampler(tmp_path, clock)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    trainer = tiny_trainer(max_steps=8, callbacks=[clock, ps, ckpt], enable_checkpointing=True, limit_test_batches=2)
+    trainer.fit(SleepyModel(step_s=0.0))
+    path = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    trainer.test(SleepyModel(step_s=0.0), ckpt_path=path, verbose=False)
+    test = ps.summary_by_stage["test"]
+    assert figures(test)[:4] == pytest.approx((100.0, 400.0, 0.0, 500.0))  # 2 test batches; the fit carried
+    adds_up(test)
+    other = sampler(tmp_path / "other", clock)  # a new sampler, as in a new process: the checkpoint is restored
+    tiny_trainer(callbacks=[clock, other], limit_test_batches=2).test(SleepyModel(step_s=0.0), ckpt_path=path, verbose=False)
+    assert figures(other.summary_by_stage["test"])[:4] == pytest.approx((100.0, 0.0, 200.0, 300.0))
 
 
 class Clock:

@@ -133,6 +133,20 @@ def test_argument_checks_name_the_argument():
         BatchCounter(samples_per_batch=lambda b: -2)([1, 2])
 
 
+def test_counts_accept_whole_numbers_of_any_numeric_type_and_refuse_the_rest():
+    import numpy as np
+    import torch
+
+    for value, expected in ((32, 32), (32.0, 32), (np.int64(32), 32), (np.float32(4.0), 4), (np.uint8(0), 0)):
+        assert checked_count("tokens_per_batch", value) == expected and type(checked_count("tokens_per_batch", value)) is int
+    for bad in (True, 2.5, float("nan"), float("inf"), np.int64(-1), "3"):
+        with pytest.raises(TypeError, match="`tokens_per_batch` must return a whole number"):
+            checked_count("tokens_per_batch", bad)
+    with pytest.raises(TypeError, match=r"return `\.item\(\)`"):
+        checked_count("tokens_per_batch", torch.tensor(3))
+    assert BatchCounter(tokens_per_batch=lambda b: np.prod(b.shape))(torch.zeros(4, 8)) == (4, 32)
+
+
 def test_resume_rule_and_helpers():
     per_rank = [{"a": 1.0}, {"a": 2.0}]
     assert state_for_rank(per_rank, 2, 1, ("a",)) == {"a": 2.0}

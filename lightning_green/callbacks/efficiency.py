@@ -175,7 +175,7 @@ class EfficiencyLogger(Callback):
         self._power: PowerSampler | None = None
         self._trainer: Trainer | None = None
         self._pending_state: dict | None = None
-        self.results: dict[str, float] = {}
+        self.results: dict[str, float] = {}  # the figures of the running (or last) stage
         self._reset()
 
     def _reset(self) -> None:
@@ -194,7 +194,7 @@ class EfficiencyLogger(Callback):
         if self._power is None:
             raise misconfigured("EfficiencyLogger needs a PowerSampler in the same Trainer: Trainer(callbacks=[PowerSampler(), EfficiencyLogger()])")
         self._power.add_summary_provider(self._summary_rows)
-        self._trainer = trainer
+        self._trainer, self.results, self._pending_state = trainer, {}, None  # this stage's figures; its checkpoint loads after setup
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

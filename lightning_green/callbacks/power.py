@@ -285,7 +285,7 @@ class PowerSampler(Callback):
         """Every process's energy so far (a collective when the process group is up; after fit under
         ``ddp_green`` the group is gone, and the other ranks' parts are those gathered at train end)."""
         self.session.read_now()  # a checkpoint is no hot path: read the sensors now
-        return S.checkpoint_state(self._trainer, self.session.local_state(), self.record.per_rank_state)
+        return S.checkpoint_state(self._trainer, self.session.local_state(), self.record.per_rank_state, self.session.origin)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -77,6 +79,13 @@ class EnergySession:
         self._restored_j: dict[str, float] = {}  # per sensor, the part of _carry_j a checkpoint restored
         self.unattributed_j = 0.0  # restored energy no sensor of this run can hold
         self._pending_state: dict | None = None  # a checkpoint loaded before this process's rank is known
+        self._uid = uuid.uuid4().hex
+
+    @property
+    def origin(self) -> str:
+        """This session in this process (a copy in a spawned process has another), as written in the
+        checkpoints it saves: loading its own, it has already counted that energy."""
+        return f"{self._uid}-{os.getpid()}"
 
     @property
     def started(self) -> bool:
@@ -223,12 +232,15 @@ class EnergySession:
         self._pending_state = dict(state)
 
     def restore_checkpoint(self, world_size: int, rank: int) -> None:
-        """Go on from the checkpoint loaded (nothing without one): the same world size restores this
-        rank's part per sensor; another world size puts the total on rank 0, unattributed."""
+        """Go on from the checkpoint loaded (nothing without one, or one this process saved): the same
+        world size restores this rank's part per sensor; another world size puts the total on rank 0,
+        unattributed."""
         state, self._pending_state = self._pending_state, None
         if state is None:
             return
-        per_rank = state.get("per_rank_energy_j") or []
+        per_rank, origins = state.get("per_rank_energy_j") or [], state.get("origins") or []
+        if len(per_rank) == world_size and len(origins) == world_size and origins[rank] == self.origin:
+            return  # this process saved it: its energy is in what this process carries (nothing measured since is lost)
         if len(per_rank) == world_size:
             self.restore(per_rank[rank])
         else:
