@@ -10,7 +10,7 @@ import pytest
 from helpers import FakeClock, SleepyModel, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_green import PowerSampler, SimulatedSensor
+from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
 from lightning_green import compare as cmp
 from lightning_green import run_summary as rs
 from lightning_green import summary as S
@@ -136,6 +136,21 @@ def test_testing_an_earlier_checkpoint_of_this_process_never_takes_energy_back(t
     other = sampler(tmp_path / "other", clock)  # a new sampler, as in a new process: the checkpoint is restored
     tiny_trainer(callbacks=[clock, other], limit_test_batches=2).test(SleepyModel(step_s=0.0), ckpt_path=path, verbose=False)
     assert figures(other.summary_by_stage["test"])[:4] == pytest.approx((100.0, 0.0, 200.0, 300.0))
+
+
+def test_a_checkpoint_loaded_by_validate_is_not_applied_to_a_later_fit_from_scratch(tmp_path):
+    clock = StageClock(batch_s=0.5)
+    first = [sampler(tmp_path / "first", clock), EfficiencyLogger()]
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    tiny_trainer(max_steps=4, callbacks=[clock, *first, ckpt], enable_checkpointing=True).fit(SleepyModel(step_s=0.0))
+    path = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    ps, eff = sampler(tmp_path, clock), EfficiencyLogger()
+    trainer = tiny_trainer(max_steps=6, callbacks=[clock, ps, eff], limit_val_batches=2)
+    trainer.validate(SleepyModel(step_s=0.0), ckpt_path=path, verbose=False)
+    assert "train_energy_j" not in eff.results  # validate's own figures only
+    trainer.fit(SleepyModel(step_s=0.0))  # from scratch: no ckpt_path
+    # 6 batches of 1 sample at 50 J each: nothing of the checkpoint's 4 samples and 200 J
+    assert eff.results["train_samples"] == 6 and eff.results["train_energy_j"] == pytest.approx(300.0)
 
 
 class Clock:

@@ -21,7 +21,9 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_green import PowerSampler, SimulatedSensor
+from helpers import FakeClock
+from helpers import logged as logged_any
+from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
 from lightning_green.quantization import QuantizationAwareTraining, _torchao, int8, layers
 from lightning_green.quantization.qat import state_dict_size_bytes
 
@@ -430,6 +432,43 @@ def test_energy_figures_with_power_sampler(tmp_path):
     rows = sampler.summary["sections"]["Quantization-aware training (int8_dynamic)"]
     assert {r["figure"]: r["source"] for r in rows}["EPI, converted"] == "simulated"
     assert {r["figure"]: r["value"] for r in rows}["size ratio"] == report["size_ratio"]
+
+
+class ClockedQatModel(QatModel):
+    """Every validation batch (Lightning's loops and QAT's evaluation alike) lasts ``val_batch_s`` on ``clock``."""
+
+    def __init__(self, clock: FakeClock, val_batch_s: float):
+        super().__init__()
+        self.clock, self.val_batch_s = clock, val_batch_s
+
+    def validation_step(self, batch, batch_idx):
+        self.clock.t += self.val_batch_s
+        return super().validation_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("qat_first", [False, True], ids=["qat_last", "qat_first"])
+def test_end_of_fit_evaluation_is_not_training_energy_in_either_callback_order(tmp_path, qat_first):
+    # 100 W; 4 training batches of 1 s; every validation batch 5 s: two validation loops in fit (steps
+    # 2 and 4) of 2 batches, then QAT's float and converted evaluations of 2 batches each, in on_train_end.
+    watts, batch_s, val_batch_s = 100.0, 1.0, 5.0
+    clock = FakeClock(batch_s=batch_s)
+    ps = PowerSampler(sensors=[SimulatedSensor(watts, clock=clock)], interval_s=3600.0, print_summary=False,
+                      report_picture=False, summary_dir=str(tmp_path), clock=clock)  # fmt: skip
+    clock.reads = ps.session
+    eff, qat, logger = EfficiencyLogger(), QuantizationAwareTraining(kernel_timer=fast_int8), Mock()
+    callbacks = [clock, qat, ps, eff] if qat_first else [clock, ps, eff, qat]
+    trainer = make_trainer(callbacks, max_steps=4, logger=logger, val_check_interval=2, check_val_every_n_epoch=1, default_root_dir=tmp_path)
+    trainer.fit(ClockedQatModel(clock, val_batch_s))
+    train_j, val_loop_j, evaluation_j = watts * 4 * batch_s, watts * 2 * 2 * val_batch_s, watts * 2 * 2 * val_batch_s
+    assert ps.training.evaluation_j == pytest.approx(evaluation_j)
+    assert eff.results["train_energy_j"] == pytest.approx(train_j)  # neither validation loops nor QAT's evaluation
+    assert eff.results["eer_j_per_param"] == pytest.approx(train_j / eff.n_params)
+    assert eff.results["validate_energy_j"] == pytest.approx(val_loop_j / 2)  # the last loop's
+    assert eff.state_dict()["per_rank"][0]["train_energy_j"] == pytest.approx(train_j)  # what a checkpoint now carries
+    assert [v for _, v in logged_any(logger, "energy/step_j")] == [pytest.approx(watts * batch_s)]  # the last, partial window
+    assert qat.report["energy_j"] == pytest.approx(train_j + val_loop_j)  # fit start to the conversion
+    assert qat.report["epi_float_j"] == qat.report["epi_converted_j"] == pytest.approx(watts * 2 * val_batch_s / 8)
+    assert ps.summary["stage_energy_j"] == pytest.approx(train_j + val_loop_j + evaluation_j)  # the fit stage holds it all
 
 
 # ---------------------------------------------------------------- DDP

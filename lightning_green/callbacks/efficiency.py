@@ -105,7 +105,8 @@ class EfficiencyLogger(Callback):
     r"""Log energy efficiency and carbon from the energy a :class:`PowerSampler` measures.
 
     Needs a ``PowerSampler`` in the same Trainer. Training energy is the energy of ``fit`` minus its
-    validation loops; inference energy is that of each validation, test or predict loop.
+    validation loops and the blocks of :meth:`PowerSampler.measure_evaluation` (QAT's at the end of fit,
+    whatever the callback order); inference energy is that of each validation, test or predict loop.
 
     Logged metrics (through ``trainer.loggers``; energy summed over all processes):
         - ``efficiency/eer_j_per_param`` (J/parameter): Energy Efficiency Ratio, training energy so far /
@@ -119,18 +120,18 @@ class EfficiencyLogger(Callback):
           with ``targets``, once: all processes' energy and the time since the start of fit,
           validation included, when ``<metric>`` first reaches its target.
 
-    Energy-to-target (Zeus's energy-to-accuracy): targets are checked against
-    ``trainer.callback_metrics`` after each validation loop of fit, at training log steps and at the
-    end of training, with one all-reduce (at the loop ends, the one those figures make anyway): a
-    target is reached when any process sees it reached (log with ``sync_dist=True`` and all see the same value). The summary's
-    ``targets`` section lists each target (reached or not, step, joules, seconds, source); a resumed
-    run keeps the targets met; a target whose metric was never logged gets one warning at fit end.
+    Energy-to-target (Zeus's energy-to-accuracy): targets are checked against ``trainer.callback_metrics``
+    after each validation loop of fit, at training log steps and at the end of training, with one
+    all-reduce: a target is reached when any process sees it reached (log with ``sync_dist=True`` and all
+    see the same value). The summary's ``targets`` section lists each target (reached or not, step,
+    joules, seconds, source); a resumed run keeps the targets met; a target whose metric was never
+    logged gets one warning at fit end.
 
-    Samples per batch are found with Lightning's ``extract_batch_size`` unless ``samples_per_batch``
-    is given. Tokens are counted only when ``tokens_per_batch`` is given: ``"numel"`` counts the
-    elements of the batch's first tensor (token ids of shape ``[batch, sequence]``), a callable
-    ``batch -> int`` counts anything else. A training batch is counted as it starts, so a batch that a
-    LightningModule skips (``on_train_batch_start`` returning -1) is counted too.
+    Samples per batch are found with Lightning's ``extract_batch_size`` unless ``samples_per_batch`` is
+    given. Tokens are counted only when ``tokens_per_batch`` is given: ``"numel"`` counts the elements
+    of the batch's first tensor (token ids of shape ``[batch, sequence]``), a callable ``batch -> int``
+    counts anything else. A training batch is counted as it starts, so a batch that a LightningModule
+    skips (``on_train_batch_start`` returning -1) is counted too.
 
     Args:
         carbon_intensity_g_per_kwh: grid carbon intensity in gCO2e/kWh; default 475, the world average
@@ -142,12 +143,9 @@ class EfficiencyLogger(Callback):
             ``"min"`` (reached at or below) for a name containing ``"loss"``, else ``"max"``.
 
     Raises:
-        ValueError: a negative carbon intensity, ``pue < 1``, a bad counting function, or bad
-            ``targets`` (a non-numeric value or an unknown mode).
-        TypeError: on first use, a counting callable that returned anything but a whole number >= 0
-            (the message names the argument and what it returned).
-        MisconfigurationException: in ``setup``, when the Trainer has no ``PowerSampler`` (also a
-            ``RuntimeError``).
+        ValueError: a negative carbon intensity, ``pue < 1``, a bad counting function or bad ``targets``.
+        TypeError: on first use, a counting callable that returned no whole number >= 0 (the message says).
+        MisconfigurationException: in ``setup``, when the Trainer has no ``PowerSampler`` (a ``RuntimeError``).
 
     Example::
 
@@ -183,8 +181,7 @@ class EfficiencyLogger(Callback):
         self._counter.samples = self._counter.tokens = 0  # training samples and tokens so far (this process)
         self._eval_in_fit_j = 0.0  # energy of the validation loops inside fit (not training energy)
         self._fit_start_j, self._restored_train_j = 0.0, 0.0  # at train start; training energy before a resume
-        self._window_j, self._window_samples, self._window_tokens = 0.0, 0, 0  # at the last log
-        self._window_eval_j = 0.0
+        self._window_j, self._window_samples, self._window_tokens, self._window_eval_j = 0.0, 0, 0, 0.0  # at the last log
         self._eval = {"samples": 0, "tokens": 0, "start_j": 0.0}
 
     # ------------------------------------------------------------------ hooks
@@ -219,14 +216,14 @@ class EfficiencyLogger(Callback):
         the figures are built by the returned function from the energy at the window's end."""
         if self._watch is not None:
             self._log_targets(self._trainer, reduce(self._target_part(self._trainer)))
-        return functools.partial(self._window_metrics, reduce, self._counter.samples, self._counter.tokens, self._eval_in_fit_j)
+        return functools.partial(self._window_metrics, reduce, self._counter.samples, self._counter.tokens, self._not_training_j())
 
-    def _window_metrics(self, reduce: Reduce, samples: int, tokens: int, eval_in_fit_j: float, now_j: float) -> dict[str, float]:
+    def _window_metrics(self, reduce: Reduce, samples: int, tokens: int, not_training_j: float, now_j: float) -> dict[str, float]:
         """The window's rates, EER and carbon from the counts noted at its log step (may run on the log
         thread: it reads the counts it is given, and the last window's, which only it writes)."""
         local = [
-            self._restored_train_j + now_j - self._fit_start_j - eval_in_fit_j,  # training energy so far
-            now_j - self._window_j - (eval_in_fit_j - self._window_eval_j),
+            self._restored_train_j + now_j - self._fit_start_j - not_training_j,  # training energy so far
+            now_j - self._window_j - (not_training_j - self._window_eval_j),
             samples - self._window_samples,
             tokens - self._window_tokens,
             now_j,
@@ -239,12 +236,16 @@ class EfficiencyLogger(Callback):
         }
         if self.tokens_per_batch is not None:
             metrics["efficiency/tokens_per_j"] = M.per_joule(window_tokens, window_j)
-        self._window_j, self._window_samples, self._window_tokens, self._window_eval_j = now_j, samples, tokens, eval_in_fit_j
+        self._window_j, self._window_samples, self._window_tokens, self._window_eval_j = now_j, samples, tokens, not_training_j
         return metrics
 
     def _train_energy_j(self, now_j: float) -> float:
-        """This process's training energy: fit so far less its validation loops, plus any restored."""
-        return self._restored_train_j + now_j - self._fit_start_j - self._eval_in_fit_j
+        """This process's training energy: fit so far less what was not training, plus any restored."""
+        return self._restored_train_j + now_j - self._fit_start_j - self._not_training_j()
+
+    def _not_training_j(self) -> float:
+        """Since train start: the validation loops of fit and the PowerSampler's evaluation blocks."""
+        return self._eval_in_fit_j + self._power.training.evaluation_j
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

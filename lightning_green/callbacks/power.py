@@ -81,7 +81,7 @@ class PowerSampler(Callback):
         - ``energy/<sensor>_j`` (J): cumulative energy of this process's sensor.
         - ``energy/total_j`` (J): cumulative energy of all sensors of all processes.
         - ``energy/step_j`` (J): mean energy per optimizer step over the logging window, all processes
-          (validation loops in the window excluded).
+          (validation loops and :meth:`measure_evaluation` blocks in the window excluded).
         - ``energy/epoch_j`` (J): energy of the training epoch, all processes (at epoch end).
         - ``power_trace/<sensor>_w`` (W): the sampler's readings, at most ``trace_points`` per logging
           window; step: ms since the sampler first started. Written in batches of 512 and at loop edges.
@@ -162,11 +162,6 @@ class PowerSampler(Callback):
 
     # ------------------------------------------------------------------ public API
     @property
-    def meter(self):
-        """The meter of the current (or last) stage, or None before the first."""
-        return self.session.meter
-
-    @property
     def sensors(self) -> list[Sensor]:
         return list(self.session.sensors) if self.session.started else []
 
@@ -177,6 +172,10 @@ class PowerSampler(Callback):
     def measure(self) -> ContextManager[Measurement]:
         """Measure the energy of a block: ``with sampler.measure() as m:`` (see :meth:`EnergySession.measure`)."""
         return self.session.measure()
+
+    def measure_evaluation(self) -> ContextManager[Measurement]:
+        """:meth:`measure` an evaluation outside Lightning's loops: not training energy (:meth:`TrainingLog.measure_evaluation`)."""
+        return self.training.measure_evaluation()
 
     def sources(self, all_processes: bool = False) -> str:
         """The sources of this process's sensors (``all_processes``: of every process's, as gathered at the loop's end), joined with ``+``."""

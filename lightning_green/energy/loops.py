@@ -9,12 +9,13 @@ The callbacks connect them to Trainer hooks; collectives come in as a function, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from lightning_green._glue import LogCadence, LogQueue
 from lightning_green.energy.phases import PhaseRecorder
-from lightning_green.energy.session import Clock, EnergySession, LogWindow, Reduce, WindowEnd
+from lightning_green.energy.session import Clock, EnergySession, LogWindow, Measurement, Reduce, WindowEnd
 
 Write = Callable[[dict, int], None]  # write(metrics, step) to the loggers
 #: ``finish(energy_j) -> metrics``: a listener's figures of a window, given this process's energy at its end
@@ -50,6 +51,7 @@ class TrainingLog:
         #: process (no collective) and no phases (their recorder lives on the training thread)
         self.closes_off_thread = True
         self.listeners: list[Listener] = []
+        self.evaluation_j = 0.0  # this process's joules of measure_evaluation() blocks since training started
         self._collect_trace: Callable[[Write], None] | None = None  # the trace work of this loop, if it keeps one
         #: the exposed all-reduce seconds since the last call (``ddp_green`` hands its counter over)
         self.comm_seconds: Callable[[], float] | None = None
@@ -61,7 +63,7 @@ class TrainingLog:
         """Training starts at ``global_step``, logging every ``every`` optimizer steps; log steps sum
         over the ``world_size`` processes with ``reduce``; trace points are kept with steps in ms since
         ``trace_origin_t`` (None: no trace on this process)."""
-        self.reduce, self.world_size = reduce, world_size
+        self.reduce, self.world_size, self.evaluation_j = reduce, world_size, 0.0
         self._collect_trace = None if trace_origin_t is None else functools.partial(self.collect_trace, trace_origin_t)
         self.window.reset()
         self.cadence.reset(every, global_step)
@@ -100,6 +102,18 @@ class TrainingLog:
         if self.phases is not None:
             metrics.update(self.phases.metrics(self.session.meter, self.reduce, self.world_size))
         return metrics
+
+    @contextlib.contextmanager
+    def measure_evaluation(self) -> Iterator[Measurement]:
+        """``session.measure()`` a block that evaluates the model outside Lightning's loops (QAT's float
+        and converted figures at the end of fit): its energy is not training energy, whatever the order
+        of the callbacks. It is left out of the logging window it falls in (``energy/step_j``), as a
+        validation loop is, and added to :attr:`evaluation_j`. Not inside a validation loop."""
+        with self.session.measure() as m:
+            self.window.validation_started()
+            yield m
+            self.window.validation_ended()
+        self.evaluation_j += m.energy_j
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener`` at each log step (once, however often it is added)."""

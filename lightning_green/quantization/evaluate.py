@@ -3,7 +3,8 @@
 :class:`QatReport` is the one record of a preparation and conversion: :meth:`QatReport.metrics`
 gives the logged metrics and :meth:`QatReport.summary_rows` the summary table, both from the one
 :data:`FIGURES` table. :func:`evaluate` runs the first validation dataloader itself (``self.log``
-calls captured, not sent to the Trainer), under ``PowerSampler.measure()`` when there is one.
+calls captured, not sent to the Trainer), under ``PowerSampler.measure_evaluation()`` when there is one
+(so its energy is never counted as training energy).
 """
 
 from __future__ import annotations
@@ -256,12 +257,12 @@ class EnergyProbe:
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[Any]:
-        """``sampler.measure()``; yields ``None`` without a sampler or when it fails."""
+        """``sampler.measure_evaluation()``; yields ``None`` without a sampler or when it fails."""
         stack = contextlib.ExitStack()
         measurement = None
         if self.sampler is not None:
             try:
-                measurement = stack.enter_context(self.sampler.measure())
+                measurement = stack.enter_context(self.sampler.measure_evaluation())
             except Exception as err:  # monitoring never stops training
                 self.warn(err)
         holder = [measurement]
