@@ -58,7 +58,7 @@ def partial_reason(sensor: dict) -> str:
     summary may lack some of them)."""
     if sensor.get("failed"):
         how = "; its reader was abandoned, still blocked at stop" if sensor.get("abandoned") else ""
-        return f"dropped ({sensor['failed']}){how}; figures up to its last good reading"
+        return f"dropped ({sensor['failed']}){how}; figures up to its last good reading + at most one interval"
     parts = []
     for key, words in (("rejected", "readings rejected"), ("transient_errors", "transient read errors (retried)"), ("resets", "counter resets")):
         if sensor.get(key):

@@ -101,7 +101,7 @@ def test_failing_sensor_does_not_stop_training(tmp_path):
     trainer = tiny_trainer(max_steps=20, callbacks=[ps])
     trainer.fit(SleepyModel(step_s=0.01))
     assert trainer.global_step == 20
-    assert ps.summary["partial"] == ["flaky: dropped (OSError: device vanished); figures up to its last good reading"]
+    assert ps.summary["partial"] == ["flaky: dropped (OSError: device vanished); figures up to its last good reading + at most one interval"]
     assert ps.summary["sensors"][0]["partial"] is False
 
 
@@ -321,7 +321,7 @@ def test_summary_table_names_sources_and_partial(tmp_path, capsys):
     tiny_trainer(max_steps=8, callbacks=[ps]).fit(SleepyModel(step_s=0.01))
     out = capsys.readouterr().out
     assert "simulated" in out and "flaky" in out and "failed" in out
-    assert "partial figures: flaky: dropped (OSError: device vanished); figures up to its last good reading" in out
+    assert "partial figures: flaky: dropped (OSError: device vanished); figures up to its last good reading + at most one interval" in out
     assert "[source: simulated]" in out
 
 

@@ -235,3 +235,93 @@ def test_energy_now_without_the_lock_equals_the_history_rule_through_offsets_and
     m.record("c", Reading(4.0, 1350.0, "energy"))
     check(3.5), check(4.25)  # between readings (the history, under the lock) and after the newest
     assert m.energy_at("c", 4.25) == pytest.approx(7.5 + 350.0 + 50.0 * 0.25)
+
+
+# ------------------------------------------------------- a failing sensor never takes energy back
+def nondecreasing(values):
+    return all(b >= a for a, b in zip(values, values[1:]))
+
+
+def test_rejected_readings_then_a_drop_keep_the_energy_now_gave():
+    """1000 W read every 0.1 s, unusable from t = 0.5 on, dropped after six bad reads: the tail that
+    "now" extrapolated (one interval, 100 J) stays; the energy never goes back to the bare 400 J."""
+    m = power_meter(extrapolate_s=0.1)
+    seen = []
+
+    def at(t, readings=None):
+        seen.append(m.energy_at("p", t, readings))
+        return seen[-1]
+
+    for i in range(5):
+        assert m.record("p", Reading(i / 10, 1000.0, "power"))
+    assert at(0.4) == pytest.approx(400.0)
+    assert at(0.45) == pytest.approx(450.0)
+    before = m.newest()  # a log step's copy taken before the failures
+    assert at(0.5) == pytest.approx(500.0) and at(0.55) == pytest.approx(500.0)  # the cap: one interval
+    for i in range(5, 10):  # rejected readings: the first failed attempt (t = 0.5) freezes 500 J
+        assert m.submit("p", Reading(i / 10, float("nan"), "power"), t_s=i / 10) is not None
+        assert at(i / 10) == pytest.approx(500.0) and at(i / 10 + 0.05) == pytest.approx(500.0)
+    assert m.energy_at("p", 0.45) == pytest.approx(450.0)  # before the failed attempt: the tail as it was
+    assert m.energy_at("p", 0.6, before) == pytest.approx(500.0)  # the old copy still answers as then
+    m.mark_failed("p", "6 unusable reads in a row", t_s=1.0)
+    assert at(1.0) == pytest.approx(500.0) and at(60.0) == pytest.approx(500.0)  # dropped: not back to 400 J
+    assert at(60.0, m.newest()) == pytest.approx(500.0)  # a log step's copy after the drop
+    assert m.energy_between(0.0, 60.0) == pytest.approx(500.0)  # the history rule agrees (under the lock)
+    assert m.total_at(60.0) == pytest.approx(500.0)
+    s = m.stats("p")
+    assert s["energy_j"] == pytest.approx(500.0) and s["energy_this_run_j"] == pytest.approx(500.0)  # what the summary shows
+    assert s["duration_s"] == pytest.approx(0.5) and s["mean_power_w"] == pytest.approx(1000.0)
+    assert s["rejected"] == 5 and s["failed"] and s["partial"]
+    assert nondecreasing(seen), seen
+    assert not m.record("p", Reading(2.0, 1000.0, "power"))  # dropped: nothing more comes in
+    assert m.energy_at("p", 60.0) == pytest.approx(500.0)
+
+
+@pytest.mark.parametrize("fail", ["nan reading", "none with a time", "transient"])
+def test_an_early_failed_attempt_freezes_a_shorter_tail(fail):
+    """A read that fails half an interval after the good one keeps half an interval of tail, through
+    the later failures and the drop; a counter is offset like any other figure."""
+    m = power_meter(extrapolate_s=0.1)
+    m.set_offsets({"p": 7.0})
+    for i in range(5):
+        m.record("p", Reading(i / 10, 1000.0, "power"))
+    seen = [m.energy_at("p", 0.42), m.energy_at("p", 0.45)]
+    if fail == "nan reading":
+        assert m.submit("p", Reading(0.45, float("nan"), "power")) is not None  # its own time
+    elif fail == "none with a time":
+        assert m.submit("p", None, t_s=0.45) is not None
+    else:
+        m.note_transient("p", "NVML UNKNOWN", t_s=0.45)
+    seen += [m.energy_at("p", 0.45), m.energy_at("p", 0.5), m.energy_at("p", 3.0)]
+    m.note_transient("p", "NVML UNKNOWN", t_s=0.7)  # a later failure does not move the freeze
+    m.mark_failed("p", "GPU_IS_LOST", t_s=0.9)
+    seen += [m.energy_at("p", 0.9), m.energy_at("p", 60.0)]
+    assert seen == pytest.approx([7.0 + 420.0] + [7.0 + 450.0] * 6)
+    assert m.stats("p")["energy_j"] == pytest.approx(457.0)
+
+
+def test_a_transient_error_then_a_good_reading_is_bridged():
+    m = power_meter(extrapolate_s=0.5)
+    m.add_channel({"name": "c", "source": "counter", "kind": "energy"})
+    for t in (0.0, 1.0):
+        m.record("p", Reading(t, 100.0, "power"))
+        m.record("c", Reading(t, 5000.0 + 100.0 * t, "energy"))
+    assert m.energy_at("p", 1.2) == pytest.approx(120.0) and m.energy_at("c", 1.2) == pytest.approx(120.0)
+    m.note_transient("p", "NVML TIMEOUT", t_s=1.2)
+    m.note_transient("c", "EIO", t_s=1.2)
+    for name in ("p", "c"):  # failing: frozen where the failed read was made
+        assert m.energy_at(name, 1.2) == pytest.approx(120.0)
+        assert m.energy_at(name, 3.0) == pytest.approx(120.0)
+        assert m.energy_at(name, 3.0, m.newest()) == pytest.approx(120.0)
+        assert m.stats(name)["energy_j"] == pytest.approx(120.0)
+    m.record("p", Reading(2.0, 300.0, "power"))
+    m.record("c", Reading(2.0, 5000.0 + 300.0, "energy"))
+    # bridged: trapezoid across the gap for power, counter difference (linear) for the counter
+    assert m.energy_at("p", 1.5) == pytest.approx(100.0 + 0.5 * (100.0 + 200.0) / 2)
+    assert m.energy_at("c", 1.5) == pytest.approx(200.0)
+    for name, joules, watts in (("p", 300.0, 300.0), ("c", 300.0, 200.0)):
+        assert m.energy_at(name, 2.0) == pytest.approx(joules)
+        assert m.energy_at(name, 2.3) == pytest.approx(joules + watts * 0.3)  # extrapolating again
+        assert m.energy_at(name, 9.0) == pytest.approx(joules + watts * 0.5)
+        s = m.stats(name)
+        assert s["energy_j"] == pytest.approx(joules) and s["gap_s"] == pytest.approx(1.0) and s["transient_errors"] == 1

@@ -169,3 +169,35 @@ def test_a_broken_summary_provider_costs_its_section_only(caplog):
     out = sections.collect()
     assert out["kept"] == [{"a": 1}] and any(k.startswith("error in") for k in out)
     assert "summary section" in caplog.text
+
+
+def test_a_dropped_sensor_never_makes_the_logged_energy_go_down():
+    """The reader stamps a failed read with the session's clock: the sensor's energy stays at what the
+    last log step saw, through the failures and the drop; power is never negative, the stats agree."""
+    clock = FakeClock(t=1000.0)
+    session = EnergySession(interval_s=3600.0, clock=clock)  # the thread never reads: the test does
+    session.start([SimulatedSensor(lambda t: 1000.0 if t < 0.5 else float("nan"), clock=clock)])
+    window = LogWindow(session)
+    window.reset()
+    logged = []
+
+    def log_step(t):
+        clock.t = 1000.0 + t
+        logged.append(window.close(lambda values: list(values), window.end(steps=1)))
+
+    clock.t = 1000.4
+    session.read_now()
+    log_step(0.45)
+    log_step(0.5)
+    for i in range(6):  # six unusable reads in a row, from 0.5 s on: dropped at the sixth
+        clock.t = 1000.5 + i / 10
+        session.read_now()
+        log_step(0.55 + i / 10)
+    assert session.meter.stats("sim")["failed"]
+    log_step(3.0)
+    totals = [m["energy/total_j"] for m in logged]
+    assert totals == pytest.approx([450.0] + [500.0] * 8)
+    assert all(m["power/sim_w"] >= 0.0 and m["energy/step_j"] >= 0.0 for m in logged)
+    assert session.meter.stats("sim")["energy_j"] == pytest.approx(500.0)
+    session.finish()
+    assert session.energy_now_j() == pytest.approx(500.0)  # carried on as the summary shows it

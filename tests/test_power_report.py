@@ -160,7 +160,7 @@ def stats(**changes) -> dict:
 
 def test_partial_reason_names_what_happened():
     assert S.partial_reason(stats(failed="hung: read() has not returned", hung=True, abandoned=True)) == (
-        "dropped (hung: read() has not returned); its reader was abandoned, still blocked at stop; figures up to its last good reading"
+        "dropped (hung: read() has not returned); its reader was abandoned, still blocked at stop; figures up to its last good reading + at most one interval"
     )
     assert S.partial_reason(stats(rejected=2, transient_errors=3, gaps=5, gap_s=0.25, last_problem="NVML timeout")) == (
         "2 readings rejected; 3 transient read errors (retried); 0.25 s of gaps bridged by counter difference; last: NVML timeout"

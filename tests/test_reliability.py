@@ -48,6 +48,12 @@ class StepClock:
         return t
 
 
+def far_clock() -> float:
+    """The sampler's clock in tests whose sensors run on a StepClock: far past their readings, so a
+    failed read keeps the whole tail "now" gave (one interval at the last good power)."""
+    return 1e9
+
+
 class Hangs(Sensor):
     """``power_w`` watts on a StepClock; from read number ``hang_from`` on, read() blocks until released."""
 
@@ -105,7 +111,7 @@ def test_hung_sensor_holds_up_only_itself(caplog):
     meter = EnergyMeter()
     good = SimulatedSensor(100.0, name="good", clock=StepClock(0.01))
     hung = Hangs(hang_from=4)  # three good readings first: 50 W over 0.02 simulated seconds
-    sampler = Sampler([good, hung], meter, interval_s=0.01, read_timeout_s=0.2, stop_timeout_s=1.0)
+    sampler = Sampler([good, hung], meter, interval_s=0.01, read_timeout_s=0.2, stop_timeout_s=1.0, clock=far_clock)
     try:
         sampler.start()
         assert hung.entered.wait(30)
@@ -118,7 +124,8 @@ def test_hung_sensor_holds_up_only_itself(caplog):
         assert our_threads() == ["lightning_green-sampler:hangs"]  # only the abandoned daemon is left
         s = meter.stats("hangs")
         assert s["hung"] and s["abandoned"] and s["partial"] and s["failed"].startswith("hung: read() has not returned")
-        assert s["energy_j"] == pytest.approx(50.0 * 0.02)  # kept up to its last good reading
+        # kept up to its last good reading, plus the tail "now" had when it was dropped (one interval at 50 W)
+        assert s["energy_j"] == pytest.approx(50.0 * 0.02 + 50.0 * meter.extrapolate_s)
         g = meter.stats("good")
         assert g["failed"] is None and not g["partial"]
         assert g["energy_j"] == pytest.approx(100.0 * 0.01 * (g["samples"] - 1))  # every tick read
@@ -150,7 +157,7 @@ def test_a_caller_does_not_wait_on_a_read_already_late():
 def test_read_that_hangs_at_stop_is_abandoned_within_the_stop_timeout():
     meter = EnergyMeter()
     hung = Hangs(hang_from=3)
-    sampler = Sampler([hung], meter, interval_s=0.01, read_timeout_s=60.0, stop_timeout_s=0.3)
+    sampler = Sampler([hung], meter, interval_s=0.01, read_timeout_s=60.0, stop_timeout_s=0.3, clock=far_clock)
     try:
         sampler.start()
         assert hung.entered.wait(30)
@@ -159,7 +166,7 @@ def test_read_that_hangs_at_stop_is_abandoned_within_the_stop_timeout():
         assert time.monotonic() - t < 10.0  # bounded by stop_timeout_s (generous for a busy machine)
         s = meter.stats("hangs")
         assert sampler.abandoned == ["hangs"] and s["hung"] and s["abandoned"] and "at stop" in s["failed"]
-        assert s["energy_j"] == pytest.approx(50.0 * 0.01)
+        assert s["energy_j"] == pytest.approx(50.0 * 0.01 + 50.0 * meter.extrapolate_s)  # with the tail "now" gave
         assert sampler.sample_once(0.01) is False  # not running
     finally:
         release_and_join(hung)
@@ -221,7 +228,7 @@ def test_reading_none_mid_run_drops_only_that_sensor(caplog):
     meter = EnergyMeter()
     bad = Returns("bad", [Reading] * 3, after=None)
     good = SimulatedSensor(100.0, name="good", clock=StepClock(0.01))
-    sampler = Sampler([bad, good], meter, interval_s=0.01)
+    sampler = Sampler([bad, good], meter, interval_s=0.01, clock=far_clock)
     sampler.start()
     wait_until(lambda: meter.stats("bad")["failed"] is not None)
     n = meter.stats("good")["samples"]
@@ -230,7 +237,7 @@ def test_reading_none_mid_run_drops_only_that_sensor(caplog):
     s = meter.stats("bad")
     assert s["rejected"] == TRIES_IN_A_ROW and s["gaps"] == TRIES_IN_A_ROW
     assert f"{TRIES_IN_A_ROW} unusable reads in a row" in s["failed"] and "returned None" in s["failed"]
-    assert s["energy_j"] == pytest.approx(10.0 * 0.02)  # its three good readings are kept
+    assert s["energy_j"] == pytest.approx(10.0 * 0.02 + 10.0 * meter.extrapolate_s)  # its three good readings and the tail
     assert meter.stats("good")["failed"] is None
     warned = [r.message for r in caplog.records if "'bad'" in r.message]
     assert len(warned) == 2 and "returned None" in warned[0] and "dropped" in warned[1]  # once, then the drop
@@ -278,7 +285,7 @@ def test_training_goes_on_with_a_sensor_that_returns_none(tmp_path):
 
 # ---------------------------------------------------------------- 4. transient NVML errors are retried
 def run_until(sensor: Sensor, meter: EnergyMeter, condition) -> None:
-    sampler = Sampler([sensor], meter, interval_s=0.01)
+    sampler = Sampler([sensor], meter, interval_s=0.01, clock=far_clock)
     sampler.start()
     wait_until(condition)
     sampler.stop()
@@ -316,7 +323,7 @@ def test_a_gpu_that_keeps_failing_transiently_is_dropped(fake_nvml):
     s = meter.stats("gpu0")
     assert f"{TRIES_IN_A_ROW} unusable reads in a row" in s["failed"] and "NVML UNKNOWN" in s["failed"]
     assert s["transient_errors"] == TRIES_IN_A_ROW and not s["hung"]
-    assert s["energy_j"] == pytest.approx(300.0 * 0.15, abs=0.002)  # its two good readings are kept
+    assert s["energy_j"] == pytest.approx(300.0 * (0.15 + meter.extrapolate_s), abs=0.002)  # two good readings and the tail
 
 
 @pytest.mark.parametrize(

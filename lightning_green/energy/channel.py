@@ -79,6 +79,9 @@ class Channel:
         self.n_resets = 0
         self.gap_s = 0.0
         self.gap_open = False  # a reading was missed since the newest good one
+        # time of the first failed read attempt after the newest good reading (None: none failed): the
+        # extrapolation past the newest reading stops there, so what "now" gave is never taken back
+        self.fail_t: float | None = None
         self.peak_w = 0.0
         self.failed: str | None = None
         self.hung = False
@@ -88,14 +91,30 @@ class Channel:
         self.counter_mark: tuple[float, float] | None = None  # (t, energy) where the last counter power point ended
         self.trace = DownsampledTrace(trace_points)
 
-    def problem(self, reason: str, transient: bool) -> None:
-        """A read gave no usable reading: count it; the next good reading closes the gap."""
+    def problem(self, reason: str, transient: bool, t_s: float | None = None) -> None:
+        """A read gave no usable reading: count it; the next good reading closes the gap. ``t_s``: when
+        the attempt failed (see :meth:`stop_extrapolation`)."""
         if transient:
             self.n_transient += 1
         else:
             self.n_rejected += 1
         self.last_problem = reason
         self.gap_open = bool(self.t)
+        self.stop_extrapolation(t_s)
+
+    def stop_extrapolation(self, t_s: float | None) -> None:
+        """A read attempt at ``t_s`` failed: the tail extrapolated past the newest reading stops there
+        (the first failed attempt counts; None or a time before the newest reading: no tail)."""
+        if self.t and self.fail_t is None:
+            newest = self.t[-1]
+            ok = _is_number(t_s) and math.isfinite(t_s) and t_s > newest
+            self.fail_t = float(t_s) if ok else newest
+
+    def tail(self, t: float, extrapolate_s: float) -> float:
+        """Seconds past the newest reading that are extrapolated at the newest power for a query at
+        ``t`` (>= the newest reading time): at most ``extrapolate_s``, and never past a failed attempt."""
+        end = t if self.fail_t is None else min(t, self.fail_t)
+        return max(0.0, min(end - self.t[-1], extrapolate_s))
 
     def check(self, reading: Any) -> str | None:
         """Why ``reading`` cannot be used, or None."""
@@ -112,13 +131,16 @@ class Channel:
             return f"time did not move forward ({t!r} after {self.t[-1]!r})"
         return None
 
-    def add(self, reading: Any) -> str | None:
-        """Add one reading; return why it was rejected (counted as a gap), or None."""
+    def add(self, reading: Any, t_s: float | None = None) -> str | None:
+        """Add one reading; return why it was rejected (counted as a gap), or None. ``t_s``: when the
+        read was made (for a rejected reading; default: the reading's own time, if it has one)."""
         why = self.check(reading)
         if why is None and self.t and self.kind == "energy" and RESET_FRACTION * self.last_raw <= reading.value < self.last_raw:
             why = f"counter went backwards from {self.last_raw!r} to {reading.value!r} J"
         if why is not None:
-            self.problem(why, transient=False)
+            if t_s is None and isinstance(reading, Reading):
+                t_s = reading.t_s
+            self.problem(why, transient=False, t_s=t_s)
             return why
         value, t = float(reading.value), float(reading.t_s)
         if not self.t:
@@ -138,6 +160,7 @@ class Channel:
             if self.gap_open:
                 self.gap_s += dt
                 self.gap_open = False
+        self.fail_t = None  # a good reading: the gap is bridged, extrapolation goes on from here
         self.last_raw = value
         self.t.append(t)
         self.e.append(energy)

@@ -12,6 +12,10 @@ How readings become energy (the attribution rule):
   that line (not a whole interval).
 * Past the newest reading, energy is extrapolated at the newest power for at most ``interval``
   seconds of tail; the next reading replaces the extrapolation.
+* A failed read attempt after the newest reading (a rejected reading, a transient error, the drop)
+  stops the tail where that attempt was made: the sensor's energy stays at what "now" gave then,
+  ``last J + last W * min(t_failed - t_last, interval)``, while reads keep failing and after a drop,
+  so nothing already reported is taken back; the next good reading bridges the gap as below.
 
 Gaps, resets, failures (what the summary's partial figures come from, see :meth:`EnergyMeter.stats`):
 
@@ -22,7 +26,8 @@ Gaps, resets, failures (what the summary's partial figures come from, see :meth:
 * a counter that falls below ``RESET_FRACTION`` of its value was reset (driver reload, RAPL reset):
   a new base starts at the new reading; the interval across the reset is bridged at the counter's
   power just before it. Energy before and after is kept; ``resets`` counts them.
-* a failed sensor (dropped by the sampler, or hung) keeps its energy up to its last good reading.
+* a failed sensor (dropped by the sampler, or hung) keeps its energy up to its last good reading plus
+  the tail it had at its first failed attempt: at most one interval extrapolated at its last good power.
 
 Memory is flat: each sensor keeps a bounded window of recent points and a downsampled trace.
 """
@@ -30,6 +35,7 @@ Memory is flat: each sensor keeps a bounded window of recent points and a downsa
 from __future__ import annotations
 
 import bisect
+import math
 import threading
 from typing import Any, Iterable, Mapping
 
@@ -66,9 +72,10 @@ class EnergyMeter:
         self.extrapolate_s = check_number("extrapolate_s", extrapolate_s, 0.0)
         self._channels: dict[str, Channel] = {}
         self._lock = threading.Lock()
-        # name -> (newest reading time, cumulative J there with the offset, W there, dropped): replaced
-        # whole under the lock at each change, read without it for "energy now" (the per-step path)
-        self._newest: dict[str, tuple[float, float, float, bool]] = {}
+        # name -> (newest reading time, cumulative J there with the offset, W there, dropped, time the
+        # extrapolation stops: the first failed attempt since that reading, else inf): replaced whole
+        # under the lock at each change, read without it for "energy now" (the per-step path)
+        self._newest: dict[str, tuple[float, float, float, bool, float]] = {}
 
     # ------------------------------------------------------------------ feeding
     def add_channel(self, info: dict) -> None:
@@ -81,41 +88,52 @@ class EnergyMeter:
                 raise ValueError(f"two sensors are named {name!r}: sensor names must be unique")
             self._channels[name] = Channel(info, self._history, self._trace_points)
 
-    def submit(self, name: str, reading: Any) -> str | None:
+    def submit(self, name: str, reading: Any, t_s: float | None = None) -> str | None:
         """Add one reading of ``name``. Returns None when it was used, else why it was rejected
         (counted as a gap). Never raises: anything that is not a valid :class:`Reading` (None, a
         float, NaN, a counter going backwards, time not moving forward) is a rejected reading.
-        Readings of a sensor marked failed are ignored."""
+        Readings of a sensor marked failed are ignored.
+
+        ``t_s``: when the read was made, on the readings' clock (default: the reading's own time, if it
+        has one). The first rejected reading after a good one stops the extrapolation there."""
         with self._lock:
             ch = self._channels.get(name)
             if ch is None:
                 return f"no sensor named {name!r} in this meter"
             if ch.failed is not None:
                 return f"sensor {name!r} was dropped ({ch.failed})"
-            why = ch.add(reading)
+            why = ch.add(reading, t_s)
             self._note_newest(name, ch)
             return why
 
     def _note_newest(self, name: str, ch: Channel) -> None:
         if ch.t:
-            self._newest[name] = (ch.t[-1], ch.offset_j + ch.e[-1], ch.p[-1], ch.failed is not None)
+            until = math.inf if ch.fail_t is None else ch.fail_t
+            self._newest[name] = (ch.t[-1], ch.offset_j + ch.e[-1], ch.p[-1], ch.failed is not None, until)
 
     def record(self, name: str, reading: Any) -> bool:
         """Add one reading. Returns False (and counts a gap) when the reading is rejected; never raises."""
         return self.submit(name, reading) is None
 
-    def note_transient(self, name: str, reason: str) -> None:
-        """A read of ``name`` failed for a reason that may pass: a gap, bridged by the next reading."""
+    def note_transient(self, name: str, reason: str, t_s: float | None = None) -> None:
+        """A read of ``name`` failed for a reason that may pass: a gap, bridged by the next reading.
+        ``t_s``: when the read failed, on the readings' clock; the first failure after a good reading
+        stops the extrapolation there (None: at the newest reading)."""
         with self._lock:
-            self._channels[name].problem(reason, transient=True)
+            ch = self._channels[name]
+            ch.problem(reason, transient=True, t_s=t_s)
+            self._note_newest(name, ch)
 
-    def mark_failed(self, name: str, reason: str, hung: bool = False) -> None:
-        """Record that a sensor was dropped (``hung``: its read never returned); its figures stop at
-        its last good reading."""
+    def mark_failed(self, name: str, reason: str, hung: bool = False, t_s: float | None = None) -> None:
+        """Record that a sensor was dropped (``hung``: its read never returned) at ``t_s`` (on the
+        readings' clock). Its energy stays where the extrapolation stopped: at the first failed attempt
+        after its last good reading, or else at ``t_s`` (None: at its last good reading); so it holds
+        at most one interval extrapolated at its last good power."""
         with self._lock:
             ch = self._channels[name]
             if ch.failed is None:
                 ch.failed = reason
+                ch.stop_extrapolation(t_s)
             self._note_newest(name, ch)
             ch.hung = ch.hung or hung
 
@@ -132,20 +150,20 @@ class EnergyMeter:
     def info(self, name: str) -> dict:
         return dict(self._channels[name].info)
 
-    def newest(self) -> dict[str, tuple[float, float, float, bool]]:
+    def newest(self) -> dict[str, tuple[float, float, float, bool, float]]:
         """Each sensor's newest reading, copied without the lock: ``{name: (time, cumulative J there with
-        the offset, W there, dropped)}``. Pass it to :meth:`energy_at` to get, later and on any thread,
+        the offset, W there, dropped, time the extrapolation stops (inf while reads succeed))}``. Pass it to :meth:`energy_at` to get, later and on any thread,
         the figures "now" had when it was taken (a sensor without a reading yet is not in it)."""
         return dict(self._newest)  # one C call under the GIL: a consistent copy
 
-    def energy_at(self, name: str, t_s: float, readings: Mapping[str, tuple[float, float, float, bool]] | None = None) -> float:
+    def energy_at(self, name: str, t_s: float, readings: Mapping[str, tuple[float, float, float, bool, float]] | None = None) -> float:
         """Joules this process measured on ``name`` from its first reading to ``t_s``, plus its offset
         (the energy carried in: earlier stages, a checkpoint); ``readings``: a :meth:`newest` copy to
         answer from, for ``t_s`` at or after its reading."""
         newest = (self._newest if readings is None else readings).get(name)
         if newest is not None and t_s >= newest[0]:  # now or later: no lock, no history
-            t, joules, watts, dropped = newest
-            return joules if dropped else joules + watts * min(t_s - t, self.extrapolate_s)
+            t, joules, watts, _dropped, until = newest
+            return joules + watts * max(0.0, min(min(t_s, until) - t, self.extrapolate_s))
         with self._lock:
             ch = self._channels[name]
             return ch.offset_j + self._energy_at(ch, t_s)
@@ -155,10 +173,8 @@ class EnergyMeter:
             return 0.0
         times = ch.t
         if t >= times[-1]:
-            if ch.failed is not None:
-                return ch.e[-1]
-            # extrapolate at the newest power, at most one sampling interval
-            return ch.e[-1] + ch.p[-1] * min(t - times[-1], self.extrapolate_s)
+            # extrapolate at the newest power, at most one sampling interval, not past a failed attempt
+            return ch.e[-1] + ch.p[-1] * ch.tail(t, self.extrapolate_s)
         if t <= times[0]:
             return ch.e[0]
         i = bisect.bisect_right(times, t)  # times[i-1] <= t < times[i]
@@ -211,7 +227,9 @@ class EnergyMeter:
 
         * ``energy_j`` (the offset included), ``energy_this_run_j``, ``offset_j`` (the energy carried in
           by :meth:`set_offsets`: earlier stages, a checkpoint), ``mean_power_w``,
-          ``peak_power_w``, ``duration_s``, ``samples``;
+          ``peak_power_w``, ``duration_s``, ``samples``; the energy and duration run to the last good
+          reading, plus, for a sensor whose reads failed since (or that was dropped), the tail that
+          :meth:`energy_at` keeps (at most one interval extrapolated at its last good power);
         * ``gaps``: readings missed (``rejected`` + ``transient_errors``), bridged over ``gap_s``
           seconds by ``gap_bridge`` (``"counter difference"`` or ``"interpolated power"``);
         * ``rejected``: readings that were not usable; ``transient_errors``: reads retried;
@@ -222,8 +240,10 @@ class EnergyMeter:
         """
         with self._lock:
             ch = self._channels[name]
-            duration = (ch.t[-1] - ch.first_t) if ch.t else 0.0
-            measured = ch.e[-1] if ch.t else 0.0
+            # a failing or dropped sensor keeps the tail it had at its first failed attempt (what energy_at gives)
+            tail_s = ch.tail(ch.fail_t, self.extrapolate_s) if ch.t and ch.fail_t is not None else 0.0
+            duration = (ch.t[-1] + tail_s - ch.first_t) if ch.t else 0.0
+            measured = (ch.e[-1] + ch.p[-1] * tail_s) if ch.t else 0.0
             gaps = ch.n_rejected + ch.n_transient
             out = dict(ch.info)
             out.update(

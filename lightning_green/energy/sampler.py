@@ -18,7 +18,9 @@ What each outcome of a read does (the whole policy is here):
   failed; if it is still blocked when sampling stops, its daemon reader is abandoned (it cannot keep
   the process alive) and reported in :attr:`Sampler.abandoned` and the meter's stats.
 
-Energy up to a dropped sensor's last good reading is kept; the meter bridges gaps.
+Energy up to a dropped sensor's last good reading is kept, with the tail the meter extrapolated up
+to its first failed read (at most one interval at its last good power: what was reported is never
+taken back); the meter bridges gaps. Failed reads are stamped with ``clock`` (the readings' clock).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import logging
 import math
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from lightning_green.energy.meter import EnergyMeter
 from lightning_green._glue import check_name, check_number
@@ -78,6 +80,8 @@ class Sampler:
         read_timeout_s: a read running longer than this is hung: the sensor is dropped.
         start_timeout_s: the longest :meth:`start` waits for first readings; default one interval,
             at least ``MIN_START_WAIT_S`` (it returns as soon as every sensor answered).
+        clock: the clock the sensors' readings are on; it stamps failed reads (where the meter stops
+            extrapolating). ``time.monotonic`` unless a test drives time itself.
 
     :meth:`start` takes a first reading of every sensor and :meth:`stop` a last one, so energy covers
     the span between the two calls (for sensors that answer within those bounded waits).
@@ -95,6 +99,7 @@ class Sampler:
         stop_timeout_s: float = 2.0,
         read_timeout_s: float = 5.0,
         start_timeout_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.interval_s = check_interval(interval_s)
         if isinstance(sensors, (str, Sensor)) or not all(isinstance(s, Sensor) for s in sensors):
@@ -104,6 +109,9 @@ class Sampler:
             raise ValueError(f"`sensors` holds two sensors with the same name: {names}")
         if not isinstance(meter, EnergyMeter):
             raise ValueError(f"`meter` must be an EnergyMeter, got {meter!r}")
+        if not callable(clock):
+            raise ValueError(f"`clock` must be a callable returning seconds, got {clock!r}")
+        self._clock = clock
         self.meter = meter
         self.sensors = list(sensors)
         self._thread_name = check_name("thread_name", thread_name)
@@ -197,7 +205,7 @@ class Sampler:
             self.meter.mark_abandoned(reader.sensor.name)
             log.warning(
                 "lightning_green: sensor %r is blocked in read(); its daemon reader was abandoned and its figures "
-                "stop at its last good reading", reader.sensor.name,
+                "stop at its last good reading (plus at most one interval at its last good power)", reader.sensor.name,
             )
 
     def sample_once(self, timeout_s: float | None = None) -> bool:
@@ -250,35 +258,44 @@ class Sampler:
     def _apply(self, reader: _Reader, result: object, error: Exception | None) -> str | None:
         """Record one read's outcome (under the condition); return a warning to log, if any."""
         name = reader.sensor.name
+        now = self._now()  # when this read ended: a failed one stops the meter's extrapolation here
         if error is not None and not isinstance(error, SensorTransientError):
-            return self._drop(reader, f"{type(error).__name__}: {error}")
+            return self._drop(reader, f"{type(error).__name__}: {error}", t_s=now)
         if error is None:
-            why = self.meter.submit(name, result)
+            why = self.meter.submit(name, result, now)
             if why is None:
                 reader.bad_in_row, reader.not_before = 0, 0.0
                 return None
             what = f"sensor {name!r} gave an unusable reading ({why}); counted as a gap"
         else:
-            self.meter.note_transient(name, str(error))
+            self.meter.note_transient(name, str(error), now)
             why = f"{type(error).__name__}: {error}"
             what = f"sensor {name!r} failed transiently ({why}); retried with backoff, counted as a gap"
         reader.bad_in_row += 1
         reader.not_before = time.monotonic() + min(self.interval_s * 2 ** (reader.bad_in_row - 1), MAX_BACKOFF_S)
         if reader.bad_in_row >= TRIES_IN_A_ROW:
-            return self._drop(reader, f"{TRIES_IN_A_ROW} unusable reads in a row (last: {why})")
+            return self._drop(reader, f"{TRIES_IN_A_ROW} unusable reads in a row (last: {why})", t_s=now)
         if reader.warned:
             return None
         reader.warned = True
         return what + "; further ones are counted in the summary"
 
-    def _drop(self, reader: _Reader, reason: str, hung: bool = False) -> str | None:
-        """Drop a sensor (under the condition); return the warning to log once."""
+    def _drop(self, reader: _Reader, reason: str, hung: bool = False, t_s: float | None = None) -> str | None:
+        """Drop a sensor (under the condition) at ``t_s`` (default: now on ``clock``); return the warning
+        to log once."""
         if reader.dropped:
             return None
         reader.dropped = True
-        self.meter.mark_failed(reader.sensor.name, reason, hung=hung)
+        self.meter.mark_failed(reader.sensor.name, reason, hung=hung, t_s=self._now() if t_s is None else t_s)
         self._cv.notify_all()
         return f"sensor {reader.sensor.name!r} failed and was dropped, its figures are partial ({reason})"
+
+    def _now(self) -> float | None:
+        """``clock()``, or None if it fails (the meter then keeps no tail past the newest reading)."""
+        try:
+            return self._clock()
+        except Exception:  # noqa: BLE001 - a reader never dies with an exception
+            return None
 
     # ------------------------------------------------------------------ scheduler
     def _schedule(self) -> None:

@@ -97,7 +97,7 @@ class EnergySession:
         ``owned`` ones were built for this session and are closed by :meth:`finish`."""
         self.sensors, self._owned = list(sensors), list(owned)
         self.meter = EnergyMeter(history=self.history, extrapolate_s=self.interval_s)
-        self._sampler = Sampler(self.sensors, self.meter, self.interval_s)
+        self._sampler = Sampler(self.sensors, self.meter, self.interval_s, clock=self.clock)
         self._sampler.start()
         self.meter.set_offsets(self._carry_j)
 
