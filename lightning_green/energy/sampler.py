@@ -32,7 +32,7 @@ import time
 from typing import Callable, Sequence
 
 from lightning_green.energy.meter import EnergyMeter
-from lightning_green._glue import check_name, check_number
+from lightning_green._glue import check_callable, check_name, check_number
 from lightning_green.sensors.base import Sensor, SensorTransientError
 
 log = logging.getLogger("lightning_green")
@@ -80,14 +80,13 @@ class Sampler:
         read_timeout_s: a read running longer than this is hung: the sensor is dropped.
         start_timeout_s: the longest :meth:`start` waits for first readings; default one interval,
             at least ``MIN_START_WAIT_S`` (it returns as soon as every sensor answered).
-        clock: the clock the sensors' readings are on; it stamps failed reads (where the meter stops
-            extrapolating). ``time.monotonic`` unless a test drives time itself.
+        clock: the readings' clock (a test's own); it stamps failed reads, where extrapolation stops.
 
     :meth:`start` takes a first reading of every sensor and :meth:`stop` a last one, so energy covers
     the span between the two calls (for sensors that answer within those bounded waits).
 
     Raises:
-        ValueError: a bad argument (named in the message).
+        ValueError / TypeError: a bad argument (named in the message).
     """
 
     def __init__(
@@ -109,16 +108,13 @@ class Sampler:
             raise ValueError(f"`sensors` holds two sensors with the same name: {names}")
         if not isinstance(meter, EnergyMeter):
             raise ValueError(f"`meter` must be an EnergyMeter, got {meter!r}")
-        if not callable(clock):
-            raise ValueError(f"`clock` must be a callable returning seconds, got {clock!r}")
-        self._clock = clock
+        self._clock = check_callable("clock", clock, optional=False)
         self.meter = meter
         self.sensors = list(sensors)
         self._thread_name = check_name("thread_name", thread_name)
         self.stop_timeout_s = check_number("stop_timeout_s", stop_timeout_s, 0.0, strict=True)
         self.read_timeout_s = check_number("read_timeout_s", read_timeout_s, 0.0, strict=True)
-        default_start = max(self.interval_s, MIN_START_WAIT_S)
-        self.start_timeout_s = default_start if start_timeout_s is None else check_number("start_timeout_s", start_timeout_s, 0.0)
+        self.start_timeout_s = max(self.interval_s, MIN_START_WAIT_S) if start_timeout_s is None else check_number("start_timeout_s", start_timeout_s, 0.0)
         self._cv = threading.Condition()
         self._readers: list[_Reader] = []
         self._gen = 0  # request generation: a read that begins after a request carries its number
@@ -258,7 +254,7 @@ class Sampler:
     def _apply(self, reader: _Reader, result: object, error: Exception | None) -> str | None:
         """Record one read's outcome (under the condition); return a warning to log, if any."""
         name = reader.sensor.name
-        now = self._now()  # when this read ended: a failed one stops the meter's extrapolation here
+        now = self._clock()  # when this read ended: a failed one stops the meter's extrapolation here
         if error is not None and not isinstance(error, SensorTransientError):
             return self._drop(reader, f"{type(error).__name__}: {error}", t_s=now)
         if error is None:
@@ -281,21 +277,13 @@ class Sampler:
         return what + "; further ones are counted in the summary"
 
     def _drop(self, reader: _Reader, reason: str, hung: bool = False, t_s: float | None = None) -> str | None:
-        """Drop a sensor (under the condition) at ``t_s`` (default: now on ``clock``); return the warning
-        to log once."""
+        """Drop a sensor (under the condition) at ``t_s`` (default: now); return the warning to log once."""
         if reader.dropped:
             return None
         reader.dropped = True
-        self.meter.mark_failed(reader.sensor.name, reason, hung=hung, t_s=self._now() if t_s is None else t_s)
+        self.meter.mark_failed(reader.sensor.name, reason, hung=hung, t_s=self._clock() if t_s is None else t_s)
         self._cv.notify_all()
         return f"sensor {reader.sensor.name!r} failed and was dropped, its figures are partial ({reason})"
-
-    def _now(self) -> float | None:
-        """``clock()``, or None if it fails (the meter then keeps no tail past the newest reading)."""
-        try:
-            return self._clock()
-        except Exception:  # noqa: BLE001 - a reader never dies with an exception
-            return None
 
     # ------------------------------------------------------------------ scheduler
     def _schedule(self) -> None:
