@@ -22,6 +22,10 @@ def test_tiny_gpt(tmp_path):
     assert "=== tiny_gpt: energy headline ===" in out
     assert "EPI float -> int8" in out and "per token" in out and "tensorboard --logdir" in out
     assert "to val_loss <= 2.5:" in out
+    # the fit's figures survive the test stage that follows it: none of them is missing from the headline
+    for figure in ("training energy:", "EER:", "tokens per joule:", "carbon:"):
+        (line,) = [ln for ln in out.splitlines() if ln.strip().startswith(figure)]
+        assert "n/a" not in line, line
     assert any(r["metric"] == "val_loss" for r in json.loads(next(tmp_path.rglob("energy_summary_fit.json")).read_text())["sections"]["targets"])
     summary = json.loads(next(tmp_path.rglob("energy_summary_fit.json")).read_text())
     assert summary["sources"] and all(s in {"counter", "polled", "rapl", "estimate"} for s in summary["sources"])

@@ -173,7 +173,7 @@ class EfficiencyLogger(Callback):
         self._power: PowerSampler | None = None
         self._trainer: Trainer | None = None
         self._pending_state: dict | None = None
-        self.results: dict[str, float] = {}  # the figures of the running (or last) stage
+        self.results: dict[str, float] = {}  # every stage's figures, the latest of each
         self._reset()
 
     def _reset(self) -> None:
@@ -191,7 +191,7 @@ class EfficiencyLogger(Callback):
         if self._power is None:
             raise misconfigured("EfficiencyLogger needs a PowerSampler in the same Trainer: Trainer(callbacks=[PowerSampler(), EfficiencyLogger()])")
         self._power.add_summary_provider(self._summary_rows)
-        self._trainer, self.results, self._pending_state = trainer, {}, None  # this stage's figures; its checkpoint loads after setup
+        self._trainer, self._pending_state = trainer, None  # a checkpoint of this stage loads after setup
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
