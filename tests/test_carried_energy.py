@@ -151,6 +151,11 @@ def test_a_checkpoint_loaded_by_validate_is_not_applied_to_a_later_fit_from_scra
     trainer.fit(SleepyModel(step_s=0.0))  # from scratch: no ckpt_path
     # 6 batches of 1 sample at 50 J each: nothing of the checkpoint's 4 samples and 200 J
     assert eff.results["train_samples"] == 6 and eff.results["train_energy_j"] == pytest.approx(300.0)
+    trainer.test(SleepyModel(step_s=0.0), verbose=False)  # each summary lists its own stage's figures
+    efficiency = {stage: {r["figure"] for r in ps.summary_by_stage[stage]["sections"]["efficiency"]} for stage in ("fit", "test")}
+    assert "train_energy_j" in efficiency["fit"] and "test_epi_j" not in efficiency["fit"]
+    assert "test_epi_j" in efficiency["test"] and not any(f.startswith("train_") or f.startswith("eer") for f in efficiency["test"])
+    assert "train_energy_j" in eff.results and "test_epi_j" in eff.results  # results keep every stage's
 
 
 class Clock:

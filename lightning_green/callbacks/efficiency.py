@@ -92,6 +92,14 @@ class BatchCounter:
         return checked_count(arg, fn(batch))
 
 
+def stage_results(results: Mapping[str, float], stage: str) -> dict[str, float]:
+    """The figures of ``results`` that belong to ``stage``: for ``fit`` its training and validation
+    figures, for ``validate``/``test``/``predict`` those named after it."""
+    if stage == "fit":
+        return {k: v for k, v in results.items() if not k.startswith(("test_", "predict_"))}
+    return {k: v for k, v in results.items() if k.startswith(f"{stage}_")}
+
+
 def efficiency_rows(results: Mapping[str, float], source: str, carbon_intensity_g_per_kwh: float, pue: float) -> list[dict]:
     """The summary's ``efficiency`` section: each figure with the source of its energy, and the settings."""
     energy_words = ("energy", "eer", "epi", "per_j", "carbon")
@@ -348,6 +356,6 @@ class EfficiencyLogger(Callback):
     def _summary_rows(self) -> dict[str, list[dict]]:
         source = self._power.sources(all_processes=True)  # the figures are sums over every process
         out = {"targets": self.targets.rows(source)} if self.targets is not None else {}
-        if self.results:
-            out["efficiency"] = efficiency_rows(self.results, source, self.carbon_intensity_g_per_kwh, self.pue)
+        if results := stage_results(self.results, self._power.record.stage):  # a test's summary: not the fit's figures
+            out["efficiency"] = efficiency_rows(results, source, self.carbon_intensity_g_per_kwh, self.pue)
         return out
