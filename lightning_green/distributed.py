@@ -21,7 +21,7 @@ def distributed(trainer: Any) -> bool:
 def reduce_sum(trainer: Any, values: Sequence[float]) -> list[float]:
     """Element-wise sum of ``values`` over all processes."""
     if not distributed(trainer):
-        return [float(v) for v in values]
+        return local_sum(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=trainer.strategy.root_device)
     return trainer.strategy.reduce(tensor, reduce_op="sum").tolist()
 

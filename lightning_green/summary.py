@@ -6,7 +6,7 @@ Every stage's summary gives that stage's own energy, time and mean power (``stag
 cumulative energy over every stage and any checkpoint it resumed from (``energy_j``, also
 ``cumulative_energy_j``). What the cumulative holds besides this stage's is split by where it came
 from: ``carried_j``, measured by this process in earlier stages (``validate`` then ``fit``, ``fit``
-then ``test``), and ``restored_j``, restored from a checkpoint (``fit(ckpt_path=...)``), so
+then ``test``), and ``restored_j``, restored from a checkpoint another process saved (``fit(ckpt_path=...)``), so
 ``energy_j = stage_energy_j + carried_j + restored_j``; each sensor's row has the same figures.
 """
 

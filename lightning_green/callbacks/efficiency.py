@@ -189,7 +189,7 @@ class EfficiencyLogger(Callback):
         self._counter.samples = self._counter.tokens = 0  # training samples and tokens so far (this process)
         self._eval_in_fit_j = 0.0  # energy of the validation loops inside fit (not training energy)
         self._fit_start_j, self._restored_train_j = 0.0, 0.0  # at train start; training energy before a resume
-        self._window_j, self._window_samples, self._window_tokens, self._window_eval_j = 0.0, 0, 0, 0.0  # at the last log
+        self._window_j, self._window_samples, self._window_tokens, self._window_not_training_j = 0.0, 0, 0, 0.0  # at the last log
         self._eval = {"samples": 0, "tokens": 0, "start_j": 0.0}
 
     # ------------------------------------------------------------------ hooks
@@ -231,7 +231,7 @@ class EfficiencyLogger(Callback):
         thread: it reads the counts it is given, and the last window's, which only it writes)."""
         local = [
             self._restored_train_j + now_j - self._fit_start_j - not_training_j,  # training energy so far
-            now_j - self._window_j - (not_training_j - self._window_eval_j),
+            now_j - self._window_j - (not_training_j - self._window_not_training_j),
             samples - self._window_samples,
             tokens - self._window_tokens,
             now_j,
@@ -244,7 +244,7 @@ class EfficiencyLogger(Callback):
         }
         if self.tokens_per_batch is not None:
             metrics["efficiency/tokens_per_j"] = M.per_joule(window_tokens, window_j)
-        self._window_j, self._window_samples, self._window_tokens, self._window_eval_j = now_j, samples, tokens, not_training_j
+        self._window_j, self._window_samples, self._window_tokens, self._window_not_training_j = now_j, samples, tokens, not_training_j
         return metrics
 
     def _train_energy_j(self, now_j: float) -> float:

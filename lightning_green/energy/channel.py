@@ -62,6 +62,12 @@ def _merge(points: list[tuple[float, float, int]]) -> tuple[float, float, int]:
     return (sum(p[0] * p[2] for p in points) / n, sum(p[1] * p[2] for p in points) / n, n)
 
 
+def extrapolated_s(t: float, newest_t: float, stop_t: float, limit_s: float) -> float:
+    """Seconds past the newest reading (at ``newest_t``) extrapolated at its power for a query at ``t``:
+    at most ``limit_s`` (one sampling interval), and never past ``stop_t`` (a failed read attempt)."""
+    return max(0.0, min(min(t, stop_t) - newest_t, limit_s))
+
+
 class Channel:
     """State of one sensor in the meter, and the rule that turns its readings into energy."""
 
@@ -110,11 +116,15 @@ class Channel:
             ok = _is_number(t_s) and math.isfinite(t_s) and t_s > newest
             self.fail_t = float(t_s) if ok else newest
 
+    @property
+    def stop_t(self) -> float:
+        """Where extrapolation past the newest reading stops: the first failed attempt since, else inf."""
+        return math.inf if self.fail_t is None else self.fail_t
+
     def tail(self, t: float, extrapolate_s: float) -> float:
         """Seconds past the newest reading that are extrapolated at the newest power for a query at
-        ``t`` (>= the newest reading time): at most ``extrapolate_s``, and never past a failed attempt."""
-        end = t if self.fail_t is None else min(t, self.fail_t)
-        return max(0.0, min(end - self.t[-1], extrapolate_s))
+        ``t`` (see :func:`extrapolated_s`)."""
+        return extrapolated_s(t, self.t[-1], self.stop_t, extrapolate_s)
 
     def check(self, reading: Any) -> str | None:
         """Why ``reading`` cannot be used, or None."""

@@ -47,9 +47,6 @@ class TrainingLog:
         self.phases: PhaseRecorder | None = None
         self.reduce: Reduce = list  # the element-wise sum over processes at log steps (one process: the values)
         self.world_size = 1
-        #: whether a window's figures may be built off the training thread (set by :meth:`start`): one
-        #: process (no collective) and no phases (their recorder lives on the training thread)
-        self.closes_off_thread = True
         self.listeners: list[Listener] = []
         self.evaluation_j = 0.0  # this process's joules of measure_evaluation() blocks since training started
         self._collect_trace: Callable[[Write], None] | None = None  # the trace work of this loop, if it keeps one
@@ -69,7 +66,12 @@ class TrainingLog:
         self.cadence.reset(every, global_step)
         if self.phase_timing is not None:
             self.phases = PhaseRecorder(self.phase_timing, device, self.session.clock)
-        self.closes_off_thread = world_size == 1 and self.phases is None
+
+    @property
+    def closes_off_thread(self) -> bool:
+        """Whether a window's figures may be built off the training thread: one process (no
+        collective) and no phases (their recorder lives on the training thread)."""
+        return self.world_size == 1 and self.phases is None
 
     def begin_stage(self) -> None:
         """A stage (fit, validate, …) begins: a new window, and no listener from an earlier stage."""

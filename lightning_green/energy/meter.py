@@ -35,11 +35,10 @@ Memory is flat: each sensor keeps a bounded window of recent points and a downsa
 from __future__ import annotations
 
 import bisect
-import math
 import threading
 from typing import Any, Iterable, Mapping
 
-from lightning_green.energy.channel import MIN_COUNTER_DT_S, RESET_FRACTION, Channel, DownsampledTrace
+from lightning_green.energy.channel import MIN_COUNTER_DT_S, RESET_FRACTION, Channel, DownsampledTrace, extrapolated_s
 from lightning_green._glue import check_int, check_number
 
 __all__ = ["MIN_COUNTER_DT_S", "RESET_FRACTION", "DownsampledTrace", "EnergyMeter"]
@@ -72,10 +71,10 @@ class EnergyMeter:
         self.extrapolate_s = check_number("extrapolate_s", extrapolate_s, 0.0)
         self._channels: dict[str, Channel] = {}
         self._lock = threading.Lock()
-        # name -> (newest reading time, cumulative J there with the offset, W there, dropped, time the
-        # extrapolation stops: the first failed attempt since that reading, else inf): replaced whole
-        # under the lock at each change, read without it for "energy now" (the per-step path)
-        self._newest: dict[str, tuple[float, float, float, bool, float]] = {}
+        # name -> (newest reading time, cumulative J there with the offset, W there, time the extrapolation
+        # stops: Channel.stop_t): replaced whole under the lock at each change, read without it for
+        # "energy now" (a dropped sensor stops where it failed)
+        self._newest: dict[str, tuple[float, float, float, float]] = {}
 
     # ------------------------------------------------------------------ feeding
     def add_channel(self, info: dict) -> None:
@@ -108,8 +107,7 @@ class EnergyMeter:
 
     def _note_newest(self, name: str, ch: Channel) -> None:
         if ch.t:
-            until = math.inf if ch.fail_t is None else ch.fail_t
-            self._newest[name] = (ch.t[-1], ch.offset_j + ch.e[-1], ch.p[-1], ch.failed is not None, until)
+            self._newest[name] = (ch.t[-1], ch.offset_j + ch.e[-1], ch.p[-1], ch.stop_t)
 
     def record(self, name: str, reading: Any) -> bool:
         """Add one reading. Returns False (and counts a gap) when the reading is rejected; never raises."""
@@ -150,20 +148,21 @@ class EnergyMeter:
     def info(self, name: str) -> dict:
         return dict(self._channels[name].info)
 
-    def newest(self) -> dict[str, tuple[float, float, float, bool, float]]:
+    def newest(self) -> dict[str, tuple[float, float, float, float]]:
         """Each sensor's newest reading, copied without the lock: ``{name: (time, cumulative J there with
-        the offset, W there, dropped, time the extrapolation stops (inf while reads succeed))}``. Pass it to :meth:`energy_at` to get, later and on any thread,
-        the figures "now" had when it was taken (a sensor without a reading yet is not in it)."""
+        the offset, W there, time the extrapolation stops)}``. Pass it to :meth:`energy_at` to get, later
+        and on any thread, the figures "now" had when it was taken (a sensor without a reading yet is
+        not in it)."""
         return dict(self._newest)  # one C call under the GIL: a consistent copy
 
-    def energy_at(self, name: str, t_s: float, readings: Mapping[str, tuple[float, float, float, bool, float]] | None = None) -> float:
+    def energy_at(self, name: str, t_s: float, readings: Mapping[str, tuple[float, float, float, float]] | None = None) -> float:
         """Joules this process measured on ``name`` from its first reading to ``t_s``, plus its offset
         (the energy carried in: earlier stages, a checkpoint); ``readings``: a :meth:`newest` copy to
         answer from, for ``t_s`` at or after its reading."""
         newest = (self._newest if readings is None else readings).get(name)
         if newest is not None and t_s >= newest[0]:  # now or later: no lock, no history
-            t, joules, watts, _dropped, until = newest
-            return joules + watts * max(0.0, min(min(t_s, until) - t, self.extrapolate_s))
+            t, joules, watts, stop_t = newest
+            return joules + watts * extrapolated_s(t_s, t, stop_t, self.extrapolate_s)
         with self._lock:
             ch = self._channels[name]
             return ch.offset_j + self._energy_at(ch, t_s)
