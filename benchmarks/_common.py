@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import operator
+import os
 import platform
 import statistics
 import sys
@@ -75,8 +75,8 @@ def table(rows: list[dict], columns: list[str] | None = None) -> str:
 
     cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=False)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=False)) for row in cells]
     return "\n".join(lines)
 
 
@@ -90,6 +90,8 @@ def write(name: str, payload: dict, repeats: int | None = None, quick: bool = Fa
         head["repeats"] = repeats
     payload = {**head, **payload}
     with open(path, "w") as f:
-        json.dump(payload, f, indent=2, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o))
+        json.dump(
+            payload, f, indent=2, default=lambda o: None if isinstance(o, float) and not math.isfinite(o) else str(o)
+        )
     print(f"wrote {path}")
     return path

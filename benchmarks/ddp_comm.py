@@ -161,12 +161,25 @@ def main() -> None:
     rows = []
     for preset, rs in runs.items():
         row = {"preset": preset, "rank": 0, "params": rs[0]["params"], "steps": rs[0]["steps"]}
-        for k in ("bytes_per_step", "mean_bytes_per_step", "steady_bytes_per_step", "uncompressed_bytes_per_step", "exposed_comm_ms_per_step", "step_ms", "train_loss_last", "held_out_loss"):
+        for k in (
+            "bytes_per_step",
+            "mean_bytes_per_step",
+            "steady_bytes_per_step",
+            "uncompressed_bytes_per_step",
+            "exposed_comm_ms_per_step",
+            "step_ms",
+            "train_loss_last",
+            "held_out_loss",
+        ):
             row[k] = summarize(r[k] for r in rs)
-        row["mean_ratio_to_none"] = summarize(r["mean_bytes_per_step"] / n["mean_bytes_per_step"] for r, n in zip(rs, none))
-        row["steady_ratio_to_none"] = summarize(r["steady_bytes_per_step"] / n["steady_bytes_per_step"] for r, n in zip(rs, none))
-        row["step_time_ratio_to_none"] = summarize(r["step_ms"] / n["step_ms"] for r, n in zip(rs, none))
-        row["held_out_loss_minus_none"] = summarize(r["held_out_loss"] - n["held_out_loss"] for r, n in zip(rs, none))
+        row["mean_ratio_to_none"] = summarize(
+            r["mean_bytes_per_step"] / n["mean_bytes_per_step"] for r, n in zip(rs, none, strict=False)
+        )
+        row["steady_ratio_to_none"] = summarize(
+            r["steady_bytes_per_step"] / n["steady_bytes_per_step"] for r, n in zip(rs, none, strict=False)
+        )
+        row["step_time_ratio_to_none"] = summarize(r["step_ms"] / n["step_ms"] for r, n in zip(rs, none, strict=False))
+        row["held_out_loss_minus_none"] = summarize(r["held_out_loss"] - n["held_out_loss"] for r, n in zip(rs, none, strict=False))
         rows.append(row)
     by = {r["preset"]: r for r in rows}
     psgd_steady = by["powersgd"]["steady_ratio_to_none"]["median"]
@@ -175,25 +188,47 @@ def main() -> None:
         "powersgd_le_tenth_of_none": met(by["powersgd"]["mean_ratio_to_none"], "<=", 0.1),
     }
     untrained = held_out_loss(MLP())
-    print(table([{k: v["median"] if isinstance(v, dict) else v for k, v in r.items()} for r in rows],
-                ["preset", "mean_bytes_per_step", "mean_ratio_to_none", "steady_ratio_to_none", "step_ms", "step_time_ratio_to_none",
-                 "exposed_comm_ms_per_step", "held_out_loss", "held_out_loss_minus_none"]))
-    print(f"medians of {args.repeats} interleaved rounds; {args.steps} steps, PowerSGD from step {args.powersgd_start}; "
-          f"params {rows[0]['params']:,}; held-out loss before training {untrained:.4f}; goals {goals}")
+    print(
+        table(
+            [{k: v["median"] if isinstance(v, dict) else v for k, v in r.items()} for r in rows],
+            [
+                "preset",
+                "mean_bytes_per_step",
+                "mean_ratio_to_none",
+                "steady_ratio_to_none",
+                "step_ms",
+                "step_time_ratio_to_none",
+                "exposed_comm_ms_per_step",
+                "held_out_loss",
+                "held_out_loss_minus_none",
+            ],
+        )
+    )
+    print(
+        f"medians of {args.repeats} interleaved rounds; {args.steps} steps, PowerSGD from step {args.powersgd_start}; "
+        f"params {rows[0]['params']:,}; held-out loss before training {untrained:.4f}; goals {goals}"
+    )
     write(
         "ddp_comm",
         {
             "setup": {
-                "processes": 2, "backend": "gloo", "steps": args.steps, "powersgd_rank": 2,
-                "powersgd_start_step": args.powersgd_start, "batch_size_per_rank": 64, "optimizer": "Adam(lr=2e-3)",
-                "model": f"MLP {IN}->{WIDTH}x{DEPTH}->{CLASSES}", "params": rows[0]["params"],
+                "processes": 2,
+                "backend": "gloo",
+                "steps": args.steps,
+                "powersgd_rank": 2,
+                "powersgd_start_step": args.powersgd_start,
+                "batch_size_per_rank": 64,
+                "optimizer": "Adam(lr=2e-3)",
+                "model": f"MLP {IN}->{WIDTH}x{DEPTH}->{CLASSES}",
+                "params": rows[0]["params"],
             },
             "rows": rows,
             "held_out_loss_untrained": untrained,
             "powersgd_break_even_steps": break_even_steps(args.powersgd_start, psgd_steady),
             "goals": goals,
         },
-        repeats=args.repeats, quick=args.quick,
+        repeats=args.repeats,
+        quick=args.quick,
     )
 
 

@@ -42,8 +42,16 @@ def _gpu_load(seconds: float, duty: float, size: int = 8192) -> None:
 
 def counter_vs_polled_repeated(seconds: float, repeats: int) -> dict:
     runs = [counter_vs_polled(seconds) for _ in range(repeats)]
-    rows = [{"window": row["window"], **{k: summarize(r["rows"][i][k] for r in runs) for k in ("seconds", "counter_j", "polled_j", "polled_over_counter", "mean_w_counter")}}
-            for i, row in enumerate(runs[0]["rows"])]
+    rows = [
+        {
+            "window": row["window"],
+            **{
+                k: summarize(r["rows"][i][k] for r in runs)
+                for k in ("seconds", "counter_j", "polled_j", "polled_over_counter", "mean_w_counter")
+            },
+        }
+        for i, row in enumerate(runs[0]["rows"])
+    ]
     return {**runs[0], "rows": rows}
 
 
@@ -67,13 +75,31 @@ def counter_vs_polled(seconds: float) -> dict:
     time.sleep(0.3)
     sampler.stop()
     rows = []
-    for (_, t0), (name, t1) in zip(marks, marks[1:]):
+    for (_, t0), (name, t1) in zip(marks, marks[1:], strict=False):
         c = meter.energy_between(t0, t1, ["gpu0"])
         p = meter.energy_between(t0, t1, ["gpu0_polled"])
-        rows.append({"window": name, "seconds": t1 - t0, "counter_j": c, "polled_j": p, "polled_over_counter": p / c if c else float("nan"), "mean_w_counter": c / (t1 - t0)})
+        rows.append(
+            {
+                "window": name,
+                "seconds": t1 - t0,
+                "counter_j": c,
+                "polled_j": p,
+                "polled_over_counter": p / c if c else float("nan"),
+                "mean_w_counter": c / (t1 - t0),
+            }
+        )
     t0, t1 = marks[0][1], marks[-1][1]
     c, p = meter.energy_between(t0, t1, ["gpu0"]), meter.energy_between(t0, t1, ["gpu0_polled"])
-    rows.append({"window": "all", "seconds": t1 - t0, "counter_j": c, "polled_j": p, "polled_over_counter": p / c if c else float("nan"), "mean_w_counter": c / (t1 - t0)})
+    rows.append(
+        {
+            "window": "all",
+            "seconds": t1 - t0,
+            "counter_j": c,
+            "polled_j": p,
+            "polled_over_counter": p / c if c else float("nan"),
+            "mean_w_counter": c / (t1 - t0),
+        }
+    )
     model = getattr(counter, "model", "")
     counter.close()
     polled.close()
@@ -120,7 +146,7 @@ def overhead(rounds: int, steps: int) -> dict:
         ov.one_run(2048, 256, 20, False, "auto", logdir, accelerator="cuda")
         for r in range(rounds):
             medians = {}
-            for with_energy in ((False, True) if r % 2 == 0 else (True, False)):
+            for with_energy in (False, True) if r % 2 == 0 else (True, False):
                 res = ov.one_run(2048, 256, steps, with_energy, "auto", logdir, accelerator="cuda")
                 medians[with_energy] = statistics.median(res["step_times"])
                 if with_energy:
@@ -128,7 +154,12 @@ def overhead(rounds: int, steps: int) -> dict:
             base.append(medians[False] * 1000)
             energy.append(medians[True] * 1000)
             ratios.append(medians[True] / medians[False])
-    return {"median_step_ms_baseline": summarize(base), "median_step_ms_with_callbacks": summarize(energy), "ratio_of_medians": summarize(ratios), "sources": sources}
+    return {
+        "median_step_ms_baseline": summarize(base),
+        "median_step_ms_with_callbacks": summarize(energy),
+        "ratio_of_medians": summarize(ratios),
+        "sources": sources,
+    }
 
 
 def qat_on_cuda(steps: int) -> dict:
@@ -142,8 +173,18 @@ def qat_on_cuda(steps: int) -> dict:
     data = ByteDataModule(max_bytes=400_000, block_size=128, batch_size=32)
     model = TinyGPT(block_size=128)
     qat = QuantizationAwareTraining(start_step=steps // 2)
-    trainer = L.Trainer(max_steps=steps, accelerator="cuda", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        limit_val_batches=5, val_check_interval=steps, num_sanity_val_steps=0, callbacks=[PowerSampler(print_summary=False), qat])
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cuda",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        limit_val_batches=5,
+        val_check_interval=steps,
+        num_sanity_val_steps=0,
+        callbacks=[PowerSampler(print_summary=False), qat],
+    )
     trainer.fit(model, datamodule=data)
     return {k: v for k, v in qat.report.items() if isinstance(v, (int, float, str))}
 
@@ -151,7 +192,9 @@ def qat_on_cuda(steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=12.0, help="length of the counter-vs-polled load")
-    parser.add_argument("--repeats", type=int, default=MIN_REPEATS, help="counter-vs-polled runs and interleaved overhead rounds")
+    parser.add_argument(
+        "--repeats", type=int, default=MIN_REPEATS, help="counter-vs-polled runs and interleaved overhead rounds"
+    )
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--skip-qat", action="store_true")
     args = parser.parse_args()
@@ -172,8 +215,12 @@ def main() -> None:
         print(f"gpu_check: CUDA is present but NVML is not usable ({err}); nothing to check (exit 0).")
         return
     results: dict = {}
-    for name, fn in (("counter_vs_polled", lambda: counter_vs_polled_repeated(args.seconds, args.repeats)), ("power_limits", power_limits),
-                     ("overhead", lambda: overhead(args.repeats, args.steps)), ("qat_cuda", None if args.skip_qat else lambda: qat_on_cuda(args.steps))):
+    for name, fn in (
+        ("counter_vs_polled", lambda: counter_vs_polled_repeated(args.seconds, args.repeats)),
+        ("power_limits", power_limits),
+        ("overhead", lambda: overhead(args.repeats, args.steps)),
+        ("qat_cuda", None if args.skip_qat else lambda: qat_on_cuda(args.steps)),
+    ):
         if fn is None:
             continue
         t = time.monotonic()

@@ -41,7 +41,11 @@ def traces(interval_s: float):
     out = {
         "constant 150 W": (lambda t: 150.0, lambda t: 150.0 * t, True),
         "ramp 50->350 W over 3 s": (lambda t: 50.0 + 100.0 * t, lambda t: 50.0 * t + 50.0 * t * t, True),
-        "sine 200 +/- 100 W, 5 s period": (lambda t: 200.0 + 100.0 * math.sin(w * t), lambda t: 200.0 * t + 100.0 / w * (1 - math.cos(w * t)), True),
+        "sine 200 +/- 100 W, 5 s period": (
+            lambda t: 200.0 + 100.0 * math.sin(w * t),
+            lambda t: 200.0 * t + 100.0 / w * (1 - math.cos(w * t)),
+            True,
+        ),
     }
     for mult in (2.5, 1.1):
         p, e = square(mult * interval_s)
@@ -52,7 +56,7 @@ def traces(interval_s: float):
 def run_once(seconds: float, interval_s: float, rng: random.Random) -> dict[str, dict]:
     """Every trace sampled at once for ``seconds``: per trace its readings and errors."""
     runs = {}
-    for name, (power, energy, smooth) in traces(interval_s).items():
+    for name, (power, energy, _smooth) in traces(interval_s).items():
         sensor = SimulatedSensor(power_w=power, name="sim")
         meter = EnergyMeter(extrapolate_s=interval_s)
         runs[name] = (sensor, meter, Sampler([sensor], meter, interval_s=interval_s), energy)
@@ -63,7 +67,9 @@ def run_once(seconds: float, interval_s: float, rng: random.Random) -> dict[str,
         sampler.stop()
     out = {}
     for name, (_, meter, _, energy) in runs.items():
-        times = [t for t, _ in meter.samples_between("sim", -math.inf, math.inf)]  # every reading: the history holds them all
+        times = [
+            t for t, _ in meter.samples_between("sim", -math.inf, math.inf)
+        ]  # every reading: the history holds them all
         if len(times) != meter.stats("sim")["samples"]:
             raise RuntimeError(f"{name}: the meter's history dropped readings; raise EnergyMeter(history=...)")
         t0 = a = times[0]  # a SimulatedSensor's scripted time starts at its first reading
@@ -75,7 +81,11 @@ def run_once(seconds: float, interval_s: float, rng: random.Random) -> dict[str,
             got = meter.energy_between(w0, w0 + 1.0)
             want = energy(w0 + 1.0 - t0) - energy(w0 - t0)
             window_errors.append(abs(got - want) / want * 100)
-        out[name] = {"readings": len(times), "error_pct": abs(meter.energy_between(a, b) - exact) / exact * 100, "max_1s_window_error_pct": max(window_errors)}
+        out[name] = {
+            "readings": len(times),
+            "error_pct": abs(meter.energy_between(a, b) - exact) / exact * 100,
+            "max_1s_window_error_pct": max(window_errors),
+        }
     return out
 
 
@@ -85,15 +95,28 @@ def run(seconds: float, interval_s: float, repeats: int) -> dict:
     rows = []
     for name, (_, _, smooth) in traces(interval_s).items():
         error = summarize(r[name]["error_pct"] for r in runs)
-        rows.append({
-            "trace": name, "smooth": smooth, "readings": summarize(r[name]["readings"] for r in runs), "error_pct": error,
-            "max_1s_window_error_pct": summarize(r[name]["max_1s_window_error_pct"] for r in runs),
-            "goal": "<= 0.5 %" if smooth else "reported as is", "meets_goal": met(error, "<=", 0.5) if smooth else None,
-        })
+        rows.append(
+            {
+                "trace": name,
+                "smooth": smooth,
+                "readings": summarize(r[name]["readings"] for r in runs),
+                "error_pct": error,
+                "max_1s_window_error_pct": summarize(r[name]["max_1s_window_error_pct"] for r in runs),
+                "goal": "<= 0.5 %" if smooth else "reported as is",
+                "meets_goal": met(error, "<=", 0.5) if smooth else None,
+            }
+        )
     smooth = [name for name, (_, _, ok) in traces(interval_s).items() if ok]
     worst = summarize(max(r[name]["error_pct"] for name in smooth) for r in runs)
-    return {"interval_s": interval_s, "seconds_per_trace": seconds, "source": "simulated", "rows": rows,
-            "worst_smooth_error_pct": worst, "goal_pct": 0.5, "meets_goal": met(worst, "<=", 0.5)}
+    return {
+        "interval_s": interval_s,
+        "seconds_per_trace": seconds,
+        "source": "simulated",
+        "rows": rows,
+        "worst_smooth_error_pct": worst,
+        "goal_pct": 0.5,
+        "meets_goal": met(worst, "<=", 0.5),
+    }
 
 
 def main() -> None:
@@ -104,9 +127,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="development run: marks the JSON as quick")
     args = parser.parse_args()
     result = run(args.seconds, args.interval, args.repeats)
-    print(table([{**r, "error_pct": r["error_pct"]["median"], "error_pct_max": r["error_pct"]["max"],
-                  "max_1s_window_error_pct": r["max_1s_window_error_pct"]["max"]} for r in result["rows"]],
-                ["trace", "error_pct", "error_pct_max", "max_1s_window_error_pct", "goal"]))
+    print(
+        table(
+            [
+                {
+                    **r,
+                    "error_pct": r["error_pct"]["median"],
+                    "error_pct_max": r["error_pct"]["max"],
+                    "max_1s_window_error_pct": r["max_1s_window_error_pct"]["max"],
+                }
+                for r in result["rows"]
+            ],
+            ["trace", "error_pct", "error_pct_max", "max_1s_window_error_pct", "goal"],
+        )
+    )
     print(f"{args.repeats} repeats; error_pct is the median over them")
     write("integration", result, repeats=args.repeats, quick=args.quick)
 

@@ -28,13 +28,26 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
 
 LOG_EVERY_N_STEPS = 10
-PER_STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_optimizer_step", "on_after_backward", "on_before_zero_grad", "on_before_backward")
+PER_STEP_HOOKS = (
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_before_optimizer_step",
+    "on_after_backward",
+    "on_before_zero_grad",
+    "on_before_backward",
+)
 
 
 class MLP(LightningModule):
     def __init__(self, width: int):
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, 10))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(width, width),
+            torch.nn.ReLU(),
+            torch.nn.Linear(width, width),
+            torch.nn.ReLU(),
+            torch.nn.Linear(width, 10),
+        )
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -64,7 +77,7 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter())
 
     def step_times(self, skip: int = 5) -> list[float]:
-        return [b - a for a, b in zip(self.times[skip:], self.times[skip + 1 :])]
+        return [b - a for a, b in zip(self.times[skip:], self.times[skip + 1 :], strict=False)]
 
 
 class HookTimer(Callback):
@@ -126,7 +139,16 @@ def one_time_ms(picture: bool, logdir: str) -> float:
     return spent[0] * 1000
 
 
-def one_run(width: int, batch: int, steps: int, with_energy: bool, sensors: str, logdir: str, accelerator: str = "cpu", noop: bool = False) -> dict:
+def one_run(
+    width: int,
+    batch: int,
+    steps: int,
+    with_energy: bool,
+    sensors: str,
+    logdir: str,
+    accelerator: str = "cpu",
+    noop: bool = False,
+) -> dict:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(batch * 64, width), torch.randint(0, 10, (batch * 64,)))
     timer = StepTimer()
@@ -135,15 +157,24 @@ def one_run(width: int, batch: int, steps: int, with_energy: bool, sensors: str,
     if noop:
         callbacks += [NoOp(), NoOp()]
     if with_energy:
-        ps = PowerSampler(sensors=[SimulatedSensor(100.0)] if sensors == "simulated" else sensors, interval_s=0.1, print_summary=False)
+        ps = PowerSampler(
+            sensors=[SimulatedSensor(100.0)] if sensors == "simulated" else sensors, interval_s=0.1, print_summary=False
+        )
         eff = EfficiencyLogger()
         empty = EmptyHook()
         callbacks += [ps, eff, empty]
         hook_timer, empty_timer = HookTimer([ps, eff]), HookTimer([empty])
         callbacks += [hook_timer, empty_timer]
     trainer = Trainer(
-        max_steps=steps, accelerator=accelerator, devices=1, logger=TensorBoardLogger(logdir), log_every_n_steps=LOG_EVERY_N_STEPS,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks + [timer],
+        max_steps=steps,
+        accelerator=accelerator,
+        devices=1,
+        logger=TensorBoardLogger(logdir),
+        log_every_n_steps=LOG_EVERY_N_STEPS,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=callbacks + [timer],
     )
     trainer.fit(MLP(width), DataLoader(data, batch_size=batch, shuffle=True))
     out = {"step_times": timer.step_times(), "hook_ns_per_step": hook_timer.per_step_ns if hook_timer else [],
@@ -163,13 +194,31 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="development run: marks the JSON as quick")
     args = parser.parse_args()
     torch.set_num_threads(1)  # leave the second core to the sampler thread and the OS, as on a loaded machine
-    per_round = {k: [] for k in ("base_ms", "energy_ms", "noop_ms", "ratio", "ratio_noop", "ratio_vs_noop", "hook_median_us", "hook_mean_us", "hook_max_us", "empty_hook_us", "one_time_ms", "one_time_picture_ms")}
+    per_round = {
+        k: []
+        for k in (
+            "base_ms",
+            "energy_ms",
+            "noop_ms",
+            "ratio",
+            "ratio_noop",
+            "ratio_vs_noop",
+            "hook_median_us",
+            "hook_mean_us",
+            "hook_max_us",
+            "empty_hook_us",
+            "one_time_ms",
+            "one_time_picture_ms",
+        )
+    }
     sources: list[str] = []
     with tempfile.TemporaryDirectory() as logdir:
         one_run(args.width, args.batch, 20, False, args.sensors, logdir)  # warm-up, discarded
         medians: dict[str, float] = {}
-        for r, config in interleaved(("base", "energy", "noop"), args.rounds):
-            res = one_run(args.width, args.batch, args.steps, config == "energy", args.sensors, logdir, noop=config == "noop")
+        for _r, config in interleaved(("base", "energy", "noop"), args.rounds):
+            res = one_run(
+                args.width, args.batch, args.steps, config == "energy", args.sensors, logdir, noop=config == "noop"
+            )
             medians[config] = statistics.median(res["step_times"])
             if config == "energy":
                 hook_us = [ns / 1000 for ns in res["hook_ns_per_step"]]
@@ -203,25 +252,51 @@ def main() -> None:
         ("one-time hooks per fit, summary JSON (ms)", "one_time_ms", "<= 50"),
         ("one-time hooks per fit, with the report picture (ms)", "one_time_picture_ms", "<= 1000"),
     ]
-    print(table([{"figure": f, "min": s[k]["min"], "median": s[k]["median"], "max": s[k]["max"], "goal": g} for f, k, g in figures]))
-    print(f"sensor sources: {sources}; {args.rounds} interleaved rounds x {args.steps} steps; sampling at 10 Hz; log_every_n_steps={LOG_EVERY_N_STEPS}")
+    print(
+        table(
+            [
+                {"figure": f, "min": s[k]["min"], "median": s[k]["median"], "max": s[k]["max"], "goal": g}
+                for f, k, g in figures
+            ]
+        )
+    )
+    print(
+        f"sensor sources: {sources}; {args.rounds} interleaved rounds x {args.steps} steps; sampling at 10 Hz; log_every_n_steps={LOG_EVERY_N_STEPS}"
+    )
     write(
         "overhead",
         {
-            "rounds": args.rounds, "steps_per_run": args.steps, "width": args.width, "batch": args.batch, "interval_s": 0.1,
-            "log_every_n_steps": LOG_EVERY_N_STEPS, "sensors": args.sensors, "sources": sources,
-            "median_step_ms_baseline": s["base_ms"], "median_step_ms_with_callbacks": s["energy_ms"],
-            "ratio_of_medians": s["ratio"], "goal_ratio": 1.005, "meets_ratio_goal": met(s["ratio"], "<=", 1.005),
-            "median_step_ms_two_noop_callbacks": s["noop_ms"], "ratio_noop_callbacks": s["ratio_noop"],
+            "rounds": args.rounds,
+            "steps_per_run": args.steps,
+            "width": args.width,
+            "batch": args.batch,
+            "interval_s": 0.1,
+            "log_every_n_steps": LOG_EVERY_N_STEPS,
+            "sensors": args.sensors,
+            "sources": sources,
+            "median_step_ms_baseline": s["base_ms"],
+            "median_step_ms_with_callbacks": s["energy_ms"],
+            "ratio_of_medians": s["ratio"],
+            "goal_ratio": 1.005,
+            "meets_ratio_goal": met(s["ratio"], "<=", 1.005),
+            "median_step_ms_two_noop_callbacks": s["noop_ms"],
+            "ratio_noop_callbacks": s["ratio_noop"],
             "ratio_vs_noop_callbacks": s["ratio_vs_noop"],
-            "hook_us_per_step_median": s["hook_median_us"], "goal_hook_us": 20.0, "meets_hook_goal": met(s["hook_median_us"], "<=", 20.0),
-            "hook_us_per_step_mean_incl_log_steps": s["hook_mean_us"], "goal_hook_mean_us": 15.0,
+            "hook_us_per_step_median": s["hook_median_us"],
+            "goal_hook_us": 20.0,
+            "meets_hook_goal": met(s["hook_median_us"], "<=", 20.0),
+            "hook_us_per_step_mean_incl_log_steps": s["hook_mean_us"],
+            "goal_hook_mean_us": 15.0,
             "meets_hook_mean_goal": met(s["hook_mean_us"], "<=", 15.0),
-            "hook_us_slowest_step": s["hook_max_us"], "empty_hook_us_per_step_median": s["empty_hook_us"],
-            "one_time_ms": s["one_time_ms"], "meets_one_time_goal": met(s["one_time_ms"], "<=", 50.0),
-            "one_time_ms_with_picture": s["one_time_picture_ms"], "meets_picture_goal": met(s["one_time_picture_ms"], "<=", 1000.0),
+            "hook_us_slowest_step": s["hook_max_us"],
+            "empty_hook_us_per_step_median": s["empty_hook_us"],
+            "one_time_ms": s["one_time_ms"],
+            "meets_one_time_goal": met(s["one_time_ms"], "<=", 50.0),
+            "one_time_ms_with_picture": s["one_time_picture_ms"],
+            "meets_picture_goal": met(s["one_time_picture_ms"], "<=", 1000.0),
         },
-        repeats=args.rounds, quick=args.quick,
+        repeats=args.rounds,
+        quick=args.quick,
     )
 
 

@@ -76,11 +76,23 @@ class StepTimer(Callback):
 
 
 def fit(data_ms: float, steps: int, phases: bool) -> tuple[PowerSampler, list[float]]:
-    ps = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.1, phases=phases, print_summary=False, summary_dir="/tmp/lightning_green_phases")
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(100.0)],
+        interval_s=0.1,
+        phases=phases,
+        print_summary=False,
+        summary_dir="/tmp/lightning_green_phases",
+    )
     timer = StepTimer()
     hook_ns = [0]
     if phases:  # time the phase hooks themselves
-        for name in ("on_train_batch_start", "on_before_zero_grad", "on_before_backward", "on_after_backward", "on_before_optimizer_step"):
+        for name in (
+            "on_train_batch_start",
+            "on_before_zero_grad",
+            "on_before_backward",
+            "on_after_backward",
+            "on_before_optimizer_step",
+        ):
             hook = getattr(ps, name)
 
             def timed(*a, _h=hook, **k):
@@ -89,11 +101,19 @@ def fit(data_ms: float, steps: int, phases: bool) -> tuple[PowerSampler, list[fl
                 hook_ns[0] += time.perf_counter_ns() - t
 
             setattr(ps, name, timed)
-    trainer = Trainer(max_steps=steps, accelerator="cpu", logger=False, log_every_n_steps=10, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False, callbacks=[ps, timer])
+    trainer = Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        log_every_n_steps=10,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[ps, timer],
+    )
     d = data_ms / 1000
     trainer.fit(Model(d, 0.090 - d, 0.010))
-    return ps, [b - a for a, b in zip(timer.t[2:], timer.t[3:])], hook_ns[0]
+    return ps, [b - a for a, b in zip(timer.t[2:], timer.t[3:], strict=False)], hook_ns[0]
 
 
 DELAYS_MS = (0, 10, 20, 30, 40, 50)
@@ -106,9 +126,14 @@ def sweep_once(steps: int) -> dict[int, dict]:
         rows = {r["phase"]: r for r in ps.summary["sections"]["energy by phase"]}
         step_ms = statistics.median(times) * 1000
         expected = 100 * data_ms / step_ms
-        out[data_ms] = {"median_step_ms": step_ms, "expected_data_share_pct": expected, "data_energy_share_pct": rows["data"]["energy_share_pct"],
-                        "compute_share_pct": rows["compute"]["energy_share_pct"], "optimizer_share_pct": rows["optimizer"]["energy_share_pct"],
-                        "error_points": rows["data"]["energy_share_pct"] - expected}
+        out[data_ms] = {
+            "median_step_ms": step_ms,
+            "expected_data_share_pct": expected,
+            "data_energy_share_pct": rows["data"]["energy_share_pct"],
+            "compute_share_pct": rows["compute"]["energy_share_pct"],
+            "optimizer_share_pct": rows["optimizer"]["energy_share_pct"],
+            "error_points": rows["data"]["energy_share_pct"] - expected,
+        }
     return out
 
 
@@ -126,8 +151,22 @@ def main() -> None:
         row["within_5_points"] = abs(row["error_points"]["median"]) <= 5.0
         sweep.append(row)
     worst = summarize(max(abs(s[d]["error_points"]) for d in DELAYS_MS) for s in sweeps)
-    print(table([{"data_sleep_ms": r["data_sleep_ms"], **{k: r[k]["median"] for k in ("median_step_ms", "expected_data_share_pct", "data_energy_share_pct")},
-                  "error_points_min": r["error_points"]["min"], "error_points_max": r["error_points"]["max"]} for r in sweep]))
+    print(
+        table(
+            [
+                {
+                    "data_sleep_ms": r["data_sleep_ms"],
+                    **{
+                        k: r[k]["median"]
+                        for k in ("median_step_ms", "expected_data_share_pct", "data_energy_share_pct")
+                    },
+                    "error_points_min": r["error_points"]["min"],
+                    "error_points_max": r["error_points"]["max"],
+                }
+                for r in sweep
+            ]
+        )
+    )
     per_round = {k: [] for k in ("off_ms", "on_ms", "ratio", "hook_us", "hook_pct")}
     medians: dict[bool, float] = {}
     for _, phases in interleaved((True, False), args.rounds):
@@ -143,13 +182,39 @@ def main() -> None:
             per_round["hook_pct"].append(hook_us / 1e6 / medians[False] * 100)
             medians = {}
     s = {k: summarize(v) for k, v in per_round.items()}
-    overhead = {"median_step_ms_phases_off": s["off_ms"], "median_step_ms_phases_on": s["on_ms"], "ratio_of_medians": s["ratio"],
-                "phase_hook_us_per_step": s["hook_us"], "phase_hook_pct_of_step": s["hook_pct"], "goal_pct": 1.0,
-                "meets_goal": met(s["hook_pct"], "<=", 1.0) and met(s["ratio"], "<=", 1.01)}
-    print(table([{"figure": k, "min": v["min"], "median": v["median"], "max": v["max"]} for k, v in overhead.items() if isinstance(v, dict)]))
-    write("phases", {"source": "simulated", "sweep": sweep, "worst_error_points": worst, "overhead": overhead, "steps": args.steps,
-                     "sweeps": args.repeats, "rounds": args.rounds, "all_within_5_points": met(worst, "<=", 5.0)},
-          repeats=min(args.repeats, args.rounds), quick=args.quick)
+    overhead = {
+        "median_step_ms_phases_off": s["off_ms"],
+        "median_step_ms_phases_on": s["on_ms"],
+        "ratio_of_medians": s["ratio"],
+        "phase_hook_us_per_step": s["hook_us"],
+        "phase_hook_pct_of_step": s["hook_pct"],
+        "goal_pct": 1.0,
+        "meets_goal": met(s["hook_pct"], "<=", 1.0) and met(s["ratio"], "<=", 1.01),
+    }
+    print(
+        table(
+            [
+                {"figure": k, "min": v["min"], "median": v["median"], "max": v["max"]}
+                for k, v in overhead.items()
+                if isinstance(v, dict)
+            ]
+        )
+    )
+    write(
+        "phases",
+        {
+            "source": "simulated",
+            "sweep": sweep,
+            "worst_error_points": worst,
+            "overhead": overhead,
+            "steps": args.steps,
+            "sweeps": args.repeats,
+            "rounds": args.rounds,
+            "all_within_5_points": met(worst, "<=", 5.0),
+        },
+        repeats=min(args.repeats, args.rounds),
+        quick=args.quick,
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,15 @@ SETTINGS = [{"eta": e} for e in (0.0, 0.25, 0.5, 0.75, 1.0)] + [{"max_slowdown":
 def analytic(control: SimulatedPowerControl, setting: dict) -> dict:
     eta, max_slowdown = setting.get("eta", 0.5), setting.get("max_slowdown")
     # exact model figures: nothing to settle
-    search = LimitSearch(limit_grid(MIN_W, MAX_W, GRID_W), warmup_steps=0, profile_steps=1, settle_steps=0, eta=eta, max_slowdown=max_slowdown, p_max_w=MAX_W)
+    search = LimitSearch(
+        limit_grid(MIN_W, MAX_W, GRID_W),
+        warmup_steps=0,
+        profile_steps=1,
+        settle_steps=0,
+        eta=eta,
+        max_slowdown=max_slowdown,
+        p_max_w=MAX_W,
+    )
     steps = 0
     while not search.done:
         if search.due(steps):
@@ -52,9 +60,17 @@ def analytic(control: SimulatedPowerControl, setting: dict) -> dict:
     fine = [MIN_W + 0.5 * i for i in range(int((MAX_W - MIN_W) / 0.5) + 1)]
     t_max = control.step_time_s(MAX_W, STEP_S)
     if max_slowdown is None:
-        best = min(fine, key=lambda w: eta * control.energy_per_step_j(w, STEP_S) + (1 - eta) * MAX_W * control.step_time_s(w, STEP_S))
+        best = min(
+            fine,
+            key=lambda w: (
+                eta * control.energy_per_step_j(w, STEP_S) + (1 - eta) * MAX_W * control.step_time_s(w, STEP_S)
+            ),
+        )
     else:
-        best = min((w for w in fine if control.step_time_s(w, STEP_S) <= max_slowdown * t_max), key=lambda w: control.energy_per_step_j(w, STEP_S))
+        best = min(
+            (w for w in fine if control.step_time_s(w, STEP_S) <= max_slowdown * t_max),
+            key=lambda w: control.energy_per_step_j(w, STEP_S),
+        )
     chosen = search.chosen_w
     e_max, e = control.energy_per_step_j(MAX_W, STEP_S), control.energy_per_step_j(chosen, STEP_S)
     return {
@@ -76,16 +92,30 @@ def live() -> dict:
     from lightning_green.strategies import EnergyAwareDDPStrategy
 
     control = SimulatedPowerControl(min_w=MIN_W, max_w=MAX_W, step_s=STEP_S)
-    sampler = PowerSampler(sensors=[control.sensor()], interval_s=0.01, print_summary=False, summary_dir=tempfile.mkdtemp())
+    sampler = PowerSampler(
+        sensors=[control.sensor()], interval_s=0.01, print_summary=False, summary_dir=tempfile.mkdtemp()
+    )
     strategy = EnergyAwareDDPStrategy(
-        power_limit="search", power_control=control, warmup_steps=WARMUP_STEPS, settle_steps=SETTLE_STEPS, profile_steps=PROFILE_STEPS,
-        limit_step_w=LIVE_GRID_W, power_limit_cache=False,
+        power_limit="search",
+        power_control=control,
+        warmup_steps=WARMUP_STEPS,
+        settle_steps=SETTLE_STEPS,
+        profile_steps=PROFILE_STEPS,
+        limit_step_w=LIVE_GRID_W,
+        power_limit_cache=False,
     )
     n_limits = len(limit_grid(MIN_W, MAX_W, LIVE_GRID_W))
     trainer = Trainer(
-        accelerator="cpu", devices=1, strategy=strategy, max_steps=WARMUP_STEPS + n_limits * (SETTLE_STEPS + PROFILE_STEPS) + AFTER_STEPS,
-        logger=False, callbacks=[sampler],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tempfile.mkdtemp(),
+        accelerator="cpu",
+        devices=1,
+        strategy=strategy,
+        max_steps=WARMUP_STEPS + n_limits * (SETTLE_STEPS + PROFILE_STEPS) + AFTER_STEPS,
+        logger=False,
+        callbacks=[sampler],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tempfile.mkdtemp(),
     )
     trainer.fit(BoringModel())
     search = strategy.power_limiter.search  # the PowerLimitSearch callback's LimitSearch
@@ -101,19 +131,37 @@ def live() -> dict:
         }
         for p in search.profiles
     ]
-    best = min(limit_grid(MIN_W, MAX_W, LIVE_GRID_W), key=lambda w: 0.5 * control.energy_per_step_j(w) + 0.5 * MAX_W * control.step_time_s(w))
-    return {"chosen_w": search.chosen_w, "model_optimum_on_grid_w": best, "grid_w": LIVE_GRID_W, "rows": rows, "restored_limit_w": control.get_limit_w(),
-            "steps": trainer.global_step}
+    best = min(
+        limit_grid(MIN_W, MAX_W, LIVE_GRID_W),
+        key=lambda w: 0.5 * control.energy_per_step_j(w) + 0.5 * MAX_W * control.step_time_s(w),
+    )
+    return {
+        "chosen_w": search.chosen_w,
+        "model_optimum_on_grid_w": best,
+        "grid_w": LIVE_GRID_W,
+        "rows": rows,
+        "restored_limit_w": control.get_limit_w(),
+        "steps": trainer.global_step,
+    }
 
 
 def live_repeated(repeats: int) -> dict:
     runs = [live() for _ in range(repeats)]
     optimum = runs[0]["model_optimum_on_grid_w"]
     return {
-        "chosen_w": summarize(r["chosen_w"] for r in runs), "model_optimum_on_grid_w": optimum, "grid_w": runs[0]["grid_w"],
-        "runs_choosing_optimum": sum(r["chosen_w"] == optimum for r in runs), "restored_limit_w": summarize(r["restored_limit_w"] for r in runs),
-        "schedule": {"warmup_steps": WARMUP_STEPS, "settle_steps": SETTLE_STEPS, "profile_steps": PROFILE_STEPS, "steps": runs[0]["steps"]},
-        "rows": runs[-1]["rows"], "runs": [{"chosen_w": r["chosen_w"], "restored_limit_w": r["restored_limit_w"]} for r in runs],
+        "chosen_w": summarize(r["chosen_w"] for r in runs),
+        "model_optimum_on_grid_w": optimum,
+        "grid_w": runs[0]["grid_w"],
+        "runs_choosing_optimum": sum(r["chosen_w"] == optimum for r in runs),
+        "restored_limit_w": summarize(r["restored_limit_w"] for r in runs),
+        "schedule": {
+            "warmup_steps": WARMUP_STEPS,
+            "settle_steps": SETTLE_STEPS,
+            "profile_steps": PROFILE_STEPS,
+            "steps": runs[0]["steps"],
+        },
+        "rows": runs[-1]["rows"],
+        "runs": [{"chosen_w": r["chosen_w"], "restored_limit_w": r["restored_limit_w"]} for r in runs],
     }
 
 
@@ -127,7 +175,15 @@ def main() -> None:
     rows = [analytic(control, s) for s in SETTINGS]
     print(table(rows))
     result = {
-        "model": {"min_w": MIN_W, "max_w": MAX_W, "demand_w": control.demand_w, "static_w": control.static_w, "beta": control.beta, "step_s": STEP_S, "grid_w": GRID_W},
+        "model": {
+            "min_w": MIN_W,
+            "max_w": MAX_W,
+            "demand_w": control.demand_w,
+            "static_w": control.static_w,
+            "beta": control.beta,
+            "step_s": STEP_S,
+            "grid_w": GRID_W,
+        },
         "analytic": rows,
         "goal_within_one_grid_step": all(r["within_one_step"] for r in rows),
     }
@@ -135,7 +191,9 @@ def main() -> None:
         result["live"] = live = live_repeated(args.repeats)
         print()
         print(table(live["rows"]))
-        print(f"live, {args.repeats} runs: chose {[r['chosen_w'] for r in live['runs']]} W; the model's optimum on the 50 W grid is {live['model_optimum_on_grid_w']:g} W")
+        print(
+            f"live, {args.repeats} runs: chose {[r['chosen_w'] for r in live['runs']]} W; the model's optimum on the 50 W grid is {live['model_optimum_on_grid_w']:g} W"
+        )
     print(f"goal (analytic choice within one {GRID_W:g} W step of the optimum): {result['goal_within_one_grid_step']}")
     write("power_limit", result, repeats=args.repeats, quick=args.quick)
 

@@ -27,8 +27,9 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "examples"), str(ROOT / "benchmarks")]
 
 import _common  # noqa: E402
-
 from tinygpt_model import VOCAB_SIZE, ByteDataModule  # noqa: E402
 
 from lightning_green import PowerSampler  # noqa: E402
@@ -109,8 +109,14 @@ def without_linear(model: GPTModule) -> GPTModule:
     return model
 
 
-def decode_split(models: dict[str, GPTModule], prompt: torch.Tensor, new_tokens: int, repeats: int,
-                 kernel_ratio: float | None, tries: int = 3) -> dict[str, list[float]]:
+def decode_split(
+    models: dict[str, GPTModule],
+    prompt: torch.Tensor,
+    new_tokens: int,
+    repeats: int,
+    kernel_ratio: float | None,
+    tries: int = 3,
+) -> dict[str, list[float]]:
     """Decode (batch 1) time per token of float and converted, and of both with their Linear layers at no cost,
     interleaved, each the fastest of ``tries`` runs (differences of times need the least disturbed ones on a
     shared machine); per repeat: the share of float's time outside the Linear layers, the Linear layers' own
@@ -131,9 +137,9 @@ def decode_split(models: dict[str, GPTModule], prompt: torch.Tensor, new_tokens:
             s[name].append(best / new_tokens)
     out = {f"decode_b1_split_s_{k}": v for k, v in s.items()}
     f, c, fo, co = s["float"], s["converted"], s["float_outside_linear"], s["converted_outside_linear"]
-    out["decode_b1_outside_linear_share"] = [o / t for o, t in zip(fo, f)]
-    out["decode_b1_linear_ratio"] = [(ct - o2) / (ft - o1) for ct, o2, ft, o1 in zip(c, co, f, fo)]
-    out["decode_b1_ratio_free_linear"] = [o2 / ft for o2, ft in zip(co, f)]
+    out["decode_b1_outside_linear_share"] = [o / t for o, t in zip(fo, f, strict=False)]
+    out["decode_b1_linear_ratio"] = [(ct - o2) / (ft - o1) for ct, o2, ft, o1 in zip(c, co, f, fo, strict=False)]
+    out["decode_b1_ratio_free_linear"] = [o2 / ft for o2, ft in zip(co, f, strict=False)]
     if kernel_ratio is not None:
         out["decode_b1_ratio_bound"] = [sh + kernel_ratio * (1 - sh) for sh in out["decode_b1_outside_linear_share"]]
     return out
@@ -200,9 +206,11 @@ def step_ratio(qat_model: GPTModule, float_model: GPTModule, batches: list, repe
 def run(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     seed_everything(args.seed, verbose=False)
-    dm = ByteDataModule(max_bytes=args.max_bytes, block_size=args.block_size, batch_size=args.batch_size, seed=args.seed)
+    dm = ByteDataModule(
+        max_bytes=args.max_bytes, block_size=args.block_size, batch_size=args.batch_size, seed=args.seed
+    )
     dm.setup()
-    val = [b for _, b in zip(range(args.eval_batches), dm.val_dataloader())]
+    val = [b for _, b in zip(range(args.eval_batches), dm.val_dataloader(), strict=False)]
     base = GPTModule(args.n_layer, args.n_embd, context(args), lr=1e-3)
     trainer(args.steps, []).fit(base, datamodule=dm)
     state = copy.deepcopy(base.state_dict())
@@ -233,21 +241,25 @@ def run(args: argparse.Namespace) -> dict:
     models = {"float": ft_float, "converted": qat_model}
     prompt = {b: torch.randint(0, VOCAB_SIZE, (b, 8)) for b in (1, 16)}
     prefill = torch.randint(0, VOCAB_SIZE, (8, args.block_size))
-    regimes = {f"decode_b{b}": (lambda m, b=b: generate(m, prompt[b], args.new_tokens), args.new_tokens * b) for b in (1, 16)}
+    regimes = {
+        f"decode_b{b}": (lambda m, b=b: generate(m, prompt[b], args.new_tokens), args.new_tokens * b) for b in (1, 16)
+    }
     regimes["prefill"] = (lambda m: torch.inference_mode()(m)(prefill), prefill.shape[0])
     for regime, (fn, units) in regimes.items():
         for name in models:
             fn(models[name])  # warm-up
         for r in range(args.repeats):
-            for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
+            for name in list(models) if r % 2 == 0 else list(models)[::-1]:
                 joules, seconds = estimate_energy_j(sensor, lambda: fn(models[name]))
                 figures.setdefault(f"{regime}_s_{name}", []).append(seconds / units)
                 figures.setdefault(f"{regime}_j_{name}", []).append(joules / units)
-        figures[f"{regime}_ratio"] = [c / f for c, f in zip(figures[f"{regime}_s_converted"], figures[f"{regime}_s_float"])]
+        figures[f"{regime}_ratio"] = [
+            c / f for c, f in zip(figures[f"{regime}_s_converted"], figures[f"{regime}_s_float"], strict=False)
+        ]
 
     figures |= decode_split(models, prompt[1], args.new_tokens, args.repeats, report.get("kernel_decode_ratio"))
 
-    train_batches = [b for _, b in zip(range(args.timing_steps), dm.train_dataloader())]
+    train_batches = [b for _, b in zip(range(args.timing_steps), dm.train_dataloader(), strict=False)]
     prepared = QuantizationAwareTraining().prepare(copy.deepcopy(base))
     figures["qat_step_ratio"] = step_ratio(prepared, copy.deepcopy(base), train_batches, args.repeats)
 
@@ -274,13 +286,19 @@ def run(args: argparse.Namespace) -> dict:
 
 def goal_table(result: dict) -> list[dict]:
     f, s = result["figures"], result["single"]
-    values = {"decode_ratio_b1": f["decode_b1_ratio"], "prefill_ratio": f["prefill_ratio"], "qat_step_ratio": f["qat_step_ratio"]}
+    values = {
+        "decode_ratio_b1": f["decode_b1_ratio"],
+        "prefill_ratio": f["prefill_ratio"],
+        "qat_step_ratio": f["qat_step_ratio"],
+    }
     rows = []
     for key, (op, goal) in GOALS.items():
         v = values.get(key) or {"median": s[key], "min": s[key], "max": s[key]}
         med = v["median"]
         met = med is not None and (med <= goal if op == "<=" else med >= goal)
-        rows.append({"figure": key, "median": med, "min": v["min"], "max": v["max"], "goal": f"{op} {goal}", "met": met})
+        rows.append(
+            {"figure": key, "median": med, "min": v["min"], "max": v["max"], "goal": f"{op} {goal}", "met": met}
+        )
     return rows
 
 
@@ -323,11 +341,15 @@ def main(argv: list[str] | None = None) -> dict:
           f" with the kernel's micro-benchmark ratio {f.get('decode_b1_ratio_bound', {}).get('median', float('nan')):.3f}")  # fmt: skip
     print(f"  eval loss: {result['eval_loss']}")
     result["goals"] = rows
-    payload = {k: v for k, v in result.items() if k != "callback_report"} | {"callback_report": result["callback_report"]}
+    payload = {k: v for k, v in result.items() if k != "callback_report"} | {
+        "callback_report": result["callback_report"]
+    }
     if args.out is None:
         _common.write("qat", payload, repeats=args.repeats, quick=args.quick)
     else:
-        Path(args.out).write_text(json.dumps({"benchmark": "qat", "machine": _common.machine(), **payload}, indent=2, default=str))
+        Path(args.out).write_text(
+            json.dumps({"benchmark": "qat", "machine": _common.machine(), **payload}, indent=2, default=str)
+        )
     return result
 
 

@@ -76,11 +76,19 @@ def render_overhead(d: dict) -> tuple[list[str], list[str]]:
     ]
     mean_status = yes(d["meets_hook_mean_goal"]) if "meets_hook_mean_goal" in d else "reported"
     mean_goal = f"≤ {d['goal_hook_mean_us']:g} µs" if "goal_hook_mean_us" in d else "reported"
-    rows.append(f"| hook cost per training step, mean over all steps including log steps (`log_every_n_steps={every}`) | {mean_goal} | {span(d['hook_us_per_step_mean_incl_log_steps'], '.1f', ' µs')} | {mean_status} | {runs(d)} | CPU |")
+    rows.append(
+        f"| hook cost per training step, mean over all steps including log steps (`log_every_n_steps={every}`) | {mean_goal} | {span(d['hook_us_per_step_mean_incl_log_steps'], '.1f', ' µs')} | {mean_status} | {runs(d)} | CPU |"
+    )
     if "one_time_ms" in d:
-        rows.append(f"| one-time hook cost per fit (setup to teardown, summary JSON written), without / with the report picture | ≤ 50 ms / ≤ 1000 ms | {span(d['one_time_ms'], '.1f', ' ms')} / {span(d['one_time_ms_with_picture'], '.0f', ' ms')} | {yes(d['meets_one_time_goal'] and d['meets_picture_goal'])} | {runs(d)} | CPU |")
+        rows.append(
+            f"| one-time hook cost per fit (setup to teardown, summary JSON written), without / with the report picture | ≤ 50 ms / ≤ 1000 ms | {span(d['one_time_ms'], '.1f', ' ms')} / {span(d['one_time_ms_with_picture'], '.0f', ' ms')} | {yes(d['meets_one_time_goal'] and d['meets_picture_goal'])} | {runs(d)} | CPU |"
+        )
     r = d["ratio_of_medians"]
-    spread = f"over {d['repeats']} interleaved rounds the ratio ranged from {r['min']:.4f} to {r['max']:.4f}" if isinstance(r, dict) else f"the one run recorded gave {r:.4f}"
+    spread = (
+        f"over {d['repeats']} interleaved rounds the ratio ranged from {r['min']:.4f} to {r['max']:.4f}"
+        if isinstance(r, dict)
+        else f"the one run recorded gave {r:.4f}"
+    )
     notes = [
         f"Step-time ratios on a shared 2-core machine are noisy: {spread}; two callbacks that do nothing cost "
         f"{span(d['ratio_noop_callbacks'], '.4f')} × no callbacks (Lightning dispatches every hook to every callback)."
@@ -96,8 +104,12 @@ def render_overhead(d: dict) -> tuple[list[str], list[str]]:
 
 
 def render_integration(d: dict) -> tuple[list[str], list[str]]:
-    worst = d.get("worst_smooth_error_pct", max((med(r["error_pct"]) for r in d["rows"] if r["smooth"]), default=math.nan))
-    sq = "; ".join(f"{r['trace'].split(', ')[1]}: {span(r['error_pct'], '.2f', ' %')}" for r in d["rows"] if not r["smooth"])
+    worst = d.get(
+        "worst_smooth_error_pct", max((med(r["error_pct"]) for r in d["rows"] if r["smooth"]), default=math.nan)
+    )
+    sq = "; ".join(
+        f"{r['trace'].split(', ')[1]}: {span(r['error_pct'], '.2f', ' %')}" for r in d["rows"] if not r["smooth"]
+    )
     return [
         f"| energy error vs analytic integral, smooth traces (constant, ramp, sine) at {d['interval_s']} s, worst trace | ≤ 0.5 % | {span(worst, '.3f', ' %')} | {yes(med(worst) <= 0.5)} | {runs(d)} | `simulated` |",
         f"| same, square wave 50/250 W near the sampling period | as is | {sq} | reported | {runs(d)} | `simulated` |",
@@ -126,7 +138,11 @@ def render_ddp_comm(d: dict) -> tuple[list[str], list[str]]:
 
     def steady(preset: str):  # one-run files hold the last step's bytes: the steady state
         r = rows[preset]
-        return r["steady_ratio_to_none"] if "steady_ratio_to_none" in r else med(r["bytes_per_step"]) / med(none["bytes_per_step"])
+        return (
+            r["steady_ratio_to_none"]
+            if "steady_ratio_to_none" in r
+            else med(r["bytes_per_step"]) / med(none["bytes_per_step"])
+        )
 
     fp16, psgd, psgd_steady = ratio("fp16", "mean"), ratio("powersgd", "mean"), steady("powersgd")
     start, steps = s["powersgd_start_step"], s["steps"]
@@ -144,25 +160,34 @@ def render_ddp_comm(d: dict) -> tuple[list[str], list[str]]:
     need = start * (1 - m) / (0.1 - m) if m < 0.1 else math.inf
     notes = [
         f"PowerSGD's goal is judged on the mean bytes of the whole {steps}-step run, its {start} plain all-reduce steps included; "
-        + (f"with {span(psgd_steady, '.4f')} of the bytes per step after them, the mean is at most 0.1 in runs of {math.ceil(need)} steps or more."
-           if math.isfinite(need) else "its steady state alone does not reach 0.1.")
+        + (
+            f"with {span(psgd_steady, '.4f')} of the bytes per step after them, the mean is at most 0.1 in runs of {math.ceil(need)} steps or more."
+            if math.isfinite(need)
+            else "its steady state alone does not reach 0.1."
+        )
     ]
     slower = med(rows["powersgd"]["step_ms"]) / med(none["step_ms"])
     if slower > 1:
-        notes.append(f"PowerSGD's median step takes {slower:.2f} × the uncompressed one here: on two CPU processes sharing a machine, compressing costs more time than the bytes it saves.")
+        notes.append(
+            f"PowerSGD's median step takes {slower:.2f} × the uncompressed one here: on two CPU processes sharing a machine, compressing costs more time than the bytes it saves."
+        )
     return out, notes
 
 
 def render_power_limit(d: dict) -> tuple[list[str], list[str]]:
     eta = next(r for r in d["analytic"] if r["setting"] == "eta=0.5")
     ok = all(r["within_one_step"] for r in d["analytic"])
-    out = [f"| power-limit search picks the cost-optimal limit within one grid step ({d['model']['grid_w']:g} W), {len(d['analytic'])} settings | all | {sum(r['within_one_step'] for r in d['analytic'])}/{len(d['analytic'])}; eta 0.5: {eta['chosen_w']:g} W (optimum {eta['optimum_w']:g} W), {eta['energy_saved_pct']:.1f} % energy saved, slowdown {eta['slowdown']:.3f}× | {yes(ok)} | exact model | simulated power control |"]
+    out = [
+        f"| power-limit search picks the cost-optimal limit within one grid step ({d['model']['grid_w']:g} W), {len(d['analytic'])} settings | all | {sum(r['within_one_step'] for r in d['analytic'])}/{len(d['analytic'])}; eta 0.5: {eta['chosen_w']:g} W (optimum {eta['optimum_w']:g} W), {eta['energy_saved_pct']:.1f} % energy saved, slowdown {eta['slowdown']:.3f}× | {yes(ok)} | exact model | simulated power control |"
+    ]
     live = d["live"]
     grid, optimum = live["grid_w"], live["model_optimum_on_grid_w"]
     chosen = live["chosen_w"]["values"] if isinstance(live["chosen_w"], dict) else [live["chosen_w"]]
     near = sum(abs(c - optimum) <= grid for c in chosen)
     picked = f"; {live['runs_choosing_optimum']}/{len(chosen)} runs chose it, {near}/{len(chosen)} within one grid step"
-    out.append(f"| same, live in a Trainer with `ddp_green` (grid {grid:g} W): choice within one grid step of the model's optimum | all runs | chose {span(live['chosen_w'], 'g', ' W')} (optimum {optimum:g} W{picked}), restored to {span(live['restored_limit_w'], 'g', ' W')} | {yes(near == len(chosen))} | {runs(d)} | simulated power control |")
+    out.append(
+        f"| same, live in a Trainer with `ddp_green` (grid {grid:g} W): choice within one grid step of the model's optimum | all runs | chose {span(live['chosen_w'], 'g', ' W')} (optimum {optimum:g} W{picked}), restored to {span(live['restored_limit_w'], 'g', ' W')} | {yes(near == len(chosen))} | {runs(d)} | simulated power control |"
+    )
     notes = []
     rows = {r["limit_w"]: r for r in live.get("rows", [])}
     if optimum in rows and optimum - grid in rows:
@@ -199,14 +224,18 @@ def render_qat(d: dict) -> tuple[list[str], list[str]]:
         where = f"CPU, `{src}`" if "epi" in g["figure"] else "CPU"
         value = {k: g[k] for k in ("min", "median", "max")} if g["min"] != g["max"] else g["median"]
         n = runs(d) if g["min"] != g["max"] else "1 run"
-        out.append(f"| QAT `{scheme}`, LitGPT GPT 512 wide: {QAT_LABELS[g['figure']]} | {g['goal'].replace('<=', '≤').replace('>=', '≥')} | {span(value, '.3g')} | {yes(g['met'])} | {n} | {where} |")
+        out.append(
+            f"| QAT `{scheme}`, LitGPT GPT 512 wide: {QAT_LABELS[g['figure']]} | {g['goal'].replace('<=', '≤').replace('>=', '≥')} | {span(value, '.3g')} | {yes(g['met'])} | {n} | {where} |"
+        )
     per_token = (
         f"decode batch 1 float {span(f['decode_b1_s_float'], '.3g')} s and {span(f['decode_b1_j_float'], '.3g')} J per token, "
         f"converted {span(f['decode_b1_s_converted'], '.3g')} s and {span(f['decode_b1_j_converted'], '.3g')} J; "
         f"decode batch 16 converted / float {span(f['decode_b16_ratio'], '.3g')}; "
         f"prefill float {span(f['prefill_j_float'], '.3g')} J/sample, converted {span(f['prefill_j_converted'], '.3g')} J/sample"
     )
-    out.append(f"| QAT `{scheme}`: per token and per sample | reported | {per_token} | reported | {runs(d)} | CPU, `{src}` |")
+    out.append(
+        f"| QAT `{scheme}`: per token and per sample | reported | {per_token} | reported | {runs(d)} | CPU, `{src}` |"
+    )
     c = d["config"]
     notes = [
         f"QAT decode at batch 1: the callback timed the converted Linear layers of this model at "
@@ -223,15 +252,20 @@ def render_qat(d: dict) -> tuple[list[str], list[str]]:
         )
         if "decode_b1_ratio_bound" in f:
             split += f", with the kernel's micro-benchmark ratio {span(f['decode_b1_ratio_bound'], '.3g')}"
-        out.append(f"| QAT `{scheme}`: where a decoded token's time goes | reported | {split} | reported | {runs(d)} | CPU |")
+        out.append(
+            f"| QAT `{scheme}`: where a decoded token's time goes | reported | {split} | reported | {runs(d)} | CPU |"
+        )
         goal = float(next(g["goal"] for g in d["goals"] if g["figure"] == "decode_ratio_b1").split()[-1])
         notes.append(
             "QAT decode split: both models rerun with their Linear layers replaced by free stand-ins (same shapes, "
-            f"zero outputs) give the time outside them; best ratio = outside share + kernel ratio × (1 - outside share). "
-            + (f"With the converted Linear layers free the ratio would still be {med(free):.3g} > {goal}: no Linear kernel "
-               f"reaches the ≤ {goal} goal in eager mode on this machine." if med(free) > goal else
-               f"The ≤ {goal} goal needs the converted Linear layers at ≤ {(goal - med(free)) / (1 - med(share)):.3g} × "
-               "float's Linear time inside the model" + _per_layer(f, c, goal - med(free)) + ".")
+            "zero outputs) give the time outside them; best ratio = outside share + kernel ratio × (1 - outside share). "
+            + (
+                f"With the converted Linear layers free the ratio would still be {med(free):.3g} > {goal}: no Linear kernel "
+                f"reaches the ≤ {goal} goal in eager mode on this machine."
+                if med(free) > goal
+                else f"The ≤ {goal} goal needs the converted Linear layers at ≤ {(goal - med(free)) / (1 - med(share)):.3g} × "
+                "float's Linear time inside the model" + _per_layer(f, c, goal - med(free)) + "."
+            )
         )
     notes += [
         f"QAT figures: energy per token and per sample is a CPU `{src}`, not a measurement. Recovery is "
@@ -252,13 +286,21 @@ def _per_layer(f: dict, c: dict, allowed_share: float) -> str:
 
 
 def _pct(x):
-    return {**x, "min": 100 * x["min"], "median": 100 * x["median"], "max": 100 * x["max"]} if isinstance(x, dict) else 100 * x
+    return (
+        {**x, "min": 100 * x["min"], "median": 100 * x["median"], "max": 100 * x["max"]}
+        if isinstance(x, dict)
+        else 100 * x
+    )
 
 
 def render_gpu_check(d: dict | None) -> list[str]:
     if d is None:
-        return ["| GPU: NVML counter vs polled power, power limits, overhead with real NVML, QAT on CUDA | — | not measured: no GPU was available to this work; `python benchmarks/gpu_check.py` does it | — | — | — |"]
-    return [f"| GPU check on {d['machine']['device']} | — | see `benchmarks/results/gpu_check.json` | — | {runs(d)} | GPU |"]
+        return [
+            "| GPU: NVML counter vs polled power, power limits, overhead with real NVML, QAT on CUDA | — | not measured: no GPU was available to this work; `python benchmarks/gpu_check.py` does it | — | — | — |"
+        ]
+    return [
+        f"| GPU check on {d['machine']['device']} | — | see `benchmarks/results/gpu_check.json` | — | {runs(d)} | GPU |"
+    ]
 
 
 def machine_line(name: str, d: dict) -> str:
@@ -269,7 +311,11 @@ def machine_line(name: str, d: dict) -> str:
 def render(results: str = RESULTS) -> str:
     data = {name: load(name, results) for name in ORDER}
     present = [d for d in data.values() if d]
-    took = f", {sum(d['seconds'] for d in present) / 60:.0f} minutes in all on the machines below" if present and all("seconds" in d for d in present) else ""
+    took = (
+        f", {sum(d['seconds'] for d in present) / 60:.0f} minutes in all on the machines below"
+        if present and all("seconds" in d for d in present)
+        else ""
+    )
     lines = [
         BEGIN,
         f"Filled from `benchmarks/results/*.json` by `python benchmarks/report.py --write` (one command per figure under "
@@ -310,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--write", action="store_true", help="rewrite the README's Results section")
-    group.add_argument("--check", action="store_true", help="exit 1 if the README's Results section differs from the JSON")
+    group.add_argument(
+        "--check", action="store_true", help="exit 1 if the README's Results section differs from the JSON"
+    )
     parser.add_argument("--readme", default=README, help="the README to write or check")
     parser.add_argument("--results", default=RESULTS, help="the folder of results JSON files")
     args = parser.parse_args(argv)
@@ -328,11 +376,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     status = 0
     if quick := quick_results(args.results):
-        print(f"results from a --quick run (not for the README): {', '.join(quick)}; rerun them in full", file=sys.stderr)
+        print(
+            f"results from a --quick run (not for the README): {', '.join(quick)}; rerun them in full", file=sys.stderr
+        )
         status = 1
     if wanted != text:
-        diff = difflib.unified_diff(text.splitlines(), wanted.splitlines(), "README.md", "from results", lineterm="", n=0)
-        print("README's Results section differs from benchmarks/results/*.json; run python benchmarks/report.py --write\n" + "\n".join(diff), file=sys.stderr)
+        diff = difflib.unified_diff(
+            text.splitlines(), wanted.splitlines(), "README.md", "from results", lineterm="", n=0
+        )
+        print(
+            "README's Results section differs from benchmarks/results/*.json; run python benchmarks/report.py --write\n"
+            + "\n".join(diff),
+            file=sys.stderr,
+        )
         status = 1
     return status
 

@@ -30,7 +30,9 @@ BENCHMARKS = [  # name, arguments of a full run, arguments of a --quick run
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and steps, for development; not for the README")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repeats and steps, for development; not for the README"
+    )
     parser.add_argument("--only", nargs="*", help="names to run")
     args = parser.parse_args()
     failed, start = [], time.monotonic()
@@ -39,7 +41,9 @@ def main() -> None:
             continue
         t = time.monotonic()
         print(f"\n######## {name} ########", flush=True)
-        code = subprocess.call([sys.executable, os.path.join(HERE, f"{name}.py"), *(quick if args.quick else full)], cwd=HERE)
+        code = subprocess.call(
+            [sys.executable, os.path.join(HERE, f"{name}.py"), *(quick if args.quick else full)], cwd=HERE
+        )
         print(f"######## {name}: exit {code}, {time.monotonic() - t:.0f} s", flush=True)
         if code:
             failed.append(name)

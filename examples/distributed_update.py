@@ -41,7 +41,13 @@ class Classifier(L.LightningModule):
     def __init__(self, hidden: int = 64, lr: float = 0.3, print_every: int = 10):
         super().__init__()
         self.save_hyperparameters()
-        self.net = torch.nn.Sequential(torch.nn.Linear(2, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, hidden), torch.nn.Tanh(), torch.nn.Linear(hidden, 3))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(2, hidden),
+            torch.nn.Tanh(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.Tanh(),
+            torch.nn.Linear(hidden, 3),
+        )
         self.params_equal: bool | None = None
 
     def forward(self, x):
@@ -51,7 +57,10 @@ class Classifier(L.LightningModule):
         x, y = batch
         loss = F.nll_loss(self(x), y)
         if batch_idx % self.hparams.print_every == 0:
-            print(f"[rank {self.global_rank}] epoch {self.current_epoch} batch {batch_idx:3d}  nll {loss.item():.4f}", flush=True)
+            print(
+                f"[rank {self.global_rank}] epoch {self.current_epoch} batch {batch_idx:3d}  nll {loss.item():.4f}",
+                flush=True,
+            )
         return loss
 
     def configure_optimizers(self):
@@ -66,7 +75,10 @@ class Classifier(L.LightningModule):
         max_diff = (gathered - gathered[0]).abs().max().item()
         self.params_equal = max_diff == 0.0
         if self.global_rank == 0:
-            print(f"parameters on {gathered.shape[0]} ranks: max |difference| = {max_diff:.3g} -> {'identical' if self.params_equal else 'DIFFERENT'}", flush=True)
+            print(
+                f"parameters on {gathered.shape[0]} ranks: max |difference| = {max_diff:.3g} -> {'identical' if self.params_equal else 'DIFFERENT'}",
+                flush=True,
+            )
 
 
 def main(argv=None):
@@ -82,9 +94,15 @@ def main(argv=None):
     model = Classifier()
     power = PowerSampler(sensors="auto", interval_s=0.1, summary_dir="lightning_logs/distributed_update")
     trainer = L.Trainer(
-        max_epochs=args.epochs, accelerator="cpu", devices=args.devices,
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=args.devices,
         strategy=EnergyAwareDDPStrategy(comm_compression=args.comm_compression),
-        callbacks=[power], logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[power],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(model, train)
     if trainer.is_global_zero:

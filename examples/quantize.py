@@ -37,7 +37,11 @@ class MLP(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.net = torch.nn.Sequential(
-            torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, classes)
+            torch.nn.Linear(dim, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, classes),
         )
 
     def forward(self, x):
@@ -66,11 +70,22 @@ class MLP(L.LightningModule):
 def epi_and_metrics(model: L.LightningModule, loader: DataLoader) -> dict:
     """Test ``model`` under a PowerSampler + EfficiencyLogger: loss, accuracy and energy per sample."""
     power, efficiency = PowerSampler(print_summary=False), EfficiencyLogger()
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[power, efficiency])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[power, efficiency],
+    )
     t0 = time.perf_counter()
     metrics = trainer.test(model, loader, verbose=False)[0]
     ms_per_sample = (time.perf_counter() - t0) * 1e3 / len(loader.dataset)
-    return {**metrics, "ms_per_sample": ms_per_sample, "epi_j": efficiency.results["test_epi_j"], "source": "+".join(power.summary["sources"])}
+    return {
+        **metrics,
+        "ms_per_sample": ms_per_sample,
+        "epi_j": efficiency.results["test_epi_j"],
+        "source": "+".join(power.summary["sources"]),
+    }
 
 
 def main(argv=None) -> dict:
@@ -84,8 +99,15 @@ def main(argv=None) -> dict:
     model = MLP()
     qat = QuantizationAwareTraining(scheme=args.scheme, start_step=args.steps // 2, convert_on_fit_end=False)
     trainer = L.Trainer(
-        max_steps=args.steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=4, val_check_interval=args.steps // 2, num_sanity_val_steps=0,
+        max_steps=args.steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=4,
+        val_check_interval=args.steps // 2,
+        num_sanity_val_steps=0,
         callbacks=[PowerSampler(print_summary=False), qat],
     )
     trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True), DataLoader(val, batch_size=256))
@@ -104,13 +126,21 @@ def main(argv=None) -> dict:
     rows[name]["size_bytes"] = state_dict_size_bytes(quantized)
 
     print(f"\n=== quantize: float vs {name} on {len(test)} held-out samples ===")
-    print(f"{'model':<26}{'test loss':>10}{'accuracy':>10}{'size bytes':>12}{'EPI J/sample':>14}{'ms/sample':>11}  source")
+    print(
+        f"{'model':<26}{'test loss':>10}{'accuracy':>10}{'size bytes':>12}{'EPI J/sample':>14}{'ms/sample':>11}  source"
+    )
     for label, r in rows.items():
-        print(f"{label:<26}{r['test_loss']:>10.4f}{r['test_acc']:>10.3f}{r['size_bytes']:>12,}{r['epi_j']:>14.3g}"
-              f"{r['ms_per_sample']:>11.4f}  {r['source']}")
-    print(f"max |float - quantized| over the output probabilities: {max_diff:.4g}; same prediction on {agreement:.1%} of samples")
-    print(f"size ratio: {rows[name]['size_bytes'] / rows['float']['size_bytes']:.3f}; "
-          f"EPI ratio quantized/float: {rows[name]['epi_j'] / rows['float']['epi_j']:.3g} (as measured here)")
+        print(
+            f"{label:<26}{r['test_loss']:>10.4f}{r['test_acc']:>10.3f}{r['size_bytes']:>12,}{r['epi_j']:>14.3g}"
+            f"{r['ms_per_sample']:>11.4f}  {r['source']}"
+        )
+    print(
+        f"max |float - quantized| over the output probabilities: {max_diff:.4g}; same prediction on {agreement:.1%} of samples"
+    )
+    print(
+        f"size ratio: {rows[name]['size_bytes'] / rows['float']['size_bytes']:.3f}; "
+        f"EPI ratio quantized/float: {rows[name]['epi_j'] / rows['float']['epi_j']:.3g} (as measured here)"
+    )
     if "estimate" in rows["float"]["source"]:
         print("note: EPI here comes from a CPU utilisation model ('estimate'), not a measurement.")
     return {"rows": rows, "max_abs_diff": max_diff, "agreement": agreement}

@@ -36,8 +36,12 @@ from lightning_green import EfficiencyLogger, PowerSampler, QuantizationAwareTra
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=None, help="a text file to train on (default: the Python standard library's source)")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--data", default=None, help="a text file to train on (default: the Python standard library's source)"
+    )
     p.add_argument("--max-bytes", type=int, default=1_000_000, help="bytes of corpus to use")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=1000)
@@ -59,8 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--qat-start-step", type=int, default=700, help="fake quantization starts at this step")
     p.add_argument("--carbon-intensity", type=float, default=475.0, help="gCO2e per kWh of your grid")
     p.add_argument("--pue", type=float, default=1.0, help="data-centre power usage effectiveness")
-    p.add_argument("--target-val-loss", type=float, default=2.5,
-                   help="report the energy and time until val_loss (nats per byte; ln 256 = 5.5 untrained) first reaches this")
+    p.add_argument(
+        "--target-val-loss",
+        type=float,
+        default=2.5,
+        help="report the energy and time until val_loss (nats per byte; ln 256 = 5.5 untrained) first reaches this",
+    )
     p.add_argument("--log-dir", default="lightning_logs")
     return p.parse_args(argv)
 
@@ -69,12 +77,29 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     L.seed_everything(args.seed, workers=True)
     torch.set_float32_matmul_precision("high")
-    data = ByteDataModule(text_file=args.data, max_bytes=args.max_bytes, block_size=args.block_size, batch_size=args.batch_size, seed=args.seed)
-    model = TinyGPT(n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model, block_size=args.block_size, lr=args.lr, warmup_steps=20)
+    data = ByteDataModule(
+        text_file=args.data,
+        max_bytes=args.max_bytes,
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+    model = TinyGPT(
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        d_model=args.d_model,
+        block_size=args.block_size,
+        lr=args.lr,
+        warmup_steps=20,
+    )
 
     power = PowerSampler(sensors="auto", interval_s=args.interval_s, phases=not args.no_phases)
-    efficiency = EfficiencyLogger(carbon_intensity_g_per_kwh=args.carbon_intensity, pue=args.pue, tokens_per_batch="numel",
-                                  targets={"val_loss": args.target_val_loss})
+    efficiency = EfficiencyLogger(
+        carbon_intensity_g_per_kwh=args.carbon_intensity,
+        pue=args.pue,
+        tokens_per_batch="numel",
+        targets={"val_loss": args.target_val_loss},
+    )
     callbacks = [power, efficiency]
     qat = None
     if not args.no_qat:
@@ -83,10 +108,20 @@ def main(argv=None) -> dict:
     logger = TensorBoardLogger(args.log_dir, name="tiny_gpt")
     devices = int(args.devices) if args.devices.isdigit() else args.devices
     trainer = L.Trainer(
-        max_steps=args.max_steps, accelerator=args.accelerator, devices=devices, strategy=args.strategy,
-        callbacks=callbacks, logger=logger, log_every_n_steps=20, val_check_interval=args.val_every,
-        limit_val_batches=args.val_batches, limit_test_batches=args.val_batches, num_sanity_val_steps=0,
-        enable_checkpointing=False, enable_progress_bar=False, deterministic=False,
+        max_steps=args.max_steps,
+        accelerator=args.accelerator,
+        devices=devices,
+        strategy=args.strategy,
+        callbacks=callbacks,
+        logger=logger,
+        log_every_n_steps=20,
+        val_check_interval=args.val_every,
+        limit_val_batches=args.val_batches,
+        limit_test_batches=args.val_batches,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        deterministic=False,
     )
     trainer.fit(model, datamodule=data)
     trainer.test(model, datamodule=data, verbose=False)  # every rank: the test loop is distributed too
@@ -114,8 +149,19 @@ def _headline(args, model, power, efficiency, qat, logger) -> dict:
         "to_target": efficiency.targets.reached.get("val_loss"),  # {"step", "energy_j", "time_s", ...} or None
     }
     if qat is not None:
-        keys = ("scheme", "epi_float_j", "epi_converted_j", "epi_ratio", "time_float_s", "time_converted_s", "val_loss_float",
-                "val_loss_converted", "size_ratio", "kernel_decode_ratio", "kernel_prefill_ratio")
+        keys = (
+            "scheme",
+            "epi_float_j",
+            "epi_converted_j",
+            "epi_ratio",
+            "time_float_s",
+            "time_converted_s",
+            "val_loss_float",
+            "val_loss_converted",
+            "size_ratio",
+            "kernel_decode_ratio",
+            "kernel_prefill_ratio",
+        )
         out.update({k: qat.report.get(k) for k in keys})
         out["block_size"] = args.block_size
     return out
@@ -135,18 +181,35 @@ def _print_headline(h: dict) -> None:
     print(f"  tokens per joule:      {f(h['tokens_per_j'])}  [{src}]")
     print(f"  carbon:                {f(h['carbon_gco2e'], ' gCO2e')}  [{src}] (energy so far x PUE x grid intensity)")
     if "epi_float_j" in h:
-        per_token = {k: (h[k] / h["block_size"] if h.get(k) is not None else None) for k in ("epi_float_j", "epi_converted_j")}
-        ms = {k: (h[k] * 1e3 / h["block_size"] if h.get(k) is not None else None) for k in ("time_float_s", "time_converted_s")}
-        print(f"  QAT scheme:            {h['scheme']} (the fastest quantized kernel measured here: {f(h['kernel_decode_ratio'], 'x')} float"
-              f" time at 1 token, {f(h['kernel_prefill_ratio'], 'x')} at 64 tokens)")
-        print(f"  EPI float -> int8:     {f(per_token['epi_float_j'], ' J')} -> {f(per_token['epi_converted_j'], ' J')} per token"
-              f" (ratio {f(h['epi_ratio'])})  [{src}]")
-        print(f"  time float -> int8:    {f(ms['time_float_s'], ' ms')} -> {f(ms['time_converted_s'], ' ms')} per token")
-        print(f"  val loss float -> int8:{f(h['val_loss_float'])} -> {f(h['val_loss_converted'])}; size ratio {f(h['size_ratio'])}")
+        per_token = {
+            k: (h[k] / h["block_size"] if h.get(k) is not None else None) for k in ("epi_float_j", "epi_converted_j")
+        }
+        ms = {
+            k: (h[k] * 1e3 / h["block_size"] if h.get(k) is not None else None)
+            for k in ("time_float_s", "time_converted_s")
+        }
+        print(
+            f"  QAT scheme:            {h['scheme']} (the fastest quantized kernel measured here: {f(h['kernel_decode_ratio'], 'x')} float"
+            f" time at 1 token, {f(h['kernel_prefill_ratio'], 'x')} at 64 tokens)"
+        )
+        print(
+            f"  EPI float -> int8:     {f(per_token['epi_float_j'], ' J')} -> {f(per_token['epi_converted_j'], ' J')} per token"
+            f" (ratio {f(h['epi_ratio'])})  [{src}]"
+        )
+        print(
+            f"  time float -> int8:    {f(ms['time_float_s'], ' ms')} -> {f(ms['time_converted_s'], ' ms')} per token"
+        )
+        print(
+            f"  val loss float -> int8:{f(h['val_loss_float'])} -> {f(h['val_loss_converted'])}; size ratio {f(h['size_ratio'])}"
+        )
         if h["epi_ratio"] is not None and h["epi_ratio"] >= 1.0:
-            print("  note: at this width the int8 kernels' fixed cost per call outweighs the smaller weights, so the converted"
-                  " model costs more per token than float; README Results show a 512-wide model where it costs less.")
-    print(f"  test EPI (converted):  {f(h['test_epi_j'], ' J/sample')}, {f(h['test_epi_j_per_token'], ' J/token')}  [{src}]")
+            print(
+                "  note: at this width the int8 kernels' fixed cost per call outweighs the smaller weights, so the converted"
+                " model costs more per token than float; README Results show a 512-wide model where it costs less."
+            )
+    print(
+        f"  test EPI (converted):  {f(h['test_epi_j'], ' J/sample')}, {f(h['test_epi_j_per_token'], ' J/token')}  [{src}]"
+    )
     t = h["to_target"]
     reached = f"{f(t['energy_j'], ' J')} in {f(t['time_s'], ' s')}, step {t['step']}  [{src}]" if t else "not reached"
     print(f"  to val_loss <= {h['target_val_loss']:g}:   {reached}")

@@ -1,7 +1,7 @@
 """The tiny GPT from a LightningCLI YAML file: callbacks and strategy configured by class_path / name.
 
-    python examples/tiny_gpt_cli.py fit --config examples/tiny_gpt.yaml
-    python examples/tiny_gpt_cli.py fit --config examples/tiny_gpt.yaml --trainer.devices 2
+python examples/tiny_gpt_cli.py fit --config examples/tiny_gpt.yaml
+python examples/tiny_gpt_cli.py fit --config examples/tiny_gpt.yaml --trainer.devices 2
 """
 
 import os

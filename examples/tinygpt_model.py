@@ -18,7 +18,6 @@ Example::
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +74,7 @@ class ByteDataset(Dataset):
         stride: distance between window starts; ``block_size`` gives non-overlapping windows.
     """
 
-    def __init__(self, data: bytes | torch.Tensor, block_size: int, stride: Optional[int] = None) -> None:
+    def __init__(self, data: bytes | torch.Tensor, block_size: int, stride: int | None = None) -> None:
         if isinstance(data, (bytes, bytearray)):
             data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         self.data = data.long()
@@ -112,7 +111,7 @@ class ByteDataModule(LightningDataModule):
     def __init__(
         self,
         text: bytes | str | None = None,
-        text_file: Optional[str] = None,
+        text_file: str | None = None,
         max_bytes: int = 2_000_000,
         block_size: int = 128,
         batch_size: int = 32,
@@ -123,13 +122,15 @@ class ByteDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-            raise ValueError(f"need 0 < val_fraction, 0 <= test_fraction and a sum < 1, got {val_fraction}, {test_fraction}")
+            raise ValueError(
+                f"need 0 < val_fraction, 0 <= test_fraction and a sum < 1, got {val_fraction}, {test_fraction}"
+            )
         self.text, self.text_file, self.max_bytes = text, text_file, max_bytes
         self.block_size, self.batch_size = block_size, batch_size
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.seed, self.num_workers = seed, num_workers
-        self._generator: Optional[torch.Generator] = None
-        self.train_set: Optional[ByteDataset] = None
+        self._generator: torch.Generator | None = None
+        self.train_set: ByteDataset | None = None
 
     def _corpus(self) -> bytes:
         if self.text_file is not None:
@@ -139,7 +140,7 @@ class ByteDataModule(LightningDataModule):
             return self.text.encode("utf-8") if isinstance(self.text, str) else bytes(self.text)
         return default_corpus_text(self.max_bytes)
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         data = torch.frombuffer(bytearray(self._corpus()), dtype=torch.uint8)

@@ -22,7 +22,13 @@ def _located_by_cli() -> bool:
 if not _located_by_cli():
     from lightning.pytorch.strategies import StrategyRegistry
 
-    from lightning_green.callbacks import EfficiencyLogger, Measurement, PowerLimitSearch, PowerSampler, find_power_sampler
+    from lightning_green.callbacks import (
+        EfficiencyLogger,
+        Measurement,
+        PowerLimitSearch,
+        PowerSampler,
+        find_power_sampler,
+    )
     from lightning_green.quantization import QuantizationAwareTraining
     from lightning_green.sensors import CpuEstimateSensor, NvmlSensor, RaplSensor, Sensor, SimulatedSensor
     from lightning_green.strategies import EnergyAwareDDPStrategy, SimulatedPowerControl

@@ -14,7 +14,9 @@ import numbers
 import os
 import threading
 import warnings
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
 
 # ============================================================================ logging
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -63,7 +65,13 @@ class LogQueue:
         writes.stop()
     """
 
-    def __init__(self, name: str, thread_safe: Callable[[Any], bool] = writes_thread_safe, drain_every_s: float = 0.5, stop_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        thread_safe: Callable[[Any], bool] = writes_thread_safe,
+        drain_every_s: float = 0.5,
+        stop_timeout_s: float = 2.0,
+    ) -> None:
         self.name = name
         self.thread_safe = thread_safe
         self.drain_every_s = drain_every_s
@@ -82,7 +90,12 @@ class LogQueue:
         self._inline = [lg for lg in loggers if lg not in self._background]
         if self._background:
             self._items, self._stop = collections.deque(), threading.Event()
-            self._thread = threading.Thread(target=self._run, args=(self._items, self._stop, self._background), name=f"lightning_green-log:{self.name}", daemon=True)
+            self._thread = threading.Thread(
+                target=self._run,
+                args=(self._items, self._stop, self._background),
+                name=f"lightning_green-log:{self.name}",
+                daemon=True,
+            )
             self._thread.start()
 
     def put(self, metrics: Mapping[str, float], step: int, loggers: Sequence[Any] = ()) -> None:
@@ -94,7 +107,9 @@ class LogQueue:
         if self._items is not None:
             self._items.append((metrics, step))
 
-    def call(self, work: Callable[[Callable[[Mapping[str, float], int], None]], None], loggers: Sequence[Any] = ()) -> None:
+    def call(
+        self, work: Callable[[Callable[[Mapping[str, float], int], None]], None], loggers: Sequence[Any] = ()
+    ) -> None:
         """Run ``work(write)``, where ``write(metrics, step)`` logs: on the thread, after what is queued,
         when every logger is written there; else now, writing ``loggers`` (or those of :meth:`start`).
         Work that only the thread runs while it is up keeps its state to itself."""
@@ -117,7 +132,11 @@ class LogQueue:
                 try:
                     item(write)
                 except Exception as err:  # noqa: BLE001 - monitoring must not stop training
-                    self._warn("work", f"{self.name}: background log work failed: {err!r}; some metrics are missing", rank_zero=False)
+                    self._warn(
+                        "work",
+                        f"{self.name}: background log work failed: {err!r}; some metrics are missing",
+                        rank_zero=False,
+                    )
             if stopping:
                 return
 
@@ -128,7 +147,11 @@ class LogQueue:
                 logger.log_metrics(kept, step=step)
             except Exception as err:  # noqa: BLE001 - a logger must not stop training
                 loggers.remove(logger)
-                self._warn(f"fail:{id(logger)}", f"{self.name}: {type(logger).__name__}.log_metrics raised {err!r}; its energy metrics stop here", rank_zero=False)
+                self._warn(
+                    f"fail:{id(logger)}",
+                    f"{self.name}: {type(logger).__name__}.log_metrics raised {err!r}; its energy metrics stop here",
+                    rank_zero=False,
+                )
 
     def stop(self) -> None:
         """Write what is queued and end the thread (at most ``stop_timeout_s``); loggers are then written
@@ -143,7 +166,11 @@ class LogQueue:
         self._background = []
         if thread.is_alive():
             items.clear()  # what is still queued is dropped: run later, its work would land in the next run
-            self._warn("stuck", f"{self.name}: a logger write did not return within {self.stop_timeout_s} s; the thread is left behind (a daemon) and what was queued is dropped", rank_zero=False)
+            self._warn(
+                "stuck",
+                f"{self.name}: a logger write did not return within {self.stop_timeout_s} s; the thread is left behind (a daemon) and what was queued is dropped",
+                rank_zero=False,
+            )
 
 
 def global_step_reader(trainer: Any) -> Callable[[], int]:
@@ -251,7 +278,9 @@ def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:
     return value
 
 
-def check_number(name: str, value: Any, low: float, *, strict: bool = False, high: float | None = None, unit: str = "a number") -> float:
+def check_number(
+    name: str, value: Any, low: float, *, strict: bool = False, high: float | None = None, unit: str = "a number"
+) -> float:
     """``value`` as a finite float ``>= low`` (``> low`` when ``strict``) and ``<= high``."""
     ok = _is_number(value) and (value > low if strict else value >= low) and (high is None or value <= high)
     if not ok:
@@ -300,7 +329,9 @@ def check_path(name: str, value: Any, optional: bool = True) -> str | None:
 def checked_count(name: str, value: Any) -> int:
     """What a user callable returned for ``name``, checked on use: a whole number >= 0, as an int, a
     float or a NumPy scalar (a tensor is refused: reading it may wait for the device)."""
-    whole = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer())
+    whole = isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()
+    )
     if isinstance(value, bool) or not whole or value < 0:
         hint = "; for a tensor, return `.item()`" if type(value).__name__ == "Tensor" else ""
         raise TypeError(f"`{name}` must return a whole number >= 0 for each batch, but it returned {value!r}{hint}")
@@ -308,7 +339,9 @@ def checked_count(name: str, value: Any) -> int:
 
 
 # ============================================================================ resume
-def state_for_rank(per_rank: Sequence[Mapping[str, Any]], world_size: int, rank: int, sum_keys: Iterable[str]) -> dict | None:
+def state_for_rank(
+    per_rank: Sequence[Mapping[str, Any]], world_size: int, rank: int, sum_keys: Iterable[str]
+) -> dict | None:
     """The part of a checkpoint's per-process state that this process continues from.
 
     Same world size: this rank's own entry. Another world size: rank 0 carries the sums of

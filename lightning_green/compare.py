@@ -17,8 +17,9 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from lightning_green import run_summary as rs
 
@@ -100,7 +101,16 @@ def figures(summary: dict) -> list[Figure]:
         ("duration", "s", "lower", "run", duration_s, ""),
     ]
     for sensor in summary["sensors"]:
-        out.append((f"energy {sensor.get('name', '?')}", "J", "lower", "energy", rs.sensor_energy_j(summary, sensor), sensor.get("source", "")))
+        out.append(
+            (
+                f"energy {sensor.get('name', '?')}",
+                "J",
+                "lower",
+                "energy",
+                rs.sensor_energy_j(summary, sensor),
+                sensor.get("source", ""),
+            )
+        )
     out.append(("energy total", "J", "lower", "energy", energy_j, src))
     cluster = summary.get("cluster") or {}
     if summary.get("stage") == "fit" and (cluster.get("world_size") or 1) > 1:
@@ -108,7 +118,9 @@ def figures(summary: dict) -> list[Figure]:
     eff = rs.efficiency(summary)
     if "train_energy_j" in eff:
         out.append(("training energy (validation excluded)", "J", "lower", "energy", *eff["train_energy_j"]))
-    own_j = summary.get("energy_this_run_j", energy_j)  # this stage's own: a resumed fit's restored joules took no time of it
+    own_j = summary.get(
+        "energy_this_run_j", energy_j
+    )  # this stage's own: a resumed fit's restored joules took no time of it
     mean_w = own_j / duration_s if _is_number(own_j) and _is_number(duration_s) and duration_s > 0 else None
     out.append(("mean power", "W", None, "energy", mean_w, src))
     for key, figure, unit, better in (
@@ -123,7 +135,9 @@ def figures(summary: dict) -> list[Figure]:
             out.append((figure, unit, better, "efficiency", *eff[key]))
     for t in rs.targets(summary):
         name, reached, source = t["metric"], t.get("reached", True), t.get("source") or ""
-        out.append((f"to {name}: energy", "J", "lower", "targets", t.get("joules") if reached else "not reached", source))
+        out.append(
+            (f"to {name}: energy", "J", "lower", "targets", t.get("joules") if reached else "not reached", source)
+        )
         out.append((f"to {name}: time", "s", "lower", "targets", t.get("seconds") if reached else "not reached", ""))
         out.append((f"to {name}: step", "step", "lower", "targets", t.get("step") if reached else "not reached", ""))
     scheme = rs.qat_scheme(summary)
@@ -131,7 +145,9 @@ def figures(summary: dict) -> list[Figure]:
         out.append(("QAT scheme", "", None, "qat", scheme, ""))
     for pair in rs.qat_pairs(summary):
         for model in ("float", "converted"):
-            out.append((f"QAT {pair['figure']}, {model}", pair["unit"], "lower", "qat", pair[model], pair[f"source_{model}"]))
+            out.append(
+                (f"QAT {pair['figure']}, {model}", pair["unit"], "lower", "qat", pair[model], pair[f"source_{model}"])
+            )
     limit = rs.power_limit(summary)
     if limit is not None:
         out.append(("power limit", "W", None, "power limit", *limit))
@@ -175,10 +191,10 @@ def render(runs: Sequence[Run], rows: Sequence[Row], console: Any = None) -> Non
     for i, run in enumerate(runs):
         table.add_column(escape(f"#{i + 1} {_short(run.arg)}"), justify="right")
     for row in rows:
-        present = sorted({src for src, v in zip(row.sources, row.values) if v is not None})
+        present = sorted({src for src, v in zip(row.sources, row.values, strict=False) if v is not None})
         shared, best = len(present) <= 1, row.best()
         cells = []
-        for i, (value, ratio) in enumerate(zip(row.values, row.ratios())):
+        for i, (value, ratio) in enumerate(zip(row.values, row.ratios(), strict=False)):
             text = escape(_fmt(value))
             if i and ratio is not None:
                 text += f" [dim]×{ratio:.2f}[/dim]"
@@ -187,14 +203,18 @@ def render(runs: Sequence[Run], rows: Sequence[Row], console: Any = None) -> Non
             if i in best:
                 text = f"[bold green]{text} {BEST_MARK}[/bold green]"
             cells.append(text)
-        table.add_row(escape(row.figure), row.unit, _style_source(present[0] if present else "") if shared else "per run", *cells)
+        table.add_row(
+            escape(row.figure), row.unit, _style_source(present[0] if present else "") if shared else "per run", *cells
+        )
     console.print(table)
     notes = [f"#{i + 1}: {run.path}" for i, run in enumerate(runs)]
     notes.append(f"{BEST_MARK} best in the row (lower is better, higher for tokens/samples per joule; no mark where"
                  " neither is better or all are equal); ×: ratio to run #1")  # fmt: skip
     total = next((r for r in rows if r.figure == "energy total"), None)
     if total is not None and len(set(total.sources)) > 1:
-        notes.append(f"note: the runs' energy comes from different sources ({', '.join(total.sources)}): not measured alike")
+        notes.append(
+            f"note: the runs' energy comes from different sources ({', '.join(total.sources)}): not measured alike"
+        )
     if total is not None and any(rs.is_estimate(s) for s in total.sources):
         notes.append("note: 'estimate' figures come from a CPU utilisation model, not a measurement")
     for line in notes:
@@ -214,14 +234,23 @@ def show(run: Run, as_json_out: bool = False) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (2 for a bad RUN, with one line on stderr)."""
-    parser = argparse.ArgumentParser(prog="python -m lightning_green", description="Compare or show lightning_green energy summaries.")
+    parser = argparse.ArgumentParser(
+        prog="python -m lightning_green", description="Compare or show lightning_green energy summaries."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p_cmp = sub.add_parser("compare", help="one table, a column per run")
-    p_cmp.add_argument("runs", nargs="+", metavar="RUN", help="a log folder (version_N or a parent of one run) or an energy_summary_*.json")
+    p_cmp.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="a log folder (version_N or a parent of one run) or an energy_summary_*.json",
+    )
     p_show = sub.add_parser("show", help="one run's summary again")
     p_show.add_argument("runs", nargs=1, metavar="RUN")
     for p in (p_cmp, p_show):
-        p.add_argument("--stage", default=None, help="which stage's summary of a run folder (default: fit, else the first)")
+        p.add_argument(
+            "--stage", default=None, help="which stage's summary of a run folder (default: fit, else the first)"
+        )
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     try:
@@ -264,4 +293,4 @@ def _style_source(source: str) -> str:
 
 
 def _short(arg: str, width: int = 32) -> str:
-    return arg if len(arg) <= width else "…" + arg[-(width - 1):]
+    return arg if len(arg) <= width else "…" + arg[-(width - 1) :]

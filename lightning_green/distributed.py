@@ -8,7 +8,8 @@ or DeepSpeed. A collective must be called by every rank at the same point.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

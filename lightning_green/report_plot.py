@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from lightning_green import run_summary as rs
 
@@ -120,16 +121,20 @@ def _power_panel(ax: Any, summary: dict) -> None:
         ax.axvline(row["start_s"], color="#9aa7b8", lw=0.6, zorder=1)
         if row["loop"] != "train":
             label = row["loop"] if row["loop"] not in {r["loop"] for r in loops[:i]} else None
-            ax.axvspan(row["start_s"], row["end_s"], color=LOOP_COLORS.get(row["loop"], "#eeeeee"), lw=0, label=label, zorder=0)
+            ax.axvspan(
+                row["start_s"], row["end_s"], color=LOOP_COLORS.get(row["loop"], "#eeeeee"), lw=0, label=label, zorder=0
+            )
     if not traces:
-        ax.text(0.5, 0.5, "no power trace in this summary", transform=ax.transAxes, ha="center", va="center", color="gray")
+        ax.text(
+            0.5, 0.5, "no power trace in this summary", transform=ax.transAxes, ha="center", va="center", color="gray"
+        )
         ax.set_yticks([])
         return
     for name, points in traces.items():
         source = sensors.get(name, {}).get("source", "?")
         estimate = rs.is_estimate(source)
         label = f"{name} ({source}{', not a measurement' if estimate else ''})"
-        t, p = zip(*points)
+        t, p = zip(*points, strict=False)
         ax.plot(t, p, drawstyle="steps-post", lw=1.4, ls="--" if estimate else "-", label=label, zorder=3)
     top = max(p for points in traces.values() for _, p in points)
     ax.set_ylim(0, (top or 1.0) * 1.3)
@@ -139,7 +144,12 @@ def _power_panel(ax: Any, summary: dict) -> None:
 
 def _energy_panel(ax: Any, summary: dict) -> None:
     ax.set_title("energy by sensor" + (" and by phase" if rs.phases(summary) else ""), loc="left", fontsize=10)
-    bars = [("sensors", [(s["name"], rs.sensor_energy_j(summary, s) or 0.0, s.get("source", "")) for s in summary["sensors"]])]
+    bars = [
+        (
+            "sensors",
+            [(s["name"], rs.sensor_energy_j(summary, s) or 0.0, s.get("source", "")) for s in summary["sensors"]],
+        )
+    ]
     phase_rows = rs.phases(summary)
     if phase_rows:
         bars.append(("phases", [(r["phase"], float(r["energy_j"]), r.get("source", "")) for r in phase_rows]))
@@ -152,13 +162,26 @@ def _energy_panel(ax: Any, summary: dict) -> None:
                 continue
             estimate = rs.is_estimate(source)
             color = PHASE_COLORS.get(name, palette[k % len(palette)]) if y else palette[k % len(palette)]
-            ax.barh(y, joules, left=left, color=color, edgecolor="black", lw=0.5, hatch=ESTIMATE_HATCH if estimate else None)
+            ax.barh(
+                y, joules, left=left, color=color, edgecolor="black", lw=0.5, hatch=ESTIMATE_HATCH if estimate else None
+            )
             if joules / total > 0.12:
                 note = ("\nestimate" if source == "estimate" else "\nincl. estimate") if estimate else ""
-                ax.text(left + joules / 2, y, f"{name}\n{_num(joules)} J{note}", ha="center", va="center", fontsize=7,
-                        bbox={"facecolor": "white", "alpha": 0.8, "lw": 0, "pad": 1})
+                ax.text(
+                    left + joules / 2,
+                    y,
+                    f"{name}\n{_num(joules)} J{note}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    bbox={"facecolor": "white", "alpha": 0.8, "lw": 0, "pad": 1},
+                )
             left += joules
-    ax.set_yticks(range(len(bars)), [{"sensors": "by sensor", "phases": "by phase\n(train steps)"}[b[0]] for b in bars], fontsize=8)
+    ax.set_yticks(
+        range(len(bars)),
+        [{"sensors": "by sensor", "phases": "by phase\n(train steps)"}[b[0]] for b in bars],
+        fontsize=8,
+    )
     ax.invert_yaxis()
     ax.set_xlabel("J (hatched: from an estimate)")
 
@@ -169,11 +192,31 @@ def _qat_panel(ax: Any, pairs: list[dict], scheme: str | None) -> None:
     for i, pair in enumerate(pairs):
         f, c = pair["float"], pair["converted"]
         ratio = c / f if isinstance(f, (int, float)) and isinstance(c, (int, float)) and f else float("nan")
-        for dx, model, value, rel, source in ((-0.2, "float", f, 1.0, pair["source_float"]), (0.2, "converted", c, ratio, pair["source_converted"])):
+        for dx, model, value, rel, source in (
+            (-0.2, "float", f, 1.0, pair["source_float"]),
+            (0.2, "converted", c, ratio, pair["source_converted"]),
+        ):
             estimate = rs.is_estimate(source)
             color = "#9ecae1" if model == "float" else "#31a354"
-            ax.bar(i + dx, rel, width=0.38, color=color, edgecolor="black", lw=0.5, hatch=ESTIMATE_HATCH if estimate else None, label=model if i == 0 else None)
-            ax.text(i + dx, (rel if rel == rel else 0) + 0.02, _num(value) + ("\nestimate" if estimate else ""), ha="center", va="bottom", fontsize=7, rotation=0)
+            ax.bar(
+                i + dx,
+                rel,
+                width=0.38,
+                color=color,
+                edgecolor="black",
+                lw=0.5,
+                hatch=ESTIMATE_HATCH if estimate else None,
+                label=model if i == 0 else None,
+            )
+            ax.text(
+                i + dx,
+                (rel if rel == rel else 0) + 0.02,
+                _num(value) + ("\nestimate" if estimate else ""),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                rotation=0,
+            )
         names.append(f"{pair['figure']}\n{pair['unit']}")
     ax.set_xticks(range(len(pairs)), names, fontsize=8)
     ax.axhline(1.0, color="gray", lw=0.6)

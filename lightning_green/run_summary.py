@@ -49,7 +49,9 @@ def load_summary(path: str | os.PathLike) -> dict:
         raise SummaryError(f"{path}: not an energy summary (not valid JSON: {err})") from None
     missing = [k for k in REQUIRED_KEYS if not isinstance(data, dict) or k not in data]
     if missing or not isinstance(data["sensors"], list):
-        raise SummaryError(f"{path}: not an energy summary (a JSON without {', '.join(repr(k) for k in missing or ['sensors'])})")
+        raise SummaryError(
+            f"{path}: not an energy summary (a JSON without {', '.join(repr(k) for k in missing or ['sensors'])})"
+        )
     return data
 
 
@@ -84,7 +86,7 @@ def resolve_run(path: str, stage: str | None = None) -> str:
     if len(runs) > 1:
         shown = ", ".join(os.path.relpath(r, path) for r in runs[:4]) + (" …" if len(runs) > 4 else "")
         raise SummaryError(f"{path}: holds {len(runs)} runs ({shown}); pass one of them")
-    by_stage = {os.path.basename(f)[len(SUMMARY_PREFIX):-len(".json")]: f for f in files}
+    by_stage = {os.path.basename(f)[len(SUMMARY_PREFIX) : -len(".json")]: f for f in files}
     if stage is None:
         stage = "fit" if "fit" in by_stage else sorted(by_stage)[0]
     if stage not in by_stage:
@@ -140,7 +142,11 @@ def sources(summary: dict) -> str:
 
 def efficiency(summary: dict) -> dict[str, tuple[Any, str]]:
     """EfficiencyLogger's figures: ``{figure: (value, source)}`` (``train_energy_j``, ``tokens_per_j``, …)."""
-    return {r["figure"]: (r.get("value"), r.get("source") or "") for r in section(summary, EFFICIENCY_TITLE) if "figure" in r}
+    return {
+        r["figure"]: (r.get("value"), r.get("source") or "")
+        for r in section(summary, EFFICIENCY_TITLE)
+        if "figure" in r
+    }
 
 
 def phases(summary: dict) -> list[dict]:
@@ -171,7 +177,7 @@ def qat_scheme(summary: dict) -> str | None:
     """The QAT scheme named in the section title, e.g. ``"int8_weight_only"``, or None without QAT."""
     for name in summary.get("sections") or {}:
         if name.startswith(QAT_TITLE):
-            return name[len(QAT_TITLE):].strip(" ()") or "qat"
+            return name[len(QAT_TITLE) :].strip(" ()") or "qat"
     return None
 
 

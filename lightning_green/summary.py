@@ -17,10 +17,11 @@ import json
 import logging
 import math
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from lightning_green.energy.metrics import J_PER_KWH
 from lightning_green.energy.loops import LoopTimeline
+from lightning_green.energy.metrics import J_PER_KWH
 
 log = logging.getLogger("lightning_green")
 
@@ -60,13 +61,19 @@ def partial_reason(sensor: dict) -> str:
         how = "; its reader was abandoned, still blocked at stop" if sensor.get("abandoned") else ""
         return f"dropped ({sensor['failed']}){how}; figures up to its last good reading + at most one interval"
     parts = []
-    for key, words in (("rejected", "readings rejected"), ("transient_errors", "transient read errors (retried)"), ("resets", "counter resets")):
+    for key, words in (
+        ("rejected", "readings rejected"),
+        ("transient_errors", "transient read errors (retried)"),
+        ("resets", "counter resets"),
+    ):
         if sensor.get(key):
             parts.append(f"{sensor[key]} {words}")
     if not parts and sensor.get("gaps"):
         parts.append(f"{sensor['gaps']} readings missed")
     if sensor.get("gap_s"):
-        parts.append(f"{_fmt(float(sensor['gap_s']), 3)} s of gaps bridged by {sensor.get('gap_bridge') or 'the next reading'}")
+        parts.append(
+            f"{_fmt(float(sensor['gap_s']), 3)} s of gaps bridged by {sensor.get('gap_bridge') or 'the next reading'}"
+        )
     if sensor.get("last_problem"):
         parts.append(f"last: {sensor['last_problem']}")
     return "; ".join(parts) or "partial"
@@ -197,7 +204,18 @@ def local_cluster(rank: int, node_rank: int, sensors: list[dict], unattributed_j
     device_j = sum(s["energy_j"] for s in sensors if not s["host_level"])
     stage_j = sum(s["energy_this_run_j"] for s in sensors)
     sources = sorted({s["source"] for s in sensors})
-    return cluster_figures([{"rank": rank, "node_rank": node_rank, "energy_j": energy_j, "device_energy_j": device_j, "stage_energy_j": stage_j, "sources": sources}])
+    return cluster_figures(
+        [
+            {
+                "rank": rank,
+                "node_rank": node_rank,
+                "energy_j": energy_j,
+                "device_energy_j": device_j,
+                "stage_energy_j": stage_j,
+                "sources": sources,
+            }
+        ]
+    )
 
 
 def gather_cluster(trainer: Any, session: Any, with_state: bool) -> tuple[dict, list | None]:
@@ -207,21 +225,35 @@ def gather_cluster(trainer: Any, session: Any, with_state: bool) -> tuple[dict, 
 
     meter, now = session.meter, session.clock()
     stage_j = sum(meter.stats(n)["energy_this_run_j"] for n in meter.names)
-    mine = {"rank": trainer.global_rank, "node_rank": trainer.node_rank, "energy_j": session.energy_at_j(now),
-            "device_energy_j": session.device_energy_j(now), "stage_energy_j": stage_j,
-            "sources": sorted({meter.info(n)["source"] for n in meter.names})}
+    mine = {
+        "rank": trainer.global_rank,
+        "node_rank": trainer.node_rank,
+        "energy_j": session.energy_at_j(now),
+        "device_energy_j": session.device_energy_j(now),
+        "stage_energy_j": stage_j,
+        "sources": sorted({meter.info(n)["source"] for n in meter.names}),
+    }
     gathered = gather_objects(trainer, (mine, session.local_state() if with_state else None))
     return cluster_figures([g[0] for g in gathered]), [g[1] for g in gathered]
 
 
-def stage_summary(session: Any, *, t0: float, origin_t: float, node_rank: int, cluster: dict | None, **fields: Any) -> dict:
+def stage_summary(
+    session: Any, *, t0: float, origin_t: float, node_rank: int, cluster: dict | None, **fields: Any
+) -> dict:
     """:func:`build_summary` of a finished :class:`~lightning_green.energy.session.EnergySession`
     (``cluster``: as gathered, or None for this process alone)."""
     meter = session.meter
     sensors = sensor_rows(meter, session.restored_j())
     trace = {n: [[round(t - origin_t, 4), round(p, 3)] for t, p in meter.trace(n)] for n in meter.names}
     cluster = cluster or local_cluster(fields["rank"], node_rank, sensors, session.unattributed_j)
-    return build_summary(duration_s=session.clock() - t0, sensors=sensors, unattributed_j=session.unattributed_j, cluster=cluster, trace=trace, **fields)
+    return build_summary(
+        duration_s=session.clock() - t0,
+        sensors=sensors,
+        unattributed_j=session.unattributed_j,
+        cluster=cluster,
+        trace=trace,
+        **fields,
+    )
 
 
 class StageRecord:
@@ -268,7 +300,9 @@ class StageRecord:
 
     def sources(self, this_process: str) -> str:
         """The sources of every process's sensors as last gathered, else ``this_process``'s."""
-        return "+".join(self.cluster["sources"]) if self.cluster is not None and self.cluster["sources"] else this_process
+        return (
+            "+".join(self.cluster["sources"]) if self.cluster is not None and self.cluster["sources"] else this_process
+        )
 
     def stage_loop_ended(self, trainer: Any, session: Any, with_state: bool = False) -> None:
         """The stage's main loop (training, or that of validate, test, predict) ended: it leaves the
@@ -280,9 +314,18 @@ class StageRecord:
         """The stage's summary (:func:`stage_summary`); the loop running now ends here."""
         self.timeline.end()
         return stage_summary(
-            session, stage=self.stage, status=status, started_at=self.started_at, t0=self.t0, origin_t=self.origin_t,
-            rank=rank, node_rank=node_rank, cluster=self.cluster if world_size > 1 else None, skipped=self.skipped,
-            sections=sections, timeline=self.timeline.as_rows(),
+            session,
+            stage=self.stage,
+            status=status,
+            started_at=self.started_at,
+            t0=self.t0,
+            origin_t=self.origin_t,
+            rank=rank,
+            node_rank=node_rank,
+            cluster=self.cluster if world_size > 1 else None,
+            skipped=self.skipped,
+            sections=sections,
+            timeline=self.timeline.as_rows(),
         )
 
 
@@ -348,8 +391,15 @@ def render(summary: dict) -> None:
         if s.get("note"):
             notes.append(f"{s['name']}: {s['note']}")
         table.add_row(
-            s["name"], str(s.get("source")), _fmt(s.get("energy_this_run_j")), _fmt(s.get("mean_power_w")), _fmt(s.get("duration_s")),
-            _fmt(s.get("peak_power_w")), _fmt(s.get("energy_j")), _fmt(s.get("gaps")), status,
+            s["name"],
+            str(s.get("source")),
+            _fmt(s.get("energy_this_run_j")),
+            _fmt(s.get("mean_power_w")),
+            _fmt(s.get("duration_s")),
+            _fmt(s.get("peak_power_w")),
+            _fmt(s.get("energy_j")),
+            _fmt(s.get("gaps")),
+            status,
         )
     console.print(table)
     sources = "+".join(summary.get("sources") or []) or "none"
@@ -363,15 +413,26 @@ def render(summary: dict) -> None:
     ]
     carried_j, restored_j = summary.get("carried_j"), summary.get("restored_j")
     if "carried_j" not in summary and restored_j:  # an older summary: its restored_j held earlier stages too
-        lines.append(f"  of the total, carried in (earlier stages of this process or a checkpoint): {_fmt(restored_j)} J  [source: {sources}]")
+        lines.append(
+            f"  of the total, carried in (earlier stages of this process or a checkpoint): {_fmt(restored_j)} J  [source: {sources}]"
+        )
     elif carried_j or restored_j:
-        lines.append(f"  of the total: this stage {_fmt(stage_j)} J; carried from earlier stages of this process"
-                     f" {_fmt(carried_j or 0.0)} J; restored from a checkpoint {_fmt(restored_j or 0.0)} J"
-                     f"  [source: {sources}; restored: as the run that wrote the checkpoint measured it]")
+        lines.append(
+            f"  of the total: this stage {_fmt(stage_j)} J; carried from earlier stages of this process"
+            f" {_fmt(carried_j or 0.0)} J; restored from a checkpoint {_fmt(restored_j or 0.0)} J"
+            f"  [source: {sources}; restored: as the run that wrote the checkpoint measured it]"
+        )
     if (cluster.get("world_size") or 1) > 1:
-        per_rank = ", ".join(f"rank {r.get('rank')} (node {r.get('node_rank')}): {_fmt(r.get('energy_j'))} J" for r in cluster.get("per_rank") or [])
-        imbalance = "n/a (no per-process device sensor)" if _is_nan(cluster.get("imbalance")) else _fmt(cluster["imbalance"])
-        lines.append(f"cluster total, cumulative ({cluster['world_size']} processes, {_fmt(cluster.get('num_nodes'))} nodes): {_fmt(cluster.get('total_j'))} J; {per_rank}; device-energy imbalance (max/mean): {imbalance}")
+        per_rank = ", ".join(
+            f"rank {r.get('rank')} (node {r.get('node_rank')}): {_fmt(r.get('energy_j'))} J"
+            for r in cluster.get("per_rank") or []
+        )
+        imbalance = (
+            "n/a (no per-process device sensor)" if _is_nan(cluster.get("imbalance")) else _fmt(cluster["imbalance"])
+        )
+        lines.append(
+            f"cluster total, cumulative ({cluster['world_size']} processes, {_fmt(cluster.get('num_nodes'))} nodes): {_fmt(cluster.get('total_j'))} J; {per_rank}; device-energy imbalance (max/mean): {imbalance}"
+        )
     if summary.get("partial"):
         lines.append("partial figures: " + "; ".join(summary["partial"]))
     for reason in summary.get("skipped") or []:

@@ -21,7 +21,16 @@ def fake_nvml(monkeypatch):
     return install
 
 
-DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK", "LOCAL_WORLD_SIZE")
+DIST_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "RANK",
+    "LOCAL_WORLD_SIZE",
+)
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import itertools
 import time
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 class NVMLError(Exception):
@@ -41,7 +41,7 @@ class FakeGpu:
     power_w: float = 300.0
     counter: bool = True  # False: nvmlDeviceGetTotalEnergyConsumption raises NOT_SUPPORTED
     lost_after_reads: int | None = None  # raise GPU_IS_LOST once this many readings were taken
-    mig_parent: "FakeGpu | None" = None
+    mig_parent: FakeGpu | None = None
     limit_mw: int = 700_000
     min_limit_mw: int = 200_000
     max_limit_mw: int = 700_000

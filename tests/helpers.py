@@ -52,8 +52,15 @@ def tiny_trainer(**kwargs):
     from lightning.pytorch import Trainer
 
     defaults = dict(
-        max_steps=5, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        accelerator="cpu", devices=1, logger=False, num_sanity_val_steps=0, limit_val_batches=0,
+        max_steps=5,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
     defaults.update(kwargs)
     return Trainer(**defaults)
@@ -65,7 +72,9 @@ class FakeClock(Callback):
 
     def __init__(self, batch_s: float):
         self.t, self.batch_s = 1000.0, batch_s
-        self.reads = None  # an EnergySession to read at every batch end but the last (the final reading is there), if set
+        self.reads = (
+            None  # an EnergySession to read at every batch end but the last (the final reading is there), if set
+        )
 
     def __call__(self):
         return self.t

@@ -22,7 +22,9 @@ from lightning_green.quantization import QuantizationAwareTraining  # noqa: E402
 
 def main(out_dir: str) -> None:
     qat = QuantizationAwareTraining(start_step=1)
-    sampler = PowerSampler(sensors=[SimulatedSensor(power_w=100.0)], interval_s=0.01, print_summary=False, summary_dir=out_dir)
+    sampler = PowerSampler(
+        sensors=[SimulatedSensor(power_w=100.0)], interval_s=0.01, print_summary=False, summary_dir=out_dir
+    )
     trainer = Trainer(
         strategy="ddp_green", accelerator="cpu", devices=2, max_steps=3, limit_val_batches=2, limit_test_batches=2, num_sanity_val_steps=0,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, logger=False,
@@ -34,7 +36,12 @@ def main(out_dir: str) -> None:
     output = model(x).tolist()
     # the converted weights are tensor subclasses that torch's broadcast cannot send: ddp_green skips them
     trainer.test(model, verbose=False)
-    result = {"report": qat.report.as_dict(), "quantized": quantized_params(model), "output": output, "tested": trainer.state.finished}
+    result = {
+        "report": qat.report.as_dict(),
+        "quantized": quantized_params(model),
+        "output": output,
+        "tested": trainer.state.finished,
+    }
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
         json.dump(result, f, default=str)
 

@@ -6,12 +6,12 @@ from unittest.mock import Mock
 
 import pytest
 import torch
+from conftest import sampler_threads
 from fake_pynvml import FakeGpu
 from helpers import Clock, FakeClock, SleepyModel, logged, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from conftest import sampler_threads
 from lightning_green import EfficiencyLogger, NvmlSensor, PowerSampler, SimulatedSensor
 from lightning_green.sensors import Reading, Sensor
 
@@ -27,7 +27,13 @@ def test_logs_energy_power_and_step_energy(tmp_path):
     # Simulated timestamps: every batch lasts exactly 20 ms on the sensor's clock, so the energy
     # arithmetic is exact however busy the machine is (the sampler thread never reads on its own).
     logger, clock = mock_logger(), FakeClock(batch_s=0.02)
-    ps = PowerSampler(sensors=[SimulatedSensor(100.0, clock=clock)], interval_s=3600.0, summary_dir=str(tmp_path), print_summary=False, clock=clock)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(100.0, clock=clock)],
+        interval_s=3600.0,
+        summary_dir=str(tmp_path),
+        print_summary=False,
+        clock=clock,
+    )
     clock.reads = ps.session  # a reading at every batch end: trace points, and windows that end on a reading
     trainer = tiny_trainer(max_steps=20, log_every_n_steps=5, logger=logger, callbacks=[clock, ps])
     trainer.fit(SleepyModel(step_s=0.0))
@@ -47,7 +53,10 @@ def test_logs_energy_power_and_step_energy(tmp_path):
 
 def test_summary_json_in_log_dir(tmp_path):
     logger, clock = TensorBoardLogger(tmp_path), FakeClock(batch_s=0.01)
-    sensors = [SimulatedSensor(50.0, name="a", clock=clock), SimulatedSensor(25.0, name="b", host_level=True, domain="cpu", clock=clock)]
+    sensors = [
+        SimulatedSensor(50.0, name="a", clock=clock),
+        SimulatedSensor(25.0, name="b", host_level=True, domain="cpu", clock=clock),
+    ]
     ps = PowerSampler(sensors=sensors, interval_s=3600.0, print_summary=False, clock=clock)
     clock.reads = ps.session
     tiny_trainer(max_steps=10, logger=logger, callbacks=[clock, ps]).fit(SleepyModel(step_s=0.0))
@@ -56,7 +65,9 @@ def test_summary_json_in_log_dir(tmp_path):
     assert data["stage"] == "fit" and data["status"] == "finished"
     by_name = {s["name"]: s for s in data["sensors"]}
     assert by_name["a"]["source"] == "simulated"
-    assert by_name["a"]["energy_j"] == pytest.approx(50.0 * 10 * 0.01) and by_name["b"]["energy_j"] == pytest.approx(25.0 * 10 * 0.01)
+    assert by_name["a"]["energy_j"] == pytest.approx(50.0 * 10 * 0.01) and by_name["b"]["energy_j"] == pytest.approx(
+        25.0 * 10 * 0.01
+    )
     assert by_name["a"]["mean_power_w"] == pytest.approx(50.0)
     assert by_name["a"]["peak_power_w"] == pytest.approx(50.0)
     assert data["energy_j"] == pytest.approx(by_name["a"]["energy_j"] + by_name["b"]["energy_j"])
@@ -68,13 +79,22 @@ def test_tensorboard_event_file(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger, clock = TensorBoardLogger(tmp_path, name="tb"), FakeClock(batch_s=0.02)
-    ps = PowerSampler(sensors=[SimulatedSensor(power_w=100.0, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(power_w=100.0, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock
+    )
     clock.reads = ps.session
     tiny_trainer(max_steps=20, log_every_n_steps=10, logger=logger, callbacks=[clock, ps]).fit(SleepyModel(step_s=0.0))
     acc = EventAccumulator(logger.log_dir)
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"energy/total_j", "energy/sim_j", "energy/step_j", "power/sim_w", "energy/epoch_j", "power_trace/sim_w"} <= tags
+    assert {
+        "energy/total_j",
+        "energy/sim_j",
+        "energy/step_j",
+        "power/sim_w",
+        "energy/epoch_j",
+        "power_trace/sim_w",
+    } <= tags
     last = acc.Scalars("energy/total_j")[-1]
     assert last.step == 20
     assert last.value == pytest.approx(100.0 * 20 * 0.02)
@@ -97,17 +117,26 @@ class Exploding(Sensor):
 
 
 def test_failing_sensor_does_not_stop_training(tmp_path):
-    ps = PowerSampler(sensors=[SimulatedSensor(100.0), Exploding(after=3)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(100.0), Exploding(after=3)],
+        interval_s=0.01,
+        summary_dir=str(tmp_path),
+        print_summary=False,
+    )
     trainer = tiny_trainer(max_steps=20, callbacks=[ps])
     trainer.fit(SleepyModel(step_s=0.01))
     assert trainer.global_step == 20
-    assert ps.summary["partial"] == ["flaky: dropped (OSError: device vanished); figures up to its last good reading + at most one interval"]
+    assert ps.summary["partial"] == [
+        "flaky: dropped (OSError: device vanished); figures up to its last good reading + at most one interval"
+    ]
     assert ps.summary["sensors"][0]["partial"] is False
 
 
 def test_gpu_lost_mid_run_with_fake_nvml(fake_nvml, tmp_path):
     fake_nvml(gpus=[FakeGpu(uuid="GPU-a", power_w=300.0, lost_after_reads=4)])
-    ps = PowerSampler(sensors=[NvmlSensor(0), SimulatedSensor(10.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    ps = PowerSampler(
+        sensors=[NvmlSensor(0), SimulatedSensor(10.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False
+    )
     trainer = tiny_trainer(max_steps=15, callbacks=[ps])
     trainer.fit(SleepyModel(step_s=0.01))
     assert trainer.global_step == 15
@@ -139,7 +168,10 @@ def test_nan_and_negative_readings_are_gaps(tmp_path):
     s = ps.summary["sensors"][0]
     assert s["gaps"] == 2 and s["partial"] and s["energy_j"] == pytest.approx(10.0 * s["duration_s"], rel=0.01)
     (partial,) = ps.summary["partial"]
-    assert partial.startswith("noisy: 2 readings rejected; ") and "s of gaps bridged by interpolated power; last: " in partial
+    assert (
+        partial.startswith("noisy: 2 readings rejected; ")
+        and "s of gaps bridged by interpolated power; last: " in partial
+    )
 
 
 def test_no_thread_after_exception(tmp_path):
@@ -171,7 +203,9 @@ def test_runs_in_validate_test_predict(tmp_path):
 
 def test_resume_continues_total(tmp_path):
     ckpt, clock = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=10, save_top_k=-1), Clock()
-    ps1 = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    ps1 = PowerSampler(
+        sensors=[SimulatedSensor(100.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False
+    )
     tiny_trainer(max_steps=10, callbacks=[ps1, clock, ckpt], enable_checkpointing=True).fit(SleepyModel(step_s=0.02))
     state = torch.load(tmp_path / "epoch=0-step=10.ckpt", weights_only=False)["callbacks"]
     saved = next(v for k, v in state.items() if k.startswith("PowerSampler"))
@@ -180,7 +214,9 @@ def test_resume_continues_total(tmp_path):
     until_ckpt_s = saved["total_j"] / 100.0
 
     logger = mock_logger()
-    ps2 = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    ps2 = PowerSampler(
+        sensors=[SimulatedSensor(100.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False
+    )
     trainer = tiny_trainer(max_steps=20, log_every_n_steps=5, callbacks=[ps2], logger=logger)
     trainer.fit(SleepyModel(step_s=0.02), ckpt_path=tmp_path / "epoch=0-step=10.ckpt")
     s = ps2.summary
@@ -200,7 +236,14 @@ def test_efficiency_metrics(tmp_path):
     logger = mock_logger()
     ps = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
     eff = EfficiencyLogger(carbon_intensity_g_per_kwh=500.0, pue=1.5, tokens_per_batch="numel")
-    trainer = tiny_trainer(max_steps=10, log_every_n_steps=5, limit_val_batches=3, val_check_interval=10, callbacks=[ps, eff], logger=logger)
+    trainer = tiny_trainer(
+        max_steps=10,
+        log_every_n_steps=5,
+        limit_val_batches=3,
+        val_check_interval=10,
+        callbacks=[ps, eff],
+        logger=logger,
+    )
     model = SleepyModel(step_s=0.01)
     trainer.fit(model)
     r = eff.results
@@ -239,7 +282,11 @@ def test_power_sampler_bad_input(kwargs, arg):
 
 @pytest.mark.parametrize(
     "kwargs, arg",
-    [({"carbon_intensity_g_per_kwh": -1.0}, "carbon_intensity_g_per_kwh"), ({"pue": 0.9}, "pue"), ({"tokens_per_batch": "words"}, "tokens_per_batch")],
+    [
+        ({"carbon_intensity_g_per_kwh": -1.0}, "carbon_intensity_g_per_kwh"),
+        ({"pue": 0.9}, "pue"),
+        ({"tokens_per_batch": "words"}, "tokens_per_batch"),
+    ],
 )
 def test_efficiency_bad_input(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
@@ -270,7 +317,12 @@ trainer:
         pue: 1.2
 """
     )
-    cli = LightningCLI(BoringModel, args=["--config", str(config), f"--trainer.default_root_dir={tmp_path}"], run=False, save_config_callback=None)
+    cli = LightningCLI(
+        BoringModel,
+        args=["--config", str(config), f"--trainer.default_root_dir={tmp_path}"],
+        run=False,
+        save_config_callback=None,
+    )
     ps, eff = cli.trainer.callbacks[:2]
     assert isinstance(ps, PowerSampler) and ps.interval_s == 0.05
     assert isinstance(eff, EfficiencyLogger) and (eff.carbon_intensity_g_per_kwh, eff.pue) == (100.0, 1.2)
@@ -305,7 +357,13 @@ def test_measure_block_energy(tmp_path):
             got["m"] = m
 
     clock = FakeClock(batch_s=0.01)
-    ps = PowerSampler(sensors=[SimulatedSensor(50.0, clock=clock)], interval_s=3600.0, summary_dir=str(tmp_path), print_summary=False, clock=clock)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(50.0, clock=clock)],
+        interval_s=3600.0,
+        summary_dir=str(tmp_path),
+        print_summary=False,
+        clock=clock,
+    )
     tiny_trainer(max_steps=2, callbacks=[clock, ps, Probe()]).fit(SleepyModel(step_s=0.0))
     m = got["m"]
     assert m.duration_s == pytest.approx(0.2)
@@ -321,16 +379,23 @@ def test_summary_table_names_sources_and_partial(tmp_path, capsys):
     tiny_trainer(max_steps=8, callbacks=[ps]).fit(SleepyModel(step_s=0.01))
     out = capsys.readouterr().out
     assert "simulated" in out and "flaky" in out and "failed" in out
-    assert "partial figures: flaky: dropped (OSError: device vanished); figures up to its last good reading + at most one interval" in out
+    assert (
+        "partial figures: flaky: dropped (OSError: device vanished); figures up to its last good reading + at most one interval"
+        in out
+    )
     assert "[source: simulated]" in out
 
 
 def test_accumulation_counts_optimizer_steps(tmp_path):
     logger, clock = mock_logger(), FakeClock(batch_s=0.01)
     sensor = SimulatedSensor(100.0, clock=clock)
-    ps = PowerSampler(sensors=[sensor], interval_s=3600.0, phases=True, summary_dir=str(tmp_path), print_summary=False, clock=clock)
+    ps = PowerSampler(
+        sensors=[sensor], interval_s=3600.0, phases=True, summary_dir=str(tmp_path), print_summary=False, clock=clock
+    )
     eff = EfficiencyLogger()
-    tiny_trainer(max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1, logger=logger, callbacks=[clock, ps, eff]).fit(SleepyModel(step_s=0.0))
+    tiny_trainer(
+        max_steps=3, accumulate_grad_batches=2, log_every_n_steps=1, logger=logger, callbacks=[clock, ps, eff]
+    ).fit(SleepyModel(step_s=0.0))
     assert [s for s, _ in logged(logger, "energy/step_j")] == [1, 2, 3]  # no extra "step 0" for the first micro-batch
     step_j = [v for _, v in logged(logger, "energy/step_j")]
     assert step_j == [pytest.approx(100.0 * 2 * 0.01)] * 3  # two 10 ms micro-batches at 100 W per optimizer step
@@ -345,9 +410,21 @@ def test_step_energy_excludes_validation(tmp_path):
             clock.t += 0.05
             return super().validation_step(batch, batch_idx)
 
-    ps = PowerSampler(sensors=[SimulatedSensor(100.0, clock=clock)], interval_s=3600.0, summary_dir=str(tmp_path), print_summary=False, clock=clock)
-    tiny_trainer(max_steps=8, log_every_n_steps=4, limit_val_batches=4, val_check_interval=2, logger=logger,
-                 callbacks=[clock, ps, EfficiencyLogger()]).fit(SlowVal(step_s=0.0))
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(100.0, clock=clock)],
+        interval_s=3600.0,
+        summary_dir=str(tmp_path),
+        print_summary=False,
+        clock=clock,
+    )
+    tiny_trainer(
+        max_steps=8,
+        log_every_n_steps=4,
+        limit_val_batches=4,
+        val_check_interval=2,
+        logger=logger,
+        callbacks=[clock, ps, EfficiencyLogger()],
+    ).fit(SlowVal(step_s=0.0))
     # a step is 10 ms at 100 W (1 J); the 4 validation batches of 50 ms every 2 steps (20 J) are not step energy
     assert [v for _, v in logged(logger, "energy/step_j")] == [pytest.approx(1.0)] * 2
     # logged at the end of step 8, before that step's validation: 8 steps and 3 validations
@@ -358,11 +435,21 @@ def test_efficiency_resume_keeps_training_energy(tmp_path):
     ckpt, clock = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1), FakeClock(batch_s=0.02)
 
     def sampler():
-        return PowerSampler(sensors=[SimulatedSensor(100.0, clock=clock)], interval_s=3600.0, summary_dir=str(tmp_path), print_summary=False, clock=clock)
+        return PowerSampler(
+            sensors=[SimulatedSensor(100.0, clock=clock)],
+            interval_s=3600.0,
+            summary_dir=str(tmp_path),
+            print_summary=False,
+            clock=clock,
+        )
 
     eff1, eff2 = EfficiencyLogger(), EfficiencyLogger()
-    tiny_trainer(max_steps=5, callbacks=[clock, sampler(), eff1, ckpt], enable_checkpointing=True).fit(SleepyModel(step_s=0.0))
-    tiny_trainer(max_steps=10, callbacks=[clock, sampler(), eff2]).fit(SleepyModel(step_s=0.0), ckpt_path=tmp_path / "epoch=0-step=5.ckpt")
+    tiny_trainer(max_steps=5, callbacks=[clock, sampler(), eff1, ckpt], enable_checkpointing=True).fit(
+        SleepyModel(step_s=0.0)
+    )
+    tiny_trainer(max_steps=10, callbacks=[clock, sampler(), eff2]).fit(
+        SleepyModel(step_s=0.0), ckpt_path=tmp_path / "epoch=0-step=5.ckpt"
+    )
     assert eff2.results["train_samples"] == 10
     assert eff1.results["train_energy_j"] == pytest.approx(100.0 * 5 * 0.02)  # 5 steps of 20 ms at 100 W
     assert eff2.results["train_energy_j"] == pytest.approx(100.0 * 10 * 0.02)  # the first 5 steps are kept

@@ -42,8 +42,12 @@ def figures(summary: dict) -> tuple:
 
 
 def adds_up(summary: dict) -> None:
-    assert summary["energy_j"] == pytest.approx(summary["stage_energy_j"] + summary["carried_j"] + summary["restored_j"])
-    assert summary["stage_mean_power_w"] * summary["duration_s"] == pytest.approx(summary["stage_energy_j"])  # J = W x s
+    assert summary["energy_j"] == pytest.approx(
+        summary["stage_energy_j"] + summary["carried_j"] + summary["restored_j"]
+    )
+    assert summary["stage_mean_power_w"] * summary["duration_s"] == pytest.approx(
+        summary["stage_energy_j"]
+    )  # J = W x s
 
 
 def test_validate_then_fit_labels_the_validate_energy_carried_not_restored(tmp_path, capsys):
@@ -60,11 +64,20 @@ def test_validate_then_fit_labels_the_validate_energy_carried_not_restored(tmp_p
         assert figures(s) == pytest.approx((200.0, 100.0, 0.0, 300.0, 200.0, 100.0, 0.0, 300.0))
         adds_up(s)
     assert "this stage (fit, this process): 200 J in 2 s = 100 W mean" in out
-    assert "of the total: this stage 200 J; carried from earlier stages of this process 100 J; restored from a checkpoint 0 J [source: simulated;" in out
+    assert (
+        "of the total: this stage 200 J; carried from earlier stages of this process 100 J; restored from a checkpoint 0 J [source: simulated;"
+        in out
+    )
     # compare/show and the picture: the fit's own energy, not validate's too
-    assert rs.stage_energy_j(written) == pytest.approx(200.0) and rs.sensor_energy_j(written, written["sensors"][0]) == pytest.approx(200.0)
+    assert rs.stage_energy_j(written) == pytest.approx(200.0) and rs.sensor_energy_j(
+        written, written["sensors"][0]
+    ) == pytest.approx(200.0)
     rows = {f[0]: f[4] for f in cmp.figures(written)}
-    assert rows["energy total"] == pytest.approx(200.0) and rows["energy sim"] == pytest.approx(200.0) and rows["mean power"] == pytest.approx(100.0)
+    assert (
+        rows["energy total"] == pytest.approx(200.0)
+        and rows["energy sim"] == pytest.approx(200.0)
+        and rows["mean power"] == pytest.approx(100.0)
+    )
 
 
 def test_fit_test_fit_carries_each_earlier_stage(tmp_path):
@@ -101,9 +114,14 @@ def test_a_checkpoint_resume_is_restored_not_carried(tmp_path, capsys):
     fit = json.load(open(tmp_path / "energy_summary_fit.json"))
     assert figures(fit) == pytest.approx((100.0, 0.0, 200.0, 300.0, 100.0, 0.0, 200.0, 300.0))
     adds_up(fit)
-    assert "of the total: this stage 100 J; carried from earlier stages of this process 0 J; restored from a checkpoint 200 J" in out
+    assert (
+        "of the total: this stage 100 J; carried from earlier stages of this process 0 J; restored from a checkpoint 200 J"
+        in out
+    )
     assert rs.stage_energy_j(fit) == pytest.approx(300.0)  # a resumed fit counts what it restored
-    assert {f[0]: f[4] for f in cmp.figures(fit)}["mean power"] == pytest.approx(100.0)  # its own joules over its own seconds
+    assert {f[0]: f[4] for f in cmp.figures(fit)}["mean power"] == pytest.approx(
+        100.0
+    )  # its own joules over its own seconds
     # a test after the resumed fit: the fit's own energy is carried, the checkpoint's is still restored
     trainer.test(SleepyModel(step_s=0.0), verbose=False)
     test = json.load(open(tmp_path / "energy_summary_test.json"))
@@ -134,7 +152,9 @@ def test_testing_an_earlier_checkpoint_of_this_process_never_takes_energy_back(t
     assert figures(test)[:4] == pytest.approx((100.0, 400.0, 0.0, 500.0))  # 2 test batches; the fit carried
     adds_up(test)
     other = sampler(tmp_path / "other", clock)  # a new sampler, as in a new process: the checkpoint is restored
-    tiny_trainer(callbacks=[clock, other], limit_test_batches=2).test(SleepyModel(step_s=0.0), ckpt_path=path, verbose=False)
+    tiny_trainer(callbacks=[clock, other], limit_test_batches=2).test(
+        SleepyModel(step_s=0.0), ckpt_path=path, verbose=False
+    )
     assert figures(other.summary_by_stage["test"])[:4] == pytest.approx((100.0, 0.0, 200.0, 300.0))
 
 
@@ -152,9 +172,13 @@ def test_a_checkpoint_loaded_by_validate_is_not_applied_to_a_later_fit_from_scra
     # 6 batches of 1 sample at 50 J each: nothing of the checkpoint's 4 samples and 200 J
     assert eff.results["train_samples"] == 6 and eff.results["train_energy_j"] == pytest.approx(300.0)
     trainer.test(SleepyModel(step_s=0.0), verbose=False)  # each summary lists its own stage's figures
-    efficiency = {stage: {r["figure"] for r in ps.summary_by_stage[stage]["sections"]["efficiency"]} for stage in ("fit", "test")}
+    efficiency = {
+        stage: {r["figure"] for r in ps.summary_by_stage[stage]["sections"]["efficiency"]} for stage in ("fit", "test")
+    }
     assert "train_energy_j" in efficiency["fit"] and "test_epi_j" not in efficiency["fit"]
-    assert "test_epi_j" in efficiency["test"] and not any(f.startswith("train_") or f.startswith("eer") for f in efficiency["test"])
+    assert "test_epi_j" in efficiency["test"] and not any(
+        f.startswith("train_") or f.startswith("eer") for f in efficiency["test"]
+    )
     assert "train_energy_j" in eff.results and "test_epi_j" in eff.results  # results keep every stage's
 
 
@@ -176,21 +200,32 @@ def test_session_keeps_restored_apart_from_carried():
     clock.t += 1.0
     session.read_now()
     (row,) = sensor_rows(session.meter, session.restored_j())
-    assert (row["stage_energy_j"], row["carried_j"], row["restored_j"], row["energy_j"]) == pytest.approx((10.0, 30.0, 0.0, 40.0))
+    assert (row["stage_energy_j"], row["carried_j"], row["restored_j"], row["energy_j"]) == pytest.approx(
+        (10.0, 30.0, 0.0, 40.0)
+    )
     session.restore({"sim": 100.0, "gone": 5.0, "__unattributed__": 1.0})  # replaces the carried 30 J
     clock.t += 1.0
     session.finish()
     (row,) = sensor_rows(session.meter, session.restored_j())
-    assert (row["stage_energy_j"], row["carried_j"], row["restored_j"], row["energy_j"]) == pytest.approx((20.0, 0.0, 100.0, 120.0))
+    assert (row["stage_energy_j"], row["carried_j"], row["restored_j"], row["energy_j"]) == pytest.approx(
+        (20.0, 0.0, 100.0, 120.0)
+    )
     assert session.unattributed_j == pytest.approx(6.0)
     session.start([SimulatedSensor(10.0, clock=clock)])  # the stage after: the restored 100 J stays restored
     clock.t += 1.0
     session.finish()
     sensors = sensor_rows(session.meter, session.restored_j())
-    assert (sensors[0]["carried_j"], sensors[0]["restored_j"], sensors[0]["energy_j"]) == pytest.approx((20.0, 100.0, 130.0))
+    assert (sensors[0]["carried_j"], sensors[0]["restored_j"], sensors[0]["energy_j"]) == pytest.approx(
+        (20.0, 100.0, 130.0)
+    )
     summary = S.build_summary(stage="test", status="finished", started_at="", duration_s=1.0, rank=0, sensors=sensors, unattributed_j=6.0,
                               cluster={}, skipped=[], sections={}, trace={})  # fmt: skip
-    assert (summary["stage_energy_j"], summary["carried_j"], summary["restored_j"], summary["energy_j"]) == pytest.approx((10.0, 20.0, 106.0, 136.0))
+    assert (
+        summary["stage_energy_j"],
+        summary["carried_j"],
+        summary["restored_j"],
+        summary["energy_j"],
+    ) == pytest.approx((10.0, 20.0, 106.0, 136.0))
 
 
 def test_an_older_summary_without_carried_j_is_read_as_before(capsys):
@@ -199,4 +234,7 @@ def test_an_older_summary_without_carried_j_is_read_as_before(capsys):
     assert rs.stage_energy_j(old) == 300.0 and rs.sensor_energy_j(old, old["sensors"][0]) == 300.0
     S.render(old)
     out = " ".join(capsys.readouterr().out.split())
-    assert "of the total, carried in (earlier stages of this process or a checkpoint): 100 J" in out and "restored from a checkpoint" not in out
+    assert (
+        "of the total, carried in (earlier stages of this process or a checkpoint): 100 J" in out
+        and "restored from a checkpoint" not in out
+    )

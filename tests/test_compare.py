@@ -38,7 +38,13 @@ def summary_of(run_dir: str) -> dict:
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), COLUMNS="200")
-    return subprocess.run([sys.executable, "-X", "importtime", "-m", "lightning_green", *args], capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "lightning_green", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
 
 
 def cells(stdout: str, figure: str) -> list[str]:
@@ -82,7 +88,9 @@ def test_compare_json_holds_values_best_and_ratio(runs, capsys):
     eff = rs.efficiency(low)
     assert rows["EER"]["values"][1] == eff["eer_j_per_param"][0]
     assert rows["samples per joule"]["better"] == "higher"
-    assert rows["samples per joule"]["best"] == [1 if eff["samples_per_j"][0] > rs.efficiency(high)["samples_per_j"][0] else 0]
+    assert rows["samples per joule"]["best"] == [
+        1 if eff["samples_per_j"][0] > rs.efficiency(high)["samples_per_j"][0] else 0
+    ]
 
 
 def test_show_prints_one_run_again(runs, capsys):
@@ -96,7 +104,12 @@ def test_show_prints_one_run_again(runs, capsys):
 def test_a_run_is_a_folder_at_any_sensible_depth_or_a_json(runs):
     version = os.path.join(runs["low"], "lightning_logs", "version_0")
     file = os.path.join(version, "energy_summary_fit.json")
-    assert rs.resolve_run(runs["low"]) == rs.resolve_run(os.path.join(runs["low"], "lightning_logs")) == rs.resolve_run(version) == file
+    assert (
+        rs.resolve_run(runs["low"])
+        == rs.resolve_run(os.path.join(runs["low"], "lightning_logs"))
+        == rs.resolve_run(version)
+        == file
+    )
     assert rs.resolve_run(file, stage="test") == file  # a file is taken as given
 
 
@@ -155,7 +168,19 @@ def test_rows_best_and_ratio_rules():
 
 def test_targets_qat_and_power_limit_rows(runs):
     base = summary_of(runs["low"])
-    a = dict(base, targets=[{"metric": "val_loss<=2.0", "reached": True, "step": 40, "joules": 90.0, "seconds": 5.0, "source": "simulated"}])
+    a = dict(
+        base,
+        targets=[
+            {
+                "metric": "val_loss<=2.0",
+                "reached": True,
+                "step": 40,
+                "joules": 90.0,
+                "seconds": 5.0,
+                "source": "simulated",
+            }
+        ],
+    )
     a["sections"] = dict(base["sections"], **{
         "Quantization-aware training (int8_weight_only)": [
             {"figure": "EPI, float", "value": 0.5, "unit": "J/token", "source": "simulated"},
@@ -163,9 +188,24 @@ def test_targets_qat_and_power_limit_rows(runs):
         ],
         "Power limit search": [{"limit_w": 300.0, "chosen": False, "source": "profiled"}, {"limit_w": 250.0, "chosen": True, "source": "profiled"}],
     })  # fmt: skip
-    b = dict(base, targets=[{"metric": "val_loss<=2.0", "reached": False, "step": None, "joules": None, "seconds": None, "source": "simulated"}])
+    b = dict(
+        base,
+        targets=[
+            {
+                "metric": "val_loss<=2.0",
+                "reached": False,
+                "step": None,
+                "joules": None,
+                "seconds": None,
+                "source": "simulated",
+            }
+        ],
+    )
     rows = {r.figure: r for r in cmp.build_rows([a, b])}
-    assert rows["to val_loss<=2.0: energy"].values == [90.0, "not reached"] and rows["to val_loss<=2.0: energy"].best() == []
+    assert (
+        rows["to val_loss<=2.0: energy"].values == [90.0, "not reached"]
+        and rows["to val_loss<=2.0: energy"].best() == []
+    )
     assert rows["to val_loss<=2.0: step"].values == [40, "not reached"]
     assert rows["QAT EPI, converted"].values == [0.3, None] and rows["QAT EPI, converted"].unit == "J/token"
     assert rows["QAT scheme"].values == ["int8_weight_only", None]

@@ -11,8 +11,13 @@ from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
 
 def test_two_ranks_total_is_twice_one_rank(tmp_path):
     ps = PowerSampler(
-        sensors=[SimulatedSensor(100.0, name="gpu_sim"), SimulatedSensor(10.0, name="host_sim", host_level=True, domain="cpu")],
-        interval_s=0.02, summary_dir=str(tmp_path), print_summary=False,
+        sensors=[
+            SimulatedSensor(100.0, name="gpu_sim"),
+            SimulatedSensor(10.0, name="host_sim", host_level=True, domain="cpu"),
+        ],
+        interval_s=0.02,
+        summary_dir=str(tmp_path),
+        print_summary=False,
     )
     trainer = tiny_trainer(max_steps=10, devices=2, strategy="ddp_green_spawn", callbacks=[ps, EfficiencyLogger()])
     trainer.fit(SleepyModel(step_s=0.02))

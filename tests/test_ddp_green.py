@@ -11,8 +11,8 @@ import sys
 from unittest.mock import Mock
 
 import pytest
-from conftest import DIST_ENV
 import torch
+from conftest import DIST_ENV
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.strategies import StrategyRegistry
@@ -26,8 +26,6 @@ SCRIPTS = os.path.join(os.path.dirname(__file__), "ddp_scripts")
 TWO_LAYER_BYTES = (64 * 64 + 64 + 4 * 64 + 4) * 4  # fp32 gradients of ddp_scripts/_common.TwoLayer
 
 
-
-
 @pytest.fixture(autouse=True)
 def _registered():
     EnergyAwareDDPStrategy.register_strategies(StrategyRegistry)
@@ -37,7 +35,12 @@ def run_script(name, *args, timeout=180):
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, os.path.join(SCRIPTS, name), *map(str, args)], env=env, cwd=SCRIPTS, capture_output=True, text=True, timeout=timeout
+        [sys.executable, os.path.join(SCRIPTS, name), *map(str, args)],
+        env=env,
+        cwd=SCRIPTS,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -54,7 +57,10 @@ def test_registry_names_resolve_and_second_registration_is_harmless():
     assert trainer.strategy.comm_compression is CommCompression.NONE
 
 
-@pytest.mark.skipif(not hasattr(lightning_green, "EnergyAwareDDPStrategy"), reason="lightning_green/__init__ does not export the strategy yet")
+@pytest.mark.skipif(
+    not hasattr(lightning_green, "EnergyAwareDDPStrategy"),
+    reason="lightning_green/__init__ does not export the strategy yet",
+)
 def test_importing_the_package_registers_the_names():
     for name in ("ddp_green", "ddp_green_spawn"):
         StrategyRegistry.pop(name, None)
@@ -65,7 +71,9 @@ def test_importing_the_package_registers_the_names():
 
 
 def test_instance_with_arguments_keeps_ddp_arguments():
-    strategy = EnergyAwareDDPStrategy(comm_compression="PowerSGD", powersgd_rank=4, find_unused_parameters=True, start_method="spawn")
+    strategy = EnergyAwareDDPStrategy(
+        comm_compression="PowerSGD", powersgd_rank=4, find_unused_parameters=True, start_method="spawn"
+    )
     trainer = Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False)
     assert trainer.strategy is strategy
     assert strategy.comm_compression is CommCompression.POWERSGD and strategy.powersgd_rank == 4
@@ -77,7 +85,9 @@ CLASS_PATHS = [
     "lightning_green.strategies.EnergyAwareDDPStrategy",
     pytest.param(
         "lightning_green.EnergyAwareDDPStrategy",
-        marks=pytest.mark.skipif(not hasattr(lightning_green, "EnergyAwareDDPStrategy"), reason="not exported at the top level yet"),
+        marks=pytest.mark.skipif(
+            not hasattr(lightning_green, "EnergyAwareDDPStrategy"), reason="not exported at the top level yet"
+        ),
     ),
 ]
 
@@ -123,7 +133,10 @@ trainer:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"comm_compression": "int8"}, r"`comm_compression` must be one of None, 'none', 'fp16', 'bf16', 'powersgd', got 'int8'"),
+        (
+            {"comm_compression": "int8"},
+            r"`comm_compression` must be one of None, 'none', 'fp16', 'bf16', 'powersgd', got 'int8'",
+        ),
         ({"powersgd_rank": 0}, r"`powersgd_rank` must be an integer >= 1"),
         ({"powersgd_start_step": 1}, r"`powersgd_start_step` must be an integer >= 2"),
         ({"eta": 1.5}, r"`eta` must be a number in \[0, 1\], got 1.5"),
@@ -135,7 +148,10 @@ trainer:
         ({"profile_steps": 0}, r"`profile_steps` must be an integer >= 1"),
         ({"warmup_steps": -1}, r"`warmup_steps` must be an integer >= 0"),
         ({"limit_step_w": 0}, r"`limit_step_w` must be a number of watts > 0"),
-        ({"comm_compression": "fp16", "ddp_comm_hook": lambda s, b: None}, r"`comm_compression='fp16'` and `ddp_comm_hook`"),
+        (
+            {"comm_compression": "fp16", "ddp_comm_hook": lambda s, b: None},
+            r"`comm_compression='fp16'` and `ddp_comm_hook`",
+        ),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -146,7 +162,10 @@ def test_bad_arguments(kwargs, match):
 # ----------------------------------------------------------------------------- accounting without processes
 def test_powersgd_payload_matches_torch_rule():
     # 64x64: compressed (64+64)*2 = 256; bias 64: a 64x1 matrix never gains; 4x64: (4+64)*2*2 >= 256, sent whole
-    assert powersgd_payload_numel([torch.Size([64, 64]), torch.Size([64]), torch.Size([4, 64]), torch.Size([4])], rank=2) == 256 + 64 + 256 + 4
+    assert (
+        powersgd_payload_numel([torch.Size([64, 64]), torch.Size([64]), torch.Size([4, 64]), torch.Size([4])], rank=2)
+        == 256 + 64 + 256 + 4
+    )
     # a conv kernel is viewed as shape[0] x rest: 32 x 288, rank 4 -> (32 + 288) * 4
     assert powersgd_payload_numel([torch.Size([32, 32, 3, 3])], rank=4) == (32 + 288) * 4
     # rank is capped by the matrix: 3x1000 at rank 8 -> r = 3 -> 3009 * 3 = 9027 < 3000? no: sent whole
@@ -193,7 +212,9 @@ def test_bytes_per_step_by_compression_two_ranks(tmp_path):
         assert psgd["stats"]["bytes_sent"] == 2 * TWO_LAYER_BYTES + 4 * 580 * 4
         assert psgd["stats"]["bytes_uncompressed"] == none["stats"]["bytes_sent"]
         # logged at log_every_n_steps=2, step = optimizer steps done
-        assert none["comm_logs"] == [[{"comm/bytes_per_step": TWO_LAYER_BYTES, "comm/compression_ratio": 1.0}, s] for s in (2, 4, 6)]
+        assert none["comm_logs"] == [
+            [{"comm/bytes_per_step": TWO_LAYER_BYTES, "comm/compression_ratio": 1.0}, s] for s in (2, 4, 6)
+        ]
         assert [m["comm/compression_ratio"] for m, _ in fp16["comm_logs"]] == [2.0, 2.0, 2.0]
         assert [m["comm/bytes_per_step"] for m, _ in psgd["comm_logs"]] == [TWO_LAYER_BYTES, 2320, 2320]
         assert all(0 < r["stats"]["exposed_comm_s_total"] < 5 for r in res.values())
@@ -213,7 +234,11 @@ class _RecordAfterTeardown(Callback):
         self.folder = folder
 
     def teardown(self, trainer, pl_module, stage):
-        data = {"stats": trainer.strategy.comm_stats.as_dict(), "pg": torch.distributed.is_initialized(), "world": trainer.world_size}
+        data = {
+            "stats": trainer.strategy.comm_stats.as_dict(),
+            "pg": torch.distributed.is_initialized(),
+            "world": trainer.world_size,
+        }
         with open(os.path.join(self.folder, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(data, f)
 
@@ -246,8 +271,16 @@ def test_teardown_destroys_process_group_single_process(tmp_path):
             seen["during"] = torch.distributed.is_initialized()
 
     trainer = Trainer(
-        accelerator="cpu", devices=1, strategy=strategy, max_steps=2, logger=False, callbacks=[Probe()],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        strategy=strategy,
+        max_steps=2,
+        logger=False,
+        callbacks=[Probe()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     trainer.fit(BoringModel())
     assert seen["during"] is True and not torch.distributed.is_initialized()
@@ -258,7 +291,9 @@ def test_two_nodes_on_one_machine(tmp_path):
     run_script("two_node.py", tmp_path)
     nodes = [json.loads((tmp_path / f"node{n}.json").read_text()) for n in (0, 1)]
     assert [(n["global_rank"], n["node_rank"], n["local_rank"]) for n in nodes] == [(0, 0, 0), (1, 1, 0)]
-    assert all(n["world_size"] == 2 and n["num_nodes"] == 2 and n["strategy"] == "EnergyAwareDDPStrategy" for n in nodes)
+    assert all(
+        n["world_size"] == 2 and n["num_nodes"] == 2 and n["strategy"] == "EnergyAwareDDPStrategy" for n in nodes
+    )
     assert nodes[0]["final_weight_sum"] == nodes[1]["final_weight_sum"]  # gradients were averaged across nodes
     assert all(n["comm"]["bytes_sent"] == 8 * TWO_LAYER_BYTES and not n["pg_initialized_after_fit"] for n in nodes)
     # The host-level sensor is read once per node: by local rank 0 of each (here every process).
@@ -275,8 +310,16 @@ def test_mock_logger_is_not_called_per_step_for_comm(tmp_path):
     logger.log_dir = logger.save_dir = None
     strategy = EnergyAwareDDPStrategy(comm_compression="fp16")
     trainer = Trainer(
-        accelerator="cpu", devices=1, strategy=strategy, max_steps=10, log_every_n_steps=5, logger=logger,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        strategy=strategy,
+        max_steps=10,
+        log_every_n_steps=5,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     trainer.fit(BoringModel())
     calls = [c for c in logger.log_metrics.call_args_list if "comm/bytes_per_step" in c.args[0]]

@@ -62,10 +62,25 @@ def mock_logger():
 
 def run(tmp_path, targets, val_loss_at, max_steps=8, ckpt_path=None, extra=(), then=(), strategy="auto"):
     logger, clock = mock_logger(), FakeClock()
-    ps = PowerSampler(sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, summary_dir=str(tmp_path), print_summary=False, clock=clock)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(WATTS, clock=clock)],
+        interval_s=3600.0,
+        summary_dir=str(tmp_path),
+        print_summary=False,
+        clock=clock,
+    )
     eff = EfficiencyLogger(targets=targets)
-    trainer = tiny_trainer(max_steps=max_steps, log_every_n_steps=2, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1,
-                           logger=logger, callbacks=[clock, ps, eff, *extra], enable_checkpointing=bool(extra), strategy=strategy)
+    trainer = tiny_trainer(
+        max_steps=max_steps,
+        log_every_n_steps=2,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        logger=logger,
+        callbacks=[clock, ps, eff, *extra],
+        enable_checkpointing=bool(extra),
+        strategy=strategy,
+    )
     model = Scripted(val_loss_at)
     trainer.fit(model, ckpt_path=ckpt_path)
     for stage in then:  # "validate", "test": loops outside fit do not check targets
@@ -80,7 +95,9 @@ def test_energy_to_target_is_the_energy_up_to_the_validation_that_reached_it(tmp
     logger, ps, eff = run(tmp_path, {"val_loss": 1.5}, LOSSES)
     # reached in the validation after step 6: 6 training batches and 3 validation batches so far
     seconds = 6 * STEP_S + 3 * VAL_S
-    assert logged(logger, TIME_KEY) == [(6, pytest.approx(seconds, rel=1e-9))]  # once only, though step 8 is below 1.5 too
+    assert logged(logger, TIME_KEY) == [
+        (6, pytest.approx(seconds, rel=1e-9))
+    ]  # once only, though step 8 is below 1.5 too
     assert logged(logger, ENERGY_KEY) == [(6, pytest.approx(WATTS * seconds, rel=0.05))]
     assert logged(logger, ENERGY_KEY)[0][1] == pytest.approx(WATTS * seconds, rel=1e-6)  # exact on a simulated clock
     assert eff.targets.reached["val_loss"]["value"] == pytest.approx(1.4)
@@ -100,12 +117,23 @@ def test_summary_rows_and_compare_show_them(tmp_path):
     rows = {r["metric"]: r for r in ps.summary_by_stage["fit"]["sections"]["targets"]}
     assert ps.summary_by_stage["test"]["sections"]["targets"] == ps.summary_by_stage["fit"]["sections"]["targets"]
     seconds = 6 * STEP_S + 3 * VAL_S
-    assert rows["val_loss"] == {"metric": "val_loss", "target": 1.5, "mode": "min", "reached": True, "value": pytest.approx(1.4), "step": 6,
-                                "joules": pytest.approx(WATTS * seconds), "seconds": pytest.approx(seconds), "source": "simulated"}
+    assert rows["val_loss"] == {
+        "metric": "val_loss",
+        "target": 1.5,
+        "mode": "min",
+        "reached": True,
+        "value": pytest.approx(1.4),
+        "step": 6,
+        "joules": pytest.approx(WATTS * seconds),
+        "seconds": pytest.approx(seconds),
+        "source": "simulated",
+    }
     assert rows["val_acc"]["reached"] is False and rows["val_acc"]["joules"] is None and rows["val_acc"]["step"] is None
     path = tmp_path / "energy_summary_fit.json"
     assert json.loads(path.read_text())["sections"]["targets"][0]["joules"] == pytest.approx(WATTS * seconds)
-    out = subprocess.run([sys.executable, "-m", "lightning_green", "compare", str(path)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_green", "compare", str(path)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     energy_line = next(line for line in out.stdout.splitlines() if "to val_loss: energy" in line)
     assert f"{WATTS * seconds:.4g}" in energy_line.replace(",", ""), energy_line
@@ -136,7 +164,14 @@ def test_resumed_run_keeps_targets_met_and_counts_energy_from_the_first_start(tm
     first = dict(eff1.targets.reached["val_loss"])
     assert "train_acc" not in eff1.targets.reached
     strategy = RestoreAfterSetup("cpu") if restore_after_setup else "auto"
-    logger, ps, eff2 = run(tmp_path, {"val_loss": 1.5, "train_acc": 0.85}, LOSSES, max_steps=12, ckpt_path=tmp_path / "epoch=0-step=8.ckpt", strategy=strategy)
+    logger, ps, eff2 = run(
+        tmp_path,
+        {"val_loss": 1.5, "train_acc": 0.85},
+        LOSSES,
+        max_steps=12,
+        ckpt_path=tmp_path / "epoch=0-step=8.ckpt",
+        strategy=strategy,
+    )
     assert eff2.targets.reached["val_loss"] == first  # kept, and not logged again
     assert logged(logger, ENERGY_KEY) == []
     # train_acc (0.9 in batch 10) first >= 0.85 at step 10. The checkpoint was taken at the end of batch
@@ -147,7 +182,9 @@ def test_resumed_run_keeps_targets_met_and_counts_energy_from_the_first_start(tm
     assert {r["metric"]: r["step"] for r in ps.summary["sections"]["targets"]} == {"val_loss": 6, "train_acc": 10}
 
 
-@pytest.mark.parametrize("targets", [{"val_loss": "low"}, {"val_acc": (0.9, "up")}, [("val_loss", 1.0)], {"val_loss": (1.0,)}])
+@pytest.mark.parametrize(
+    "targets", [{"val_loss": "low"}, {"val_acc": (0.9, "up")}, [("val_loss", 1.0)], {"val_loss": (1.0,)}]
+)
 def test_bad_targets_raise_at_construction(targets):
     with pytest.raises(ValueError, match="targets"):
         EfficiencyLogger(targets=targets)
@@ -197,9 +234,23 @@ class RankScripted(Scripted):
 
 def test_two_processes_decide_together_and_sum_their_energy(tmp_path):
     clock = FakeClock()
-    ps = PowerSampler(sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, summary_dir=str(tmp_path), print_summary=False, clock=clock)
-    trainer = tiny_trainer(max_steps=6, devices=2, strategy="ddp_spawn", log_every_n_steps=2, val_check_interval=2, check_val_every_n_epoch=None,
-                           limit_val_batches=1, callbacks=[clock, ps, EfficiencyLogger(targets={"val_loss": 1.6})])
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(WATTS, clock=clock)],
+        interval_s=3600.0,
+        summary_dir=str(tmp_path),
+        print_summary=False,
+        clock=clock,
+    )
+    trainer = tiny_trainer(
+        max_steps=6,
+        devices=2,
+        strategy="ddp_spawn",
+        log_every_n_steps=2,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        callbacks=[clock, ps, EfficiencyLogger(targets={"val_loss": 1.6})],
+    )
     trainer.fit(RankScripted({2: 3.0, 4: 2.0, 6: 1.4}))
     [row] = json.loads((tmp_path / "energy_summary_fit.json").read_text())["sections"]["targets"]
     # rank 1 sees 2.0 - 0.5 = 1.5 <= 1.6 after step 4 (rank 0 sees 2.0): 4 batches, 2 validation batches, each process

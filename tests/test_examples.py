@@ -17,8 +17,24 @@ def run(args, cwd, timeout=240):
 
 
 def test_tiny_gpt(tmp_path):
-    out = run([str(ROOT / "examples/tiny_gpt.py"), "--max-steps", "12", "--val-every", "6", "--val-batches", "2", "--qat-start-step", "6",
-               "--max-bytes", "200000", "--log-dir", str(tmp_path)], cwd=tmp_path)
+    out = run(
+        [
+            str(ROOT / "examples/tiny_gpt.py"),
+            "--max-steps",
+            "12",
+            "--val-every",
+            "6",
+            "--val-batches",
+            "2",
+            "--qat-start-step",
+            "6",
+            "--max-bytes",
+            "200000",
+            "--log-dir",
+            str(tmp_path),
+        ],
+        cwd=tmp_path,
+    )
     assert "=== tiny_gpt: energy headline ===" in out
     assert "EPI float -> int8" in out and "per token" in out and "tensorboard --logdir" in out
     assert "to val_loss <= 2.5:" in out
@@ -26,7 +42,10 @@ def test_tiny_gpt(tmp_path):
     for figure in ("training energy:", "EER:", "tokens per joule:", "carbon:"):
         (line,) = [ln for ln in out.splitlines() if ln.strip().startswith(figure)]
         assert "n/a" not in line, line
-    assert any(r["metric"] == "val_loss" for r in json.loads(next(tmp_path.rglob("energy_summary_fit.json")).read_text())["sections"]["targets"])
+    assert any(
+        r["metric"] == "val_loss"
+        for r in json.loads(next(tmp_path.rglob("energy_summary_fit.json")).read_text())["sections"]["targets"]
+    )
     summary = json.loads(next(tmp_path.rglob("energy_summary_fit.json")).read_text())
     assert summary["sources"] and all(s in {"counter", "polled", "rapl", "estimate"} for s in summary["sources"])
     sections = summary["sections"]
@@ -37,9 +56,27 @@ def test_tiny_gpt(tmp_path):
 
 
 def test_tiny_gpt_cli_yaml(tmp_path):
-    out = run([str(ROOT / "examples/tiny_gpt_cli.py"), "fit", "--config", str(ROOT / "examples/tiny_gpt.yaml"), "--trainer.max_steps", "6",
-               "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2", "--data.max_bytes", "200000",
-               "--trainer.logger.init_args.save_dir", str(tmp_path), "--model.warmup_steps", "2"], cwd=tmp_path)
+    out = run(
+        [
+            str(ROOT / "examples/tiny_gpt_cli.py"),
+            "fit",
+            "--config",
+            str(ROOT / "examples/tiny_gpt.yaml"),
+            "--trainer.max_steps",
+            "6",
+            "--trainer.val_check_interval",
+            "3",
+            "--trainer.limit_val_batches",
+            "2",
+            "--data.max_bytes",
+            "200000",
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--model.warmup_steps",
+            "2",
+        ],
+        cwd=tmp_path,
+    )
     assert "lightning_green energy summary (fit, finished)" in out
     assert list(tmp_path.rglob("energy_summary_fit.json"))
 

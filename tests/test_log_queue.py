@@ -157,7 +157,9 @@ def test_fit_with_tensorboard_and_csv_logs_every_window_and_leaves_no_thread(tmp
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb, csv, clock = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv"), FakeClock(batch_s=0.02)
-    ps = PowerSampler(sensors=[SimulatedSensor(power_w=100.0, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(power_w=100.0, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock
+    )
     clock.reads = ps.session
     seen = []
 
@@ -166,7 +168,9 @@ def test_fit_with_tensorboard_and_csv_logs_every_window_and_leaves_no_thread(tmp
             super().on_train_batch_end(trainer, *args)
             seen.append(sorted(t.name for t in sampler_threads() if t.name.startswith("lightning_green-log")))
 
-    tiny_trainer(max_steps=30, log_every_n_steps=10, logger=[tb, csv], callbacks=[clock, ps, Probe()]).fit(SleepyModel(step_s=0.0))
+    tiny_trainer(max_steps=30, log_every_n_steps=10, logger=[tb, csv], callbacks=[clock, ps, Probe()]).fit(
+        SleepyModel(step_s=0.0)
+    )
     assert seen[-1] == ["lightning_green-log:PowerSampler"]
     assert not sampler_threads()
     acc = EventAccumulator(tb.log_dir)
@@ -185,7 +189,9 @@ def test_a_fit_that_fails_writes_what_was_queued_and_leaves_no_thread(tmp_path, 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb, clock = TensorBoardLogger(tmp_path, name="tb"), FakeClock(batch_s=0.02)
-    ps = PowerSampler(sensors=[SimulatedSensor(power_w=100.0, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(power_w=100.0, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock
+    )
     clock.reads = ps.session
     trainer = tiny_trainer(max_steps=30, log_every_n_steps=5, logger=tb, callbacks=[clock, ps, EfficiencyLogger()])
     if failure == "fail_at":

@@ -36,7 +36,9 @@ class RecordingTensorBoard(TensorBoardLogger):
 
 def fit_recording(tmp_path, max_steps=25, **ps_kwargs):
     clock = FakeClock(batch_s=BATCH_S)
-    ps = PowerSampler(sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock, **ps_kwargs)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock, **ps_kwargs
+    )
     clock.reads = ps.session  # a reading at every batch end: newer readings arrive after each log step
     built_on = []
     close = ps.training.close
@@ -47,7 +49,9 @@ def fit_recording(tmp_path, max_steps=25, **ps_kwargs):
 
     ps.training.close = spy
     logger = RecordingTensorBoard(tmp_path)
-    tiny_trainer(max_steps=max_steps, log_every_n_steps=10, logger=logger, callbacks=[clock, ps, EfficiencyLogger()]).fit(SleepyModel(step_s=0.0))
+    tiny_trainer(
+        max_steps=max_steps, log_every_n_steps=10, logger=logger, callbacks=[clock, ps, EfficiencyLogger()]
+    ).fit(SleepyModel(step_s=0.0))
     return ps, logger, built_on
 
 
@@ -61,9 +65,13 @@ def test_window_figures_are_exact_whether_built_on_the_log_thread_or_in_place(tm
     assert logger.values("energy/step_j") == [(s, pytest.approx(WATTS * BATCH_S)) for s in (10, 20, 25)]
     assert logger.values("power/sim_w") == [(s, pytest.approx(WATTS)) for s in (10, 20, 25)]
     # EfficiencyLogger logs at the log steps only: BoringModel's batches hold 1 sample
-    assert logger.values("efficiency/samples_per_j") == [(s, pytest.approx(10 / (WATTS * BATCH_S * 10))) for s in (10, 20)]
+    assert logger.values("efficiency/samples_per_j") == [
+        (s, pytest.approx(10 / (WATTS * BATCH_S * 10))) for s in (10, 20)
+    ]
     n_params = sum(p.numel() for p in SleepyModel().parameters())
-    assert logger.values("efficiency/eer_j_per_param") == [(s, pytest.approx(WATTS * BATCH_S * s / n_params)) for s in (10, 20)]
+    assert logger.values("efficiency/eer_j_per_param") == [
+        (s, pytest.approx(WATTS * BATCH_S * s / n_params)) for s in (10, 20)
+    ]
     assert not sampler_threads()
 
 
@@ -88,7 +96,9 @@ def test_a_window_ended_on_a_log_step_keeps_its_moment_when_built_later():
     assert metrics["energy/total_j"] == pytest.approx(200.0)  # at the end, not at the newest reading (600 J)
     assert metrics["energy/step_j"] == pytest.approx(200.0 / 4)
     assert metrics["power/sim_w"] == pytest.approx(WATTS)
-    rest = window.close(list, window.end(steps=5))  # the next window: 5 steps and the validation second, which is not step energy
+    rest = window.close(
+        list, window.end(steps=5)
+    )  # the next window: 5 steps and the validation second, which is not step energy
     assert rest["energy/total_j"] == pytest.approx(600.0)
     assert rest["energy/step_j"] == pytest.approx(300.0 / 5)
     session.finish()
@@ -122,13 +132,20 @@ class ListensAtTrainStart(Callback):
 
 def test_a_log_step_listener_is_called_once_per_log_step_and_forgotten_by_the_next_stage(tmp_path):
     clock = FakeClock(batch_s=BATCH_S)
-    ps = PowerSampler(sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock
+    )
     clock.reads = ps.session
     listens = ListensAtTrainStart(ps)
     logger = RecordingTensorBoard(tmp_path)
-    tiny_trainer(max_steps=25, log_every_n_steps=10, logger=logger, callbacks=[clock, ps, listens]).fit(SleepyModel(step_s=0.0))
+    tiny_trainer(max_steps=25, log_every_n_steps=10, logger=logger, callbacks=[clock, ps, listens]).fit(
+        SleepyModel(step_s=0.0)
+    )
     assert listens.steps == [10, 20]  # log steps only: not the last, partial window
-    assert logger.values("mine/energy_j") == [(10, pytest.approx(WATTS * BATCH_S * 10)), (20, pytest.approx(WATTS * BATCH_S * 20))]
+    assert logger.values("mine/energy_j") == [
+        (10, pytest.approx(WATTS * BATCH_S * 10)),
+        (20, pytest.approx(WATTS * BATCH_S * 20)),
+    ]
     # the same PowerSampler in a new Trainer without the listener's callback: nothing of it is logged
     again = RecordingTensorBoard(tmp_path, name="again")
     tiny_trainer(max_steps=20, log_every_n_steps=10, logger=again, callbacks=[clock, ps]).fit(SleepyModel(step_s=0.0))
@@ -152,7 +169,9 @@ def test_efficiency_figures_built_after_the_fit_use_the_counts_of_their_log_step
     window's figures must come from the samples and validation energy noted at its log step."""
     val_s, val_batches = 0.01, 2
     clock = ValidationClock(batch_s=BATCH_S, val_s=val_s)
-    ps = PowerSampler(sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock
+    )
     ps.log_queue.drain_every_s = 3600.0  # nothing is built before LogQueue.stop at train end
     clock.reads = ps.session
     logger = RecordingTensorBoard(tmp_path)
@@ -161,8 +180,15 @@ def test_efficiency_figures_built_after_the_fit_use_the_counts_of_their_log_step
     trainer.fit(SleepyModel(step_s=0.0))
     val_j = WATTS * val_s * val_batches  # one validation loop
     # at step 10 one validation ran (after step 5; the one after step 10 comes after its log step), at 20 three
-    assert logger.values("energy/total_j") == [(10, pytest.approx(WATTS * BATCH_S * 10 + val_j)), (20, pytest.approx(WATTS * BATCH_S * 20 + 3 * val_j))]
+    assert logger.values("energy/total_j") == [
+        (10, pytest.approx(WATTS * BATCH_S * 10 + val_j)),
+        (20, pytest.approx(WATTS * BATCH_S * 20 + 3 * val_j)),
+    ]
     assert logger.values("energy/step_j") == [(s, pytest.approx(WATTS * BATCH_S)) for s in (10, 20)]
-    assert logger.values("efficiency/samples_per_j") == [(s, pytest.approx(10 / (WATTS * BATCH_S * 10))) for s in (10, 20)]
+    assert logger.values("efficiency/samples_per_j") == [
+        (s, pytest.approx(10 / (WATTS * BATCH_S * 10))) for s in (10, 20)
+    ]
     n_params = sum(p.numel() for p in SleepyModel().parameters())
-    assert logger.values("efficiency/eer_j_per_param") == [(s, pytest.approx(WATTS * BATCH_S * s / n_params)) for s in (10, 20)]
+    assert logger.values("efficiency/eer_j_per_param") == [
+        (s, pytest.approx(WATTS * BATCH_S * s / n_params)) for s in (10, 20)
+    ]

@@ -89,7 +89,7 @@ def test_downsampled_trace_averages_buckets():
     assert all(p == pytest.approx(2.0 * t) for t, p in pts)
     weights = [n for _, _, n in trace._points] + ([trace.pending_samples] if trace.pending_samples else [])
     assert sum(weights) == 100
-    assert sum(w * t for w, (t, _) in zip(weights, pts)) / 100 == pytest.approx(49.5)  # no sample lost or counted twice
+    assert sum(w * t for w, (t, _) in zip(weights, pts, strict=False)) / 100 == pytest.approx(49.5)  # no sample lost or counted twice
 
 
 def test_offsets_restore_cumulative():
@@ -221,7 +221,9 @@ def test_energy_now_without_the_lock_equals_the_history_rule_through_offsets_and
         for name in ("p", "c"):
             expected = m.energy_between(0.0, t, [name]) + offsets[name]
             assert m.energy_at(name, t) == pytest.approx(expected, abs=1e-9), (name, t)
-        assert m.total_at(t) == pytest.approx(sum(m.energy_between(0.0, t, [n]) for n in ("p", "c")) + sum(offsets.values()))
+        assert m.total_at(t) == pytest.approx(
+            sum(m.energy_between(0.0, t, [n]) for n in ("p", "c")) + sum(offsets.values())
+        )
 
     for i, (w, j) in enumerate([(100.0, 0.0), (150.0, 120.0), (90.0, 260.0), (200.0, 300.0)]):
         m.record("p", Reading(float(i), w, "power"))
@@ -239,7 +241,7 @@ def test_energy_now_without_the_lock_equals_the_history_rule_through_offsets_and
 
 # ------------------------------------------------------- a failing sensor never takes energy back
 def nondecreasing(values):
-    return all(b >= a for a, b in zip(values, values[1:]))
+    return all(b >= a for a, b in zip(values, values[1:], strict=False))
 
 
 def test_rejected_readings_then_a_drop_keep_the_energy_now_gave():
@@ -269,7 +271,9 @@ def test_rejected_readings_then_a_drop_keep_the_energy_now_gave():
     assert m.energy_between(0.0, 60.0) == pytest.approx(500.0)  # the history rule agrees (under the lock)
     assert m.total_at(60.0) == pytest.approx(500.0)
     s = m.stats("p")
-    assert s["energy_j"] == pytest.approx(500.0) and s["energy_this_run_j"] == pytest.approx(500.0)  # what the summary shows
+    assert s["energy_j"] == pytest.approx(500.0) and s["energy_this_run_j"] == pytest.approx(
+        500.0
+    )  # what the summary shows
     assert s["duration_s"] == pytest.approx(0.5) and s["mean_power_w"] == pytest.approx(1000.0)
     assert s["rejected"] == 5 and s["failed"] and s["partial"]
     assert nondecreasing(seen), seen
@@ -324,4 +328,6 @@ def test_a_transient_error_then_a_good_reading_is_bridged():
         assert m.energy_at(name, 2.3) == pytest.approx(joules + watts * 0.3)  # extrapolating again
         assert m.energy_at(name, 9.0) == pytest.approx(joules + watts * 0.5)
         s = m.stats(name)
-        assert s["energy_j"] == pytest.approx(joules) and s["gap_s"] == pytest.approx(1.0) and s["transient_errors"] == 1
+        assert (
+            s["energy_j"] == pytest.approx(joules) and s["gap_s"] == pytest.approx(1.0) and s["transient_errors"] == 1
+        )

@@ -72,12 +72,27 @@ def test_stage_summary_adds_up():
     clock.t += 4.0
     session.finish()
     sensors = sensor_rows(session.meter)
-    summary = build_summary(stage="test", status="finished", started_at="", duration_s=4.0, rank=0, sensors=sensors,
-                            unattributed_j=7.0, cluster=local_cluster(0, 0, sensors, 7.0), skipped=[], sections={}, trace={})
+    summary = build_summary(
+        stage="test",
+        status="finished",
+        started_at="",
+        duration_s=4.0,
+        rank=0,
+        sensors=sensors,
+        unattributed_j=7.0,
+        cluster=local_cluster(0, 0, sensors, 7.0),
+        skipped=[],
+        sections={},
+        trace={},
+    )
     assert summary["stage_energy_j"] == pytest.approx(200.0)
-    assert summary["stage_mean_power_w"] * summary["duration_s"] == pytest.approx(summary["stage_energy_j"])  # J = W x s
+    assert summary["stage_mean_power_w"] * summary["duration_s"] == pytest.approx(
+        summary["stage_energy_j"]
+    )  # J = W x s
     assert summary["energy_j"] == summary["cumulative_energy_j"] == pytest.approx(207.0)
-    assert summary["cluster"]["stage_total_j"] == pytest.approx(200.0) and summary["cluster"]["total_j"] == pytest.approx(207.0)
+    assert summary["cluster"]["stage_total_j"] == pytest.approx(200.0) and summary["cluster"][
+        "total_j"
+    ] == pytest.approx(207.0)
 
 
 def test_cadence_follows_log_every_n_steps_and_skips_accumulation():
@@ -102,15 +117,26 @@ def test_phase_recorder_with_an_injected_clock():
     session, clock = started_session(100.0)
     rec = PhaseRecorder("host", clock=clock)
     rec.restart()
-    for edge, dt in (("batch_start", 1.0), ("zero_grad", 2.0), ("backward_start", 0.5), ("backward_end", 3.0), ("optimizer_start", 0.5), ("batch_end", 1.0)):
+    for edge, dt in (
+        ("batch_start", 1.0),
+        ("zero_grad", 2.0),
+        ("backward_start", 0.5),
+        ("backward_end", 3.0),
+        ("optimizer_start", 0.5),
+        ("batch_end", 1.0),
+    ):
         clock.t += dt
         rec.edge(edge)
     session.read_now()
     rec.close_step(session.meter)
     metrics = rec.metrics(session.meter, lambda v: list(v), world_size=1)
     assert metrics["time/phase/data_s"] == pytest.approx(1.0) and metrics["energy/phase/data_j"] == pytest.approx(100.0)
-    assert metrics["time/phase/compute_s"] == pytest.approx(5.0) and metrics["energy/phase/compute_j"] == pytest.approx(500.0)
-    assert metrics["time/phase/optimizer_s"] == pytest.approx(1.5) and metrics["time/phase/other_s"] == pytest.approx(0.5)
+    assert metrics["time/phase/compute_s"] == pytest.approx(5.0) and metrics["energy/phase/compute_j"] == pytest.approx(
+        500.0
+    )
+    assert metrics["time/phase/optimizer_s"] == pytest.approx(1.5) and metrics["time/phase/other_s"] == pytest.approx(
+        0.5
+    )
     session.finish()
 
 
@@ -138,7 +164,10 @@ def test_counts_accept_whole_numbers_of_any_numeric_type_and_refuse_the_rest():
     import torch
 
     for value, expected in ((32, 32), (32.0, 32), (np.int64(32), 32), (np.float32(4.0), 4), (np.uint8(0), 0)):
-        assert checked_count("tokens_per_batch", value) == expected and type(checked_count("tokens_per_batch", value)) is int
+        assert (
+            checked_count("tokens_per_batch", value) == expected
+            and type(checked_count("tokens_per_batch", value)) is int
+        )
     for bad in (True, 2.5, float("nan"), float("inf"), np.int64(-1), "3"):
         with pytest.raises(TypeError, match="`tokens_per_batch` must return a whole number"):
             checked_count("tokens_per_batch", bad)
@@ -152,8 +181,26 @@ def test_resume_rule_and_helpers():
     assert state_for_rank(per_rank, 2, 1, ("a",)) == {"a": 2.0}
     assert state_for_rank(per_rank, 4, 0, ("a",)) == {"a": 3.0} and state_for_rank(per_rank, 4, 3, ("a",)) is None
     assert shared_owners([["x"], ["x", "y"]]) == {"x": 0, "y": 1}
-    c = cluster_figures([{"rank": 0, "node_rank": 0, "energy_j": 3.0, "device_energy_j": 1.0, "stage_energy_j": 1.0, "sources": ["counter", "rapl"]},
-                         {"rank": 1, "node_rank": 1, "energy_j": 5.0, "device_energy_j": 3.0, "stage_energy_j": 2.0, "sources": ["counter", "estimate"]}])
+    c = cluster_figures(
+        [
+            {
+                "rank": 0,
+                "node_rank": 0,
+                "energy_j": 3.0,
+                "device_energy_j": 1.0,
+                "stage_energy_j": 1.0,
+                "sources": ["counter", "rapl"],
+            },
+            {
+                "rank": 1,
+                "node_rank": 1,
+                "energy_j": 5.0,
+                "device_energy_j": 3.0,
+                "stage_energy_j": 2.0,
+                "sources": ["counter", "estimate"],
+            },
+        ]
+    )
     assert (c["total_j"], c["stage_total_j"], c["num_nodes"], c["imbalance"]) == (8.0, 3.0, 2, 1.5)
     assert c["sources"] == ["counter", "estimate", "rapl"]  # node 1's estimate is named beside rank 0's measurements
     record = StageRecord(FakeClock())

@@ -1,19 +1,17 @@
 import time
+from unittest.mock import Mock
 
 import pytest
 import torch
-from helpers import logged
+from helpers import logged, tiny_trainer
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
-from unittest.mock import Mock
 
 from lightning_green import PowerSampler, SimulatedSensor
 from lightning_green.energy import EnergyMeter
 from lightning_green.energy.phases import PhaseAccumulator, split_out, step_intervals
 from lightning_green.sensors import Reading
-
-from helpers import tiny_trainer
 
 
 def test_split_out():
@@ -23,17 +21,37 @@ def test_split_out():
 
 
 def test_step_intervals_rule():
-    edges = {"prev_end": [0.0], "batch_start": [1.0], "zero_grad": [3.0], "backward_start": [3.5], "backward_end": [6.0], "optimizer_start": [6.5], "batch_end": [8.0]}
+    edges = {
+        "prev_end": [0.0],
+        "batch_start": [1.0],
+        "zero_grad": [3.0],
+        "backward_start": [3.5],
+        "backward_end": [6.0],
+        "optimizer_start": [6.5],
+        "batch_end": [8.0],
+    }
     got = step_intervals(edges, comm_s=1.0)
     assert got == [
-        ("data", 0.0, 1.0), ("compute", 1.0, 3.0), ("optimizer", 3.0, 3.5), ("compute", 3.5, 5.0),
-        ("comm", 5.0, 6.0), ("other", 6.0, 6.5), ("optimizer", 6.5, 8.0),
+        ("data", 0.0, 1.0),
+        ("compute", 1.0, 3.0),
+        ("optimizer", 3.0, 3.5),
+        ("compute", 3.5, 5.0),
+        ("comm", 5.0, 6.0),
+        ("other", 6.0, 6.5),
+        ("optimizer", 6.5, 8.0),
     ]
     assert sum(b - a for _, a, b in got) == pytest.approx(8.0)  # phases tile the step
 
 
 def test_step_intervals_with_accumulation():
-    edges = {"prev_end": [0.0], "batch_start": [1.0, 4.0], "backward_start": [2.0, 5.0], "backward_end": [3.0, 6.0], "optimizer_start": [6.0], "batch_end": [3.2, 7.0]}
+    edges = {
+        "prev_end": [0.0],
+        "batch_start": [1.0, 4.0],
+        "backward_start": [2.0, 5.0],
+        "backward_end": [3.0, 6.0],
+        "optimizer_start": [6.0],
+        "batch_end": [3.2, 7.0],
+    }
     got = step_intervals(edges)
     assert ("data", 3.0, 4.0) in got
     assert sum(b - a for p, a, b in got if p == "compute") == pytest.approx(4.0)
@@ -125,9 +143,17 @@ def test_known_sleeps_give_the_split(tmp_path):
     # nothing else does, so each phase's seconds and joules are exact (no race with a busy machine).
     logger, clock = Mock(), FakeTime()
     logger.log_dir = logger.save_dir = None
-    ps = PowerSampler(sensors=[SimulatedSensor(100.0, clock=clock)], interval_s=3600.0, phases=True, summary_dir=str(tmp_path),
-                      print_summary=False, clock=clock)
-    tiny_trainer(max_steps=12, log_every_n_steps=4, callbacks=[ps], logger=logger).fit(Phased(0.02, 0.04, 0.03, sleep=clock.sleep))
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(100.0, clock=clock)],
+        interval_s=3600.0,
+        phases=True,
+        summary_dir=str(tmp_path),
+        print_summary=False,
+        clock=clock,
+    )
+    tiny_trainer(max_steps=12, log_every_n_steps=4, callbacks=[ps], logger=logger).fit(
+        Phased(0.02, 0.04, 0.03, sleep=clock.sleep)
+    )
     rows = {r["phase"]: r for r in ps.summary["sections"]["energy by phase"]}
     for phase, seconds in {"data": 0.02, "compute": 0.04, "optimizer": 0.03, "comm": 0.0, "other": 0.0}.items():
         assert rows[phase]["seconds"] == pytest.approx(12 * seconds, abs=1e-9), (phase, rows)
@@ -141,11 +167,19 @@ def test_known_sleeps_give_the_split(tmp_path):
 def test_dram_zone_reported_as_memory(tmp_path):
     clock = FakeTime()
     dram = SimulatedSensor(5.0, name="rapl_dram-0", host_level=True, domain="dram", clock=clock)
-    ps = PowerSampler(sensors=[SimulatedSensor(100.0, clock=clock), dram], interval_s=3600.0, phases=True, summary_dir=str(tmp_path),
-                      print_summary=False, clock=clock)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(100.0, clock=clock), dram],
+        interval_s=3600.0,
+        phases=True,
+        summary_dir=str(tmp_path),
+        print_summary=False,
+        clock=clock,
+    )
     tiny_trainer(max_steps=4, callbacks=[ps]).fit(Phased(0.0, 0.01, 0.0, sleep=clock.sleep))
     row = ps.summary["sections"]["energy by phase"][-1]
-    assert row["energy_j"] == pytest.approx(5.0 * 4 * 0.01) and ps.summary["sensors"][1]["duration_s"] == pytest.approx(4 * 0.01)
+    assert row["energy_j"] == pytest.approx(5.0 * 4 * 0.01) and ps.summary["sensors"][1]["duration_s"] == pytest.approx(
+        4 * 0.01
+    )
     assert "rapl_dram-0" in row["note"]
 
 
@@ -166,7 +200,9 @@ def test_phases_off_adds_no_per_step_hooks():
 def test_summary_tables_name_the_source(tmp_path):
     from lightning_green import EfficiencyLogger
 
-    ps = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.02, phases=True, summary_dir=str(tmp_path), print_summary=False)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(100.0)], interval_s=0.02, phases=True, summary_dir=str(tmp_path), print_summary=False
+    )
     tiny_trainer(max_steps=4, callbacks=[ps, EfficiencyLogger()]).fit(Phased(0.0, 0.01, 0.0))
     phases = ps.summary["sections"]["energy by phase"]
     assert all(r["source"] == "simulated" for r in phases[:5])

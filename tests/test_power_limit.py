@@ -20,10 +20,10 @@ from lightning_green import PowerSampler
 from lightning_green.strategies import (
     EnergyAwareDDPStrategy,
     LimitProfile,
+    LimitSearch,
     NvmlPowerControl,
     PowerControlUnavailable,
     PowerLimitCache,
-    LimitSearch,
     SimulatedPowerControl,
     choose_limit,
     limit_grid,
@@ -33,8 +33,6 @@ from lightning_green.strategies.sigterm import SigtermRestore
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SCRIPTS = os.path.join(os.path.dirname(__file__), "ddp_scripts")
-
-
 
 
 def child_env():
@@ -77,12 +75,15 @@ def test_simulated_state_file_is_the_device(tmp_path):
     assert a.restore() is False and not a.changed
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"min_w": 100, "static_w": 100}, "static_w < min_w"),
-    ({"min_w": 500}, "min_w <= max_w"),
-    ({"beta": 1.5}, r"`beta` must be in \[0, 1\]"),
-    ({"demand_w": 50}, "`demand_w` must exceed `static_w`"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"min_w": 100, "static_w": 100}, "static_w < min_w"),
+        ({"min_w": 500}, "min_w <= max_w"),
+        ({"beta": 1.5}, r"`beta` must be in \[0, 1\]"),
+        ({"demand_w": 50}, "`demand_w` must exceed `static_w`"),
+    ],
+)
 def test_simulated_bad_parameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SimulatedPowerControl(**kwargs)
@@ -236,7 +237,10 @@ def test_search_schedule_and_misuse():
     assert search.start_next(5) == 200
     search.record(energy_j=21.0, time_s=0.36, steps=3)
     assert search.start_next(8) is None and search.done and not search.due(100)
-    assert [(p.limit_w, p.energy_per_step_j, p.time_per_step_s) for p in search.profiles] == [(300, 10.0, pytest.approx(0.1)), (200, 7.0, pytest.approx(0.12))]
+    assert [(p.limit_w, p.energy_per_step_j, p.time_per_step_s) for p in search.profiles] == [
+        (300, 10.0, pytest.approx(0.1)),
+        (200, 7.0, pytest.approx(0.12)),
+    ]
     with pytest.raises(RuntimeError, match="no window is open"):
         search.record(1.0, 1.0, 1)
 
@@ -279,8 +283,16 @@ class FailingModel(BoringModel):
 
 def fit(strategy, model=None, max_steps=6, callbacks=(), logger=False, root=None):
     trainer = Trainer(
-        accelerator="cpu", devices=1, strategy=strategy, max_steps=max_steps, logger=logger, callbacks=list(callbacks),
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+        accelerator="cpu",
+        devices=1,
+        strategy=strategy,
+        max_steps=max_steps,
+        logger=logger,
+        callbacks=list(callbacks),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
     )
     trainer.fit(model or BoringModel())
     return trainer
@@ -310,7 +322,12 @@ def test_limit_restored_on_exception_and_keyboard_interrupt(tmp_path, exc):
     try:
         expected = SystemExit if isinstance(exc, KeyboardInterrupt) else RuntimeError  # Lightning exits on Ctrl+C
         with pytest.raises(expected):
-            fit(EnergyAwareDDPStrategy(power_limit=175, power_control=control), FailingModel(exc), callbacks=[probe], root=tmp_path)
+            fit(
+                EnergyAwareDDPStrategy(power_limit=175, power_control=control),
+                FailingModel(exc),
+                callbacks=[probe],
+                root=tmp_path,
+            )
     finally:
         signal.signal(signal.SIGINT, sigint)  # Lightning ignores SIGINT after a KeyboardInterrupt
     assert probe.limits == [175.0] * 3
@@ -321,7 +338,11 @@ def test_limit_restored_on_sigterm(tmp_path):
     state, ready = tmp_path / "dev.json", tmp_path / "ready"
     proc = subprocess.Popen(
         [sys.executable, os.path.join(SCRIPTS, "sigterm_child.py"), str(state), str(ready)],
-        env=child_env(), cwd=SCRIPTS, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env=child_env(),
+        cwd=SCRIPTS,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 90
@@ -347,7 +368,9 @@ def test_limit_restored_on_sigterm(tmp_path):
 
 def test_fixed_limit_outside_bounds_fails_in_setup(tmp_path):
     control = SimulatedPowerControl(min_w=150, max_w=300)
-    with pytest.raises(ValueError, match=r"`power_limit=350` is outside the device's bounds: allowed values are 150 to 300 W"):
+    with pytest.raises(
+        ValueError, match=r"`power_limit=350` is outside the device's bounds: allowed values are 150 to 300 W"
+    ):
         fit(EnergyAwareDDPStrategy(power_limit=350, power_control=control), root=tmp_path)
     assert control.get_limit_w() == 300 and not control.changed
 
@@ -389,11 +412,23 @@ def test_search_in_a_trainer_then_from_the_cache(tmp_path):
     cache = tmp_path / "limits.json"
     control = SimulatedPowerControl(min_w=150, max_w=400)  # step_s=0: no sleeping, the StepClock moves time
     clock = StepClock(control, step_s=0.04)
-    sampler = PowerSampler(sensors=[control.sensor(clock=clock)], interval_s=3600.0, print_summary=False, summary_dir=str(tmp_path), clock=clock)
+    sampler = PowerSampler(
+        sensors=[control.sensor(clock=clock)],
+        interval_s=3600.0,
+        print_summary=False,
+        summary_dir=str(tmp_path),
+        clock=clock,
+    )
     clock.session = sampler.session
     probe, logger = LimitProbe(control), mock_logger()
     strategy = EnergyAwareDDPStrategy(
-        power_limit="search", power_control=control, warmup_steps=1, profile_steps=3, settle_steps=1, limit_step_w=50, power_limit_cache=str(cache)
+        power_limit="search",
+        power_control=control,
+        warmup_steps=1,
+        profile_steps=3,
+        settle_steps=1,
+        limit_step_w=50,
+        power_limit_cache=str(cache),
     )
     strategy.power_limiter.clock = clock
     fit(strategy, max_steps=28, callbacks=[sampler, clock, probe], logger=logger, root=tmp_path)
@@ -407,16 +442,20 @@ def test_search_in_a_trainer_then_from_the_cache(tmp_path):
     assert search.chosen_w == 300  # the model's optimum at eta=0.5 (see test_search_finds_the_cost_optimum...)
     logged = [c.args[0]["power/limit_w"] for c in logger.log_metrics.call_args_list if "power/limit_w" in c.args[0]]
     assert logged == grid + [300.0]
-    assert probe.limits[1 + 6 * 4:] == [300.0] * (28 - 1 - 6 * 4)  # steps after the search
+    assert probe.limits[1 + 6 * 4 :] == [300.0] * (28 - 1 - 6 * 4)  # steps after the search
     assert control.get_limit_w() == 400  # restored
     assert sampler.summary["sections"]["Power limit search"] == [dict(r, source="profiled") for r in search.table]
     assert PowerLimitCache(str(cache)).load("simulated|world_size=1") == search.profiles
 
     # a second run reads the cache: no profiling, the same choice from the first step
     control2 = SimulatedPowerControl(min_w=150, max_w=400)
-    sampler2 = PowerSampler(sensors=[control2.sensor()], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path))
+    sampler2 = PowerSampler(
+        sensors=[control2.sensor()], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path)
+    )
     probe2 = LimitProbe(control2)
-    strategy2 = EnergyAwareDDPStrategy(power_limit="search", power_control=control2, limit_step_w=50, power_limit_cache=str(cache))
+    strategy2 = EnergyAwareDDPStrategy(
+        power_limit="search", power_control=control2, limit_step_w=50, power_limit_cache=str(cache)
+    )
     fit(strategy2, max_steps=3, callbacks=[sampler2, probe2], root=tmp_path)
     assert strategy2.power_limiter.from_cache and probe2.limits == [300.0] * 3
     assert sampler2.summary["sections"]["Power limit search"][0]["source"] == "cache"
@@ -425,7 +464,15 @@ def test_search_in_a_trainer_then_from_the_cache(tmp_path):
 def test_search_cut_short_restores_and_reports_what_it_profiled(tmp_path):
     control = SimulatedPowerControl(min_w=150, max_w=400)
     sampler = PowerSampler(sensors=[control.sensor()], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path))
-    strategy = EnergyAwareDDPStrategy(power_limit="search", power_control=control, warmup_steps=1, profile_steps=2, settle_steps=0, limit_step_w=50, power_limit_cache=False)
+    strategy = EnergyAwareDDPStrategy(
+        power_limit="search",
+        power_control=control,
+        warmup_steps=1,
+        profile_steps=2,
+        settle_steps=0,
+        limit_step_w=50,
+        power_limit_cache=False,
+    )
     fit(strategy, max_steps=6, callbacks=[sampler], root=tmp_path)  # windows: 400 W (1-3), 350 W (3-5), 300 W open
     rows = sampler.summary["sections"]["Power limit search"]
     assert [r["limit_w"] for r in rows] == [400, 350] and all("incomplete" in r["source"] for r in rows)
@@ -450,10 +497,21 @@ def test_callback_on_a_single_device_settles_after_each_change(tmp_path):
 
     control = SimulatedPowerControl(min_w=300, max_w=400)
     sampler = PowerSampler(sensors=[control.sensor()], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path))
-    search_cb = Callback_("search", power_control=control, warmup_steps=1, profile_steps=2, settle_steps=2, limit_step_w=50, cache=False)
+    search_cb = Callback_(
+        "search", power_control=control, warmup_steps=1, profile_steps=2, settle_steps=2, limit_step_w=50, cache=False
+    )
     probe, logger = LimitProbe(control), mock_logger()
-    trainer = Trainer(accelerator="cpu", devices=1, max_steps=16, logger=logger, callbacks=[sampler, search_cb, probe],
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=16,
+        logger=logger,
+        callbacks=[sampler, search_cb, probe],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(BoringModel())
     search = search_cb.search
     assert type(trainer.strategy).__name__ == "SingleDeviceStrategy"
@@ -467,40 +525,69 @@ def test_callback_on_a_single_device_settles_after_each_change(tmp_path):
 def test_callback_with_plain_ddp_two_ranks_agrees_and_restores(tmp_path):
     # Two processes, strategy="ddp" (not ddp_green): the callback needs only the strategy's collectives.
     # Rank 1's simulated workload is less clock-bound; time is simulated per rank (exact windows).
-    proc = subprocess.run([sys.executable, os.path.join(SCRIPTS, "limit_search.py"), str(tmp_path)], env=child_env(), cwd=SCRIPTS,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(SCRIPTS, "limit_search.py"), str(tmp_path)],
+        env=child_env(),
+        cwd=SCRIPTS,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     controls = [SimulatedPowerControl(min_w=150, max_w=400, beta=r["beta"]) for r in ranks]
     grid = limit_grid(150, 400, 50)
     # a window's energy is the sum over ranks, its time the slowest rank's; P_max = 400 W x 2 ranks
-    model = [LimitProfile(w, sum(c.energy_per_step_j(w, 0.04) for c in controls), max(c.step_time_s(w, 0.04) for c in controls), 2) for w in grid]
+    model = [
+        LimitProfile(
+            w, sum(c.energy_per_step_j(w, 0.04) for c in controls), max(c.step_time_s(w, 0.04) for c in controls), 2
+        )
+        for w in grid
+    ]
     expected_w, _ = choose_limit(model, eta=0.5, p_max_w=800)
-    alone_w = [choose_limit([LimitProfile(w, c.energy_per_step_j(w, 0.04), c.step_time_s(w, 0.04), 2) for w in grid], eta=0.5)[0] for c in controls]
+    alone_w = [
+        choose_limit([LimitProfile(w, c.energy_per_step_j(w, 0.04), c.step_time_s(w, 0.04), 2) for w in grid], eta=0.5)[
+            0
+        ]
+        for c in controls
+    ]
     assert expected_w == 250 and alone_w == [300, 200]  # each rank alone would choose another limit
-    schedule = [400.0] * 4 + [w for w in grid[1:] for _ in range(3)] + [expected_w] * 2  # warm-up 1, then settle 1 + profile 2 each
+    schedule = (
+        [400.0] * 4 + [w for w in grid[1:] for _ in range(3)] + [expected_w] * 2
+    )  # warm-up 1, then settle 1 + profile 2 each
     for r in ranks:
         assert (r["strategy"], r["world_size"]) == ("DDPStrategy", 2)
         assert r["chosen_w"] == expected_w and r["limits"] == schedule
         assert [(p["limit_w"], p["steps"]) for p in r["profiles"]] == [(w, 2) for w in grid]
-        for p, m in zip(r["profiles"], model):
-            assert (p["energy_per_step_j"], p["time_per_step_s"]) == (pytest.approx(m.energy_per_step_j), pytest.approx(m.time_per_step_s))
-        assert r["limit_after_fit_w"] == 400 and read_limit(tmp_path / f"dev{r['rank']}.json") == 400  # restored on both devices
+        for p, m in zip(r["profiles"], model, strict=False):
+            assert (p["energy_per_step_j"], p["time_per_step_s"]) == (
+                pytest.approx(m.energy_per_step_j),
+                pytest.approx(m.time_per_step_s),
+            )
+        assert (
+            r["limit_after_fit_w"] == 400 and read_limit(tmp_path / f"dev{r['rank']}.json") == 400
+        )  # restored on both devices
 
 
 def test_callback_and_strategy_shorthand_cannot_both_set_limits(tmp_path):
     from lightning_green import PowerLimitSearch as Callback_
 
     with pytest.raises(MisconfigurationException, match="pass `power_limit` to one of them only"):
-        fit(EnergyAwareDDPStrategy(power_limit=300, power_control=SimulatedPowerControl()),
-            callbacks=[Callback_(250, power_control=SimulatedPowerControl())], root=tmp_path)
+        fit(
+            EnergyAwareDDPStrategy(power_limit=300, power_control=SimulatedPowerControl()),
+            callbacks=[Callback_(250, power_control=SimulatedPowerControl())],
+            root=tmp_path,
+        )
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"power_limit": None}, "`power_limit` must be a number of watts > 0 or 'search'"),
-    ({"settle_steps": -1}, "`settle_steps` must be an integer >= 0"),
-    ({"cache": 3}, "`cache` must be True, False, None or a path"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"power_limit": None}, "`power_limit` must be a number of watts > 0 or 'search'"),
+        ({"settle_steps": -1}, "`settle_steps` must be an integer >= 0"),
+        ({"cache": 3}, "`cache` must be True, False, None or a path"),
+    ],
+)
 def test_callback_bad_arguments(kwargs, match):
     from lightning_green import PowerLimitSearch as Callback_
 

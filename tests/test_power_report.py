@@ -42,7 +42,9 @@ def test_fit_and_test_write_the_picture_beside_the_summary_and_to_tensorboard(tm
 
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     ps = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.01, print_summary=False)
-    trainer = tiny_trainer(max_steps=8, logger=logger, callbacks=[ps], limit_val_batches=2, val_check_interval=4, log_every_n_steps=2)
+    trainer = tiny_trainer(
+        max_steps=8, logger=logger, callbacks=[ps], limit_val_batches=2, val_check_interval=4, log_every_n_steps=2
+    )
     trainer.fit(SleepyModel(step_s=0.01))
     trainer.test(SleepyModel(step_s=0.01), verbose=False)
     for stage in ("fit", "test"):
@@ -58,11 +60,20 @@ def test_fit_and_test_write_the_picture_beside_the_summary_and_to_tensorboard(tm
 
 def test_the_summary_timeline_shades_validation_on_the_trace_axis(tmp_path):
     ps = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path))
-    trainer = tiny_trainer(max_steps=6, callbacks=[ps], limit_val_batches=2, val_check_interval=3, num_sanity_val_steps=1)
+    trainer = tiny_trainer(
+        max_steps=6, callbacks=[ps], limit_val_batches=2, val_check_interval=3, num_sanity_val_steps=1
+    )
     trainer.fit(SleepyModel(step_s=0.01))
     rows = json.loads((tmp_path / "energy_summary_fit.json").read_text())["timeline"]
-    assert [r["loop"] for r in rows] == ["sanity", "train", "validation", "train", "validation", "train"]  # a tail to train end
-    assert all(a["end_s"] == b["start_s"] for a, b in zip(rows, rows[1:]))  # consecutive, no overlap
+    assert [r["loop"] for r in rows] == [
+        "sanity",
+        "train",
+        "validation",
+        "train",
+        "validation",
+        "train",
+    ]  # a tail to train end
+    assert all(a["end_s"] == b["start_s"] for a, b in zip(rows, rows[1:], strict=False))  # consecutive, no overlap
     assert all(r["start_s"] <= r["end_s"] for r in rows) and rows[0]["start_s"] >= 0.0
     trace_t = [t for t, _ in ps.summary["trace"]["sim"]]
     assert rows[-1]["end_s"] >= trace_t[-1] - 0.05 and rows[0]["start_s"] <= trace_t[0] + 0.05  # one time axis
@@ -82,7 +93,13 @@ def test_without_matplotlib_the_hint_is_said_once_per_sampler(tmp_path, monkeypa
 
 
 def test_report_picture_false_writes_the_summary_only(tmp_path):
-    ps = PowerSampler(sensors=[SimulatedSensor(10.0)], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path), report_picture=False)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(10.0)],
+        interval_s=0.01,
+        print_summary=False,
+        summary_dir=str(tmp_path),
+        report_picture=False,
+    )
     tiny_trainer(max_steps=2, callbacks=[ps]).fit(SleepyModel(step_s=0.0))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["energy_summary_fit.json"]
     assert "picture" not in ps.summary_by_stage["fit"]
@@ -113,7 +130,7 @@ def test_loop_timeline_merges_same_loops_and_stays_bounded():
         clock.t += length
         timeline.begin("train")
     rows = timeline.as_rows()
-    assert len(rows) <= 5 and all(a["loop"] != b["loop"] for a, b in zip(rows, rows[1:]))
+    assert len(rows) <= 5 and all(a["loop"] != b["loop"] for a, b in zip(rows, rows[1:], strict=False))
     kept = [round(r["end_s"] - r["start_s"], 6) for r in rows if r["loop"] == "validation"]
     assert kept == [0.5, 0.2]
 
@@ -139,7 +156,13 @@ def test_power_trace_keeps_its_key_step_axis_and_bound_per_window(tmp_path):
 
     logger = Mock()
     logger.log_dir = logger.save_dir = None
-    ps = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.01, trace_points=3, print_summary=False, summary_dir=str(tmp_path))
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(100.0)],
+        interval_s=0.01,
+        trace_points=3,
+        print_summary=False,
+        summary_dir=str(tmp_path),
+    )
     tiny_trainer(max_steps=12, log_every_n_steps=3, logger=logger, callbacks=[ps]).fit(SleepyModel(step_s=0.02))
     trace = logged(logger, "power_trace/sim_w")
     assert 4 <= len(trace) <= 4 * 3  # four windows of at most three points
@@ -165,7 +188,10 @@ def test_partial_reason_names_what_happened():
     assert S.partial_reason(stats(rejected=2, transient_errors=3, gaps=5, gap_s=0.25, last_problem="NVML timeout")) == (
         "2 readings rejected; 3 transient read errors (retried); 0.25 s of gaps bridged by counter difference; last: NVML timeout"
     )
-    assert S.partial_reason(stats(resets=1, last_problem="counter reset from 9.0 to 1.0 J")) == "1 counter resets; last: counter reset from 9.0 to 1.0 J"
+    assert (
+        S.partial_reason(stats(resets=1, last_problem="counter reset from 9.0 to 1.0 J"))
+        == "1 counter resets; last: counter reset from 9.0 to 1.0 J"
+    )
     assert S.partial_reason({"gaps": 4}) == "4 readings missed"  # an older summary without the new keys
 
 
@@ -192,7 +218,13 @@ def test_render_tolerates_nulls_and_nan(capsys):
 def test_a_section_value_json_cannot_hold_is_written_as_text_not_raised(tmp_path):
     import torch
 
-    ps = PowerSampler(sensors=[SimulatedSensor(10.0)], interval_s=0.01, print_summary=True, summary_dir=str(tmp_path), report_picture=False)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(10.0)],
+        interval_s=0.01,
+        print_summary=True,
+        summary_dir=str(tmp_path),
+        report_picture=False,
+    )
     ps.add_summary_provider(lambda: {"mine": [{"figure": "a tensor", "value": torch.tensor(1.5)}]})
     tiny_trainer(max_steps=2, callbacks=[ps]).fit(SleepyModel(step_s=0.0))
     rows = json.loads((tmp_path / "energy_summary_fit.json").read_text())["sections"]["mine"]

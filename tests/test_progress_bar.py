@@ -10,7 +10,13 @@ from lightning_green import PowerSampler, SimulatedSensor
 
 
 def fit_with_bar(tmp_path, bar, enabled: bool):
-    ps = PowerSampler(sensors=[SimulatedSensor(200.0)], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path), progress_bar=enabled)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(200.0)],
+        interval_s=0.01,
+        print_summary=False,
+        summary_dir=str(tmp_path),
+        progress_bar=enabled,
+    )
     model = SleepyModel(step_s=0.01)
     trainer = tiny_trainer(max_steps=8, log_every_n_steps=4, enable_progress_bar=True, callbacks=[ps, bar])
     trainer.fit(model)

@@ -15,14 +15,14 @@ from unittest.mock import Mock
 
 import pytest
 import torch
+from helpers import FakeClock
+from helpers import logged as logged_any
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from helpers import FakeClock
-from helpers import logged as logged_any
 from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
 from lightning_green.quantization import QuantizationAwareTraining, _torchao, int8, layers
 from lightning_green.quantization.qat import state_dict_size_bytes
@@ -206,7 +206,7 @@ def test_convert_at_fit_end_shrinks_model_and_logs_figures():
     assert report["val_loss_converted"] == pytest.approx(val_loss_of(model), rel=1e-5)
     assert math.isfinite(report["val_loss_float"]) and report["val_loss_float"] != report["val_loss_converted"]
     for key in KEYS:
-        (step, value), = logged(logger, key)
+        ((step, value),) = logged(logger, key)
         assert step == 3
         assert value == pytest.approx(report[key.split("/", 1)[1]])
     assert not logged(logger, "qat/epi_float_j")  # no PowerSampler: no energy figures
@@ -380,7 +380,10 @@ def test_misfit_layers_are_left_in_float_with_one_warning():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"scheme": "int3"}, r"`scheme` must be one of \['auto', 'float8_dynamic', 'int4_weight_only', 'int8_dynamic',"),
+        (
+            {"scheme": "int3"},
+            r"`scheme` must be one of \['auto', 'float8_dynamic', 'int4_weight_only', 'int8_dynamic',",
+        ),
         ({"eval_as": "int8"}, r"`eval_as` must be one of \['converted', 'float'\]"),
         ({"group_size": 0}, "`group_size` must be a positive power of two"),
         ({"group_size": 24}, "`group_size` must be a positive power of two"),
@@ -415,7 +418,9 @@ def test_model_with_no_eligible_layer_raises():
 
 def test_energy_figures_with_power_sampler(tmp_path):
     model = QatModel(width=128)
-    sampler = PowerSampler(sensors=[SimulatedSensor(power_w=100.0)], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path))
+    sampler = PowerSampler(
+        sensors=[SimulatedSensor(power_w=100.0)], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path)
+    )
     qat = QuantizationAwareTraining()
     logger = Mock()
     trainer = make_trainer([sampler, qat], max_steps=4, logger=logger, default_root_dir=tmp_path)
@@ -427,7 +432,7 @@ def test_energy_figures_with_power_sampler(tmp_path):
     for tag in ("float", "converted"):
         assert report[f"epi_{tag}_source"] == "simulated"
         assert 0 < report[f"epi_{tag}_j"] < total_j / report["val_samples"]
-        (step, value), = logged(logger, f"qat/epi_{tag}_j")
+        ((step, value),) = logged(logger, f"qat/epi_{tag}_j")
         assert step == 4 and value == pytest.approx(report[f"epi_{tag}_j"])
     rows = sampler.summary["sections"]["Quantization-aware training (int8_dynamic)"]
     assert {r["figure"]: r["source"] for r in rows}["EPI, converted"] == "simulated"
@@ -457,7 +462,14 @@ def test_end_of_fit_evaluation_is_not_training_energy_in_either_callback_order(t
     clock.reads = ps.session
     eff, qat, logger = EfficiencyLogger(), QuantizationAwareTraining(kernel_timer=fast_int8), Mock()
     callbacks = [clock, qat, ps, eff] if qat_first else [clock, ps, eff, qat]
-    trainer = make_trainer(callbacks, max_steps=4, logger=logger, val_check_interval=2, check_val_every_n_epoch=1, default_root_dir=tmp_path)
+    trainer = make_trainer(
+        callbacks,
+        max_steps=4,
+        logger=logger,
+        val_check_interval=2,
+        check_val_every_n_epoch=1,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(ClockedQatModel(clock, val_batch_s))
     train_j, val_loop_j, evaluation_j = watts * 4 * batch_s, watts * 2 * 2 * val_batch_s, watts * 2 * 2 * val_batch_s
     assert ps.training.evaluation_j == pytest.approx(evaluation_j)
@@ -465,10 +477,14 @@ def test_end_of_fit_evaluation_is_not_training_energy_in_either_callback_order(t
     assert eff.results["eer_j_per_param"] == pytest.approx(train_j / eff.n_params)
     assert eff.results["validate_energy_j"] == pytest.approx(val_loop_j / 2)  # the last loop's
     assert eff.state_dict()["per_rank"][0]["train_energy_j"] == pytest.approx(train_j)  # what a checkpoint now carries
-    assert [v for _, v in logged_any(logger, "energy/step_j")] == [pytest.approx(watts * batch_s)]  # the last, partial window
+    assert [v for _, v in logged_any(logger, "energy/step_j")] == [
+        pytest.approx(watts * batch_s)
+    ]  # the last, partial window
     assert qat.report["energy_j"] == pytest.approx(train_j + val_loop_j)  # fit start to the conversion
     assert qat.report["epi_float_j"] == qat.report["epi_converted_j"] == pytest.approx(watts * 2 * val_batch_s / 8)
-    assert ps.summary["stage_energy_j"] == pytest.approx(train_j + val_loop_j + evaluation_j)  # the fit stage holds it all
+    assert ps.summary["stage_energy_j"] == pytest.approx(
+        train_j + val_loop_j + evaluation_j
+    )  # the fit stage holds it all
 
 
 # ---------------------------------------------------------------- DDP
@@ -496,9 +512,14 @@ def test_ddp_spawn_two_processes(tmp_path):
 def test_ddp_two_processes_subprocess(tmp_path):
     """strategy="ddp_green" re-runs its command for rank 1, so it runs as a script, not inside pytest."""
     script = Path(__file__).with_name("qat_ddp_script.py")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
     env.pop("LOCAL_RANK", None)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for result in ranks:

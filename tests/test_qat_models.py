@@ -192,15 +192,21 @@ def test_best_mid_qat_and_converted_checkpoints(tmp_path):
 
     for path, expected in ((mid, loss_of(converted_from_file("litgpt", mid))), (best, loss_of(converted_from_file("litgpt", best))),
                            (tmp_path / "converted.ckpt", converted_loss)):  # fmt: skip
-        result = trainer([QuantizationAwareTraining(kernel_timer=fast_int8)]).validate(LM("litgpt"), ckpt_path=path, verbose=False)
+        result = trainer([QuantizationAwareTraining(kernel_timer=fast_int8)]).validate(
+            LM("litgpt"), ckpt_path=path, verbose=False
+        )
         assert result[0]["val_loss"] != loss_of(LM("litgpt"))
-        tested = trainer([QuantizationAwareTraining(kernel_timer=fast_int8)]).test(LM("litgpt"), ckpt_path=path, verbose=False)
+        tested = trainer([QuantizationAwareTraining(kernel_timer=fast_int8)]).test(
+            LM("litgpt"), ckpt_path=path, verbose=False
+        )
         assert tested[0]["test_loss"] == pytest.approx(expected, rel=1e-5), path.name
 
     # eval_as="float": the float model of the file, fake quantization off
     float_model = LM("litgpt")
     float_model.load_state_dict(torch.load(mid, weights_only=False)["state_dict"])
-    tested = trainer([QuantizationAwareTraining(kernel_timer=fast_int8, eval_as="float")]).test(LM("litgpt"), ckpt_path=mid, verbose=False)
+    tested = trainer([QuantizationAwareTraining(kernel_timer=fast_int8, eval_as="float")]).test(
+        LM("litgpt"), ckpt_path=mid, verbose=False
+    )
     assert tested[0]["test_loss"] == pytest.approx(loss_of(float_model), rel=1e-5)
 
     # fit resumes from the mid-QAT file, prepared, and converts at its end
@@ -216,7 +222,10 @@ def test_tied_weights_stay_float():
     qat = QuantizationAwareTraining(kernel_timer=fast_int8, quantize_embeddings=True)
     with pytest.warns(UserWarning, match=r"net.head \(tied weight\)"):
         qat.prepare(model)
-    assert "net.head (tied weight)" in qat.report["layers_left_float"] and "net.emb (tied weight)" in qat.report["layers_left_float"]
+    assert (
+        "net.head (tied weight)" in qat.report["layers_left_float"]
+        and "net.emb (tied weight)" in qat.report["layers_left_float"]
+    )
     assert type(model.net.head) is nn.Linear and model.net.head.weight is model.net.emb.weight
 
 

@@ -8,7 +8,14 @@ import torch
 from helpers import tiny_trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from lightning_green import EfficiencyLogger, EnergyAwareDDPStrategy, PowerSampler, QuantizationAwareTraining, SimulatedPowerControl, SimulatedSensor
+from lightning_green import (
+    EfficiencyLogger,
+    EnergyAwareDDPStrategy,
+    PowerSampler,
+    QuantizationAwareTraining,
+    SimulatedPowerControl,
+    SimulatedSensor,
+)
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -45,11 +52,25 @@ def test_logged_keys_match_readme(tmp_path):
     logger.log_dir = logger.save_dir = None
     strategy = EnergyAwareDDPStrategy(power_limit=300.0, power_control=SimulatedPowerControl(), power_limit_cache=False)
     callbacks = [
-        PowerSampler(sensors=[SimulatedSensor(100.0, name="sim")], interval_s=0.01, phases=True, summary_dir=str(tmp_path), print_summary=False),
+        PowerSampler(
+            sensors=[SimulatedSensor(100.0, name="sim")],
+            interval_s=0.01,
+            phases=True,
+            summary_dir=str(tmp_path),
+            print_summary=False,
+        ),
         EfficiencyLogger(tokens_per_batch="numel", targets={"val_loss": 1e9}),  # reached at the first validation
         QuantizationAwareTraining(scheme="int8_weight_only", group_size=32),
     ]
-    trainer = tiny_trainer(max_steps=4, log_every_n_steps=2, limit_val_batches=2, val_check_interval=2, logger=logger, callbacks=callbacks, strategy=strategy)
+    trainer = tiny_trainer(
+        max_steps=4,
+        log_every_n_steps=2,
+        limit_val_batches=2,
+        val_check_interval=2,
+        logger=logger,
+        callbacks=callbacks,
+        strategy=strategy,
+    )
     trainer.fit(Wide())
     calls = logger.log_metrics.call_args_list
     logged = {normalise(k) for call in calls for k in call.kwargs.get("metrics", call.args[0] if call.args else {})}
@@ -72,7 +93,9 @@ def test_results_section_matches_benchmark_json():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, str(README.parent / "benchmarks" / "report.py"), "--check"], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(README.parent / "benchmarks" / "report.py"), "--check"], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -114,6 +137,9 @@ def test_check_refuses_results_of_a_quick_run(tmp_path):
 
 def test_summaries_render_median_and_spread():
     report = load_report()
-    assert report.span({"min": 0.95, "median": 1.0, "max": 1.2, "values": [0.95, 1.0, 1.2]}, ".2f", " ms") == "1.00 ms (0.95–1.20)"
+    assert (
+        report.span({"min": 0.95, "median": 1.0, "max": 1.2, "values": [0.95, 1.0, 1.2]}, ".2f", " ms")
+        == "1.00 ms (0.95–1.20)"
+    )
     assert report.span({"min": 2.0, "median": 2.0, "max": 2.0}, ".1f") == "2.0"
     assert report.span(0.5, ".3f") == "0.500"

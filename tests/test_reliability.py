@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sampler_threads
 from fake_pynvml import NVML_ERROR_TIMEOUT, NVML_ERROR_UNKNOWN, FakeGpu, NVMLError
 from helpers import SleepyModel, tiny_trainer
 
-from conftest import sampler_threads
 from lightning_green import PowerSampler
 from lightning_green.energy import EnergyMeter, Sampler
 from lightning_green.energy.sampler import TRIES_IN_A_ROW
@@ -174,7 +174,11 @@ def test_read_that_hangs_at_stop_is_abandoned_within_the_stop_timeout():
 
 def test_no_thread_after_stop_and_restart():
     meter = EnergyMeter()
-    sampler = Sampler([SimulatedSensor(10.0, name="a", clock=StepClock()), SimulatedSensor(20.0, name="b", clock=StepClock())], meter, interval_s=0.01)
+    sampler = Sampler(
+        [SimulatedSensor(10.0, name="a", clock=StepClock()), SimulatedSensor(20.0, name="b", clock=StepClock())],
+        meter,
+        interval_s=0.01,
+    )
     sampler.start()
     assert our_threads() == ["lightning_green-sampler", "lightning_green-sampler:a", "lightning_green-sampler:b"]
     assert all(t.daemon for t in sampler_threads())
@@ -210,7 +214,9 @@ def test_first_read_that_hangs_does_not_block_start(caplog):
 
 def test_training_goes_on_beside_a_sensor_whose_first_read_hangs(tmp_path):
     hung = Hangs(hang_from=1)
-    ps = PowerSampler(sensors=[SimulatedSensor(100.0), hung], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(100.0), hung], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False
+    )
     trainer = tiny_trainer(max_steps=5, callbacks=[ps])
     try:
         trainer.fit(SleepyModel(step_s=0.01))
@@ -237,7 +243,9 @@ def test_reading_none_mid_run_drops_only_that_sensor(caplog):
     s = meter.stats("bad")
     assert s["rejected"] == TRIES_IN_A_ROW and s["gaps"] == TRIES_IN_A_ROW
     assert f"{TRIES_IN_A_ROW} unusable reads in a row" in s["failed"] and "returned None" in s["failed"]
-    assert s["energy_j"] == pytest.approx(10.0 * 0.02 + 10.0 * meter.extrapolate_s)  # its three good readings and the tail
+    assert s["energy_j"] == pytest.approx(
+        10.0 * 0.02 + 10.0 * meter.extrapolate_s
+    )  # its three good readings and the tail
     assert meter.stats("good")["failed"] is None
     warned = [r.message for r in caplog.records if "'bad'" in r.message]
     assert len(warned) == 2 and "returned None" in warned[0] and "dropped" in warned[1]  # once, then the drop
@@ -275,7 +283,12 @@ def test_meter_record_never_raises():
 
 
 def test_training_goes_on_with_a_sensor_that_returns_none(tmp_path):
-    ps = PowerSampler(sensors=[SimulatedSensor(100.0), Returns("none", [], after=None)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(100.0), Returns("none", [], after=None)],
+        interval_s=0.01,
+        summary_dir=str(tmp_path),
+        print_summary=False,
+    )
     trainer = tiny_trainer(max_steps=10, callbacks=[ps])
     trainer.fit(SleepyModel(step_s=0.01))
     assert trainer.global_step == 10 and not sampler_threads()
@@ -300,13 +313,17 @@ def test_one_transient_nvml_error_loses_no_energy(fake_nvml, code):
     run_until(NvmlSensor(0, clock=clock), meter, lambda: meter.stats("gpu0")["samples"] >= 10)
     s = meter.stats("gpu0")
     assert s["failed"] is None and s["transient_errors"] == 1 and s["gaps"] == 1 and s["rejected"] == 0
-    assert s["gap_s"] == pytest.approx(0.2) and s["gap_bridge"] == "counter difference"  # 0.15 s + the failed read's tick
+    assert (
+        s["gap_s"] == pytest.approx(0.2) and s["gap_bridge"] == "counter difference"
+    )  # 0.15 s + the failed read's tick
     assert s["energy_j"] == pytest.approx(300.0 * s["duration_s"], abs=0.002)  # bridged by the counter: nothing lost
 
 
 def test_polled_gpu_bridges_a_transient_error_with_neighbouring_power(fake_nvml):
     clock = StepClock(0.05)
-    fake_nvml(gpus=[FakeGpu(uuid="GPU-a", power_w=200.0, counter=False, errors_at={3: NVML_ERROR_UNKNOWN}, clock=clock)])
+    fake_nvml(
+        gpus=[FakeGpu(uuid="GPU-a", power_w=200.0, counter=False, errors_at={3: NVML_ERROR_UNKNOWN}, clock=clock)]
+    )
     meter = EnergyMeter()
     run_until(NvmlSensor(0, clock=clock), meter, lambda: meter.stats("gpu0")["samples"] >= 10)
     s = meter.stats("gpu0")
@@ -317,19 +334,34 @@ def test_polled_gpu_bridges_a_transient_error_with_neighbouring_power(fake_nvml)
 
 def test_a_gpu_that_keeps_failing_transiently_is_dropped(fake_nvml):
     clock = StepClock(0.05)
-    fake_nvml(gpus=[FakeGpu(uuid="GPU-a", power_w=300.0, errors_at={n: NVML_ERROR_UNKNOWN for n in range(4, 10_000)}, clock=clock)])
+    fake_nvml(
+        gpus=[
+            FakeGpu(
+                uuid="GPU-a", power_w=300.0, errors_at={n: NVML_ERROR_UNKNOWN for n in range(4, 10_000)}, clock=clock
+            )
+        ]
+    )
     meter = EnergyMeter()
     run_until(NvmlSensor(0, clock=clock), meter, lambda: meter.stats("gpu0")["failed"] is not None)
     s = meter.stats("gpu0")
     assert f"{TRIES_IN_A_ROW} unusable reads in a row" in s["failed"] and "NVML UNKNOWN" in s["failed"]
     assert s["transient_errors"] == TRIES_IN_A_ROW and not s["hung"]
-    assert s["energy_j"] == pytest.approx(300.0 * (0.15 + meter.extrapolate_s), abs=0.002)  # two good readings and the tail
+    assert s["energy_j"] == pytest.approx(
+        300.0 * (0.15 + meter.extrapolate_s), abs=0.002
+    )  # two good readings and the tail
 
 
 @pytest.mark.parametrize(
     "code, cls, transient",
-    [(999, SensorTransientError, True), (10, SensorTransientError, True), (15, SensorLost, False),
-     (3, SensorUnavailable, False), (4, SensorPermissionError, False), (12, SensorUnavailable, False), (1, SensorError, False)],
+    [
+        (999, SensorTransientError, True),
+        (10, SensorTransientError, True),
+        (15, SensorLost, False),
+        (3, SensorUnavailable, False),
+        (4, SensorPermissionError, False),
+        (12, SensorUnavailable, False),
+        (1, SensorError, False),
+    ],
 )
 def test_nvml_errors_sorts_transient_from_permanent(fake_nvml, code, cls, transient):
     fake_nvml()
@@ -492,12 +524,16 @@ def test_power_w_that_raises_names_the_argument():
     ],
 )
 def test_constructor_arguments_are_checked(make, arg):
-    expected = TypeError if arg == "host_level" else ValueError  # a flag of the wrong type is a TypeError, as everywhere
+    expected = (
+        TypeError if arg == "host_level" else ValueError
+    )  # a flag of the wrong type is a TypeError, as everywhere
     with pytest.raises(expected, match=f"`{arg}`"):
         make()
 
 
-@pytest.mark.parametrize("kwargs, arg", [({"use_counter": "no"}, "use_counter"), ({"name": ""}, "name"), ({"clock": 1}, "clock")])
+@pytest.mark.parametrize(
+    "kwargs, arg", [({"use_counter": "no"}, "use_counter"), ({"name": ""}, "name"), ({"clock": 1}, "clock")]
+)
 def test_nvml_sensor_arguments_are_checked(fake_nvml, kwargs, arg):
     fake = fake_nvml()
     with pytest.raises(TypeError if arg == "use_counter" else ValueError, match=f"`{arg}`"):
@@ -512,9 +548,19 @@ def test_stats_name_what_the_summary_needs():
     m.note_transient("p", "NVML UNKNOWN while reading p")
     m.record("p", Reading(1.0, 10.0, "power"))
     s = m.stats("p")
-    assert {k: s[k] for k in ("gaps", "rejected", "transient_errors", "gap_s", "resets", "failed", "hung", "abandoned", "partial")} == {
-        "gaps": 1, "rejected": 0, "transient_errors": 1, "gap_s": 1.0, "resets": 0, "failed": None, "hung": False,
-        "abandoned": False, "partial": True,
+    assert {
+        k: s[k]
+        for k in ("gaps", "rejected", "transient_errors", "gap_s", "resets", "failed", "hung", "abandoned", "partial")
+    } == {
+        "gaps": 1,
+        "rejected": 0,
+        "transient_errors": 1,
+        "gap_s": 1.0,
+        "resets": 0,
+        "failed": None,
+        "hung": False,
+        "abandoned": False,
+        "partial": True,
     }
     assert s["last_problem"] == "NVML UNKNOWN while reading p" and s["energy_j"] == pytest.approx(10.0)
 
@@ -522,7 +568,9 @@ def test_stats_name_what_the_summary_needs():
 def test_log_warnings_name_the_sensor(caplog):
     caplog.set_level(logging.WARNING, logger="lightning_green")
     meter = EnergyMeter()
-    sampler = Sampler([Returns("nan", [Reading, Reading(5.0, float("nan"), "power")], after=Reading)], meter, interval_s=0.01)
+    sampler = Sampler(
+        [Returns("nan", [Reading, Reading(5.0, float("nan"), "power")], after=Reading)], meter, interval_s=0.01
+    )
     sampler.start()
     wait_until(lambda: meter.stats("nan")["samples"] >= 3)
     sampler.stop()

@@ -67,11 +67,13 @@ def test_the_legend_names_each_sensor_and_its_source(fit_summary):
     power = rp.report_figure(fit_summary).axes[0]
     labels = [t.get_text() for t in power.get_legend().get_texts()]
     assert labels == ["gpu0 (simulated)", "cpu (estimate, not a measurement)"]
-    styles = {line.get_label(): line.get_linestyle() for line in power.get_lines() if not line.get_label().startswith("_")}  # "_": loop boundaries
+    styles = {
+        line.get_label(): line.get_linestyle() for line in power.get_lines() if not line.get_label().startswith("_")
+    }  # "_": loop boundaries
     assert styles == {"gpu0 (simulated)": "-", "cpu (estimate, not a measurement)": "--"}
     # the curve is the summary's trace, not something else
     xs, ys = next(line for line in power.get_lines() if not line.get_label().startswith("_")).get_data()
-    assert list(zip(xs, ys)) == rs.trace(fit_summary)["gpu0"]
+    assert list(zip(xs, ys, strict=False)) == rs.trace(fit_summary)["gpu0"]
 
 
 def test_energy_bars_hold_the_summary_energy_and_hatch_estimates(fit_summary):
@@ -125,7 +127,11 @@ def test_missing_sections_still_draw(fit_summary, tmp_path):
 
 def test_report_image_is_rgb_uint8(fit_summary):
     image = rp.report_image(fit_summary)
-    assert image.dtype.name == "uint8" and image.shape == (round(rp.SIZE_IN[1] * rp.DPI), round(rp.SIZE_IN[0] * rp.DPI), 3)
+    assert image.dtype.name == "uint8" and image.shape == (
+        round(rp.SIZE_IN[1] * rp.DPI),
+        round(rp.SIZE_IN[0] * rp.DPI),
+        3,
+    )
     assert image.min() < 100 and image.max() == 255  # drawn, not blank
 
 

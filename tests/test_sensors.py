@@ -51,7 +51,9 @@ def test_nvml_gpu_lost_raises_sensor_lost(fake_nvml):
 
 
 def test_nvml_respects_cuda_visible_devices(fake_nvml, monkeypatch):
-    fake_nvml(gpus=[FakeGpu(uuid="GPU-a", power_w=100.0, counter=False), FakeGpu(uuid="GPU-b", power_w=200.0, counter=False)])
+    fake_nvml(
+        gpus=[FakeGpu(uuid="GPU-a", power_w=100.0, counter=False), FakeGpu(uuid="GPU-b", power_w=200.0, counter=False)]
+    )
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert NvmlSensor(0).read().value == pytest.approx(200.0)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a")
@@ -143,7 +145,10 @@ def test_estimate_follows_its_model(monkeypatch):
     assert sensor.read().value == pytest.approx(10.0)
 
 
-@pytest.mark.parametrize("kwargs, arg", [({"max_w": -1.0}, "max_w"), ({"idle_w": float("nan")}, "idle_w"), ({"max_w": 5.0, "idle_w": 6.0}, "idle_w")])
+@pytest.mark.parametrize(
+    "kwargs, arg",
+    [({"max_w": -1.0}, "max_w"), ({"idle_w": float("nan")}, "idle_w"), ({"max_w": 5.0, "idle_w": 6.0}, "idle_w")],
+)
 def test_estimate_bad_input(kwargs, arg):
     with pytest.raises(ValueError, match=arg):
         CpuEstimateSensor(**kwargs)
@@ -194,7 +199,9 @@ def test_mig_instances_share_a_key_and_one_rank_counts_it(fake_nvml, monkeypatch
     from lightning_green.callbacks.power import shared_owners
 
     parent = FakeGpu(uuid="GPU-p", power_w=400.0, counter=False)
-    fake_nvml(gpus=[FakeGpu(uuid="MIG-1", mig_parent=parent), FakeGpu(uuid="MIG-2", mig_parent=parent), FakeGpu(uuid="GPU-q")])
+    fake_nvml(
+        gpus=[FakeGpu(uuid="MIG-1", mig_parent=parent), FakeGpu(uuid="MIG-2", mig_parent=parent), FakeGpu(uuid="GPU-q")]
+    )
     keys = [NvmlSensor(i).shared_key for i in range(3)]
     assert keys == ["GPU-p", "GPU-p", "GPU-q"]
     # ranks 0 and 1 train on the two MIG slices, rank 2 on its own GPU

@@ -10,14 +10,29 @@ from lightning_green.energy.metrics import EnergyTargets, parse_targets, target_
 
 def test_bare_numbers_mean_min_for_losses_else_max():
     assert parse_targets({"val_loss": 1.5, "val_acc": 0.9, "train/loss_epoch": 2}) == {
-        "val_loss": (1.5, "min"), "val_acc": (0.9, "max"), "train/loss_epoch": (2.0, "min")}
-    assert parse_targets({"val_loss": (3.0, "max"), "val_acc": [0.1, "min"]}) == {"val_loss": (3.0, "max"), "val_acc": (0.1, "min")}
+        "val_loss": (1.5, "min"),
+        "val_acc": (0.9, "max"),
+        "train/loss_epoch": (2.0, "min"),
+    }
+    assert parse_targets({"val_loss": (3.0, "max"), "val_acc": [0.1, "min"]}) == {
+        "val_loss": (3.0, "max"),
+        "val_acc": (0.1, "min"),
+    }
 
 
-@pytest.mark.parametrize("targets", [
-    {"val_loss": "low"}, {"val_loss": True}, {"val_loss": math.nan}, {"val_loss": (1.0, "lowest")},
-    {"val_loss": (1.0, "min", 3)}, {"val_loss": ("1", "min")}, {"": 1.0}, [("val_loss", 1.0)],
-])
+@pytest.mark.parametrize(
+    "targets",
+    [
+        {"val_loss": "low"},
+        {"val_loss": True},
+        {"val_loss": math.nan},
+        {"val_loss": (1.0, "lowest")},
+        {"val_loss": (1.0, "min", 3)},
+        {"val_loss": ("1", "min")},
+        {"": 1.0},
+        [("val_loss", 1.0)],
+    ],
+)
 def test_bad_targets_raise_naming_the_argument(targets):
     with pytest.raises(ValueError, match="targets"):
         EnergyTargets(targets)
@@ -28,13 +43,22 @@ def test_unknown_mode_lists_the_allowed_ones():
         EnergyTargets({"val_acc": (0.9, "up")})
 
 
-def constant_power_run(targets: EnergyTargets, losses: list[float], power_w: float = 100.0, step_s: float = 0.5) -> list[tuple[int, list[str]]]:
+def constant_power_run(
+    targets: EnergyTargets, losses: list[float], power_w: float = 100.0, step_s: float = 0.5
+) -> list[tuple[int, list[str]]]:
     """Validation every 10 steps of ``step_s`` seconds at ``power_w``: energy = power x time exactly."""
     out = []
     for i, loss in enumerate(losses):
         step = 10 * (i + 1)
         time_s = step * step_s
-        out.append((step, targets.update({"val_loss": torch.tensor(loss), "val_acc": 1 - loss / 4}, step, power_w * time_s, time_s)))
+        out.append(
+            (
+                step,
+                targets.update(
+                    {"val_loss": torch.tensor(loss), "val_acc": 1 - loss / 4}, step, power_w * time_s, time_s
+                ),
+            )
+        )
     return out
 
 
@@ -54,7 +78,9 @@ def test_a_target_never_reached_and_one_never_logged():
     assert targets.reached == {}
     assert targets.never_logged() == ["val_ppl"]
     rows = {r["metric"]: r for r in targets.rows("simulated")}
-    assert rows["val_loss"]["reached"] is False and rows["val_loss"]["joules"] is None and rows["val_loss"]["step"] is None
+    assert (
+        rows["val_loss"]["reached"] is False and rows["val_loss"]["joules"] is None and rows["val_loss"]["step"] is None
+    )
     assert rows["val_ppl"]["mode"] == "max" and rows["val_ppl"]["source"] == "simulated"
 
 
@@ -67,8 +93,19 @@ def test_nan_does_not_reach_a_max_or_min_target():
 def test_rows_report_reached_targets_with_the_source():
     targets = EnergyTargets({"val_loss": 1.5})
     constant_power_run(targets, [1.4], power_w=40.0)
-    assert targets.rows("estimate") == [{"metric": "val_loss", "target": 1.5, "mode": "min", "reached": True, "value": pytest.approx(1.4),
-                                         "step": 10, "joules": 200.0, "seconds": 5.0, "source": "estimate"}]
+    assert targets.rows("estimate") == [
+        {
+            "metric": "val_loss",
+            "target": 1.5,
+            "mode": "min",
+            "reached": True,
+            "value": pytest.approx(1.4),
+            "step": 10,
+            "joules": 200.0,
+            "seconds": 5.0,
+            "source": "estimate",
+        }
+    ]
 
 
 def test_resumed_run_keeps_targets_already_met():
@@ -78,7 +115,9 @@ def test_resumed_run_keeps_targets_already_met():
     resumed = EnergyTargets({"val_loss": 1.5, "val_acc": 0.9})
     resumed.load_state_dict(state)
     assert resumed.reached["val_loss"]["energy_j"] == 500.0
-    assert resumed.update({"val_loss": 1.0, "val_acc": 0.95}, 99, 9e9, 99.0) == ["val_acc"]  # val_loss not reached twice
+    assert resumed.update({"val_loss": 1.0, "val_acc": 0.95}, 99, 9e9, 99.0) == [
+        "val_acc"
+    ]  # val_loss not reached twice
     assert resumed.reached["val_loss"]["step"] == 10
     state["reached"]["val_loss"]["step"] = -1
     assert resumed.reached["val_loss"]["step"] == 10  # the state dict is a copy
@@ -100,9 +139,12 @@ def test_processes_decide_together_from_summed_parts():
     """Two processes: only rank 1 sees the target met; the summed parts make both record it, with the
     energy of both and their mean time."""
     ranks = [EnergyTargets({"val_loss": 1.5, "val_acc": 0.9}) for _ in range(2)]
-    parts = [ranks[0].probe({"val_loss": 1.6, "val_acc": 0.5}, 300.0, 10.0), ranks[1].probe({"val_loss": 1.4}, 200.0, 12.0)]
+    parts = [
+        ranks[0].probe({"val_loss": 1.6, "val_acc": 0.5}, 300.0, 10.0),
+        ranks[1].probe({"val_loss": 1.4}, 200.0, 12.0),
+    ]
     assert parts == [[300.0, 10.0, 0.0, 0.0], [200.0, 12.0, 1.0, 0.0]]
-    summed = [a + b for a, b in zip(*parts)]
+    summed = [a + b for a, b in zip(*parts, strict=False)]
     assert [t.settle(summed, step=40, n_processes=2) for t in ranks] == [["val_loss"], ["val_loss"]]
     assert ranks[0].reached["val_loss"] == {"value": 1.6, "step": 40, "energy_j": 500.0, "time_s": 11.0}
     assert ranks[1].reached["val_loss"]["value"] == 1.4

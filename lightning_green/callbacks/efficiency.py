@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Union
+from collections.abc import Callable, Mapping
+from typing import Any, Union
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -70,8 +71,14 @@ class BatchCounter:
         self.tokens += tokens
 
     def __call__(self, batch: Any) -> tuple[int, int]:
-        samples = self._count("samples_per_batch", self.samples_per_batch, batch) if self.samples_per_batch is not None else self._batch_size(batch)
-        tokens = self._count("tokens_per_batch", self.tokens_per_batch, batch) if self.tokens_per_batch is not None else 0
+        samples = (
+            self._count("samples_per_batch", self.samples_per_batch, batch)
+            if self.samples_per_batch is not None
+            else self._batch_size(batch)
+        )
+        tokens = (
+            self._count("tokens_per_batch", self.tokens_per_batch, batch) if self.tokens_per_batch is not None else 0
+        )
         return samples, tokens
 
     def _batch_size(self, batch: Any) -> int:
@@ -81,7 +88,10 @@ class BatchCounter:
         try:
             return extract_batch_size(batch)
         except Exception as err:  # noqa: BLE001 - an unusual batch must not stop training
-            self._warn("batch_size", f"EfficiencyLogger: cannot find the batch size ({err}); such batches count 0 samples, so samples_per_j and EPI are partial. Pass `samples_per_batch`.")
+            self._warn(
+                "batch_size",
+                f"EfficiencyLogger: cannot find the batch size ({err}); such batches count 0 samples, so samples_per_j and EPI are partial. Pass `samples_per_batch`.",
+            )
             return 0
 
     @staticmethod
@@ -100,10 +110,15 @@ def stage_results(results: Mapping[str, float], stage: str) -> dict[str, float]:
     return {k: v for k, v in results.items() if k.startswith(f"{stage}_")}
 
 
-def efficiency_rows(results: Mapping[str, float], source: str, carbon_intensity_g_per_kwh: float, pue: float) -> list[dict]:
+def efficiency_rows(
+    results: Mapping[str, float], source: str, carbon_intensity_g_per_kwh: float, pue: float
+) -> list[dict]:
     """The summary's ``efficiency`` section: each figure with the source of its energy, and the settings."""
     energy_words = ("energy", "eer", "epi", "per_j", "carbon")
-    rows = [{"figure": k, "value": v, "source": source if any(w in k for w in energy_words) else ""} for k, v in results.items()]
+    rows = [
+        {"figure": k, "value": v, "source": source if any(w in k for w in energy_words) else ""}
+        for k, v in results.items()
+    ]
     rows.append({"figure": "carbon_intensity_g_per_kwh", "value": carbon_intensity_g_per_kwh, "source": "setting"})
     rows.append({"figure": "pue", "value": pue, "source": "setting"})
     return rows
@@ -189,7 +204,12 @@ class EfficiencyLogger(Callback):
         self._counter.samples = self._counter.tokens = 0  # training samples and tokens so far (this process)
         self._eval_in_fit_j = 0.0  # energy of the validation loops inside fit (not training energy)
         self._fit_start_j, self._restored_train_j = 0.0, 0.0  # at train start; training energy before a resume
-        self._window_j, self._window_samples, self._window_tokens, self._window_not_training_j = 0.0, 0, 0, 0.0  # at the last log
+        self._window_j, self._window_samples, self._window_tokens, self._window_not_training_j = (
+            0.0,
+            0,
+            0,
+            0.0,
+        )  # at the last log
         self._eval = {"samples": 0, "tokens": 0, "start_j": 0.0}
 
     # ------------------------------------------------------------------ hooks
@@ -197,7 +217,9 @@ class EfficiencyLogger(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._power = find_power_sampler(trainer)
         if self._power is None:
-            raise misconfigured("EfficiencyLogger needs a PowerSampler in the same Trainer: Trainer(callbacks=[PowerSampler(), EfficiencyLogger()])")
+            raise misconfigured(
+                "EfficiencyLogger needs a PowerSampler in the same Trainer: Trainer(callbacks=[PowerSampler(), EfficiencyLogger()])"
+            )
         self._power.add_summary_provider(self._summary_rows)
         self._trainer, self._pending_state = trainer, None  # a checkpoint of this stage loads after setup
 
@@ -224,9 +246,13 @@ class EfficiencyLogger(Callback):
         the figures are built by the returned function from the energy at the window's end."""
         if self._watch is not None:
             self._log_targets(self._trainer, reduce(self._target_part(self._trainer)))
-        return functools.partial(self._window_metrics, reduce, self._counter.samples, self._counter.tokens, self._not_training_j())
+        return functools.partial(
+            self._window_metrics, reduce, self._counter.samples, self._counter.tokens, self._not_training_j()
+        )
 
-    def _window_metrics(self, reduce: Reduce, samples: int, tokens: int, not_training_j: float, now_j: float) -> dict[str, float]:
+    def _window_metrics(
+        self, reduce: Reduce, samples: int, tokens: int, not_training_j: float, now_j: float
+    ) -> dict[str, float]:
         """The window's rates, EER and carbon from the counts noted at its log step (may run on the log
         thread: it reads the counts it is given, and the last window's, which only it writes)."""
         local = [
@@ -244,7 +270,12 @@ class EfficiencyLogger(Callback):
         }
         if self.tokens_per_batch is not None:
             metrics["efficiency/tokens_per_j"] = M.per_joule(window_tokens, window_j)
-        self._window_j, self._window_samples, self._window_tokens, self._window_not_training_j = now_j, samples, tokens, not_training_j
+        self._window_j, self._window_samples, self._window_tokens, self._window_not_training_j = (
+            now_j,
+            samples,
+            tokens,
+            not_training_j,
+        )
         return metrics
 
     def _train_energy_j(self, now_j: float) -> float:
@@ -258,7 +289,16 @@ class EfficiencyLogger(Callback):
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         now_j = self._power.energy_now_j()
-        summed = reduce_sum(trainer, [self._train_energy_j(now_j), self._counter.samples, self._counter.tokens, now_j, *self._target_part(trainer)])
+        summed = reduce_sum(
+            trainer,
+            [
+                self._train_energy_j(now_j),
+                self._counter.samples,
+                self._counter.tokens,
+                now_j,
+                *self._target_part(trainer),
+            ],
+        )
         train_j, samples, tokens, total_j = summed[:4]
         self._log_targets(trainer, summed[4:])
         if self._watch is not None and self._watch.targets.never_logged():
@@ -294,13 +334,18 @@ class EfficiencyLogger(Callback):
         in_fit = stage == "validate" and trainer.state.fn == "fit"
         if in_fit:
             self._eval_in_fit_j += local_j
-        summed = reduce_sum(trainer, [local_j, self._eval["samples"], self._eval["tokens"], *(self._target_part(trainer) if in_fit else ())])
+        summed = reduce_sum(
+            trainer,
+            [local_j, self._eval["samples"], self._eval["tokens"], *(self._target_part(trainer) if in_fit else ())],
+        )
         energy_j, samples, tokens = summed[:3]
         self._log_targets(trainer, summed[3:])
         metrics = {"efficiency/epi_j": M.epi_j(energy_j, samples)}
         if self.tokens_per_batch is not None:
             metrics["efficiency/epi_j_per_token"] = M.epi_j(energy_j, tokens)
-        self.results.update({f"{stage}_energy_j": energy_j, f"{stage}_samples": samples, f"{stage}_epi_j": metrics["efficiency/epi_j"]})
+        self.results.update(
+            {f"{stage}_energy_j": energy_j, f"{stage}_samples": samples, f"{stage}_epi_j": metrics["efficiency/epi_j"]}
+        )
         if "efficiency/epi_j_per_token" in metrics:
             self.results[f"{stage}_epi_j_per_token"] = metrics["efficiency/epi_j_per_token"]
         if stage != "predict":
@@ -320,12 +365,21 @@ class EfficiencyLogger(Callback):
         """Training energy, samples and tokens so far of every process, so EER and the rates go on
         after a resume (a collective when the process group is up, like Lightning's checkpointing)."""
         now_j = self._power.energy_now_j() if self._power is not None else 0.0
-        local = {"train_energy_j": self._train_energy_j(now_j) if self._power is not None else self._restored_train_j,
-                 "samples": self._counter.samples, "tokens": self._counter.tokens, "fit_energy_j": self._watch.energy_j() if self._watch else 0.0}
+        local = {
+            "train_energy_j": self._train_energy_j(now_j) if self._power is not None else self._restored_train_j,
+            "samples": self._counter.samples,
+            "tokens": self._counter.tokens,
+            "fit_energy_j": self._watch.energy_j() if self._watch else 0.0,
+        }
         trainer = self._trainer
         per_rank = gather_objects(trainer, local) if trainer is not None and distributed(trainer) else [local]
         watch = self._watch
-        return {"version": 2, "per_rank": per_rank, "fit_time_s": watch.time_s() if watch else 0.0, "targets": watch.targets.state_dict() if watch else None}
+        return {
+            "version": 2,
+            "per_rank": per_rank,
+            "fit_time_s": watch.time_s() if watch else 0.0,
+            "targets": watch.targets.state_dict() if watch else None,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -337,7 +391,10 @@ class EfficiencyLogger(Callback):
         mine = state_for_rank(state.get("per_rank") or [], trainer.world_size, trainer.global_rank, keys)
         if self._watch is not None and state.get("targets"):  # targets and time: the same on every process
             self._watch.targets.load_state_dict(state["targets"])
-            self._watch.restored_s, self._watch.restored_j = float(state["fit_time_s"]), float((mine or {}).get("fit_energy_j", 0.0))
+            self._watch.restored_s, self._watch.restored_j = (
+                float(state["fit_time_s"]),
+                float((mine or {}).get("fit_energy_j", 0.0)),
+            )
         if mine is None:
             return
         self._restored_train_j = float(mine["train_energy_j"])
@@ -351,7 +408,10 @@ class EfficiencyLogger(Callback):
 
     def _log_targets(self, trainer: Trainer, summed: list[float]) -> None:
         if self._watch is not None and summed:  # empty where no part was added (test, predict, validate alone)
-            log_metrics(trainer, self._watch.settle(summed, trainer.global_step, trainer.world_size if distributed(trainer) else 1))
+            log_metrics(
+                trainer,
+                self._watch.settle(summed, trainer.global_step, trainer.world_size if distributed(trainer) else 1),
+            )
 
     def _summary_rows(self) -> dict[str, list[dict]]:
         source = self._power.sources(all_processes=True)  # the figures are sums over every process

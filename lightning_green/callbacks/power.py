@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from enum import Enum
-from typing import Any, Callable, ContextManager, Optional, Sequence
+from typing import Any, ContextManager
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_green import summary as S
-from lightning_green._glue import LogQueue, SayOnce, check_bool, check_callable, check_choice, check_int, check_path, global_step_reader, misconfigured
+from lightning_green._glue import (
+    LogQueue,
+    SayOnce,
+    check_bool,
+    check_callable,
+    check_choice,
+    check_int,
+    check_path,
+    global_step_reader,
+    misconfigured,
+)
 from lightning_green.callbacks.sensor_choice import check_sensors, sensors_for_process
 from lightning_green.distributed import reduce_sum, shared_owners, sum_reducer
 from lightning_green.energy.loops import Listener, TrainingLog
@@ -35,7 +46,7 @@ __all__ = ["LogStepListener", "Measurement", "PowerSampler", "find_power_sampler
 LogStepListener = Listener
 
 
-def find_power_sampler(trainer: Trainer) -> "PowerSampler | None":
+def find_power_sampler(trainer: Trainer) -> PowerSampler | None:
     """The first :class:`PowerSampler` in ``trainer.callbacks``, or None."""
     return next((cb for cb in trainer.callbacks if isinstance(cb, PowerSampler)), None)
 
@@ -128,24 +139,36 @@ class PowerSampler(Callback):
         log_trace: bool = True,
         trace_points: int = 32,
         print_summary: bool = True,
-        summary_dir: Optional[str] = None,
+        summary_dir: str | None = None,
         rapl_root: str = DEFAULT_ROOT,
         history: int = 4096,
         phases: bool = False,
         phase_timing: str = "host",
-        clock: Optional[Callable[[], float]] = None,
+        clock: Callable[[], float] | None = None,
         progress_bar: bool = False,
         report_picture: bool = True,
     ) -> None:
         super().__init__()
         self._sensor_spec = check_sensors(sensors)
         self.interval_s = check_interval(interval_s)
-        self.log_trace, self.print_summary = check_bool("log_trace", log_trace), check_bool("print_summary", print_summary)
+        self.log_trace, self.print_summary = (
+            check_bool("log_trace", log_trace),
+            check_bool("print_summary", print_summary),
+        )
         self.trace_points = check_int("trace_points", trace_points, 1)
-        self.summary_dir, self.rapl_root = check_path("summary_dir", summary_dir), check_path("rapl_root", rapl_root, optional=False)
+        self.summary_dir, self.rapl_root = (
+            check_path("summary_dir", summary_dir),
+            check_path("rapl_root", rapl_root, optional=False),
+        )
         self.history = check_int("history", history, 2)
-        self.phases, self.phase_timing = check_bool("phases", phases), check_choice("phase_timing", phase_timing, PHASE_TIMINGS)
-        self.progress_bar, self.report_picture = check_bool("progress_bar", progress_bar), check_bool("report_picture", report_picture)
+        self.phases, self.phase_timing = (
+            check_bool("phases", phases),
+            check_choice("phase_timing", phase_timing, PHASE_TIMINGS),
+        )
+        self.progress_bar, self.report_picture = (
+            check_bool("progress_bar", progress_bar),
+            check_bool("report_picture", report_picture),
+        )
         self.session = EnergySession(self.interval_s, self.history, check_callable("clock", clock) or time.monotonic)
         self.training = TrainingLog(self.session, self.trace_points, self.phase_timing if self.phases else None)
         self.sections = S.SummarySections()
@@ -153,7 +176,10 @@ class PowerSampler(Callback):
         self.summary_by_stage: dict[str, dict] = {}
         self.record = S.StageRecord(self.session.clock)
         self._trainer: Trainer | None = None
-        self.log_queue, self._global_step = LogQueue("PowerSampler"), None  # per-step metrics (EfficiencyLogger's too); step reader
+        self.log_queue, self._global_step = (
+            LogQueue("PowerSampler"),
+            None,
+        )  # per-step metrics (EfficiencyLogger's too); step reader
         self._plots_hint = SayOnce(rank_zero_info)  # matplotlib missing: said once, not per stage
         for hook, edge in PHASE_EDGE_HOOKS if self.phases else ():  # per instance: phases=False costs nothing
             setattr(self, hook, self.training.edge_hook(edge))
@@ -202,7 +228,9 @@ class PowerSampler(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.phases and self.phase_timing == "cuda_events" and trainer.strategy.root_device.type != "cuda":
-            raise misconfigured(f"`phase_timing='cuda_events'` needs a CUDA device, but this Trainer runs on {trainer.strategy.root_device.type}; use phase_timing='host' or 'sync'")
+            raise misconfigured(
+                f"`phase_timing='cuda_events'` needs a CUDA device, but this Trainer runs on {trainer.strategy.root_device.type}; use phase_timing='host' or 'sync'"
+            )
         self.training.comm_seconds = None
         self._start(trainer, _stage_name(stage))
 
@@ -212,12 +240,21 @@ class PowerSampler(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._finish(trainer, _stage_name(trainer.state.fn or "unknown"), status=f"interrupted ({type(exception).__name__})")
+        self._finish(
+            trainer, _stage_name(trainer.state.fn or "unknown"), status=f"interrupted ({type(exception).__name__})"
+        )
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         trace_origin_t = self.record.origin_t if self.log_trace and trainer.is_global_zero else None
-        self.training.start(trainer.log_every_n_steps, trainer.global_step, trainer.strategy.root_device, sum_reducer(trainer), trainer.world_size, trace_origin_t)
+        self.training.start(
+            trainer.log_every_n_steps,
+            trainer.global_step,
+            trainer.strategy.root_device,
+            sum_reducer(trainer),
+            trainer.world_size,
+            trace_origin_t,
+        )
         self.record.timeline.begin("train")
         self.log_queue.start(trainer.loggers, background=trainer.is_global_zero)
         self._global_step = global_step_reader(trainer)
@@ -228,15 +265,27 @@ class PowerSampler(Callback):
         self.record.timeline.begin("train")
 
     @override
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.training.batch_end(self._global_step()):  # a log step: the figures are built off this thread where they can be
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.training.batch_end(
+            self._global_step()
+        ):  # a log step: the figures are built off this thread where they can be
             metrics = self.training.log_window(self._global_step(), self.log_queue, in_place=self.progress_bar)
             if self.progress_bar:
-                pl_module.log_dict({"energy_kj": metrics["energy/total_j"] / 1000.0, "power_w": self.training.window.power_w}, prog_bar=True, logger=False)
+                pl_module.log_dict(
+                    {"energy_kj": metrics["energy/total_j"] / 1000.0, "power_w": self.training.window.power_w},
+                    prog_bar=True,
+                    logger=False,
+                )
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.log_queue.put({"energy/epoch_j": reduce_sum(trainer, [self.training.window.epoch_energy_j()])[0]}, trainer.global_step, trainer.loggers)
+        self.log_queue.put(
+            {"energy/epoch_j": reduce_sum(trainer, [self.training.window.epoch_energy_j()])[0]},
+            trainer.global_step,
+            trainer.loggers,
+        )
         self.log_queue.call(self.training.drain_trace, trainer.loggers)
 
     @override
@@ -284,7 +333,9 @@ class PowerSampler(Callback):
         """Every process's energy so far (a collective when the process group is up; after fit under
         ``ddp_green`` the group is gone, and the other ranks' parts are those gathered at train end)."""
         self.session.read_now()  # a checkpoint is no hot path: read the sensors now
-        return S.checkpoint_state(self._trainer, self.session.local_state(), self.record.per_rank_state, self.session.origin)
+        return S.checkpoint_state(
+            self._trainer, self.session.local_state(), self.record.per_rank_state, self.session.origin
+        )
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -297,7 +348,9 @@ class PowerSampler(Callback):
         if self.session.started:  # a previous run ended without teardown
             self._finish(trainer, self.record.stage, status="superseded")
         self._trainer = trainer
-        sensors, owned, skipped = sensors_for_process(trainer, self._sensor_spec, self.rapl_root, tell=self.record.first)
+        sensors, owned, skipped = sensors_for_process(
+            trainer, self._sensor_spec, self.rapl_root, tell=self.record.first
+        )
         self.session.start(sensors, owned)
         self.session.restore_checkpoint(trainer.world_size, trainer.global_rank)
         self.record.begin(stage, skipped)
@@ -309,10 +362,19 @@ class PowerSampler(Callback):
         if not self.session.finish():
             return
         self.summary = self.summary_by_stage[stage] = self.record.summary(
-            self.session, status, rank=trainer.global_rank, node_rank=trainer.node_rank, world_size=trainer.world_size, sections=self.sections.collect()
+            self.session,
+            status,
+            rank=trainer.global_rank,
+            node_rank=trainer.node_rank,
+            world_size=trainer.world_size,
+            sections=self.sections.collect(),
         )
         if stage in S.SUMMARY_STAGES and trainer.is_global_zero:
-            picture = {"loggers": trainer.loggers, "step": trainer.global_step, "info": self._plots_hint} if self.report_picture else None
+            picture = (
+                {"loggers": trainer.loggers, "step": trainer.global_step, "info": self._plots_hint}
+                if self.report_picture
+                else None
+            )
             S.emit(self.summary, self.summary_dir or summary_dir_of(trainer), self.print_summary, picture)
 
     def _phase_rows(self) -> dict[str, list[dict]]:

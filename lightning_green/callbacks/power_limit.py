@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
@@ -20,7 +21,12 @@ from typing_extensions import override
 from lightning_green._glue import WarnOnce, check_int, check_number, log_metrics, misconfigured
 from lightning_green.callbacks.power import PowerSampler, find_power_sampler
 from lightning_green.distributed import broadcast, gather_floats
-from lightning_green.strategies.power_control import NvmlPowerControl, PowerControl, PowerControlError, PowerControlUnavailable
+from lightning_green.strategies.power_control import (
+    NvmlPowerControl,
+    PowerControl,
+    PowerControlError,
+    PowerControlUnavailable,
+)
 from lightning_green.strategies.power_limit import (
     POWER_LIMIT_SEARCH,
     SUMMARY_TITLE,
@@ -49,15 +55,28 @@ def make_control(power_control: Any) -> PowerControl:
     raise ValueError(f"`power_control` must be None, 'nvml' or a PowerControl instance, got {power_control!r}")
 
 
-def check_search_args(power_control: Any, eta: Any, max_slowdown: Any, warmup_steps: Any, profile_steps: Any,
-                      settle_steps: Any, limit_step_w: Any) -> tuple[PowerControl, float, Optional[float], int, int, int, float]:
+def check_search_args(
+    power_control: Any,
+    eta: Any,
+    max_slowdown: Any,
+    warmup_steps: Any,
+    profile_steps: Any,
+    settle_steps: Any,
+    limit_step_w: Any,
+) -> tuple[PowerControl, float, float | None, int, int, int, float]:
     """PowerLimitSearch's argument checks, in its argument order (``ValueError`` naming the argument).
 
     ``EnergyAwareDDPStrategy`` runs them even without a ``power_limit``, so a typo fails at once.
     """
-    return (make_control(power_control), check_eta(eta), check_max_slowdown(max_slowdown), check_int("warmup_steps", warmup_steps, 0),
-            check_int("profile_steps", profile_steps, 1), check_int("settle_steps", settle_steps, 0),
-            check_number("limit_step_w", limit_step_w, 0.0, strict=True, unit="a number of watts"))
+    return (
+        make_control(power_control),
+        check_eta(eta),
+        check_max_slowdown(max_slowdown),
+        check_int("warmup_steps", warmup_steps, 0),
+        check_int("profile_steps", profile_steps, 1),
+        check_int("settle_steps", settle_steps, 0),
+        check_number("limit_step_w", limit_step_w, 0.0, strict=True, unit="a number of watts"),
+    )
 
 
 class PowerLimitSearch(Callback):
@@ -98,33 +117,40 @@ class PowerLimitSearch(Callback):
 
     def __init__(
         self,
-        power_limit: Union[float, str] = POWER_LIMIT_SEARCH,
-        power_control: Union[str, PowerControl, None] = None,
+        power_limit: float | str = POWER_LIMIT_SEARCH,
+        power_control: str | PowerControl | None = None,
         eta: float = 0.5,
-        max_slowdown: Optional[float] = None,
+        max_slowdown: float | None = None,
         warmup_steps: int = 10,
         profile_steps: int = 10,
         settle_steps: int = 2,
         limit_step_w: float = 25.0,
-        cache: Union[str, bool, None] = True,
-        clock: Optional[Callable[[], float]] = None,
+        cache: str | bool | None = True,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if check_power_limit(power_limit) is None:
             raise ValueError(f"`power_limit` must be a number of watts > 0 or {POWER_LIMIT_SEARCH!r}, got None")
         self.power_limit = power_limit
-        (self.control, self.eta, self.max_slowdown, self.warmup_steps, self.profile_steps, self.settle_steps,
-         self.limit_step_w) = check_search_args(power_control, eta, max_slowdown, warmup_steps, profile_steps, settle_steps, limit_step_w)
+        (
+            self.control,
+            self.eta,
+            self.max_slowdown,
+            self.warmup_steps,
+            self.profile_steps,
+            self.settle_steps,
+            self.limit_step_w,
+        ) = check_search_args(power_control, eta, max_slowdown, warmup_steps, profile_steps, settle_steps, limit_step_w)
         if not isinstance(cache, (str, bool)) and cache is not None:
             raise TypeError(f"`cache` must be True, False, None or a path, got {cache!r}")
-        self.cache_path: Optional[str] = default_cache_path() if cache is True else (cache or None)
+        self.cache_path: str | None = default_cache_path() if cache is True else (cache or None)
         self.clock = clock or time.monotonic
         self.active = False  # False: monitoring only
-        self.search: Optional[LimitSearch] = None
+        self.search: LimitSearch | None = None
         self.from_cache = False
-        self._sampler: Optional[PowerSampler] = None
+        self._sampler: PowerSampler | None = None
         self._guard = SigtermRestore(self._on_sigterm)
         self._released = False  # set by SIGTERM or a refusing device: no limit is applied any more
-        self._window: Optional[tuple[int, float, float]] = None  # (step, time, energy) where measuring began
+        self._window: tuple[int, float, float] | None = None  # (step, time, energy) where measuring began
         self._next_check = 0  # the step of the next window edge: one compare per step until then
         self._warn = WarnOnce()
 
@@ -157,7 +183,9 @@ class PowerLimitSearch(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         search = self.search
         if search is not None and not search.done and search.profiles and self._sampler is not None:
-            rows = [dict(asdict(p), source="profiled (search incomplete: training ended first)") for p in search.profiles]
+            rows = [
+                dict(asdict(p), source="profiled (search incomplete: training ended first)") for p in search.profiles
+            ]
             self._sampler.add_summary_section(SUMMARY_TITLE, rows)
 
     @override
@@ -179,7 +207,14 @@ class PowerLimitSearch(Callback):
                 "`power_limit='search'` measures energy with a PowerSampler: add `lightning_green.PowerSampler(...)`"
                 " to `Trainer(callbacks=[...])`, or pass a fixed `power_limit`."
             )
-        self._window, self.search, self.from_cache, self.active, self._released, self._next_check = None, None, False, False, False, 0
+        self._window, self.search, self.from_cache, self.active, self._released, self._next_check = (
+            None,
+            None,
+            False,
+            False,
+            False,
+            0,
+        )
         error, bounds = None, (float("nan"), float("nan"))
         try:
             self.control.attach(trainer.strategy.root_device)
@@ -190,13 +225,19 @@ class PowerLimitSearch(Callback):
         rows = gather_floats(trainer, [0.0 if error else 1.0, bounds[0], bounds[1]])
         n_bad = sum(1 for r in rows if r[0] == 0.0)
         if n_bad:
-            self._warn("permission", f"Power limits are not applied, monitoring only: {n_bad} of {len(rows)} rank(s) cannot set them"
-                       + (f" (this rank: {error})" if error else "") + ". Setting limits needs root or CAP_SYS_ADMIN and a GPU that supports it.")
+            self._warn(
+                "permission",
+                f"Power limits are not applied, monitoring only: {n_bad} of {len(rows)} rank(s) cannot set them"
+                + (f" (this rank: {error})" if error else "")
+                + ". Setting limits needs root or CAP_SYS_ADMIN and a GPU that supports it.",
+            )
             return
         lo, hi = max(r[1] for r in rows), min(r[2] for r in rows)  # bounds every rank accepts
         if not self.is_search:
             if not lo <= float(self.power_limit) <= hi:
-                raise ValueError(f"`power_limit={float(self.power_limit):g}` is outside the device's bounds: allowed values are {lo:g} to {hi:g} W (or None, or {POWER_LIMIT_SEARCH!r})")
+                raise ValueError(
+                    f"`power_limit={float(self.power_limit):g}` is outside the device's bounds: allowed values are {lo:g} to {hi:g} W (or None, or {POWER_LIMIT_SEARCH!r})"
+                )
             self._next_check = NEVER  # nothing to do per step
         else:
             self.search = self._new_search(trainer, lo, hi)
@@ -204,16 +245,26 @@ class PowerLimitSearch(Callback):
         self.active = True
 
     def _new_search(self, trainer: Trainer, lo: float, hi: float) -> LimitSearch:
-        kwargs = dict(warmup_steps=self.warmup_steps, profile_steps=self.profile_steps, settle_steps=self.settle_steps,
-                      eta=self.eta, max_slowdown=self.max_slowdown, p_max_w=hi * trainer.world_size)
+        kwargs = dict(
+            warmup_steps=self.warmup_steps,
+            profile_steps=self.profile_steps,
+            settle_steps=self.settle_steps,
+            eta=self.eta,
+            max_slowdown=self.max_slowdown,
+            p_max_w=hi * trainer.world_size,
+        )
         cached = [p for p in self._load_cache(trainer) or [] if lo - 1e-6 <= p.limit_w <= hi + 1e-6]
         self.from_cache = bool(cached)
-        return LimitSearch.from_profiles(cached, **kwargs) if cached else LimitSearch(limit_grid(lo, hi, self.limit_step_w), **kwargs)
+        return (
+            LimitSearch.from_profiles(cached, **kwargs)
+            if cached
+            else LimitSearch(limit_grid(lo, hi, self.limit_step_w), **kwargs)
+        )
 
     def _cache_key(self, trainer: Trainer) -> str:
         return PowerLimitCache.key(self.control.device_name, trainer.world_size)
 
-    def _load_cache(self, trainer: Trainer) -> Optional[list[LimitProfile]]:
+    def _load_cache(self, trainer: Trainer) -> list[LimitProfile] | None:
         if not self.cache_path:
             return None
         profiles = PowerLimitCache(self.cache_path).load(self._cache_key(trainer)) if trainer.global_rank == 0 else None
@@ -244,12 +295,16 @@ class PowerLimitSearch(Callback):
         chosen = float(broadcast(trainer, self.search.chosen_w, src=0))  # identical on every rank
         if not from_cache and self.cache_path and trainer.global_rank == 0:
             try:
-                PowerLimitCache(self.cache_path).store(self._cache_key(trainer), self.search.profiles, eta=self.eta, max_slowdown=self.max_slowdown)
+                PowerLimitCache(self.cache_path).store(
+                    self._cache_key(trainer), self.search.profiles, eta=self.eta, max_slowdown=self.max_slowdown
+                )
             except OSError as err:
                 self._warn("cache", f"could not write the power-limit cache {self.cache_path}: {err}")
         self._apply(trainer, chosen)
         if self._sampler is not None:
-            self._sampler.add_summary_section(SUMMARY_TITLE, [dict(r, source="cache" if self.from_cache else "profiled") for r in self.search.table])
+            self._sampler.add_summary_section(
+                SUMMARY_TITLE, [dict(r, source="cache" if self.from_cache else "profiled") for r in self.search.table]
+            )
         log.info("power limit search chose %g W%s", chosen, " (from the cache)" if self.from_cache else "")
 
     def _apply(self, trainer: Trainer, limit_w: float) -> None:

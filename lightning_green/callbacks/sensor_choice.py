@@ -19,22 +19,30 @@ def check_sensors(sensors: Any) -> str | list:
     """``sensors`` as given to :class:`PowerSampler`, checked (``ValueError`` naming the argument)."""
     if isinstance(sensors, str):
         if sensors not in SENSOR_NAMES:
-            raise ValueError(f"unknown sensor name {sensors!r} for `sensors`; allowed: {', '.join(SENSOR_NAMES)} or a list of Sensor objects")
+            raise ValueError(
+                f"unknown sensor name {sensors!r} for `sensors`; allowed: {', '.join(SENSOR_NAMES)} or a list of Sensor objects"
+            )
         return sensors
     if not isinstance(sensors, (list, tuple)) or not sensors:
-        raise ValueError(f"`sensors` must be one of {', '.join(SENSOR_NAMES)} or a non-empty list of Sensor objects / sensor names, got {sensors!r}")
+        raise ValueError(
+            f"`sensors` must be one of {', '.join(SENSOR_NAMES)} or a non-empty list of Sensor objects / sensor names, got {sensors!r}"
+        )
     for item in sensors:
         if isinstance(item, str):
             check_choice("sensors", item, SENSOR_NAMES)
         elif not isinstance(item, Sensor):
-            raise ValueError(f"`sensors` holds {item!r}, which is not a lightning_green.sensors.Sensor or a sensor name ({', '.join(SENSOR_NAMES)})")
+            raise ValueError(
+                f"`sensors` holds {item!r}, which is not a lightning_green.sensors.Sensor or a sensor name ({', '.join(SENSOR_NAMES)})"
+            )
     names = [s.name for s in sensors if isinstance(s, Sensor)]
     if len(names) != len(set(names)):
         raise ValueError(f"`sensors` holds two sensors with the same name: {names}")
     return list(sensors)
 
 
-def sensors_for_process(trainer: Trainer, spec: str | list, rapl_root: str, tell: bool) -> tuple[list[Sensor], list[Sensor], list[str]]:
+def sensors_for_process(
+    trainer: Trainer, spec: str | list, rapl_root: str, tell: bool
+) -> tuple[list[Sensor], list[Sensor], list[str]]:
     """``(sensors to read, those built here and to close, reasons for what was skipped)`` for this
     process: its own GPU; host-level sensors on local rank 0 only; a device shared by several
     processes (MIG) on the lowest rank only (a collective: every rank calls it in setup). With
@@ -52,7 +60,9 @@ def _choose_sensors(trainer: Trainer, spec: str | list, rapl_root: str) -> tuple
     host_level = trainer.local_rank == 0
     root = trainer.strategy.root_device
     spec = [spec] if isinstance(spec, str) else spec
-    built, skipped = build_sensors([s for s in spec if isinstance(s, str)], [root.index or 0] if root.type == "cuda" else [], host_level, rapl_root)
+    built, skipped = build_sensors(
+        [s for s in spec if isinstance(s, str)], [root.index or 0] if root.type == "cuda" else [], host_level, rapl_root
+    )
     sensors = []
     for s in (s for s in spec if isinstance(s, Sensor)):
         if s.host_level and not host_level:

@@ -145,7 +145,12 @@ class Channel:
         """Add one reading; return why it was rejected (counted as a gap), or None. ``t_s``: when the
         read was made (for a rejected reading; default: the reading's own time, if it has one)."""
         why = self.check(reading)
-        if why is None and self.t and self.kind == "energy" and RESET_FRACTION * self.last_raw <= reading.value < self.last_raw:
+        if (
+            why is None
+            and self.t
+            and self.kind == "energy"
+            and RESET_FRACTION * self.last_raw <= reading.value < self.last_raw
+        ):
             why = f"counter went backwards from {self.last_raw!r} to {reading.value!r} J"
         if why is not None:
             if t_s is None and isinstance(reading, Reading):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from lightning_green._glue import LogCadence, LogQueue
 from lightning_green.energy.phases import PhaseRecorder
@@ -54,9 +55,19 @@ class TrainingLog:
         self.comm_seconds: Callable[[], float] | None = None
         #: ``batch_end(global_step) -> bool``: a training batch ended at ``global_step``; True on a log
         #: step. Without phases the cadence's own call, one Python call per batch.
-        self.batch_end: Callable[[int], bool] = self.cadence.log_step if phase_timing is None else self._batch_end_with_phases
+        self.batch_end: Callable[[int], bool] = (
+            self.cadence.log_step if phase_timing is None else self._batch_end_with_phases
+        )
 
-    def start(self, every: int, global_step: int, device: Any = None, reduce: Reduce = list, world_size: int = 1, trace_origin_t: float | None = None) -> None:
+    def start(
+        self,
+        every: int,
+        global_step: int,
+        device: Any = None,
+        reduce: Reduce = list,
+        world_size: int = 1,
+        trace_origin_t: float | None = None,
+    ) -> None:
         """Training starts at ``global_step``, logging every ``every`` optimizer steps; log steps sum
         over the ``world_size`` processes with ``reduce``; trace points are kept with steps in ms since
         ``trace_origin_t`` (None: no trace on this process)."""
@@ -122,7 +133,9 @@ class TrainingLog:
         if listener not in self.listeners:
             self.listeners.append(listener)
 
-    def log_window(self, step: int, queue: LogQueue, log_step: bool = True, in_place: bool = False) -> dict[str, float] | None:
+    def log_window(
+        self, step: int, queue: LogQueue, log_step: bool = True, in_place: bool = False
+    ) -> dict[str, float] | None:
         """End the window now (training thread) and log its metrics at ``step`` through ``queue``, with
         the listeners' on a ``log_step``, then the trace work. The figures are built on the queue's
         thread when :attr:`closes_off_thread` and not ``in_place``; else here, and returned.
@@ -277,5 +290,11 @@ class LoopTimeline:
     def as_rows(self) -> list[dict]:
         """``[{"loop", "start_s", "end_s"}]`` in seconds since ``origin_t`` (an open loop ends now)."""
         now = self.clock()
-        return [{"loop": loop, "start_s": round(t0 - self.origin_t, 4), "end_s": round((now if t1 is None else t1) - self.origin_t, 4)}
-                for loop, t0, t1 in self.rows]
+        return [
+            {
+                "loop": loop,
+                "start_s": round(t0 - self.origin_t, 4),
+                "end_s": round((now if t1 is None else t1) - self.origin_t, 4),
+            }
+            for loop, t0, t1 in self.rows
+        ]

@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import bisect
 import threading
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from lightning_green.energy.channel import MIN_COUNTER_DT_S, RESET_FRACTION, Channel, DownsampledTrace, extrapolated_s
 from lightning_green._glue import check_int, check_number
+from lightning_green.energy.channel import MIN_COUNTER_DT_S, RESET_FRACTION, Channel, DownsampledTrace, extrapolated_s
 
 __all__ = ["MIN_COUNTER_DT_S", "RESET_FRACTION", "DownsampledTrace", "EnergyMeter"]
+
 
 class EnergyMeter:
     """Cumulative energy per sensor and energy in windows.
@@ -155,7 +157,9 @@ class EnergyMeter:
         not in it)."""
         return dict(self._newest)  # one C call under the GIL: a consistent copy
 
-    def energy_at(self, name: str, t_s: float, readings: Mapping[str, tuple[float, float, float, float]] | None = None) -> float:
+    def energy_at(
+        self, name: str, t_s: float, readings: Mapping[str, tuple[float, float, float, float]] | None = None
+    ) -> float:
         """Joules this process measured on ``name`` from its first reading to ``t_s``, plus its offset
         (the energy carried in: earlier stages, a checkpoint); ``readings``: a :meth:`newest` copy to
         answer from, for ``t_s`` at or after its reading."""

@@ -43,15 +43,24 @@ def kwh(energy_j: float) -> float:
     return energy_j / J_PER_KWH
 
 
-def carbon_g(energy_j: float, carbon_intensity_g_per_kwh: float = DEFAULT_CARBON_INTENSITY_G_PER_KWH, pue: float = 1.0) -> float:
+def carbon_g(
+    energy_j: float, carbon_intensity_g_per_kwh: float = DEFAULT_CARBON_INTENSITY_G_PER_KWH, pue: float = 1.0
+) -> float:
     """Grams of CO2-equivalent for ``energy_j`` of IT energy at a data-centre PUE."""
     return kwh(energy_j) * pue * carbon_intensity_g_per_kwh
 
 
 def check_carbon_args(carbon_intensity_g_per_kwh: float, pue: float) -> None:
     """Raise ValueError naming the argument for a negative intensity or a PUE below 1."""
-    if isinstance(carbon_intensity_g_per_kwh, bool) or not isinstance(carbon_intensity_g_per_kwh, (int, float)) or not math.isfinite(carbon_intensity_g_per_kwh) or carbon_intensity_g_per_kwh < 0:
-        raise ValueError(f"`carbon_intensity_g_per_kwh` must be a finite number >= 0 (gCO2e per kWh), got {carbon_intensity_g_per_kwh!r}")
+    if (
+        isinstance(carbon_intensity_g_per_kwh, bool)
+        or not isinstance(carbon_intensity_g_per_kwh, (int, float))
+        or not math.isfinite(carbon_intensity_g_per_kwh)
+        or carbon_intensity_g_per_kwh < 0
+    ):
+        raise ValueError(
+            f"`carbon_intensity_g_per_kwh` must be a finite number >= 0 (gCO2e per kWh), got {carbon_intensity_g_per_kwh!r}"
+        )
     if isinstance(pue, bool) or not isinstance(pue, (int, float)) or not math.isfinite(pue) or pue < 1:
         raise ValueError(f"`pue` (power usage effectiveness) must be a finite number >= 1.0, got {pue!r}")
 
@@ -75,14 +84,18 @@ def parse_targets(targets: Mapping[str, object]) -> dict[str, tuple[float, str]]
             or a ``(number, "min" | "max")`` pair.
     """
     if not isinstance(targets, Mapping):
-        raise ValueError(f"`targets` must be a mapping of metric name to a number or (number, 'min' | 'max'), got {targets!r}")
+        raise ValueError(
+            f"`targets` must be a mapping of metric name to a number or (number, 'min' | 'max'), got {targets!r}"
+        )
     parsed = {}
     for name, spec in targets.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"`targets` keys must be metric names (non-empty strings), got {name!r}")
         if isinstance(spec, (tuple, list)):
             if len(spec) != 2:
-                raise ValueError(f"`targets[{name!r}]` must be a number or a (number, mode) pair with mode one of {TARGET_MODES}, got {spec!r}")
+                raise ValueError(
+                    f"`targets[{name!r}]` must be a number or a (number, mode) pair with mode one of {TARGET_MODES}, got {spec!r}"
+                )
             value, mode = spec
         else:
             value, mode = spec, ("min" if "loss" in name else "max")
@@ -146,7 +159,11 @@ class EnergyTargets:
                 value = float(metrics[name])
                 self.seen.add(name)
                 self._last[name] = value
-                if name not in self.reached and not math.isnan(value) and ((value <= target) if mode == "min" else (value >= target)):
+                if (
+                    name not in self.reached
+                    and not math.isnan(value)
+                    and ((value <= target) if mode == "min" else (value >= target))
+                ):
                     hit = 1.0
             flags.append(hit)
         return [float(energy_j), float(time_s), *flags]
@@ -156,10 +173,15 @@ class EnergyTargets:
         energy of all processes and their mean time. Returns the names reached for the first time."""
         energy_j, time_s, *flags = summed
         newly = []
-        for name, flag in zip(self.targets, flags):
+        for name, flag in zip(self.targets, flags, strict=False):
             if flag > 0 and name not in self.reached:
                 value = self._last.get(name, math.nan)  # this process's value (another may have reached it)
-                self.reached[name] = {"value": value, "step": int(step), "energy_j": float(energy_j), "time_s": float(time_s) / n_processes}
+                self.reached[name] = {
+                    "value": value,
+                    "step": int(step),
+                    "energy_j": float(energy_j),
+                    "time_s": float(time_s) / n_processes,
+                }
                 newly.append(name)
         return newly
 
@@ -184,10 +206,19 @@ class EnergyTargets:
         out = []
         for name, (target, mode) in self.targets.items():
             r = self.reached.get(name) or {}
-            out.append({
-                "metric": name, "target": target, "mode": mode, "reached": bool(r), "value": r.get("value"),
-                "step": r.get("step"), "joules": r.get("energy_j"), "seconds": r.get("time_s"), "source": source,
-            })
+            out.append(
+                {
+                    "metric": name,
+                    "target": target,
+                    "mode": mode,
+                    "reached": bool(r),
+                    "value": r.get("value"),
+                    "step": r.get("step"),
+                    "joules": r.get("energy_j"),
+                    "seconds": r.get("time_s"),
+                    "source": source,
+                }
+            )
         return out
 
 
@@ -227,10 +258,15 @@ class TargetWatch:
         out = {}
         for name in self.targets.settle(summed, step, n_processes):
             energy_key, time_key = target_keys(name)
-            out[energy_key], out[time_key] = self.targets.reached[name]["energy_j"], self.targets.reached[name]["time_s"]
+            out[energy_key], out[time_key] = (
+                self.targets.reached[name]["energy_j"],
+                self.targets.reached[name]["time_s"],
+            )
         return out
 
     def never_logged_message(self, logged: Iterable[str]) -> str:
         """The warning for targets whose metric was never logged, naming them and what was logged."""
-        return (f"EfficiencyLogger: no metric was ever logged for the targets {', '.join(self.targets.never_logged())}, so they are "
-                f"not reached; check the names. Metrics logged: {', '.join(sorted(logged)) or 'none'}.")
+        return (
+            f"EfficiencyLogger: no metric was ever logged for the targets {', '.join(self.targets.never_logged())}, so they are "
+            f"not reached; check the names. Metrics logged: {', '.join(sorted(logged)) or 'none'}."
+        )

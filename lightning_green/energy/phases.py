@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 PHASES = ("data", "compute", "optimizer", "comm", "other")
 
 
-def split_out(interval: tuple[float, float], holes: Sequence[tuple[float, float]]) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+def split_out(
+    interval: tuple[float, float], holes: Sequence[tuple[float, float]]
+) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
     """Split ``interval`` into the parts outside and inside ``holes`` (each clipped to the interval)."""
     a, b = interval
     inside = sorted((max(a, h0), min(b, h1)) for h0, h1 in holes if min(b, h1) > max(a, h0))
@@ -148,7 +150,14 @@ class PhaseAccumulator:
             }
             for p in PHASES
         ]
-        rows.append({"phase": "memory (dram)", "energy_j": memory_j, "source": "rapl" if memory_j is not None else "", "note": memory_note})
+        rows.append(
+            {
+                "phase": "memory (dram)",
+                "energy_j": memory_j,
+                "source": "rapl" if memory_j is not None else "",
+                "note": memory_note,
+            }
+        )
         return rows
 
 
@@ -260,5 +269,11 @@ class PhaseRecorder:
             note = "not measurable on this hardware: no RAPL dram zone"
         rows = self.acc.rows(dram_j, note, source=source)
         if self.acc.unattributed_s:
-            rows.append({"phase": "(time without energy)", "seconds": self.acc.unattributed_s, "note": "phase intervals beyond the pending limit"})
+            rows.append(
+                {
+                    "phase": "(time without energy)",
+                    "seconds": self.acc.unattributed_s,
+                    "note": "phase intervals beyond the pending limit",
+                }
+            )
         return rows

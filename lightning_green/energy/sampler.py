@@ -29,10 +29,10 @@ import logging
 import math
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
-from lightning_green.energy.meter import EnergyMeter
 from lightning_green._glue import check_callable, check_name, check_number
+from lightning_green.energy.meter import EnergyMeter
 from lightning_green.sensors.base import Sensor, SensorTransientError
 
 log = logging.getLogger("lightning_green")
@@ -48,7 +48,12 @@ MIN_START_WAIT_S = 0.5
 
 
 def check_interval(interval_s: float) -> float:
-    if isinstance(interval_s, bool) or not isinstance(interval_s, (int, float)) or not math.isfinite(interval_s) or interval_s <= 0:
+    if (
+        isinstance(interval_s, bool)
+        or not isinstance(interval_s, (int, float))
+        or not math.isfinite(interval_s)
+        or interval_s <= 0
+    ):
         raise ValueError(f"`interval_s` must be a number of seconds > 0, got {interval_s!r}")
     return float(interval_s)
 
@@ -114,7 +119,11 @@ class Sampler:
         self._thread_name = check_name("thread_name", thread_name)
         self.stop_timeout_s = check_number("stop_timeout_s", stop_timeout_s, 0.0, strict=True)
         self.read_timeout_s = check_number("read_timeout_s", read_timeout_s, 0.0, strict=True)
-        self.start_timeout_s = max(self.interval_s, MIN_START_WAIT_S) if start_timeout_s is None else check_number("start_timeout_s", start_timeout_s, 0.0)
+        self.start_timeout_s = (
+            max(self.interval_s, MIN_START_WAIT_S)
+            if start_timeout_s is None
+            else check_number("start_timeout_s", start_timeout_s, 0.0)
+        )
         self._cv = threading.Condition()
         self._readers: list[_Reader] = []
         self._gen = 0  # request generation: a read that begins after a request carries its number
@@ -163,7 +172,10 @@ class Sampler:
             for name in self._unanswered():
                 log.warning(
                     "lightning_green: sensor %r gave no first reading within %.2g s; training goes on and it is "
-                    "read in the background (dropped as hung after %.2g s)", name, self.start_timeout_s, self.read_timeout_s
+                    "read in the background (dropped as hung after %.2g s)",
+                    name,
+                    self.start_timeout_s,
+                    self.read_timeout_s,
                 )
         self._halt.clear()
         self._thread = threading.Thread(target=self._schedule, name=self._thread_name, daemon=True)
@@ -197,11 +209,16 @@ class Sampler:
         self._abandoned = [r.sensor.name for r in left]
         for reader in left:
             with self._cv:
-                self._drop(reader, f"hung: read() did not return within stop_timeout_s={self.stop_timeout_s:g} at stop", hung=True)
+                self._drop(
+                    reader,
+                    f"hung: read() did not return within stop_timeout_s={self.stop_timeout_s:g} at stop",
+                    hung=True,
+                )
             self.meter.mark_abandoned(reader.sensor.name)
             log.warning(
                 "lightning_green: sensor %r is blocked in read(); its daemon reader was abandoned and its figures "
-                "stop at its last good reading (plus at most one interval at its last good power)", reader.sensor.name,
+                "stop at its last good reading (plus at most one interval at its last good power)",
+                reader.sensor.name,
             )
 
     def sample_once(self, timeout_s: float | None = None) -> bool:
@@ -222,7 +239,9 @@ class Sampler:
             late = [r for r in self._readers if r.busy_since is not None and now - r.busy_since > self.interval_s]
             for reader in self._readers:
                 reader.wake.set()
-            answered = self._cv.wait_for(lambda: all(r.dropped or r in late or r.done_gen >= gen for r in self._readers), wait_s)
+            answered = self._cv.wait_for(
+                lambda: all(r.dropped or r in late or r.done_gen >= gen for r in self._readers), wait_s
+            )
             return answered and not late
 
     # ------------------------------------------------------------------ readers

@@ -18,8 +18,9 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from lightning_green.energy.meter import MIN_COUNTER_DT_S, EnergyMeter
 from lightning_green.energy.sampler import Sampler
@@ -158,7 +159,9 @@ class EnergySession:
     def device_energy_j(self, t_s: float) -> float:
         """Joules of this process's own devices (not the host-level sensors one rank per node reads)."""
         meter = self.meter
-        return sum(meter.energy_at(n, t_s) for n in meter.names if not meter.info(n).get("host_level")) if meter else 0.0
+        return (
+            sum(meter.energy_at(n, t_s) for n in meter.names if not meter.info(n).get("host_level")) if meter else 0.0
+        )
 
     @contextlib.contextmanager
     def measure(self) -> Iterator[Measurement]:
@@ -171,7 +174,9 @@ class EnergySession:
             RuntimeError: the session is not running (outside fit/validate/test/predict).
         """
         if self._sampler is None or self.meter is None:
-            raise RuntimeError("PowerSampler.measure() needs a running sampler: call it inside fit/validate/test/predict")
+            raise RuntimeError(
+                "PowerSampler.measure() needs a running sampler: call it inside fit/validate/test/predict"
+            )
         m = Measurement()
         meter, sampler = self.meter, self._sampler
         t0 = self.clock()
@@ -180,16 +185,24 @@ class EnergySession:
         t1 = self.clock()
         sampler.sample_once(timeout_s=max(1.0, 10 * self.interval_s))
         oldest = meter.oldest_time()
-        m.energy_j = meter.energy_between(t0, t1) if oldest is not None and oldest <= t0 else meter.total_at(t1) - start_j
+        m.energy_j = (
+            meter.energy_between(t0, t1) if oldest is not None and oldest <= t0 else meter.total_at(t1) - start_j
+        )
         m.duration_s = t1 - t0
         # every sensor's source, a sensor dropped inside the block too: its energy is in the figure
         m.sources = sorted({meter.info(n)["source"] for n in meter.names})
-        m.resolved = not (m.duration_s < MIN_COUNTER_DT_S and any(meter.info(n)["kind"] == "energy" for n in sampler.active_names))
+        m.resolved = not (
+            m.duration_s < MIN_COUNTER_DT_S and any(meter.info(n)["kind"] == "energy" for n in sampler.active_names)
+        )
 
     def sources(self) -> str:
         """The sources of this process's sensors, joined with ``+`` (``"none"`` before any)."""
         meter = self.meter
-        return "+".join(sorted({meter.info(n)["source"] for n in meter.names})) if meter is not None and meter.names else "none"
+        return (
+            "+".join(sorted({meter.info(n)["source"] for n in meter.names}))
+            if meter is not None and meter.names
+            else "none"
+        )
 
     def names_in_domain(self, domain: str) -> list[str]:
         meter = self.meter
@@ -312,7 +325,9 @@ class LogWindow:
         if steps:
             metrics["energy/step_j"] = window_j / steps
         for name, joules in by_sensor.items():
-            energy_key, power_key = self._keys.get(name) or self._keys.setdefault(name, (f"energy/{name}_j", f"power/{name}_w"))
+            energy_key, power_key = self._keys.get(name) or self._keys.setdefault(
+                name, (f"energy/{name}_j", f"power/{name}_w")
+            )
             metrics[energy_key] = joules
             if dt > 0:
                 metrics[power_key] = (joules - self._by_sensor.get(name, joules)) / dt
@@ -342,4 +357,3 @@ class LogWindow:
             out[name] = points
         self.trace_t = t_end
         return out
-

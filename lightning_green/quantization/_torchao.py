@@ -17,7 +17,8 @@ converted int4/8da4w layers (``IntxUnpackedToInt8Tensor``) have no x86 kernel in
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,7 +94,7 @@ def is_quantized_tensor(tensor: Any) -> bool:
 
 
 def prepare(
-    model: nn.Module, scheme: str, group_size: int, linear_filter: FilterFn, embedding_filter: Optional[FilterFn]
+    model: nn.Module, scheme: str, group_size: int, linear_filter: FilterFn, embedding_filter: FilterFn | None
 ) -> None:
     """Swap the selected ``nn.Linear`` (and ``nn.Embedding``) layers of ``model`` for fake-quantized ones, in place.
 
@@ -108,7 +109,7 @@ def prepare(
 
 
 def quantize(
-    model: nn.Module, scheme: str, group_size: int, linear_filter: FilterFn, embedding_filter: Optional[FilterFn] = None
+    model: nn.Module, scheme: str, group_size: int, linear_filter: FilterFn, embedding_filter: FilterFn | None = None
 ) -> None:
     """Post-training quantization: apply the scheme's ``torchao`` config to the selected layers, in place."""
     from torchao.quantization import quantize_
@@ -220,5 +221,7 @@ def decode_quantized_tensors(state_dict: dict[str, Any], prefix: str = "") -> li
         cls: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
             cls = getattr(cls, part)
-        state_dict[key] = cls.__tensor_unflatten__(entry["inner"], entry["ctx"], torch.Size(entry["size"]), entry["stride"])
+        state_dict[key] = cls.__tensor_unflatten__(
+            entry["inner"], entry["ctx"], torch.Size(entry["size"]), entry["stride"]
+        )
     return keys

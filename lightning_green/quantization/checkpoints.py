@@ -10,7 +10,8 @@ converted file is dequantized and loads into float layers.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -41,7 +42,9 @@ class CheckpointLoading:
         if self.as_float:
             if converted_file:
                 n = layers.dequantize_checkpoint(state_dict, prefix)
-                rank_zero_warn(f"QuantizationAwareTraining: the checkpoint holds a converted model; its {n} quantized weight(s) load dequantized.")
+                rank_zero_warn(
+                    f"QuantizationAwareTraining: the checkpoint holds a converted model; its {n} quantized weight(s) load dequantized."
+                )
             layers.to_float(module)
         elif converted_file:
             if not layers.is_converted(module) or layers.is_prepared(module):

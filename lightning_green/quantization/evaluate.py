@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -52,32 +52,32 @@ class QatReport:
     Reads like a mapping of the set figures (``report["size_ratio"]``, ``report.get("epi_ratio")``).
     """
 
-    scheme: Optional[str] = None
-    group_size: Optional[int] = None
+    scheme: str | None = None
+    group_size: int | None = None
     layers_quantized: list[str] = field(default_factory=list)
     layers_left_float: list[str] = field(default_factory=list)
-    fake_quant_from_step: Optional[int] = None
-    converted_at_step: Optional[int] = None
-    kernel_decode_ratio: Optional[float] = None
-    kernel_prefill_ratio: Optional[float] = None
-    size_bytes_before: Optional[int] = None
-    size_bytes_after: Optional[int] = None
-    size_ratio: Optional[float] = None
-    val_samples: Optional[int] = None
-    val_loss_float: Optional[float] = None
-    val_loss_converted: Optional[float] = None
-    time_float_s: Optional[float] = None
-    time_converted_s: Optional[float] = None
-    time_ratio: Optional[float] = None
-    epi_float_j: Optional[float] = None
-    epi_converted_j: Optional[float] = None
-    epi_ratio: Optional[float] = None
-    epi_float_source: Optional[str] = None
-    epi_converted_source: Optional[str] = None
-    energy_j: Optional[float] = None
-    energy_source: Optional[str] = None
-    export_path: Optional[str] = None
-    export_bytes: Optional[int] = None
+    fake_quant_from_step: int | None = None
+    converted_at_step: int | None = None
+    kernel_decode_ratio: float | None = None
+    kernel_prefill_ratio: float | None = None
+    size_bytes_before: int | None = None
+    size_bytes_after: int | None = None
+    size_ratio: float | None = None
+    val_samples: int | None = None
+    val_loss_float: float | None = None
+    val_loss_converted: float | None = None
+    time_float_s: float | None = None
+    time_converted_s: float | None = None
+    time_ratio: float | None = None
+    epi_float_j: float | None = None
+    epi_converted_j: float | None = None
+    epi_ratio: float | None = None
+    epi_float_source: str | None = None
+    epi_converted_source: str | None = None
+    energy_j: float | None = None
+    energy_source: str | None = None
+    export_path: str | None = None
+    export_bytes: int | None = None
 
     def __getitem__(self, key: str) -> Any:
         value = getattr(self, key) if key in self._names() else None
@@ -123,7 +123,12 @@ class QatReport:
     def summary_rows(self) -> list[dict[str, Any]]:
         """One row per set figure of :data:`FIGURES`: figure, value, unit, source."""
         return [
-            {"figure": label, "value": getattr(self, key), "unit": unit, "source": (getattr(self, src) if src else None) or ""}
+            {
+                "figure": label,
+                "value": getattr(self, key),
+                "unit": unit,
+                "source": (getattr(self, src) if src else None) or "",
+            }
             for key, label, unit, src in FIGURES
             if getattr(self, key) is not None
         ]
@@ -133,7 +138,7 @@ class QatReport:
         return {f.name for f in fields(cls)}
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
@@ -171,7 +176,7 @@ class LogCapture:
         self.values.update(dictionary)
 
 
-def step_loss(output: Any, logged: Mapping[str, Any]) -> Optional[torch.Tensor]:
+def step_loss(output: Any, logged: Mapping[str, Any]) -> torch.Tensor | None:
     """The loss of one ``validation_step`` call: its returned scalar, its returned ``"loss"``, or the
     value it logged as ``val_loss`` (then ``val/loss``, ``loss``, then any key holding ``loss``)."""
     if isinstance(output, torch.Tensor) and output.numel() == 1:
@@ -196,14 +201,14 @@ class EnergyProbe:
         self._warned = False
         #: Energy of the QAT phase before this run (from a checkpoint, or earlier fits), J.
         self.prior_j = 0.0
-        self._start_j: Optional[float] = None
-        self.trainer: Optional[Trainer] = None
+        self._start_j: float | None = None
+        self.trainer: Trainer | None = None
 
     def bind(self, trainer: Trainer) -> None:
         """The Trainer counted for: its collectives sum checkpointed energy, its rank carries restored energy."""
         self.trainer = trainer
 
-    def checkpoint_j(self) -> Optional[float]:
+    def checkpoint_j(self) -> float | None:
         """The QAT phase's energy so far, all ranks (a collective while the process group is up)."""
         local = self.so_far_j()
         return local if self.trainer is None else reduce_sum_optional(self.trainer, local)
@@ -222,14 +227,14 @@ class EnergyProbe:
         if self._start_j is None:
             self._start_j = self.now_j()
 
-    def so_far_j(self) -> Optional[float]:
+    def so_far_j(self) -> float | None:
         """Energy of the QAT phase on this rank: earlier runs plus this one."""
         now = self.now_j() if self._start_j is not None else None
         if now is None or self._start_j is None:
             return self.prior_j or None
         return self.prior_j + now - self._start_j
 
-    def close_phase(self) -> Optional[float]:
+    def close_phase(self) -> float | None:
         """End the QAT phase's count (at the conversion); later fits add to it."""
         energy_j = self.so_far_j()
         self.prior_j, self._start_j = energy_j or 0.0, None
@@ -240,7 +245,7 @@ class EnergyProbe:
             self._warned = True
             rank_zero_warn(f"QuantizationAwareTraining: energy figures skipped, the PowerSampler failed: {err!r}")
 
-    def now_j(self) -> Optional[float]:
+    def now_j(self) -> float | None:
         if self.sampler is None:
             return None
         try:
@@ -249,7 +254,7 @@ class EnergyProbe:
             self.warn(err)
             return None
 
-    def sources(self, measurement: Any = None) -> Optional[str]:
+    def sources(self, measurement: Any = None) -> str | None:
         """Where a figure comes from: the measurement's sources, else the sampler's."""
         if measurement is not None and measurement.sources:
             return "+".join(sorted(set(map(str, measurement.sources))))
@@ -284,7 +289,7 @@ class EnergyProbe:
             self.warn(err)
 
 
-def evaluate(trainer: Trainer, model: LightningModule, probe: EnergyProbe, loss_fn: Optional[LossFn]) -> dict[str, Any]:
+def evaluate(trainer: Trainer, model: LightningModule, probe: EnergyProbe, loss_fn: LossFn | None) -> dict[str, Any]:
     """Validation loss, seconds and joules per sample of ``model`` over the first validation dataloader,
     summed over ranks: ``{"samples", "loss", "time_s", "epi_j", "source"}`` (what could be measured)."""
     batches = validation_batches(trainer)
@@ -328,7 +333,7 @@ def evaluate(trainer: Trainer, model: LightningModule, probe: EnergyProbe, loss_
     return figures
 
 
-def _batch_loss(model: LightningModule, batch: Any, batch_idx: int, loss_fn: Optional[LossFn]) -> Optional[torch.Tensor]:
+def _batch_loss(model: LightningModule, batch: Any, batch_idx: int, loss_fn: LossFn | None) -> torch.Tensor | None:
     if loss_fn is not None:
         return loss_fn(model, batch)
     capture = LogCapture()
@@ -340,7 +345,7 @@ def _batch_loss(model: LightningModule, batch: Any, batch_idx: int, loss_fn: Opt
     return step_loss(output, capture.values)
 
 
-def validation_batches(trainer: Trainer) -> Optional[Iterator[tuple[int, Any]]]:
+def validation_batches(trainer: Trainer) -> Iterator[tuple[int, Any]] | None:
     """``(batch_idx, batch)`` of the first validation dataloader, as many as ``limit_val_batches`` allows."""
     trainer.fit_loop.epoch_loop.val_loop.setup_data()  # no-op when validation already ran
     loaders = trainer.val_dataloaders
@@ -375,11 +380,11 @@ def _overrides(model: torch.nn.Module, name: str) -> bool:
     return method is not None and method is not getattr(LightningModule, name, None)
 
 
-def reduce_sum_optional(trainer: Trainer, value: Optional[float]) -> Optional[float]:
+def reduce_sum_optional(trainer: Trainer, value: float | None) -> float | None:
     """``value`` summed over all ranks; ``None`` on any rank gives ``None``."""
     return _reduce_sum(trainer, [value])[0]
 
 
-def _reduce_sum(trainer: Trainer, values: list[Optional[float]]) -> list[Optional[float]]:
+def _reduce_sum(trainer: Trainer, values: list[float | None]) -> list[float | None]:
     sums = reduce_sum(trainer, [math.nan if v is None else float(v) for v in values])
     return [None if math.isnan(v) else v for v in sums]

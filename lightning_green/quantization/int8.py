@@ -21,7 +21,7 @@ kernel needs is built on first use and again whenever the weight changes.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +123,7 @@ class Int8DynamicLinear(nn.Module):
         self._packed_key: Any = None
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Int8DynamicLinear:
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8DynamicLinear:
         new = cls(weight.shape[1], weight.shape[0], bias=bias is not None)
         new.weight, new.weight_scale = quantize_weight(weight)
         if bias is not None:
@@ -167,14 +167,14 @@ class Int8DynamicLinear(nn.Module):
 class Int8Embedding(nn.Module):
     """A converted Embedding: int8 rows and a float scale per row."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(num_embeddings))
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, padding_idx: Optional[int] = None) -> Int8Embedding:
+    def from_float(cls, weight: torch.Tensor, padding_idx: int | None = None) -> Int8Embedding:
         new = cls(weight.shape[0], weight.shape[1], padding_idx)
         new.weight, new.weight_scale = quantize_weight(weight)
         return new

@@ -9,8 +9,9 @@ fn) -> seconds``), so tests decide the outcome without wall time.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -56,11 +57,13 @@ class KernelTiming:
 
 def linear_shapes(model: nn.Module, names: set[str], limit: int = 3) -> list[tuple[int, int]]:
     """The ``limit`` largest distinct ``(in_features, out_features)`` among the named Linear layers."""
-    shapes = {(m.in_features, m.out_features) for n, m in model.named_modules() if n in names and isinstance(m, nn.Linear)}
+    shapes = {
+        (m.in_features, m.out_features) for n, m in model.named_modules() if n in names and isinstance(m, nn.Linear)
+    }
     return sorted(shapes, key=lambda s: -s[0] * s[1])[:limit]
 
 
-def _converted(scheme: str, linear: nn.Linear, group_size: int) -> Optional[nn.Module]:
+def _converted(scheme: str, linear: nn.Linear, group_size: int) -> nn.Module | None:
     if SCHEMES[scheme].backend == "torch":
         return int8.Int8DynamicLinear.from_float(linear.weight, linear.bias)
     if SCHEMES[scheme].grouped and linear.in_features % group_size:
@@ -91,7 +94,10 @@ def time_schemes(
     quant_s = {s: {"decode": 0.0, "prefill": 0.0} for s in schemes}
     failed: set[str] = set()
     for in_f, out_f in shapes:
-        inputs = {"decode": torch.randn(1, 1, in_f, device=device), "prefill": torch.randn(1, prefill_tokens, in_f, device=device)}
+        inputs = {
+            "decode": torch.randn(1, 1, in_f, device=device),
+            "prefill": torch.randn(1, prefill_tokens, in_f, device=device),
+        }
         linear = nn.Linear(in_f, out_f, device=device)
         models = {}
         for scheme in schemes:
@@ -121,7 +127,7 @@ def time_schemes(
     ]
 
 
-def fastest(timings: list[KernelTiming]) -> Optional[KernelTiming]:
+def fastest(timings: list[KernelTiming]) -> KernelTiming | None:
     """The timing with the lowest mean ratio, or ``None``."""
     return min(timings, key=lambda t: t.ratio, default=None)
 
@@ -133,7 +139,7 @@ def resolve_scheme(
     group_size: int,
     embeddings: bool,
     timer: Timer = wall_timer,
-) -> tuple[str, Optional[KernelTiming], Optional[str]]:
+) -> tuple[str, KernelTiming | None, str | None]:
     """The scheme to use on ``device``, its measured kernel timing and a warning (or ``None``).
 
     ``requested="auto"`` times :func:`~.schemes.auto_candidates` on the model's Linear shapes and
@@ -161,9 +167,13 @@ def resolve_scheme(
     if best is None:
         return candidates[0], None, f"no quantized kernel of {candidates} ran on {device} in the micro-benchmark"
     if best.decode_ratio >= 1.0 or best.prefill_ratio >= 1.0:
-        return best.scheme, best, (
-            f"scheme {best.scheme!r} has no kernel faster than float on {device}: its converted Linear layers took"
-            f" {best.decode_ratio:.2f}x float time at 1 token and {best.prefill_ratio:.2f}x at 64 tokens, so the"
-            " converted model will be slower" + ("; on this device try scheme='auto'" if requested != AUTO else "")
+        return (
+            best.scheme,
+            best,
+            (
+                f"scheme {best.scheme!r} has no kernel faster than float on {device}: its converted Linear layers took"
+                f" {best.decode_ratio:.2f}x float time at 1 token and {best.prefill_ratio:.2f}x at 64 tokens, so the"
+                " converted model will be slower" + ("; on this device try scheme='auto'" if requested != AUTO else "")
+            ),
         )
     return best.scheme, best, None

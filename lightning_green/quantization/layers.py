@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -45,11 +46,15 @@ def _torchao() -> Any:
 
 
 def select_layers(
-    model: nn.Module, scheme: str, group_size: int, filter_fn: Optional[FilterFn], embeddings: bool
+    model: nn.Module, scheme: str, group_size: int, filter_fn: FilterFn | None, embeddings: bool
 ) -> Selection:
     """The float layers of ``model`` that ``scheme`` can quantize, after ``filter_fn``."""
     grouped = SCHEMES[scheme].grouped
-    shared = Counter(id(m.weight) for _, m in model.named_modules(remove_duplicate=False) if isinstance(getattr(m, "weight", None), nn.Parameter))
+    shared = Counter(
+        id(m.weight)
+        for _, m in model.named_modules(remove_duplicate=False)
+        if isinstance(getattr(m, "weight", None), nn.Parameter)
+    )
     out = Selection()
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -82,7 +87,9 @@ def is_quantized_layer(module: nn.Module) -> bool:
     )
 
 
-def prepare_selected(model: nn.Module, scheme: str, group_size: int, filter_fn: Optional[FilterFn], embeddings: bool) -> Selection:
+def prepare_selected(
+    model: nn.Module, scheme: str, group_size: int, filter_fn: FilterFn | None, embeddings: bool
+) -> Selection:
     """Select the layers (one warning lists those left float) and prepare them; returns the selection.
 
     Raises:
@@ -90,7 +97,9 @@ def prepare_selected(model: nn.Module, scheme: str, group_size: int, filter_fn: 
     """
     chosen = select_layers(model, scheme, group_size, filter_fn, embeddings)
     if chosen.left_float:
-        rank_zero_warn(f"QuantizationAwareTraining: {len(chosen.left_float)} layer(s) left in float: {', '.join(chosen.left_float)}")
+        rank_zero_warn(
+            f"QuantizationAwareTraining: {len(chosen.left_float)} layer(s) left in float: {', '.join(chosen.left_float)}"
+        )
     if not chosen.linears and not chosen.embeddings:
         n_linear = sum(isinstance(m, nn.Linear) for m in model.modules())
         raise ValueError(

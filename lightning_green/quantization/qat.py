@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -55,7 +55,14 @@ from lightning_green._glue import log_metrics
 from lightning_green.callbacks.power import find_power_sampler
 from lightning_green.quantization import layers
 from lightning_green.quantization.checkpoints import CheckpointLoading
-from lightning_green.quantization.evaluate import EnergyProbe, LossFn, QatReport, evaluate, reduce_sum_optional, state_dict_size_bytes
+from lightning_green.quantization.evaluate import (
+    EnergyProbe,
+    LossFn,
+    QatReport,
+    evaluate,
+    reduce_sum_optional,
+    state_dict_size_bytes,
+)
 from lightning_green.quantization.kernels import Timer, resolve_scheme, wall_timer
 from lightning_green.quantization.layers import FilterFn
 from lightning_green.quantization.schemes import AUTO, SCHEMES, check_arguments
@@ -104,22 +111,26 @@ class QuantizationAwareTraining(Callback):
         scheme: str = AUTO,
         group_size: int = 32,
         start_step: int = 0,
-        filter_fn: Optional[FilterFn] = None,
+        filter_fn: FilterFn | None = None,
         quantize_embeddings: bool = False,
         convert_on_fit_end: bool = True,
-        loss_fn: Optional[LossFn] = None,
+        loss_fn: LossFn | None = None,
         eval_as: str = "converted",
         kernel_timer: Timer = wall_timer,
         prefix: str = "qat",
     ) -> None:
         check_arguments(scheme, group_size, start_step, filter_fn, loss_fn, quantize_embeddings, eval_as)
         self.scheme, self.group_size, self.start_step = scheme, group_size, start_step
-        self.filter_fn, self.quantize_embeddings, self.convert_on_fit_end = filter_fn, quantize_embeddings, convert_on_fit_end
+        self.filter_fn, self.quantize_embeddings, self.convert_on_fit_end = (
+            filter_fn,
+            quantize_embeddings,
+            convert_on_fit_end,
+        )
         self.loss_fn, self.eval_as, self.kernel_timer, self.prefix = loss_fn, eval_as, kernel_timer, prefix
         #: Every figure of the last preparation and conversion.
         self.report = QatReport()
-        self._scheme: Optional[str] = None if scheme == AUTO else scheme  # resolved in setup
-        self._module: Optional[nn.Module] = None
+        self._scheme: str | None = None if scheme == AUTO else scheme  # resolved in setup
+        self._module: nn.Module | None = None
         self._fitting, self._fake_quant_on, self._hooks = False, None, []
         self._probe = EnergyProbe()
         self._loading = CheckpointLoading(self._convert_model)
@@ -168,20 +179,35 @@ class QuantizationAwareTraining(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         converted = self._module is not None and layers.is_converted(self._module)
-        return {"scheme": self.resolved_scheme, "group_size": self.group_size, "quantize_embeddings": self.quantize_embeddings,
-                "start_step": self.start_step, "converted": converted, "energy_j": self._probe.checkpoint_j(), "report": self.report.as_dict()}
+        return {
+            "scheme": self.resolved_scheme,
+            "group_size": self.group_size,
+            "quantize_embeddings": self.quantize_embeddings,
+            "start_step": self.start_step,
+            "converted": converted,
+            "energy_j": self._probe.checkpoint_j(),
+            "report": self.report.as_dict(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        ours = {"scheme": self.resolved_scheme, "group_size": self.group_size, "quantize_embeddings": self.quantize_embeddings}
+        ours = {
+            "scheme": self.resolved_scheme,
+            "group_size": self.group_size,
+            "quantize_embeddings": self.quantize_embeddings,
+        }
         mismatched = {k: state_dict[k] for k in ours if k in state_dict and state_dict[k] != ours[k]}
         if mismatched:
-            rank_zero_warn(f"QuantizationAwareTraining: the checkpoint was written with {mismatched}; this callback uses {ours}.")
+            rank_zero_warn(
+                f"QuantizationAwareTraining: the checkpoint was written with {mismatched}; this callback uses {ours}."
+            )
         self._probe.restore_j(float(state_dict.get("energy_j") or 0.0))
-        if self.report.converted_at_step is None:  # after a conversion here, a checkpoint's report (e.g. `last`, written before it) is older
+        if (
+            self.report.converted_at_step is None
+        ):  # after a conversion here, a checkpoint's report (e.g. `last`, written before it) is older
             self.report = QatReport.from_dict(state_dict.get("report") or {})
 
-    def prepare(self, model: nn.Module, device: Union[str, torch.device] = "cpu") -> nn.Module:
+    def prepare(self, model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
         """Prepare ``model`` in place outside a Trainer (fake quantization on; build the optimizer after).
         ``device``: where the converted model will run. Raises ``ValueError``: no layer to quantize."""
         self._resolve(model, torch.device(device))
@@ -190,16 +216,18 @@ class QuantizationAwareTraining(Callback):
         self._module = model
         return model
 
-    def float_copy(self, model: Optional[nn.Module] = None) -> nn.Module:
+    def float_copy(self, model: nn.Module | None = None) -> nn.Module:
         """A deep copy of the prepared ``model`` with fake quantization off (call before :meth:`convert`)."""
         model = self._resolve_model(model)
         if not layers.is_prepared(model):
-            raise RuntimeError("float_copy() needs a prepared model that is not converted yet: call it before convert()")
+            raise RuntimeError(
+                "float_copy() needs a prepared model that is not converted yet: call it before convert()"
+            )
         duplicate = copy.deepcopy(model)
         layers.set_fake_quant_enabled(duplicate, False)
         return duplicate
 
-    def convert(self, model: Optional[nn.Module] = None) -> nn.Module:
+    def convert(self, model: nn.Module | None = None) -> nn.Module:
         """Convert ``model`` (default: the model of the last ``fit``) in place and return it; a model
         not prepared is prepared first (post-training quantization). Sizes go to :attr:`report`.
         Raises ``RuntimeError`` during ``fit``'s training or without a model."""
@@ -214,10 +242,12 @@ class QuantizationAwareTraining(Callback):
         before = state_dict_size_bytes(model)
         self._convert_model(model)
         after = state_dict_size_bytes(model)
-        self.report.update(size_bytes_before=before, size_bytes_after=after, size_ratio=after / before, energy_j=self._probe.so_far_j())
+        self.report.update(
+            size_bytes_before=before, size_bytes_after=after, size_ratio=after / before, energy_j=self._probe.so_far_j()
+        )
         return model
 
-    def export(self, path: Union[str, Path], model: Optional[nn.Module] = None) -> Path:
+    def export(self, path: str | Path, model: nn.Module | None = None) -> Path:
         """Convert ``model`` if needed and ``torch.save`` its ``state_dict`` to ``path``. To load it:
         build the model, :meth:`convert` it, then ``model.load_state_dict(torch.load(path))``."""
         model = self.convert(model)
@@ -252,7 +282,9 @@ class QuantizationAwareTraining(Callback):
     def _resolve(self, model: nn.Module, device: torch.device) -> None:
         if self._scheme is not None and (self.scheme == AUTO or self.report.scheme == self._scheme):
             return
-        scheme, timing, warning = resolve_scheme(self.scheme, model, device, self.group_size, self.quantize_embeddings, self.kernel_timer)
+        scheme, timing, warning = resolve_scheme(
+            self.scheme, model, device, self.group_size, self.quantize_embeddings, self.kernel_timer
+        )
         if warning:
             rank_zero_warn(f"QuantizationAwareTraining: {warning}")
         if self.quantize_embeddings and not SCHEMES[scheme].embeddings:
@@ -267,7 +299,9 @@ class QuantizationAwareTraining(Callback):
             self._resolve(model, next(model.parameters()).device)
         embeddings = self.quantize_embeddings and SCHEMES[self.resolved_scheme].embeddings
         chosen = layers.prepare_selected(model, self.resolved_scheme, self.group_size, self.filter_fn, embeddings)
-        self.report.update(layers_quantized=sorted(chosen.linears | chosen.embeddings), layers_left_float=chosen.left_float)
+        self.report.update(
+            layers_quantized=sorted(chosen.linears | chosen.embeddings), layers_left_float=chosen.left_float
+        )
 
     def _sync_fake_quant(self, model: nn.Module, global_step: int) -> None:
         enabled = global_step >= self.start_step
@@ -282,7 +316,7 @@ class QuantizationAwareTraining(Callback):
             self._prepare(model)
         layers.convert(model, self.resolved_scheme, self.group_size)
 
-    def _convert_at_fit_end(self, trainer: Trainer, pl_module: LightningModule, energy_j: Optional[float]) -> None:
+    def _convert_at_fit_end(self, trainer: Trainer, pl_module: LightningModule, energy_j: float | None) -> None:
         size_before = state_dict_size_bytes(pl_module)
         layers.set_fake_quant_enabled(pl_module, False)
         self.report.set_evaluation("float", evaluate(trainer, pl_module, self._probe, self.loss_fn))
@@ -304,7 +338,7 @@ class QuantizationAwareTraining(Callback):
             log_metrics(trainer, self.report.metrics(self.prefix))
         self._probe.add_summary(f"Quantization-aware training ({self.resolved_scheme})", self.report.summary_rows())
 
-    def _resolve_model(self, model: Optional[nn.Module]) -> nn.Module:
+    def _resolve_model(self, model: nn.Module | None) -> nn.Module:
         model = model if model is not None else self._module
         if model is None:
             raise RuntimeError("QuantizationAwareTraining.convert()/export() needs a model: none was given or fitted.")

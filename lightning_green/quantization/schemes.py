@@ -132,7 +132,9 @@ def auto_candidates(device: torch.device) -> list[str]:
 EVAL_AS = ("converted", "float")
 
 
-def check_arguments(scheme: Any, group_size: Any, start_step: Any, filter_fn: Any, loss_fn: Any, embeddings: bool, eval_as: Any) -> None:
+def check_arguments(
+    scheme: Any, group_size: Any, start_step: Any, filter_fn: Any, loss_fn: Any, embeddings: bool, eval_as: Any
+) -> None:
     """Validate :class:`~.qat.QuantizationAwareTraining`'s arguments.
 
     Raises:
@@ -140,7 +142,12 @@ def check_arguments(scheme: Any, group_size: Any, start_step: Any, filter_fn: An
     """
     if scheme != AUTO:
         check_scheme(scheme)
-    if not (isinstance(group_size, int) and not isinstance(group_size, bool) and group_size > 0 and group_size & (group_size - 1) == 0):
+    if not (
+        isinstance(group_size, int)
+        and not isinstance(group_size, bool)
+        and group_size > 0
+        and group_size & (group_size - 1) == 0
+    ):
         raise ValueError(f"`group_size` must be a positive power of two (16, 32, 64, 128, ...), got {group_size!r}")
     if not isinstance(start_step, int) or isinstance(start_step, bool) or start_step < 0:
         raise ValueError(f"`start_step` must be an integer >= 0, got {start_step!r}")
@@ -152,4 +159,6 @@ def check_arguments(scheme: Any, group_size: Any, start_step: Any, filter_fn: An
         raise ValueError(f"`eval_as` must be one of {list(EVAL_AS)}, got {eval_as!r}")
     if embeddings and scheme != AUTO and not SCHEMES[scheme].embeddings:
         allowed = [AUTO] + [s.name for s in SCHEMES.values() if s.embeddings]
-        raise ValueError(f"`quantize_embeddings=True` needs a scheme that quantizes embeddings, one of {allowed}; got {scheme!r}")
+        raise ValueError(
+            f"`quantize_embeddings=True` needs a scheme that quantizes embeddings, one of {allowed}; got {scheme!r}"
+        )

@@ -8,7 +8,7 @@ created only where ``host_level=True`` (one process per node).
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from lightning_green._glue import check_bool
 from lightning_green.sensors.base import Sensor, SensorError
@@ -42,8 +42,10 @@ def build_sensors(
     """
     if isinstance(names, str) or not isinstance(names, Sequence):
         raise ValueError(f"`names` must be a list of sensor names ({', '.join(SENSOR_NAMES)}), got {names!r}")
-    if isinstance(gpu_indices, str) or not isinstance(gpu_indices, Sequence) or not all(
-        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in gpu_indices
+    if (
+        isinstance(gpu_indices, str)
+        or not isinstance(gpu_indices, Sequence)
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in gpu_indices)
     ):
         raise ValueError(f"`gpu_indices` must be a list of CUDA device indices >= 0, got {gpu_indices!r}")
     check_bool("host_level", host_level)

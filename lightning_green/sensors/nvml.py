@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from lightning_green._glue import check_bool, check_name
 from lightning_green.sensors.base import (
@@ -163,7 +163,11 @@ class NvmlSensor(Sensor):
     host_level = False
 
     def __init__(
-        self, index: int = 0, name: str | None = None, use_counter: bool = True, clock: Callable[[], float] = time.monotonic
+        self,
+        index: int = 0,
+        name: str | None = None,
+        use_counter: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if isinstance(index, bool) or not isinstance(index, int) or index < 0:
             raise ValueError(f"`index` must be a CUDA device index >= 0, got {index!r}")
@@ -195,7 +199,12 @@ class NvmlSensor(Sensor):
                 except SensorUnavailable:
                     pass  # NOT_SUPPORTED: pre-Volta or a virtual GPU; poll power instead
             if self.kind == "power":
-                self.note = "; ".join(filter(None, [self.note, "polled board power (a 1 s average on Ampere and newer), can miss short spikes"]))
+                self.note = "; ".join(
+                    filter(
+                        None,
+                        [self.note, "polled board power (a 1 s average on Ampere and newer), can miss short spikes"],
+                    )
+                )
         except BaseException:
             self.close()
             raise

@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from lightning_green._glue import check_name
 from lightning_green.sensors.base import (
@@ -79,7 +79,9 @@ class RaplSensor(Sensor):
     kind = "energy"
     host_level = True
 
-    def __init__(self, zone_dir: str | os.PathLike, name: str | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, zone_dir: str | os.PathLike, name: str | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if not isinstance(zone_dir, (str, os.PathLike)):
             raise ValueError(f"`zone_dir` must be a path (str or os.PathLike), got {zone_dir!r}")
         if not callable(clock):
@@ -113,7 +115,9 @@ class RaplSensor(Sensor):
         return Reading(self._clock(), (raw + self._wraps * (self._range_uj + 1)) / 1e6, "energy")
 
     @classmethod
-    def scan(cls, root: str | os.PathLike = DEFAULT_ROOT, zones: tuple[str, ...] = ZONES) -> tuple[list["RaplSensor"], list[SensorError]]:
+    def scan(
+        cls, root: str | os.PathLike = DEFAULT_ROOT, zones: tuple[str, ...] = ZONES
+    ) -> tuple[list[RaplSensor], list[SensorError]]:
         """Every readable zone under ``root`` whose name starts with one of ``zones``, and one error
         (with its reason) for each zone that could not be opened.
 
@@ -139,7 +143,7 @@ class RaplSensor(Sensor):
         return found, problems
 
     @classmethod
-    def discover(cls, root: str | os.PathLike = DEFAULT_ROOT, zones: tuple[str, ...] = ZONES) -> list["RaplSensor"]:
+    def discover(cls, root: str | os.PathLike = DEFAULT_ROOT, zones: tuple[str, ...] = ZONES) -> list[RaplSensor]:
         """Every readable zone under ``root`` whose name starts with one of ``zones`` (see :meth:`scan`
         for the reasons of the unreadable ones).
 

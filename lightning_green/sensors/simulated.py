@@ -6,7 +6,8 @@ from __future__ import annotations
 import math
 import numbers
 import time
-from typing import Callable, Union
+from collections.abc import Callable
+from typing import Union
 
 from lightning_green._glue import check_bool, check_name
 from lightning_green.sensors.base import DOMAINS, Reading, Sensor, SensorError
@@ -79,5 +80,7 @@ class SimulatedSensor(Sensor):
         except Exception as err:  # noqa: BLE001 - say which argument failed
             raise SensorError(f"`power_w` raised {type(err).__name__}: {err}") from err
         if isinstance(power, bool) or not isinstance(power, numbers.Real):
-            raise SensorError(f"`power_w` returned {power!r} ({type(power).__name__}); it must return watts as a number")
+            raise SensorError(
+                f"`power_w` returned {power!r} ({type(power).__name__}); it must return watts as a number"
+            )
         return power

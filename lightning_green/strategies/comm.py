@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from enum import Enum
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ class CommCompression(str, Enum):
     POWERSGD = "powersgd"
 
     @classmethod
-    def parse(cls, value: Any) -> "CommCompression":
+    def parse(cls, value: Any) -> CommCompression:
         """``None``/a member/a string (any case) to a member.
 
         Raises:
@@ -109,7 +110,9 @@ class CommStats:
             value, self._exposed_unpopped_s = self._exposed_unpopped_s, 0.0
         return value
 
-    def track(self, fut: torch.futures.Future, bytes_sent: int, bytes_uncompressed: int, is_last: bool) -> torch.futures.Future:
+    def track(
+        self, fut: torch.futures.Future, bytes_sent: int, bytes_uncompressed: int, is_last: bool
+    ) -> torch.futures.Future:
         """Count one bucket and return a future that completes with ``fut`` and records its completion."""
         with self._lock:
             self._step_sent += bytes_sent
@@ -206,7 +209,7 @@ def _account_powersgd(state: Any, bucket: Any) -> tuple[int, int]:
 def build_comm_hook(
     compression: CommCompression,
     stats: CommStats,
-    process_group: Optional[Any] = None,
+    process_group: Any | None = None,
     powersgd_rank: int = 2,
     powersgd_start_step: int = 10,
     serialize_buckets: bool = False,

@@ -4,9 +4,9 @@ borrows GPU power limits."""
 from __future__ import annotations
 
 import contextlib
-
 import logging
-from typing import Any, Callable, Iterator, Optional, Union
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed
@@ -18,8 +18,8 @@ from torch.nn.parallel.distributed import DistributedDataParallel
 from torch.optim.optimizer import Optimizer
 from typing_extensions import override
 
-from lightning_green.strategies.comm import CommCompression, CommStats, build_comm_hook
 from lightning_green._glue import check_int, log_metrics, misconfigured
+from lightning_green.strategies.comm import CommCompression, CommStats, build_comm_hook
 from lightning_green.strategies.power_control import PowerControl
 from lightning_green.strategies.power_limit import check_power_limit
 
@@ -94,24 +94,26 @@ class EnergyAwareDDPStrategy(DDPStrategy):
 
     def __init__(
         self,
-        comm_compression: Optional[str] = None,
+        comm_compression: str | None = None,
         powersgd_rank: int = 2,
         powersgd_start_step: int = 10,
-        power_limit: Optional[Union[float, str]] = None,
-        power_control: Optional[Union[str, PowerControl]] = None,
+        power_limit: float | str | None = None,
+        power_control: str | PowerControl | None = None,
         eta: float = 0.5,
-        max_slowdown: Optional[float] = None,
+        max_slowdown: float | None = None,
         warmup_steps: int = 10,
         profile_steps: int = 10,
         settle_steps: int = 2,
         limit_step_w: float = 25.0,
-        power_limit_cache: Union[str, bool, None] = True,
+        power_limit_cache: str | bool | None = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.comm_compression = CommCompression.parse(comm_compression)
         self.powersgd_rank = check_int("powersgd_rank", powersgd_rank, 1)
-        self.powersgd_start_step = check_int("powersgd_start_step", powersgd_start_step, 2)  # PowerSGD's error feedback needs one plain step
+        self.powersgd_start_step = check_int(
+            "powersgd_start_step", powersgd_start_step, 2
+        )  # PowerSGD's error feedback needs one plain step
         if self.comm_compression is not CommCompression.NONE and self._ddp_comm_hook is not None:
             raise ValueError(
                 f"`comm_compression={self.comm_compression.value!r}` and `ddp_comm_hook` both set a communication hook:"
@@ -124,19 +126,28 @@ class EnergyAwareDDPStrategy(DDPStrategy):
         self._warned_barrier = False
         from lightning_green.callbacks.power_limit import PowerLimitSearch, check_search_args
 
-        search_args = dict(power_control=power_control, eta=eta, max_slowdown=max_slowdown, warmup_steps=warmup_steps,
-                           profile_steps=profile_steps, settle_steps=settle_steps, limit_step_w=limit_step_w)
+        search_args = dict(
+            power_control=power_control,
+            eta=eta,
+            max_slowdown=max_slowdown,
+            warmup_steps=warmup_steps,
+            profile_steps=profile_steps,
+            settle_steps=settle_steps,
+            limit_step_w=limit_step_w,
+        )
         check_search_args(**search_args)  # also without a limit, so a typo fails before any limit is asked for
         # The PowerLimitSearch callback this shorthand installs (None without `power_limit`).
-        self._power = PowerLimitSearch(power_limit, **search_args, cache=power_limit_cache) if power_limit is not None else None
+        self._power = (
+            PowerLimitSearch(power_limit, **search_args, cache=power_limit_cache) if power_limit is not None else None
+        )
 
     @property
-    def power_control(self) -> Optional[PowerControl]:
+    def power_control(self) -> PowerControl | None:
         """The control that sets limits (``None`` when ``power_limit`` is ``None``)."""
         return self._power.control if self._power is not None else None
 
     @property
-    def power_limiter(self) -> Optional[Any]:
+    def power_limiter(self) -> Any | None:
         """The :class:`~lightning_green.callbacks.PowerLimitSearch` callback installed for
         ``power_limit`` (``.search.table`` holds the profile once the search is done)."""
         return self._power
@@ -184,7 +195,7 @@ class EnergyAwareDDPStrategy(DDPStrategy):
         self,
         optimizer: Optimizer,
         closure: Callable[[], Any],
-        model: Optional[Any] = None,
+        model: Any | None = None,
         **kwargs: Any,
     ) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
@@ -218,8 +229,10 @@ class EnergyAwareDDPStrategy(DDPStrategy):
 
         others = [cb for cb in trainer.callbacks if isinstance(cb, PowerLimitSearch) and cb is not self._power]
         if others:
-            raise misconfigured("`EnergyAwareDDPStrategy(power_limit=...)` installs a PowerLimitSearch callback, and the Trainer has"
-                                " another one: pass `power_limit` to one of them only")
+            raise misconfigured(
+                "`EnergyAwareDDPStrategy(power_limit=...)` installs a PowerLimitSearch callback, and the Trainer has"
+                " another one: pass `power_limit` to one of them only"
+            )
         if self._power not in trainer.callbacks:
             trainer.callbacks.append(self._power)
 
@@ -259,7 +272,9 @@ class EnergyAwareDDPStrategy(DDPStrategy):
             except Exception as err:  # noqa: BLE001 - a peer gone: destroy anyway
                 if not self._warned_barrier:
                     self._warned_barrier = True
-                    log.warning("ddp_green: the barrier before destroying the process group failed (%r); destroyed anyway", err)
+                    log.warning(
+                        "ddp_green: the barrier before destroying the process group failed (%r); destroyed anyway", err
+                    )
         torch.distributed.destroy_process_group()
 
     def _trainer(self) -> Any:

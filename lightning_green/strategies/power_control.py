@@ -19,8 +19,9 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing import util as _mp_util
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -48,8 +49,8 @@ class PowerControl(abc.ABC):
     device_name: str = "unknown"
 
     def __init__(self) -> None:
-        self._original_w: Optional[float] = None
-        self._exit_guard: Optional[_mp_util.Finalize] = None
+        self._original_w: float | None = None
+        self._exit_guard: _mp_util.Finalize | None = None
         self._lock = threading.RLock()
 
     # ---------------------------------------------------------------- to implement
@@ -76,7 +77,7 @@ class PowerControl(abc.ABC):
 
     # ---------------------------------------------------------------- borrowing
     @property
-    def original_limit_w(self) -> Optional[float]:
+    def original_limit_w(self) -> float | None:
         """The limit before this control first changed it (``None`` while nothing was changed)."""
         return self._original_w
 
@@ -150,7 +151,7 @@ class NvmlPowerControl(PowerControl):
             device of this process, given in :meth:`attach`.
     """
 
-    def __init__(self, index: Optional[int] = None) -> None:
+    def __init__(self, index: int | None = None) -> None:
         super().__init__()
         self.index = index
         self._handle: Any = None
@@ -198,7 +199,9 @@ class NvmlPowerControl(PowerControl):
         return self._call("reading the power limit", "nvmlDeviceGetPowerManagementLimit") / 1000.0
 
     def _set_limit_w(self, limit_w: float) -> None:
-        self._call(f"setting the power limit to {limit_w:g} W", "nvmlDeviceSetPowerManagementLimit", int(round(limit_w * 1000)))
+        self._call(
+            f"setting the power limit to {limit_w:g} W", "nvmlDeviceSetPowerManagementLimit", int(round(limit_w * 1000))
+        )
 
     def close(self) -> None:
         if self._handle is not None:
@@ -264,12 +267,14 @@ class SimulatedPowerControl(PowerControl):
         static_w: float = 100.0,
         step_s: float = 0.0,
         beta: float = 0.8,
-        state_path: Optional[str] = None,
+        state_path: str | None = None,
         name: str = "simulated",
     ) -> None:
         super().__init__()
         if not (0 <= static_w < min_w <= max_w):
-            raise ValueError(f"need 0 <= static_w < min_w <= max_w, got static_w={static_w}, min_w={min_w}, max_w={max_w}")
+            raise ValueError(
+                f"need 0 <= static_w < min_w <= max_w, got static_w={static_w}, min_w={min_w}, max_w={max_w}"
+            )
         if demand_w <= static_w:
             raise ValueError(f"`demand_w` must exceed `static_w`, got demand_w={demand_w}, static_w={static_w}")
         if not 0 <= beta <= 1:
@@ -293,22 +298,24 @@ class SimulatedPowerControl(PowerControl):
             return 1.0
         return ((limit_w - self.static_w) / (self.demand_w - self.static_w)) ** (1.0 / 3.0)
 
-    def power_w(self, limit_w: Optional[float] = None) -> float:
+    def power_w(self, limit_w: float | None = None) -> float:
         """``P(L)``, of the limit in force when ``limit_w`` is ``None``."""
         limit = self._limit_w if limit_w is None else limit_w
         return min(limit, self.demand_w)
 
-    def step_time_s(self, limit_w: Optional[float] = None, step_s: Optional[float] = None) -> float:
+    def step_time_s(self, limit_w: float | None = None, step_s: float | None = None) -> float:
         """``T(L)``; ``step_s`` overrides the unlimited step time."""
         limit = self._limit_w if limit_w is None else limit_w
         base = self.step_s if step_s is None else step_s
         return base * ((1.0 - self.beta) + self.beta / self.clock_fraction(limit))
 
-    def energy_per_step_j(self, limit_w: float, step_s: Optional[float] = None) -> float:
+    def energy_per_step_j(self, limit_w: float, step_s: float | None = None) -> float:
         """``E(L) = P(L) T(L)``."""
         return self.power_w(limit_w) * self.step_time_s(limit_w, step_s)
 
-    def sensor(self, name: str = "sim_gpu", host_level: bool = False, clock: Callable[[], float] = time.monotonic) -> Any:
+    def sensor(
+        self, name: str = "sim_gpu", host_level: bool = False, clock: Callable[[], float] = time.monotonic
+    ) -> Any:
         """A :class:`~lightning_green.sensors.SimulatedSensor` reading ``P(L)`` of the limit in force
         (``clock`` stamps its readings; tests inject a simulated one)."""
         from lightning_green.sensors.simulated import SimulatedSensor

@@ -24,8 +24,9 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from lightning_green._glue import check_int, check_number
 from lightning_green.strategies.power_control import (
@@ -59,7 +60,7 @@ def limit_grid(min_w: float, max_w: float, step_w: float) -> list[float]:
 
 
 def choose_limit(
-    profiles: Sequence[LimitProfile], eta: float = 0.5, max_slowdown: Optional[float] = None, p_max_w: Optional[float] = None
+    profiles: Sequence[LimitProfile], eta: float = 0.5, max_slowdown: float | None = None, p_max_w: float | None = None
 ) -> tuple[float, list[dict]]:
     """Pick a limit from measured profiles. Returns the limit and a table (one dict per profile).
 
@@ -128,8 +129,8 @@ class LimitSearch:
         warmup_steps: int = 10,
         profile_steps: int = 10,
         eta: float = 0.5,
-        max_slowdown: Optional[float] = None,
-        p_max_w: Optional[float] = None,
+        max_slowdown: float | None = None,
+        p_max_w: float | None = None,
         settle_steps: int = 0,
     ) -> None:
         if not candidates_w:
@@ -140,13 +141,13 @@ class LimitSearch:
         check_int("profile_steps", profile_steps, 1)
         self.settle_steps = check_int("settle_steps", settle_steps, 0)
         #: The step from which the open window is measured (its limit has settled).
-        self.measure_from: Optional[int] = None
+        self.measure_from: int | None = None
         self.candidates_w = sorted((float(c) for c in candidates_w), reverse=True)
         self.warmup_steps, self.profile_steps = warmup_steps, profile_steps
         self.eta, self.max_slowdown, self.p_max_w = eta, max_slowdown, p_max_w
         self.profiles: list[LimitProfile] = []
-        self.profiling_w: Optional[float] = None
-        self.chosen_w: Optional[float] = None
+        self.profiling_w: float | None = None
+        self.chosen_w: float | None = None
         self.table: list[dict] = []
         self._next = 0
         self._next_edge_step = warmup_steps
@@ -173,7 +174,7 @@ class LimitSearch:
         self.profiles.append(LimitProfile(self.profiling_w, energy_j / steps, time_s / steps, steps))
         self.profiling_w = None
 
-    def start_next(self, steps_done: int) -> Optional[float]:
+    def start_next(self, steps_done: int) -> float | None:
         """Open the next window and return its limit; ``None`` when every candidate is done (then
         :attr:`chosen_w` is set)."""
         if self.profiling_w is not None:
@@ -193,7 +194,7 @@ class LimitSearch:
         return self.chosen_w
 
     @classmethod
-    def from_profiles(cls, profiles: Sequence[LimitProfile], **kwargs: Any) -> "LimitSearch":
+    def from_profiles(cls, profiles: Sequence[LimitProfile], **kwargs: Any) -> LimitSearch:
         """A finished search over known profiles (the cache)."""
         search = cls([p.limit_w for p in profiles], **kwargs)
         search.profiles = list(profiles)
@@ -207,9 +208,13 @@ def check_eta(eta: float) -> float:
     return check_number("eta", eta, 0.0, high=1.0)
 
 
-def check_max_slowdown(max_slowdown: Optional[float]) -> Optional[float]:
-    if max_slowdown is not None and not (isinstance(max_slowdown, (int, float)) and not isinstance(max_slowdown, bool) and max_slowdown >= 1.0):
-        raise ValueError(f"`max_slowdown` must be None or a number >= 1 (1.05 allows 5% slower steps), got {max_slowdown!r}")
+def check_max_slowdown(max_slowdown: float | None) -> float | None:
+    if max_slowdown is not None and not (
+        isinstance(max_slowdown, (int, float)) and not isinstance(max_slowdown, bool) and max_slowdown >= 1.0
+    ):
+        raise ValueError(
+            f"`max_slowdown` must be None or a number >= 1 (1.05 allows 5% slower steps), got {max_slowdown!r}"
+        )
     return max_slowdown
 
 
@@ -219,7 +224,9 @@ def check_power_limit(power_limit: Any) -> Any:
         return power_limit
     if isinstance(power_limit, (int, float)) and not isinstance(power_limit, bool) and power_limit > 0:
         return power_limit
-    raise ValueError(f"`power_limit` must be None, a number of watts > 0 or {POWER_LIMIT_SEARCH!r}, got {power_limit!r}")
+    raise ValueError(
+        f"`power_limit` must be None, a number of watts > 0 or {POWER_LIMIT_SEARCH!r}, got {power_limit!r}"
+    )
 
 
 # ============================================================================ the cache
@@ -257,7 +264,7 @@ class PowerLimitCache:
             log.warning("ignoring the power-limit cache %s: %s", self.path, err)
             return {"version": self.VERSION, "entries": {}}
 
-    def load(self, key: str) -> Optional[list[LimitProfile]]:
+    def load(self, key: str) -> list[LimitProfile] | None:
         entry = self._read()["entries"].get(key)
         if not entry:
             return None

@@ -11,8 +11,9 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, Callable, Optional
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class SigtermRestore:
             signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
         self._installed = False
 
-    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         try:
             self._restore()
         except Exception as err:

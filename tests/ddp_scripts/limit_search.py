@@ -45,27 +45,49 @@ class StepClock(Callback):
 def main(out_dir: str) -> None:
     rank = int(os.environ.get("LOCAL_RANK", "0"))  # set by Lightning's launcher in the second process
     seed_everything(0)
-    control = SimulatedPowerControl(min_w=150, max_w=400, beta=BETA[rank], state_path=os.path.join(out_dir, f"dev{rank}.json"))
+    control = SimulatedPowerControl(
+        min_w=150, max_w=400, beta=BETA[rank], state_path=os.path.join(out_dir, f"dev{rank}.json")
+    )
     clock = StepClock(control)
-    sampler = PowerSampler(sensors=[control.sensor(clock=clock)], interval_s=3600.0, print_summary=False, summary_dir=out_dir, clock=clock)
+    sampler = PowerSampler(
+        sensors=[control.sensor(clock=clock)], interval_s=3600.0, print_summary=False, summary_dir=out_dir, clock=clock
+    )
     clock.session = sampler.session
-    search = PowerLimitSearch("search", power_control=control, warmup_steps=WARMUP, profile_steps=PROFILE, settle_steps=SETTLE,
-                              limit_step_w=LIMIT_STEP_W, cache=False, clock=clock)
+    search = PowerLimitSearch(
+        "search",
+        power_control=control,
+        warmup_steps=WARMUP,
+        profile_steps=PROFILE,
+        settle_steps=SETTLE,
+        limit_step_w=LIMIT_STEP_W,
+        cache=False,
+        clock=clock,
+    )
     trainer = Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=MAX_STEPS, logger=False, callbacks=[sampler, clock, search],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=MAX_STEPS,
+        logger=False,
+        callbacks=[sampler, clock, search],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(TwoLayer())
-    write_json(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), {
-        "rank": trainer.global_rank,
-        "world_size": trainer.world_size,
-        "strategy": type(trainer.strategy).__name__,
-        "beta": BETA[rank],
-        "chosen_w": search.search.chosen_w,
-        "profiles": [asdict(p) for p in search.search.profiles],
-        "limits": clock.limits,
-        "limit_after_fit_w": control.get_limit_w(),
-    })
+    write_json(
+        os.path.join(out_dir, f"rank{trainer.global_rank}.json"),
+        {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "strategy": type(trainer.strategy).__name__,
+            "beta": BETA[rank],
+            "chosen_w": search.search.chosen_w,
+            "profiles": [asdict(p) for p in search.search.profiles],
+            "limits": clock.limits,
+            "limit_after_fit_w": control.get_limit_w(),
+        },
+    )
 
 
 if __name__ == "__main__":

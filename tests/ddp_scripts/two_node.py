@@ -34,7 +34,9 @@ def launch(out_dir: str, timeout_s: float = 120.0) -> int:
     procs = []
     for node_rank in (0, 1):
         env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "RANK")}
-        env.update(NODE_RANK=str(node_rank), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+        env.update(
+            NODE_RANK=str(node_rank), LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2"
+        )
         procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), out_dir, "--worker"], env=env))
     deadline = time.monotonic() + timeout_s
     codes = []
@@ -56,7 +58,10 @@ def worker(out_dir: str) -> None:
 
     seed_everything(0)
     sampler = PowerSampler(
-        sensors=[SimulatedSensor(HOST_W, name="host", host_level=True, domain="cpu"), SimulatedSensor(DEVICE_W, name="dev")],
+        sensors=[
+            SimulatedSensor(HOST_W, name="host", host_level=True, domain="cpu"),
+            SimulatedSensor(DEVICE_W, name="dev"),
+        ],
         interval_s=0.02,
         print_summary=False,
         summary_dir=out_dir,
