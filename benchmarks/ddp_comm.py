@@ -179,7 +179,9 @@ def main() -> None:
             r["steady_bytes_per_step"] / n["steady_bytes_per_step"] for r, n in zip(rs, none, strict=False)
         )
         row["step_time_ratio_to_none"] = summarize(r["step_ms"] / n["step_ms"] for r, n in zip(rs, none, strict=False))
-        row["held_out_loss_minus_none"] = summarize(r["held_out_loss"] - n["held_out_loss"] for r, n in zip(rs, none, strict=False))
+        row["held_out_loss_minus_none"] = summarize(
+            r["held_out_loss"] - n["held_out_loss"] for r, n in zip(rs, none, strict=False)
+        )
         rows.append(row)
     by = {r["preset"]: r for r in rows}
     psgd_steady = by["powersgd"]["steady_ratio_to_none"]["median"]

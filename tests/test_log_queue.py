@@ -9,7 +9,7 @@ from helpers import FakeClock, SleepyModel, tiny_trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
-from lightning_green._glue import LogQueue, writes_thread_safe
+from lightning_green.log_queue import LogQueue, writes_thread_safe
 
 
 class Recorder:

@@ -89,7 +89,9 @@ def test_downsampled_trace_averages_buckets():
     assert all(p == pytest.approx(2.0 * t) for t, p in pts)
     weights = [n for _, _, n in trace._points] + ([trace.pending_samples] if trace.pending_samples else [])
     assert sum(weights) == 100
-    assert sum(w * t for w, (t, _) in zip(weights, pts, strict=False)) / 100 == pytest.approx(49.5)  # no sample lost or counted twice
+    assert sum(w * t for w, (t, _) in zip(weights, pts, strict=False)) / 100 == pytest.approx(
+        49.5
+    )  # no sample lost or counted twice
 
 
 def test_offsets_restore_cumulative():

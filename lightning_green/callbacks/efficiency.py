@@ -12,11 +12,15 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_green._glue import WarnOnce, checked_count, log_metrics, misconfigured, state_for_rank
 from lightning_green.callbacks.power import PowerSampler, find_power_sampler
+from lightning_green.checks import checked_count
 from lightning_green.distributed import distributed, gather_objects, reduce_sum
 from lightning_green.energy import metrics as M
 from lightning_green.energy.session import Reduce
+from lightning_green.errors import MisconfiguredTrainer
+from lightning_green.log_queue import log_metrics
+from lightning_green.messages import WarnOnce
+from lightning_green.resume import state_for_rank
 
 CountFn = Union[None, str, Callable[[Any], int]]
 TargetSpec = Union[float, "tuple[float, str]"]
@@ -217,7 +221,7 @@ class EfficiencyLogger(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._power = find_power_sampler(trainer)
         if self._power is None:
-            raise misconfigured(
+            raise MisconfiguredTrainer(
                 "EfficiencyLogger needs a PowerSampler in the same Trainer: Trainer(callbacks=[PowerSampler(), EfficiencyLogger()])"
             )
         self._power.add_summary_provider(self._summary_rows)

@@ -18,23 +18,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_green import summary as S
-from lightning_green._glue import (
-    LogQueue,
-    SayOnce,
-    check_bool,
-    check_callable,
-    check_choice,
-    check_int,
-    check_path,
-    global_step_reader,
-    misconfigured,
-)
 from lightning_green.callbacks.sensor_choice import check_sensors, sensors_for_process
+from lightning_green.callbacks.trainer_steps import global_step_reader
+from lightning_green.checks import check_bool, check_callable, check_choice, check_int, check_path
 from lightning_green.distributed import reduce_sum, shared_owners, sum_reducer
 from lightning_green.energy.loops import Listener, TrainingLog
 from lightning_green.energy.phases import PHASE_TIMINGS
 from lightning_green.energy.sampler import check_interval
 from lightning_green.energy.session import EnergySession, Measurement
+from lightning_green.errors import MisconfiguredTrainer
+from lightning_green.log_queue import LogQueue
+from lightning_green.messages import SayOnce
 from lightning_green.sensors.base import Sensor
 from lightning_green.sensors.rapl import DEFAULT_ROOT
 
@@ -228,7 +222,7 @@ class PowerSampler(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.phases and self.phase_timing == "cuda_events" and trainer.strategy.root_device.type != "cuda":
-            raise misconfigured(
+            raise MisconfiguredTrainer(
                 f"`phase_timing='cuda_events'` needs a CUDA device, but this Trainer runs on {trainer.strategy.root_device.type}; use phase_timing='host' or 'sync'"
             )
         self.training.comm_seconds = None

@@ -18,9 +18,12 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
-from lightning_green._glue import WarnOnce, check_int, check_number, log_metrics, misconfigured
 from lightning_green.callbacks.power import PowerSampler, find_power_sampler
+from lightning_green.checks import check_int, check_number
 from lightning_green.distributed import broadcast, gather_floats
+from lightning_green.errors import MisconfiguredTrainer
+from lightning_green.log_queue import log_metrics
+from lightning_green.messages import WarnOnce
 from lightning_green.strategies.power_control import (
     NvmlPowerControl,
     PowerControl,
@@ -203,7 +206,7 @@ class PowerLimitSearch(Callback):
         """Checks that need the device and the Trainer; fails early with what to change."""
         self._sampler = find_power_sampler(trainer)
         if self.is_search and self._sampler is None:
-            raise misconfigured(
+            raise MisconfiguredTrainer(
                 "`power_limit='search'` measures energy with a PowerSampler: add `lightning_green.PowerSampler(...)`"
                 " to `Trainer(callbacks=[...])`, or pass a fixed `power_limit`."
             )

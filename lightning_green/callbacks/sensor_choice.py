@@ -9,7 +9,7 @@ from typing import Any
 from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lightning_green._glue import check_choice
+from lightning_green.checks import check_choice
 from lightning_green.distributed import distributed, gather_objects, shared_owners
 from lightning_green.sensors.auto import SENSOR_NAMES, build_sensors
 from lightning_green.sensors.base import Sensor

@@ -8,7 +8,7 @@ import numbers
 from collections import deque
 from typing import Any
 
-from lightning_green._glue import check_int
+from lightning_green.checks import check_int
 from lightning_green.sensors.base import Reading
 
 #: A counter's power (difference / time) is only trusted for peaks and traces over at least this

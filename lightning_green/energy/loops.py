@@ -14,9 +14,9 @@ import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from lightning_green._glue import LogCadence, LogQueue
 from lightning_green.energy.phases import PhaseRecorder
 from lightning_green.energy.session import Clock, EnergySession, LogWindow, Measurement, Reduce, WindowEnd
+from lightning_green.log_queue import LogCadence, LogQueue
 
 Write = Callable[[dict, int], None]  # write(metrics, step) to the loggers
 #: ``finish(energy_j) -> metrics``: a listener's figures of a window, given this process's energy at its end

@@ -39,7 +39,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from lightning_green._glue import check_int, check_number
+from lightning_green.checks import check_int, check_number
 from lightning_green.energy.channel import MIN_COUNTER_DT_S, RESET_FRACTION, Channel, DownsampledTrace, extrapolated_s
 
 __all__ = ["MIN_COUNTER_DT_S", "RESET_FRACTION", "DownsampledTrace", "EnergyMeter"]

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from lightning_green._glue import check_callable, check_name, check_number
+from lightning_green.checks import check_callable, check_name, check_number
 from lightning_green.energy.meter import EnergyMeter
 from lightning_green.sensors.base import Sensor, SensorTransientError
 

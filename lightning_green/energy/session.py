@@ -271,7 +271,7 @@ class LogWindow:
     """The figures of one logging window of a training loop, over an :class:`EnergySession`.
 
     Per validation loop inside fit it notes the energy spent, which is not step energy (the steps are
-    counted by the caller's :class:`~lightning_green._glue.LogCadence`). A log step ends the window
+    counted by the caller's :class:`~lightning_green.log_queue.LogCadence`). A log step ends the window
     on the training thread (:meth:`end`: a clock read and a copy of the sensors' newest readings), and
     :meth:`close` builds the metrics from that end with one collective (``reduce``, the element-wise
     sum over processes), on the training thread or, for a single process, on a log thread: ``close``

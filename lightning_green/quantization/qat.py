@@ -51,8 +51,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_green._glue import log_metrics
 from lightning_green.callbacks.power import find_power_sampler
+from lightning_green.log_queue import log_metrics
 from lightning_green.quantization import layers
 from lightning_green.quantization.checkpoints import CheckpointLoading
 from lightning_green.quantization.evaluate import (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from lightning_green._glue import check_bool
+from lightning_green.checks import check_bool
 from lightning_green.sensors.base import Sensor, SensorError
 from lightning_green.sensors.estimate import CpuEstimateSensor
 from lightning_green.sensors.nvml import NvmlSensor

@@ -17,7 +17,7 @@ import math
 import os
 import time
 
-from lightning_green._glue import check_name
+from lightning_green.checks import check_name
 from lightning_green.sensors.base import Reading, Sensor
 
 DEFAULT_W_PER_CPU = 10.0

@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
-from lightning_green._glue import check_bool, check_name
+from lightning_green.checks import check_bool, check_name
 from lightning_green.sensors.base import (
     Reading,
     Sensor,

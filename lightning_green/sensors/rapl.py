@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lightning_green._glue import check_name
+from lightning_green.checks import check_name
 from lightning_green.sensors.base import (
     Reading,
     Sensor,

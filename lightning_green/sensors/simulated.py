@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Union
 
-from lightning_green._glue import check_bool, check_name
+from lightning_green.checks import check_bool, check_name
 from lightning_green.sensors.base import DOMAINS, Reading, Sensor, SensorError
 
 PowerSpec = Union[float, Callable[[float], float]]

@@ -18,7 +18,9 @@ from torch.nn.parallel.distributed import DistributedDataParallel
 from torch.optim.optimizer import Optimizer
 from typing_extensions import override
 
-from lightning_green._glue import check_int, log_metrics, misconfigured
+from lightning_green.checks import check_int
+from lightning_green.errors import MisconfiguredTrainer
+from lightning_green.log_queue import log_metrics
 from lightning_green.strategies.comm import CommCompression, CommStats, build_comm_hook
 from lightning_green.strategies.power_control import PowerControl
 from lightning_green.strategies.power_limit import check_power_limit
@@ -229,7 +231,7 @@ class EnergyAwareDDPStrategy(DDPStrategy):
 
         others = [cb for cb in trainer.callbacks if isinstance(cb, PowerLimitSearch) and cb is not self._power]
         if others:
-            raise misconfigured(
+            raise MisconfiguredTrainer(
                 "`EnergyAwareDDPStrategy(power_limit=...)` installs a PowerLimitSearch callback, and the Trainer has"
                 " another one: pass `power_limit` to one of them only"
             )

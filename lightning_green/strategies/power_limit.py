@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from lightning_green._glue import check_int, check_number
+from lightning_green.checks import check_int, check_number
 from lightning_green.strategies.power_control import (
     write_json_atomic,
 )
