@@ -11,8 +11,8 @@ from typing import Any
 
 
 def is_finite_number(value: Any) -> bool:
-    """True for a finite int or float that is not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """True for a finite real number (int, float, a NumPy scalar) that is not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_int(name: str, value: Any, low: int, high: int | None = None) -> int:

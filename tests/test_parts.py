@@ -8,7 +8,7 @@ from lightning_green.distributed import cluster_figures, shared_owners
 from lightning_green.energy.phases import PhaseRecorder
 from lightning_green.energy.session import EnergySession, LogWindow
 from lightning_green.log_queue import LogCadence
-from lightning_green.resume import state_for_rank
+from lightning_green.resume import continued_part, state_for_rank
 from lightning_green.sensors import SimulatedSensor
 from lightning_green.strategies import LimitSearch
 from lightning_green.summary import StageRecord, SummarySections, build_summary, local_cluster, sensor_rows
@@ -250,3 +250,18 @@ def test_a_dropped_sensor_never_makes_the_logged_energy_go_down():
     assert session.meter.stats("sim")["energy_j"] == pytest.approx(500.0)
     session.finish()
     assert session.energy_now_j() == pytest.approx(500.0)  # carried on as the summary shows it
+
+
+@pytest.mark.parametrize(
+    ("saved", "world_size", "rank", "part"),
+    [
+        (2, 2, 1, "own"),
+        (2, 2, 0, "own"),
+        (4, 2, 0, "all"),
+        (4, 2, 1, "nothing"),
+        (1, 2, 0, "all"),
+        (0, 1, 0, "nothing"),
+    ],
+)
+def test_one_resume_rule(saved, world_size, rank, part):
+    assert continued_part(saved, world_size, rank) == part

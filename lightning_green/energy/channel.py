@@ -4,11 +4,10 @@ described in :mod:`lightning_green.energy.meter`), and the bounded power trace."
 from __future__ import annotations
 
 import math
-import numbers
 from collections import deque
 from typing import Any
 
-from lightning_green.checks import check_int
+from lightning_green.checks import check_int, is_finite_number
 from lightning_green.sensors.base import Reading
 
 #: A counter's power (difference / time) is only trusted for peaks and traces over at least this
@@ -113,7 +112,7 @@ class Channel:
         (the first failed attempt counts; None or a time before the newest reading: no tail)."""
         if self.t and self.fail_t is None:
             newest = self.t[-1]
-            ok = _is_number(t_s) and math.isfinite(t_s) and t_s > newest
+            ok = is_finite_number(t_s) and t_s > newest
             self.fail_t = float(t_s) if ok else newest
 
     @property
@@ -133,9 +132,9 @@ class Channel:
         value, t = reading.value, reading.t_s
         if reading.kind != self.kind:
             return f"a {reading.kind!r} reading from a {self.kind!r} sensor"
-        if not _is_number(value) or not math.isfinite(value) or value < 0:
+        if not is_finite_number(value) or value < 0:
             return f"value {value!r} is not a finite number >= 0"
-        if not _is_number(t) or not math.isfinite(t):
+        if not is_finite_number(t):
             return f"timestamp {t!r} is not a finite number"
         if self.t and t <= self.t[-1]:
             return f"time did not move forward ({t!r} after {self.t[-1]!r})"
@@ -204,7 +203,3 @@ class Channel:
             self.peak_w = max(self.peak_w, power)
             self.trace.add(0.5 * (t0 + t), power)
             self.counter_mark = (t, energy)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from lightning_green.checks import check_number, is_finite_number
+
 J_PER_KWH = 3.6e6
 DEFAULT_CARBON_INTENSITY_G_PER_KWH = 475.0
 
@@ -52,17 +54,8 @@ def carbon_g(
 
 def check_carbon_args(carbon_intensity_g_per_kwh: float, pue: float) -> None:
     """Raise ValueError naming the argument for a negative intensity or a PUE below 1."""
-    if (
-        isinstance(carbon_intensity_g_per_kwh, bool)
-        or not isinstance(carbon_intensity_g_per_kwh, (int, float))
-        or not math.isfinite(carbon_intensity_g_per_kwh)
-        or carbon_intensity_g_per_kwh < 0
-    ):
-        raise ValueError(
-            f"`carbon_intensity_g_per_kwh` must be a finite number >= 0 (gCO2e per kWh), got {carbon_intensity_g_per_kwh!r}"
-        )
-    if isinstance(pue, bool) or not isinstance(pue, (int, float)) or not math.isfinite(pue) or pue < 1:
-        raise ValueError(f"`pue` (power usage effectiveness) must be a finite number >= 1.0, got {pue!r}")
+    check_number("carbon_intensity_g_per_kwh", carbon_intensity_g_per_kwh, 0.0, unit="a finite number (gCO2e per kWh)")
+    check_number("pue", pue, 1.0, unit="a finite number (power usage effectiveness)")
 
 
 TARGET_MODES = ("min", "max")
@@ -94,12 +87,13 @@ def parse_targets(targets: Mapping[str, object]) -> dict[str, tuple[float, str]]
         if isinstance(spec, (tuple, list)):
             if len(spec) != 2:
                 raise ValueError(
-                    f"`targets[{name!r}]` must be a number or a (number, mode) pair with mode one of {TARGET_MODES}, got {spec!r}"
+                    f"`targets[{name!r}]` must be a number or a (number, mode) pair with mode one of "
+                    f"{TARGET_MODES}, got {spec!r}"
                 )
             value, mode = spec
         else:
             value, mode = spec, ("min" if "loss" in name else "max")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not is_finite_number(value):
             raise ValueError(f"`targets[{name!r}]` must be a finite number, got {value!r}")
         if mode not in TARGET_MODES:
             raise ValueError(f"`targets[{name!r}]` has mode {mode!r}; allowed modes: {TARGET_MODES}")
@@ -267,6 +261,7 @@ class TargetWatch:
     def never_logged_message(self, logged: Iterable[str]) -> str:
         """The warning for targets whose metric was never logged, naming them and what was logged."""
         return (
-            f"EfficiencyLogger: no metric was ever logged for the targets {', '.join(self.targets.never_logged())}, so they are "
+            f"EfficiencyLogger: no metric was ever logged for the targets "
+            f"{', '.join(self.targets.never_logged())}, so they are "
             f"not reached; check the names. Metrics logged: {', '.join(sorted(logged)) or 'none'}."
         )

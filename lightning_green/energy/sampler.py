@@ -26,7 +26,6 @@ taken back); the meter bridges gaps. Failed reads are stamped with ``clock`` (th
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -48,14 +47,7 @@ MIN_START_WAIT_S = 0.5
 
 
 def check_interval(interval_s: float) -> float:
-    if (
-        isinstance(interval_s, bool)
-        or not isinstance(interval_s, (int, float))
-        or not math.isfinite(interval_s)
-        or interval_s <= 0
-    ):
-        raise ValueError(f"`interval_s` must be a number of seconds > 0, got {interval_s!r}")
-    return float(interval_s)
+    return check_number("interval_s", interval_s, 0.0, strict=True, unit="a number of seconds")
 
 
 class _Reader:
@@ -328,7 +320,11 @@ class Sampler:
                     continue
                 if reader.busy_since is not None:
                     if now - reader.busy_since > self.read_timeout_s:
-                        reason = f"hung: read() has not returned for {now - reader.busy_since:.1f} s (read_timeout_s={self.read_timeout_s:g})"
+                        waited_s = now - reader.busy_since
+                        reason = (
+                            f"hung: read() has not returned for {waited_s:.1f} s "
+                            f"(read_timeout_s={self.read_timeout_s:g})"
+                        )
                         messages.append(self._drop(reader, reason, hung=True))
                 elif now >= reader.not_before:
                     reader.wake.set()

@@ -24,6 +24,7 @@ from typing import Any
 
 from lightning_green.energy.meter import MIN_COUNTER_DT_S, EnergyMeter
 from lightning_green.energy.sampler import Sampler
+from lightning_green.resume import ALL, OWN, continued_part
 from lightning_green.sensors.base import Sensor
 
 log = logging.getLogger("lightning_green")
@@ -251,13 +252,17 @@ class EnergySession:
         state, self._pending_state = self._pending_state, None
         if state is None:
             return
-        per_rank, origins = state.get("per_rank_energy_j") or [], state.get("origins") or []
-        if len(per_rank) == world_size and len(origins) == world_size and origins[rank] == self.origin:
-            return  # this process saved it: its energy is in what this process carries (nothing measured since is lost)
-        if len(per_rank) == world_size:
+        per_rank = state.get("per_rank_energy_j") or []
+        origins = state.get("origins") or []
+        part = continued_part(len(per_rank), world_size, rank)
+        if part == OWN and len(origins) == world_size and origins[rank] == self.origin:
+            # this process saved it: its energy is in what this process carries (nothing measured since
+            # is lost)
+            return
+        if part == OWN:
             self.restore(per_rank[rank])
         else:
-            self.restore(None, total_j=float(state.get("total_j", 0.0)) if rank == 0 else 0.0)
+            self.restore(None, total_j=float(state.get("total_j", 0.0)) if part == ALL else 0.0)
 
 
 #: What a logging window's figures need from the training thread, taken at its log step
