@@ -133,8 +133,16 @@ def one_time_ms(picture: bool, logdir: str) -> float:
 
             setattr(callback, name, timed)
     data = TensorDataset(torch.randn(64 * 8, 64), torch.randint(0, 10, (64 * 8,)))
-    trainer = Trainer(max_steps=20, accelerator="cpu", devices=1, logger=TensorBoardLogger(logdir), enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks)  # fmt: skip
+    trainer = Trainer(
+        max_steps=20,
+        accelerator="cpu",
+        devices=1,
+        logger=TensorBoardLogger(logdir),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=callbacks,
+    )
     trainer.fit(MLP(64), DataLoader(data, batch_size=64))
     return spent[0] * 1000
 
@@ -177,8 +185,11 @@ def one_run(
         callbacks=callbacks + [timer],
     )
     trainer.fit(MLP(width), DataLoader(data, batch_size=batch, shuffle=True))
-    out = {"step_times": timer.step_times(), "hook_ns_per_step": hook_timer.per_step_ns if hook_timer else [],
-           "empty_ns_per_step": empty_timer.per_step_ns if hook_timer else []}  # fmt: skip
+    out = {
+        "step_times": timer.step_times(),
+        "hook_ns_per_step": hook_timer.per_step_ns if hook_timer else [],
+        "empty_ns_per_step": empty_timer.per_step_ns if hook_timer else [],
+    }
     if with_energy:
         out["sources"] = callbacks[0].summary["sources"]
     return out
@@ -261,7 +272,8 @@ def main() -> None:
         )
     )
     print(
-        f"sensor sources: {sources}; {args.rounds} interleaved rounds x {args.steps} steps; sampling at 10 Hz; log_every_n_steps={LOG_EVERY_N_STEPS}"
+        f"sensor sources: {sources}; {args.rounds} interleaved rounds x {args.steps} steps; sampling at 10 Hz; "
+        f"log_every_n_steps={LOG_EVERY_N_STEPS}"
     )
     write(
         "overhead",

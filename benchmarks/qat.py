@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import sys
@@ -45,8 +46,14 @@ from lightning_green import PowerSampler  # noqa: E402
 from lightning_green.quantization import QuantizationAwareTraining, state_dict_size_bytes  # noqa: E402
 from lightning_green.sensors import CpuEstimateSensor  # noqa: E402
 
-GOALS = {"decode_ratio_b1": ("<=", 0.4), "prefill_ratio": ("<=", 0.7), "callback_epi_ratio": ("<=", 1.0),
-         "recovery": (">=", 0.70), "size_ratio": ("<=", 0.30), "qat_step_ratio": ("<=", 1.3)}  # fmt: skip
+GOALS = {
+    "decode_ratio_b1": ("<=", 0.4),
+    "prefill_ratio": ("<=", 0.7),
+    "callback_epi_ratio": ("<=", 1.0),
+    "recovery": (">=", 0.70),
+    "size_ratio": ("<=", 0.30),
+    "qat_step_ratio": ("<=", 1.3),
+}
 
 
 class GPTModule(LightningModule):
@@ -55,10 +62,19 @@ class GPTModule(LightningModule):
         from litgpt.model import GPT, Config
 
         config = Config(
-            block_size=block_size, vocab_size=VOCAB_SIZE, padded_vocab_size=VOCAB_SIZE, n_layer=n_layer, n_head=8,
-            n_embd=n_embd, intermediate_size=4 * n_embd, bias=True, parallel_residual=True, rotary_percentage=0.25,
-            mlp_class_name="GptNeoxMLP", norm_class_name="LayerNorm",
-        )  # fmt: skip
+            block_size=block_size,
+            vocab_size=VOCAB_SIZE,
+            padded_vocab_size=VOCAB_SIZE,
+            n_layer=n_layer,
+            n_head=8,
+            n_embd=n_embd,
+            intermediate_size=4 * n_embd,
+            bias=True,
+            parallel_residual=True,
+            rotary_percentage=0.25,
+            mlp_class_name="GptNeoxMLP",
+            norm_class_name="LayerNorm",
+        )
         self.gpt, self.lr = GPT(config), lr
 
     def forward(self, idx: torch.Tensor, input_pos: Any = None) -> torch.Tensor:
@@ -174,9 +190,18 @@ def eval_loss(model: GPTModule, batches: list) -> float:
 
 
 def trainer(steps: int, callbacks: list, val_batches: int = 0) -> Trainer:
-    return Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                   limit_val_batches=val_batches, callbacks=callbacks)  # fmt: skip
+    return Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=val_batches,
+        callbacks=callbacks,
+    )
 
 
 def step_ratio(qat_model: GPTModule, float_model: GPTModule, batches: list, repeats: int) -> list[float]:
@@ -222,15 +247,24 @@ def run(args: argparse.Namespace) -> dict:
     trainer(args.finetune_steps, []).fit(ft_float, datamodule=dm)
     qat_model = GPTModule(args.n_layer, args.n_embd, context(args), lr=args.ft_lr)
     qat_model.load_state_dict(state)
-    sampler = PowerSampler(sensors=[CpuEstimateSensor()], interval_s=0.05, print_summary=False, log_trace=False,
-                           summary_dir=str(Path(args.tmp)))  # fmt: skip
+    sampler = PowerSampler(
+        sensors=[CpuEstimateSensor()],
+        interval_s=0.05,
+        print_summary=False,
+        log_trace=False,
+        summary_dir=str(Path(args.tmp)),
+    )
     qat = QuantizationAwareTraining()
     seed_everything(args.seed + 1, verbose=False)
     trainer(args.finetune_steps, [sampler, qat], val_batches=args.eval_batches).fit(qat_model, datamodule=dm)
     report = qat.report
 
-    losses = {"float": eval_loss(ft_float, val), "ptq": eval_loss(ptq, val), "qat": eval_loss(qat_model, val),
-              "float_baseline": eval_loss(base, val)}  # fmt: skip
+    losses = {
+        "float": eval_loss(ft_float, val),
+        "ptq": eval_loss(ptq, val),
+        "qat": eval_loss(qat_model, val),
+        "float_baseline": eval_loss(base, val),
+    }
     denominator = losses["ptq"] - losses["float"]
     recovery = (losses["ptq"] - losses["qat"]) / denominator if denominator > 0 else float("nan")
 
@@ -250,7 +284,7 @@ def run(args: argparse.Namespace) -> dict:
             fn(models[name])  # warm-up
         for r in range(args.repeats):
             for name in list(models) if r % 2 == 0 else list(models)[::-1]:
-                joules, seconds = estimate_energy_j(sensor, lambda: fn(models[name]))
+                joules, seconds = estimate_energy_j(sensor, functools.partial(fn, models[name]))
                 figures.setdefault(f"{regime}_s_{name}", []).append(seconds / units)
                 figures.setdefault(f"{regime}_j_{name}", []).append(joules / units)
         figures[f"{regime}_ratio"] = [
@@ -271,17 +305,22 @@ def run(args: argparse.Namespace) -> dict:
     }
     return {
         "repeats": args.repeats,
-        "config": {**vars(args), "parameters": sum(p.numel() for p in base.parameters()), "scheme": report["scheme"],
-                   "kernel_decode_ratio": report.get("kernel_decode_ratio"),
-                   "kernel_prefill_ratio": report.get("kernel_prefill_ratio"), "torch_threads": torch.get_num_threads(),
-                   "converted_linear_layers": sum(type(m).__name__ == "Int8DynamicLinear" for m in qat_model.modules())},
+        "config": {
+            **vars(args),
+            "parameters": sum(p.numel() for p in base.parameters()),
+            "scheme": report["scheme"],
+            "kernel_decode_ratio": report.get("kernel_decode_ratio"),
+            "kernel_prefill_ratio": report.get("kernel_prefill_ratio"),
+            "torch_threads": torch.get_num_threads(),
+            "converted_linear_layers": sum(type(m).__name__ == "Int8DynamicLinear" for m in qat_model.modules()),
+        },
         "energy_source": "estimate",
         "figures": {k: _common.summarize(v) for k, v in figures.items()},
         "single": single,
         "eval_loss": losses,
         "callback_report": report.as_dict(),
         "seconds": time.perf_counter() - t_start,
-    }  # fmt: skip
+    }
 
 
 def goal_table(result: dict) -> list[dict]:
@@ -327,18 +366,28 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="qat_bench_") as args.tmp:
         result = run(args)
     rows = goal_table(result)
-    print(f"\nQAT benchmark: LitGPT GPT {result['config']['parameters'] / 1e6:.1f} M params, scheme={result['config']['scheme']},"
-          f" {args.repeats} repeats interleaved; energy source: estimate")  # fmt: skip
+    print(
+        f"\nQAT benchmark: LitGPT GPT {result['config']['parameters'] / 1e6:.1f} M params, "
+        f"scheme={result['config']['scheme']}, {args.repeats} repeats interleaved; energy source: estimate"
+    )
     print(_common.table(rows))
     f = result["figures"]
     for regime, unit in (("decode_b1", "token"), ("decode_b16", "token"), ("prefill", "sample")):
-        print(f"  {regime}: float {f[f'{regime}_s_float']['median'] * 1e3:.3g} ms, {f[f'{regime}_j_float']['median']:.3g} J/{unit};"
-              f" converted {f[f'{regime}_s_converted']['median'] * 1e3:.3g} ms, {f[f'{regime}_j_converted']['median']:.3g} J/{unit}"
-              " [estimate]")  # fmt: skip
-    print(f"  decode_b1 split: {f['decode_b1_outside_linear_share']['median']:.3f} of float's time per token is outside the"
-          f" Linear layers; their converted / float ratio in the model {f['decode_b1_linear_ratio']['median']:.3f};"
-          f" whole-model ratio with free converted Linear layers {f['decode_b1_ratio_free_linear']['median']:.3f},"
-          f" with the kernel's micro-benchmark ratio {f.get('decode_b1_ratio_bound', {}).get('median', float('nan')):.3f}")  # fmt: skip
+        print(
+            f"  {regime}: float {f[f'{regime}_s_float']['median'] * 1e3:.3g} ms, "
+            f"{f[f'{regime}_j_float']['median']:.3g} J/{unit};"
+            f" converted {f[f'{regime}_s_converted']['median'] * 1e3:.3g} ms, "
+            f"{f[f'{regime}_j_converted']['median']:.3g} J/{unit}"
+            " [estimate]"
+        )
+    print(
+        f"  decode_b1 split: {f['decode_b1_outside_linear_share']['median']:.3f} of float's time per token is "
+        "outside the Linear layers; their converted / float ratio in the model "
+        f"{f['decode_b1_linear_ratio']['median']:.3f};"
+        f" whole-model ratio with free converted Linear layers {f['decode_b1_ratio_free_linear']['median']:.3f},"
+        " with the kernel's micro-benchmark ratio "
+        f"{f.get('decode_b1_ratio_bound', {}).get('median', float('nan')):.3f}"
+    )
     print(f"  eval loss: {result['eval_loss']}")
     result["goals"] = rows
     payload = {k: v for k, v in result.items() if k != "callback_report"} | {

@@ -76,7 +76,8 @@ class Classifier(L.LightningModule):
         self.params_equal = max_diff == 0.0
         if self.global_rank == 0:
             print(
-                f"parameters on {gathered.shape[0]} ranks: max |difference| = {max_diff:.3g} -> {'identical' if self.params_equal else 'DIFFERENT'}",
+                f"parameters on {gathered.shape[0]} ranks: max |difference| = {max_diff:.3g} -> "
+                f"{'identical' if self.params_equal else 'DIFFERENT'}",
                 flush=True,
             )
 

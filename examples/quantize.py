@@ -1,9 +1,10 @@
 """Quantize a model's weights for inference with quantization-aware training, and see what it costs.
 
 QAT with the callback (fake quantization from step 150 on), then the model is converted with the
-scheme ``"auto"`` measured fastest on this device (on x86 CPU: torch's dynamic int8 kernel). The float model QAT trained and the converted one are compared
-on held-out data: the largest difference between their outputs, accuracy, size of their weights, and
-energy per inference (EPI) measured by a PowerSampler on this machine, with its source.
+scheme ``"auto"`` measured fastest on this device (on x86 CPU: torch's dynamic int8 kernel). The
+float model QAT trained and the converted one are compared on held-out data: the largest difference
+between their outputs, accuracy, size of their weights, and energy per inference (EPI) measured by a
+PowerSampler on this machine, with its source.
 
     python examples/quantize.py                 # under a minute on a 2-core CPU
     python examples/quantize.py --scheme int8_weight_only
@@ -135,7 +136,8 @@ def main(argv=None) -> dict:
             f"{r['ms_per_sample']:>11.4f}  {r['source']}"
         )
     print(
-        f"max |float - quantized| over the output probabilities: {max_diff:.4g}; same prediction on {agreement:.1%} of samples"
+        f"max |float - quantized| over the output probabilities: {max_diff:.4g}; same prediction on {agreement:.1%} "
+        "of samples"
     )
     print(
         f"size ratio: {rows[name]['size_bytes'] / rows['float']['size_bytes']:.3f}; "

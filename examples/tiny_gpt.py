@@ -189,26 +189,31 @@ def _print_headline(h: dict) -> None:
             for k in ("time_float_s", "time_converted_s")
         }
         print(
-            f"  QAT scheme:            {h['scheme']} (the fastest quantized kernel measured here: {f(h['kernel_decode_ratio'], 'x')} float"
+            f"  QAT scheme:            {h['scheme']} (the fastest quantized kernel measured here: "
+            f"{f(h['kernel_decode_ratio'], 'x')} float"
             f" time at 1 token, {f(h['kernel_prefill_ratio'], 'x')} at 64 tokens)"
         )
         print(
-            f"  EPI float -> int8:     {f(per_token['epi_float_j'], ' J')} -> {f(per_token['epi_converted_j'], ' J')} per token"
+            f"  EPI float -> int8:     {f(per_token['epi_float_j'], ' J')} -> {f(per_token['epi_converted_j'], ' J')} "
+            "per token"
             f" (ratio {f(h['epi_ratio'])})  [{src}]"
         )
         print(
             f"  time float -> int8:    {f(ms['time_float_s'], ' ms')} -> {f(ms['time_converted_s'], ' ms')} per token"
         )
         print(
-            f"  val loss float -> int8:{f(h['val_loss_float'])} -> {f(h['val_loss_converted'])}; size ratio {f(h['size_ratio'])}"
+            f"  val loss float -> int8:{f(h['val_loss_float'])} -> {f(h['val_loss_converted'])}; size ratio "
+            f"{f(h['size_ratio'])}"
         )
         if h["epi_ratio"] is not None and h["epi_ratio"] >= 1.0:
             print(
-                "  note: at this width the int8 kernels' fixed cost per call outweighs the smaller weights, so the converted"
+                "  note: at this width the int8 kernels' fixed cost per call outweighs the smaller weights, so the "
+                "converted"
                 " model costs more per token than float; README Results show a 512-wide model where it costs less."
             )
     print(
-        f"  test EPI (converted):  {f(h['test_epi_j'], ' J/sample')}, {f(h['test_epi_j_per_token'], ' J/token')}  [{src}]"
+        f"  test EPI (converted):  {f(h['test_epi_j'], ' J/sample')}, {f(h['test_epi_j_per_token'], ' J/token')}  "
+        f"[{src}]"
     )
     t = h["to_target"]
     reached = f"{f(t['energy_j'], ' J')} in {f(t['time_s'], ' s')}, step {t['step']}  [{src}]" if t else "not reached"

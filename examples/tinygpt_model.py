@@ -155,9 +155,13 @@ class ByteDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-            generator=self._generator, num_workers=self.num_workers,
-        )  # fmt: skip
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=self._generator,
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)

@@ -26,10 +26,20 @@ def main(out_dir: str) -> None:
         sensors=[SimulatedSensor(power_w=100.0)], interval_s=0.01, print_summary=False, summary_dir=out_dir
     )
     trainer = Trainer(
-        strategy="ddp_green", accelerator="cpu", devices=2, max_steps=3, limit_val_batches=2, limit_test_batches=2, num_sanity_val_steps=0,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, logger=False,
-        callbacks=[sampler, qat], default_root_dir=out_dir,
-    )  # fmt: skip
+        strategy="ddp_green",
+        accelerator="cpu",
+        devices=2,
+        max_steps=3,
+        limit_val_batches=2,
+        limit_test_batches=2,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        callbacks=[sampler, qat],
+        default_root_dir=out_dir,
+    )
     model = QatModel(width=128)
     trainer.fit(model)
     x = torch.ones(2, 32)
