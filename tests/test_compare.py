@@ -17,11 +17,12 @@ from helpers import FakeClock, SleepyModel, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-import lightning_green  # noqa: F401  (registers ddp_green_spawn)
 from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor, cli
 from lightning_green import compare as cmp
 from lightning_green import run_summary as rs
+from lightning_green import summary as S
 from lightning_green import summary_table as st
+from lightning_green.distributed import cluster_figures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -265,35 +266,42 @@ def test_a_summary_without_sensors_says_nothing_measured_not_zero(runs, capsys):
     assert f"energy, this stage: {st.NO_SENSOR}" in out and " 0 J" not in out
 
 
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory) -> str:
-    """A 2-process fit whose only sensor is host-level (local rank 0 reads it; rank 1 has none)."""
-    root = tmp_path_factory.mktemp("ddp")
-    host = SimulatedSensor(100.0, name="host_sim", host_level=True, domain="cpu")
-    ps = PowerSampler(sensors=[host], interval_s=0.02, summary_dir=str(root), print_summary=False, report_picture=False)
-    trainer = tiny_trainer(max_steps=4, devices=2, strategy="ddp_green_spawn", callbacks=[ps])
-    trainer.fit(SleepyModel(step_s=0.01))
-    return str(root / "energy_summary_fit.json")
+def two_process_summary(summary: dict, rank0_at_loop_end_j: float) -> dict:
+    """``summary`` as rank 0 of a 2-process fit writes it: this process's own figures read at teardown,
+    every process's gathered at the end of the loop (``rank0_at_loop_end_j`` then; rank 1 has no
+    sensor of its own: the host-level one is read by local rank 0 only)."""
+    per_rank = [
+        {"rank": 0, "node_rank": 0, "energy_j": rank0_at_loop_end_j, "device_energy_j": 0.0,
+         "stage_energy_j": rank0_at_loop_end_j, "sources": ["simulated"]},
+        {"rank": 1, "node_rank": 0, "energy_j": 0.0, "device_energy_j": 0.0, "stage_energy_j": 0.0, "sources": []},
+    ]  # fmt: skip
+    fields = ("stage", "status", "started_at", "duration_s", "rank", "sensors", "skipped", "sections", "trace")
+    return S.build_summary(
+        **{k: summary[k] for k in fields}, unattributed_j=0.0, cluster=cluster_figures(per_rank), timeline=[]
+    )
 
 
-def test_the_all_processes_figures_say_when_they_were_taken(ddp_run, capsys):
-    summary = rs.load_summary(ddp_run)
-    cluster = summary["cluster"]
-    assert cluster["world_size"] == 2 and cluster["gathered_at"] == "loop_end"
+def test_the_all_processes_figures_say_when_they_were_taken(runs, tmp_path, capsys):
+    path = tmp_path / "energy_summary_fit.json"
+    S.write_json(two_process_summary(summary_of(runs["low"]), rank0_at_loop_end_j=290.0), path)
+    summary = rs.load_summary(path)
+    assert summary["cluster"]["gathered_at"] == "loop_end"
     got = values(summary)
-    assert got[st.ALL_CUMULATIVE] == cluster["total_j"]
-    assert got[st.ALL_STAGE] == cluster["stage_total_j"]
-    # rank 1 has no sensor: every process's energy at loop end is rank 0's then, at most its energy at teardown
-    per_rank = {r["rank"]: r["energy_j"] for r in cluster["per_rank"]}
-    assert per_rank[1] == 0.0 and cluster["total_j"] == per_rank[0] <= got[st.CUMULATIVE]
-    assert cli.main(["compare", ddp_run]) == 0
+    # every process at loop end (290 J) is less than this process at teardown (300 J): the rows say
+    # which is which, and the footnote why
+    assert got[st.ALL_CUMULATIVE] == got[st.ALL_STAGE] == 290.0
+    assert got[st.CUMULATIVE] == got[st.STAGE_ENERGY] == 300.0
+    assert cli.main(["compare", str(path), runs["low"]]) == 0
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert f"note (#1): {st.ALL_PROCESSES_NOTE}" in out
     assert "note (#1): this stage, carried, restored, cumulative: this process (rank 0) only" in out
-    assert cli.main(["show", ddp_run]) == 0
+    assert cli.main(["show", str(path)]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert f"{st.ALL_CUMULATIVE}: {st.fmt(cluster['total_j'])} J [source: simulated]" in out
+    assert f"{st.ALL_CUMULATIVE}: 290 J [source: simulated]" in out
+    assert "per process, cumulative (at loop end; 2 processes, 1 nodes): rank 0 (node 0): 290 J" in out
     assert st.ALL_PROCESSES_NOTE in out
+    single = values(summary_of(runs["low"]))
+    assert st.ALL_CUMULATIVE not in single  # one process: no all-processes rows, no footnote
 
 
 # ---------------------------------------------------------------------------------- schema 1

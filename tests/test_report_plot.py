@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import struct
 import sys
 
@@ -15,6 +16,7 @@ from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
 from lightning_green import report_plot as rp
 from lightning_green import run_summary as rs
 
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -38,13 +40,14 @@ def fit_summary(tmp_path_factory) -> dict:
 
 def with_qat(summary: dict) -> dict:
     s = copy.deepcopy(summary)
-    s["sections"]["Quantization-aware training (int8_weight_only)"] = [
+    rows = [
         {"figure": "size, float", "value": 4000, "unit": "bytes", "source": ""},
         {"figure": "size, converted", "value": 1000, "unit": "bytes", "source": ""},
         {"figure": "size ratio", "value": 0.25, "unit": "converted/float", "source": ""},
         {"figure": "EPI, float", "value": 0.5, "unit": "J/token", "source": "estimate"},
         {"figure": "EPI, converted", "value": 0.4, "unit": "J/token", "source": "estimate"},
     ]
+    s["sections"][rs.QAT] = {"kind": rs.QAT, "title": rs.QAT_TITLE, "rows": rows, "scheme": "int8_weight_only"}
     return s
 
 
@@ -81,7 +84,7 @@ def test_energy_bars_hold_the_summary_energy_and_hatch_estimates(fit_summary):
     bars = [p for p in energy.patches if p.get_width() > 0]
     sensors = [b for b in bars if abs(b.get_y() + b.get_height() / 2) < 1e-9]
     phase_bars = [b for b in bars if abs(b.get_y() + b.get_height() / 2 - 1) < 1e-9]
-    expected = [s["energy_j"] for s in fit_summary["sensors"]]
+    expected = [s["stage_energy_j"] for s in fit_summary["sensors"]]
     assert [b.get_width() for b in sensors] == pytest.approx(expected)
     assert [b.get_hatch() for b in sensors] == [None, rp.ESTIMATE_HATCH]
     phase_j = [r["energy_j"] for r in rs.phases(fit_summary) if r["energy_j"] > 0]
@@ -92,6 +95,7 @@ def test_energy_bars_hold_the_summary_energy_and_hatch_estimates(fit_summary):
 def test_qat_panel_shows_converted_relative_to_float(fit_summary):
     fig = rp.report_figure(with_qat(fit_summary))
     qat = fig.axes[2]
+    assert qat.get_title(loc="left") == "QAT int8_weight_only: converted relative to float"  # the scheme field
     heights = [round(p.get_height(), 6) for p in qat.patches]
     assert heights == [1.0, 0.25, 1.0, 0.8]  # size float, converted, EPI float, converted
     assert [p.get_hatch() for p in qat.patches] == [None, None, rp.ESTIMATE_HATCH, rp.ESTIMATE_HATCH]
@@ -172,3 +176,28 @@ def test_the_summary_json_round_trips_into_the_picture(fit_summary, tmp_path):
     path = tmp_path / "energy_summary_fit.json"
     path.write_text(json.dumps(fit_summary))
     assert png_size(rp.draw_report(rs.load_summary(path), tmp_path / "p.png"))[1] > 0
+
+
+def test_a_summary_without_sensors_says_nothing_measured(fit_summary):
+    bare = dict(fit_summary, sensors=[], sources=[], trace={}, stage_energy_j=0.0, cumulative_energy_j=0.0)
+    fig = rp.report_figure(bare)
+    energy = fig.axes[1]
+    assert [t.get_text() for t in energy.texts] == ["no energy measured (no sensor)"]
+    assert not [p for p in energy.patches if p.get_width() > 0]  # no 0 J bar
+    assert fig.get_suptitle().endswith(": no energy measured (no sensor)")
+    assert " J " not in fig.get_suptitle()
+
+
+def test_the_title_gives_the_stage_energy_and_a_schema_1_summary_still_draws(fit_summary):
+    title = rp.report_figure(fit_summary).get_suptitle()
+    stage_j = fit_summary["stage_energy_j"]
+    duration = fit_summary["duration_s"]
+    assert title.startswith(
+        f"lightning_green energy report: fit (finished), {stage_j:.4g} J this stage in {duration:.4g} s"
+    )
+    with open(os.path.join(DATA, "summary_v1_resumed_fit.json")) as f:
+        old = json.load(f)
+    fig = rp.report_figure(old)
+    assert "100 J this stage in 1 s" in fig.get_suptitle()  # its own 100 J, not the 300 J cumulative
+    assert [p.get_width() for p in fig.axes[1].patches if p.get_width() > 0] == [100.0]
+    assert fig.axes[2].get_title(loc="left").startswith("QAT int8_dynamic")
