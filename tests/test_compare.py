@@ -63,7 +63,9 @@ def resumed(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("resumed")
     clock = StageClock(batch_s=0.5)
     ckpt = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=4, save_top_k=-1)
-    first = tiny_trainer(max_steps=4, callbacks=[clock, sampler(clock), ckpt], enable_checkpointing=True)
+    first = tiny_trainer(
+        max_steps=4, callbacks=[clock, sampler(clock, summary_dir=str(root / "first")), ckpt], enable_checkpointing=True
+    )
     first.fit(SleepyModel(step_s=0.0))
     ps = sampler(clock, summary_dir=str(root / "run"))
     trainer = tiny_trainer(max_steps=6, callbacks=[clock, ps], limit_test_batches=2)
