@@ -38,7 +38,8 @@ class Row:
 
     figure: str
     unit: str
-    better: str | None  # "lower", "higher", or None where neither is better (mean power, limits)
+    # "lower", "higher", or None where neither is better (mean power, limits)
+    better: str | None
     group: str
     values: list[Any] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
@@ -85,8 +86,10 @@ class Figure(NamedTuple):
 
 @dataclass
 class Run:
-    arg: str  # the RUN as given
-    path: str  # its summary file
+    # the RUN as given
+    arg: str
+    # its summary file
+    path: str
     summary: dict
 
 
@@ -207,7 +210,8 @@ def render(runs: Sequence[Run], rows: Sequence[Row], console: Any = None) -> Non
         table.add_column(escape(f"#{i + 1} {_short(run.arg)}"), justify="right")
     for row in rows:
         present = sorted({src for src, v in zip(row.sources, row.values, strict=False) if v is not None})
-        shared, best = len(present) <= 1, row.best()
+        shared = len(present) <= 1
+        best = row.best()
         cells = []
         for i, (value, ratio) in enumerate(zip(row.values, row.ratios(), strict=False)):
             text = escape(st.fmt(value))

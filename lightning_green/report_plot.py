@@ -104,7 +104,8 @@ def write_report_picture(
         for writer in _tensorboard_writers(loggers):
             writer.add_image(IMAGE_TAG, image, global_step=step, dataformats="HWC")
         return path
-    except Exception as err:  # noqa: BLE001 - a picture must never stop training
+    # a picture must never stop training
+    except Exception as err:  # noqa: BLE001
         log.warning("lightning_green: could not draw the energy report of %s: %r", stage, err)
         return None
 
@@ -203,7 +204,8 @@ def _qat_panel(ax: Any, pairs: list[dict], scheme: str | None) -> None:
     ax.set_title(f"QAT {scheme or ''}: converted relative to float", loc="left", fontsize=10)
     names = []
     for i, pair in enumerate(pairs):
-        f, c = pair["float"], pair["converted"]
+        f = pair["float"]
+        c = pair["converted"]
         ratio = c / f if isinstance(f, (int, float)) and isinstance(c, (int, float)) and f else float("nan")
         for dx, model, value, rel, source in (
             (-0.2, "float", f, 1.0, pair["source_float"]),

@@ -22,7 +22,8 @@ from typing import Any
 #: The summary format this package writes (and the newest it reads).
 SCHEMA = 2
 SUMMARY_PREFIX = "energy_summary_"
-MAX_DEPTH = 4  # RUN/ -> lightning_logs/ -> version_N/ -> energy_summary_fit.json, and one more
+# RUN/ -> lightning_logs/ -> version_N/ -> energy_summary_fit.json, and one more
+MAX_DEPTH = 4
 REQUIRED_KEYS = ("stage", "sensors")
 #: The key holding the cumulative energy, by schema (what a file must have to be a summary).
 ENERGY_KEY = {1: "energy_j", 2: "cumulative_energy_j"}

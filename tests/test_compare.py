@@ -134,7 +134,8 @@ def test_compare_cli_prints_both_runs_and_marks_the_lower_energy_best(runs):
 def test_compare_json_holds_values_best_and_ratio(runs, capsys):
     assert cli.main(["compare", runs["high"], runs["low"], "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    high, low = summary_of(runs["high"]), summary_of(runs["low"])
+    high = summary_of(runs["high"])
+    low = summary_of(runs["low"])
     assert [r["run"] for r in out["runs"]] == [runs["high"], runs["low"]]
     rows = {r["figure"]: r for r in out["rows"]}
     stage = rows[st.STAGE_ENERGY]
@@ -143,11 +144,13 @@ def test_compare_json_holds_values_best_and_ratio(runs, capsys):
     assert rows[st.CUMULATIVE]["values"] == [600.0, 300.0]
     assert rows[st.CARRIED]["values"] == [0.0, 0.0] and rows[st.RESTORED]["values"] == [0.0, 0.0]
     assert rows[st.DURATION]["values"] == [high["duration_s"], low["duration_s"]] == [3.0, 3.0]
-    assert rows[st.STAGE_POWER]["best"] == []  # neither lower nor higher power is better by itself
+    # neither lower nor higher power is better by itself
+    assert rows[st.STAGE_POWER]["best"] == []
     eff = rs.efficiency(low)
     assert rows["EER"]["values"][1] == eff["eer_j_per_param"][0]
     assert rows["samples per joule"]["better"] == "higher"
-    assert rows["samples per joule"]["best"] == [1]  # the same samples for half the joules
+    # the same samples for half the joules
+    assert rows["samples per joule"]["best"] == [1]
 
 
 def test_show_prints_one_run_again(runs, capsys):
@@ -165,7 +168,8 @@ def test_a_run_is_a_folder_at_any_sensible_depth_or_a_json(runs):
     assert rs.resolve_run(runs["low"]) == file
     assert rs.resolve_run(os.path.join(runs["low"], "lightning_logs")) == file
     assert rs.resolve_run(version) == file
-    assert rs.resolve_run(file, stage="test") == file  # a file is taken as given
+    # a file is taken as given
+    assert rs.resolve_run(file, stage="test") == file
 
 
 def test_the_stage_chooses_among_a_runs_summaries(runs, tmp_path):
@@ -173,7 +177,8 @@ def test_the_stage_chooses_among_a_runs_summaries(runs, tmp_path):
     shutil.copytree(os.path.join(runs["low"], "lightning_logs", "version_0"), version)
     test_summary = dict(summary_of(runs["low"]), stage="test")
     (version / "energy_summary_test.json").write_text(json.dumps(test_summary))
-    assert rs.resolve_run(str(version)) == str(version / "energy_summary_fit.json")  # fit first
+    # fit first
+    assert rs.resolve_run(str(version)) == str(version / "energy_summary_fit.json")
     assert rs.resolve_run(str(version), "test") == str(version / "energy_summary_test.json")
 
 
@@ -259,7 +264,8 @@ def test_a_summary_without_sensors_says_nothing_measured_not_zero(runs, capsys):
     got = values(bare)
     for figure in (st.STAGE_ENERGY, st.CARRIED, st.RESTORED, st.CUMULATIVE, st.STAGE_POWER):
         assert got[figure] == st.NO_SENSOR, figure
-    assert got[st.DURATION] == 3.0  # time was still measured
+    # time was still measured
+    assert got[st.DURATION] == 3.0
     rows = {r.figure: r for r in cmp.build_rows([bare, summary_of(runs["low"])])}
     assert rows[st.STAGE_ENERGY].values == [st.NO_SENSOR, 300.0] and rows[st.STAGE_ENERGY].best() == []
     st.render(bare)
@@ -273,10 +279,16 @@ def two_process_summary(summary: dict, rank0_at_loop_end_j: float) -> dict:
     every process's gathered at the end of the loop (``rank0_at_loop_end_j`` then; rank 1 has no
     sensor of its own: the host-level one is read by local rank 0 only)."""
     per_rank = [
-        {"rank": 0, "node_rank": 0, "energy_j": rank0_at_loop_end_j, "device_energy_j": 0.0,
-         "stage_energy_j": rank0_at_loop_end_j, "sources": ["simulated"]},
+        {
+            "rank": 0,
+            "node_rank": 0,
+            "energy_j": rank0_at_loop_end_j,
+            "device_energy_j": 0.0,
+            "stage_energy_j": rank0_at_loop_end_j,
+            "sources": ["simulated"],
+        },
         {"rank": 1, "node_rank": 0, "energy_j": 0.0, "device_energy_j": 0.0, "stage_energy_j": 0.0, "sources": []},
-    ]  # fmt: skip
+    ]
     fields = ("stage", "status", "started_at", "duration_s", "rank", "sensors", "skipped", "sections", "trace")
     return S.build_summary(
         **{k: summary[k] for k in fields}, unattributed_j=0.0, cluster=cluster_figures(per_rank), timeline=[]
@@ -294,7 +306,8 @@ def test_the_all_processes_figures_say_when_they_were_taken(runs, tmp_path, caps
     assert got[st.ALL_CUMULATIVE] == got[st.ALL_STAGE] == 290.0
     assert got[st.CUMULATIVE] == got[st.STAGE_ENERGY] == 300.0
     assert cli.main(["compare", str(path), runs["low"]]) == 0
-    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    # rich wraps long lines
+    out = " ".join(capsys.readouterr().out.split())
     assert f"note (#1): {st.ALL_PROCESSES_NOTE}" in out
     assert "note (#1): this stage, carried, restored, cumulative: this process (rank 0) only" in out
     assert cli.main(["show", str(path)]) == 0
@@ -303,7 +316,8 @@ def test_the_all_processes_figures_say_when_they_were_taken(runs, tmp_path, caps
     assert "per process, cumulative (at loop end; 2 processes, 1 nodes): rank 0 (node 0): 290 J" in out
     assert st.ALL_PROCESSES_NOTE in out
     single = values(summary_of(runs["low"]))
-    assert st.ALL_CUMULATIVE not in single  # one process: no all-processes rows, no footnote
+    # one process: no all-processes rows, no footnote
+    assert st.ALL_CUMULATIVE not in single
 
 
 # ---------------------------------------------------------------------------------- schema 1
@@ -355,7 +369,8 @@ def test_a_summary_older_than_carried_j_leaves_the_split_unknown():
 def test_rows_best_and_ratio_rules():
     assert cmp.Row("e", "J", "lower", "energy", [3.0, 2.0, 2.0]).best() == [1, 2]
     assert cmp.Row("t", "tokens/J", "higher", "efficiency", [3.0, None, 5.0]).best() == [2]
-    assert cmp.Row("e", "J", "lower", "energy", [2.0, 2.0]).best() == []  # all equal: nothing to mark
+    # all equal: nothing to mark
+    assert cmp.Row("e", "J", "lower", "energy", [2.0, 2.0]).best() == []
     assert cmp.Row("p", "W", None, "energy", [1.0, 2.0]).best() == []
     assert cmp.Row("e", "J", "lower", "energy", [2.0, 1.0, None, "n/a"]).ratios() == [1.0, 0.5, None, None]
     assert cmp.Row("e", "J", "lower", "energy", [0.0, 1.0]).ratios() == [None, None]

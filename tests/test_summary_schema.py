@@ -65,7 +65,8 @@ def test_each_meaning_has_one_key_named_for_its_scope(written):
     )
     assert not SYNONYMS & set(written) and not SYNONYMS & set(sensor)
     assert written["cluster"]["gathered_at"] == "teardown"
-    assert rs.upgrade(written) is written  # schema 2 is read as it is
+    # schema 2 is read as it is
+    assert rs.upgrade(written) is written
 
 
 def test_sections_have_ids_kinds_and_fields_so_no_title_is_parsed(written):
@@ -76,7 +77,8 @@ def test_sections_have_ids_kinds_and_fields_so_no_title_is_parsed(written):
         "rows": [{"figure": "EPI, float", "value": 0.5, "unit": "J/token", "source": "simulated"}],
         "scheme": "int8_x",
     }
-    assert rs.qat_scheme(written) == "int8_x"  # from the field: the title names no scheme
+    # from the field: the title names no scheme
+    assert rs.qat_scheme(written) == "int8_x"
     assert sections["mine"] == {"kind": "custom", "title": "mine", "rows": [{"figure": "a", "value": 1.0}]}
     assert sections["efficiency"]["kind"] == "efficiency"
     assert rs.efficiency(written)["train_energy_j"] == (200.0, "simulated")
