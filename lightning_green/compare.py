@@ -111,7 +111,8 @@ def figures(summary: dict) -> list[Figure]:
     ]
     for f in st.energy_figures(summary):
         group = "run" if f.figure == st.DURATION else "energy"
-        out.append(Figure(f.figure, f.unit, f.better, group, f.value, "" if f.unit == "s" else src))
+        measured = f.unit != "s" and f.value != st.NO_SENSOR
+        out.append(Figure(f.figure, f.unit, f.better, group, f.value, src if measured else ""))
     for sensor in summary["sensors"]:
         f = st.sensor_figure(sensor)
         out.append(Figure(f.figure, f.unit, f.better, "energy", f.value, sensor.get("source", "")))
@@ -209,7 +210,7 @@ def render(runs: Sequence[Run], rows: Sequence[Row], console: Any = None) -> Non
     for i, run in enumerate(runs):
         table.add_column(escape(f"#{i + 1} {_short(run.arg)}"), justify="right")
     for row in rows:
-        present = sorted({src for src, v in zip(row.sources, row.values, strict=False) if v is not None})
+        present = sorted({src for src, v in zip(row.sources, row.values, strict=True) if v is not None and src})
         shared = len(present) <= 1
         best = row.best()
         cells = []

@@ -268,6 +268,8 @@ def test_a_summary_without_sensors_says_nothing_measured_not_zero(runs, capsys):
     assert got[st.DURATION] == 3.0
     rows = {r.figure: r for r in cmp.build_rows([bare, summary_of(runs["low"])])}
     assert rows[st.STAGE_ENERGY].values == [st.NO_SENSOR, 300.0] and rows[st.STAGE_ENERGY].best() == []
+    # no source for what nothing measured
+    assert rows[st.STAGE_ENERGY].sources == ["", "simulated"]
     st.render(bare)
     out = capsys.readouterr().out
     assert f"lightning_green energy summary (fit, finished): {st.NO_SENSOR}" in out
