@@ -123,7 +123,7 @@ def sweep_once(steps: int) -> dict[int, dict]:
     out = {}
     for data_ms in DELAYS_MS:
         ps, times, _ = fit(data_ms, steps, True)
-        rows = {r["phase"]: r for r in ps.summary["sections"]["energy by phase"]}
+        rows = {r["phase"]: r for r in ps.summary["sections"]["phases"]["rows"]}
         step_ms = statistics.median(times) * 1000
         expected = 100 * data_ms / step_ms
         out[data_ms] = {

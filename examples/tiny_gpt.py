@@ -136,7 +136,7 @@ def _headline(args, model, power, efficiency, qat, logger) -> dict:
     r = efficiency.results
     out = {
         "parameters": efficiency.n_params,  # counted when training started: the float model EER divides by
-        "sensors": [(s["name"], s["source"], s["energy_j"]) for s in fit_summary.get("sensors", [])],
+        "sensors": [(s["name"], s["source"], s["cumulative_energy_j"]) for s in fit_summary.get("sensors", [])],
         "sources": fit_summary.get("sources", []),
         "train_energy_j": r.get("train_energy_j"),
         "eer_j_per_param": r.get("eer_j_per_param"),

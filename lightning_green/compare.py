@@ -1,31 +1,35 @@
-"""``python -m lightning_green compare RUN [RUN ...]`` and ``python -m lightning_green show RUN``.
+"""``python -m lightning_green compare RUN [RUN ...]``: the figures of several runs, lined up.
 
 Reads written summaries only (:mod:`lightning_green.run_summary`): no torch, no Lightning, so the
 answer comes in well under a second after Python starts. A RUN is a log folder (``version_N`` or a
-parent holding one run) or an ``energy_summary_<stage>.json``.
+parent holding one run) or an ``energy_summary_<stage>.json``; the command line is in
+:mod:`lightning_green.cli`.
 
-``compare`` prints one table, a column per run: duration, energy per sensor and in total with
-sources, mean power, EER, tokens/J, EPI, carbon, energy-to-target, QAT float/converted and the power
-limit. In each row with a better direction the best run is marked ``★`` and every run has its ratio
-to the first. ``--json`` prints the same rows as JSON. A bad RUN exits with status 2 and one line
-naming it.
+One table, a column per run: time, energy and power, each row labelled with its scope (this stage;
+carried from earlier stages; restored from a checkpoint; cumulative; all processes at loop end, with
+a footnote saying why that differs from this process's), energy per sensor with sources, EER,
+tokens/J, EPI, carbon, energy-to-target, QAT float/converted and the power limit. A run with no
+sensor reads "no energy measured (no sensor)", never 0 J. In each row with a better direction the
+best run is marked ``★`` and every run has its ratio to the first. :func:`as_json` gives the same
+rows as JSON.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
 from lightning_green import run_summary as rs
+from lightning_green import summary_table as st
 
 BEST_MARK = "★"
 GROUPS = ("run", "energy", "efficiency", "targets", "qat", "power limit", "notes")
-EXIT_BAD_INPUT = 2
 
 
 @dataclass
@@ -34,7 +38,8 @@ class Row:
 
     figure: str
     unit: str
-    better: str | None  # "lower", "higher", or None where neither is better (mean power, limits)
+    # "lower", "higher", or None where neither is better (mean power, limits)
+    better: str | None
     group: str
     values: list[Any] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
@@ -58,9 +63,14 @@ class Row:
 
     def as_dict(self) -> dict:
         return {
-            "figure": self.figure, "unit": self.unit, "better": self.better, "values": self.values,
-            "sources": self.sources, "best": self.best(), "ratio_to_first": self.ratios(),
-        }  # fmt: skip
+            "figure": self.figure,
+            "unit": self.unit,
+            "better": self.better,
+            "values": self.values,
+            "sources": self.sources,
+            "best": self.best(),
+            "ratio_to_first": self.ratios(),
+        }
 
 
 class Figure(NamedTuple):
@@ -76,8 +86,10 @@ class Figure(NamedTuple):
 
 @dataclass
 class Run:
-    arg: str  # the RUN as given
-    path: str  # its summary file
+    # the RUN as given
+    arg: str
+    # its summary file
+    path: str
     summary: dict
 
 
@@ -91,69 +103,78 @@ def load_runs(args: Sequence[str], stage: str | None = None) -> list[Run]:
 
 
 def figures(summary: dict) -> list[Figure]:
-    """Every figure one summary holds, in table order within each group."""
+    """Every figure one summary (current schema) holds, in table order within each group."""
     src = rs.sources(summary)
-    energy_j = rs.stage_energy_j(summary)
-    duration_s = summary.get("duration_s")
     out = [
-        ("stage", "", None, "run", summary.get("stage"), ""),
-        ("status", "", None, "run", summary.get("status"), ""),
-        ("duration", "s", "lower", "run", duration_s, ""),
+        Figure("stage", "", None, "run", summary.get("stage"), ""),
+        Figure("status", "", None, "run", summary.get("status"), ""),
     ]
+    for f in st.energy_figures(summary):
+        group = "run" if f.figure == st.DURATION else "energy"
+        measured = f.unit != "s" and f.value != st.NO_SENSOR
+        out.append(Figure(f.figure, f.unit, f.better, group, f.value, src if measured else ""))
     for sensor in summary["sensors"]:
-        out.append(
-            (
-                f"energy {sensor.get('name', '?')}",
-                "J",
-                "lower",
-                "energy",
-                rs.sensor_energy_j(summary, sensor),
-                sensor.get("source", ""),
-            )
-        )
-    out.append(("energy total", "J", "lower", "energy", energy_j, src))
-    cluster = summary.get("cluster") or {}
-    if summary.get("stage") == "fit" and (cluster.get("world_size") or 1) > 1:
-        out.append(("energy all processes", "J", "lower", "energy", cluster.get("total_j"), src))
-    eff = rs.efficiency(summary)
-    if "train_energy_j" in eff:
-        out.append(("training energy (validation excluded)", "J", "lower", "energy", *eff["train_energy_j"]))
-    own_j = summary.get(
-        "energy_this_run_j", energy_j
-    )  # this stage's own: a resumed fit's restored joules took no time of it
-    mean_w = own_j / duration_s if _is_number(own_j) and _is_number(duration_s) and duration_s > 0 else None
-    out.append(("mean power", "W", None, "energy", mean_w, src))
-    for key, figure, unit, better in (
-        ("eer_j_per_param", "EER", "J/param", "lower"),
-        ("tokens_per_j", "tokens per joule", "tokens/J", "higher"),
-        ("samples_per_j", "samples per joule", "samples/J", "higher"),
-        *((f"{s}_epi_j", f"EPI {s}", "J/sample", "lower") for s in ("validate", "test", "predict")),
-        *((f"{s}_epi_j_per_token", f"EPI {s}", "J/token", "lower") for s in ("validate", "test", "predict")),
-        ("carbon_gco2e", "carbon", "gCO2e", "lower"),
-    ):
-        if key in eff:
-            out.append((figure, unit, better, "efficiency", *eff[key]))
-    for t in rs.targets(summary):
-        name, reached, source = t["metric"], t.get("reached", True), t.get("source") or ""
-        out.append(
-            (f"to {name}: energy", "J", "lower", "targets", t.get("joules") if reached else "not reached", source)
-        )
-        out.append((f"to {name}: time", "s", "lower", "targets", t.get("seconds") if reached else "not reached", ""))
-        out.append((f"to {name}: step", "step", "lower", "targets", t.get("step") if reached else "not reached", ""))
-    scheme = rs.qat_scheme(summary)
-    if scheme:
-        out.append(("QAT scheme", "", None, "qat", scheme, ""))
-    for pair in rs.qat_pairs(summary):
-        for model in ("float", "converted"):
-            out.append(
-                (f"QAT {pair['figure']}, {model}", pair["unit"], "lower", "qat", pair[model], pair[f"source_{model}"])
-            )
+        f = st.sensor_figure(sensor)
+        out.append(Figure(f.figure, f.unit, f.better, "energy", f.value, sensor.get("source", "")))
+    out += efficiency_figures(summary)
+    out += target_figures(summary)
+    out += qat_figures(summary)
     limit = rs.power_limit(summary)
     if limit is not None:
-        out.append(("power limit", "W", None, "power limit", *limit))
+        out.append(Figure("power limit", "W", None, "power limit", *limit))
     if summary.get("partial"):
-        out.append(("partial figures", "", None, "notes", "; ".join(summary["partial"]), ""))
-    return [Figure(*f) for f in out]
+        out.append(Figure("partial figures", "", None, "notes", "; ".join(summary["partial"]), ""))
+    return out
+
+
+#: EfficiencyLogger's figures shown by compare: (key, row label, unit, better direction).
+EFFICIENCY_FIGURES = (
+    ("train_energy_j", "training energy, incl. restored (validation excluded)", "J", "lower"),
+    ("eer_j_per_param", "EER", "J/param", "lower"),
+    ("tokens_per_j", "tokens per joule", "tokens/J", "higher"),
+    ("samples_per_j", "samples per joule", "samples/J", "higher"),
+    *((f"{s}_epi_j", f"EPI {s}", "J/sample", "lower") for s in ("validate", "test", "predict")),
+    *((f"{s}_epi_j_per_token", f"EPI {s}", "J/token", "lower") for s in ("validate", "test", "predict")),
+    ("carbon_gco2e", "carbon", "gCO2e", "lower"),
+)
+
+
+def efficiency_figures(summary: dict) -> list[Figure]:
+    eff = rs.efficiency(summary)
+    out = []
+    for key, figure, unit, better in EFFICIENCY_FIGURES:
+        if key in eff:
+            group = "energy" if unit == "J" else "efficiency"
+            out.append(Figure(figure, unit, better, group, *eff[key]))
+    return out
+
+
+def target_figures(summary: dict) -> list[Figure]:
+    out = []
+    for t in rs.targets(summary):
+        name = t["metric"]
+        reached = t.get("reached", True)
+        source = t.get("source") or ""
+        for what, key, unit, src in (
+            ("energy", "joules", "J", source),
+            ("time", "seconds", "s", ""),
+            ("step", "step", "step", ""),
+        ):
+            value = t.get(key) if reached else "not reached"
+            out.append(Figure(f"to {name}: {what}", unit, "lower", "targets", value, src))
+    return out
+
+
+def qat_figures(summary: dict) -> list[Figure]:
+    out = []
+    scheme = rs.qat_scheme(summary)
+    if scheme:
+        out.append(Figure("QAT scheme", "", None, "qat", scheme, ""))
+    for pair in rs.qat_pairs(summary):
+        for model in ("float", "converted"):
+            figure = f"QAT {pair['figure']}, {model}"
+            out.append(Figure(figure, pair["unit"], "lower", "qat", pair[model], pair[f"source_{model}"]))
+    return out
 
 
 def build_rows(summaries: Sequence[dict]) -> list[Row]:
@@ -163,8 +184,10 @@ def build_rows(summaries: Sequence[dict]) -> list[Row]:
     for i, summary in enumerate(summaries):
         for f in figures(summary):
             row = rows.setdefault((f.figure, f.unit), Row(f.figure, f.unit, f.better, f.group, [None] * n, [""] * n))
-            row.values[i], row.sources[i] = _clean(f.value), f.source
-    return sorted(rows.values(), key=lambda r: GROUPS.index(r.group))  # stable: first-seen within a group
+            row.values[i] = _clean(f.value)
+            row.sources[i] = f.source
+    # sorted is stable: first-seen order within a group
+    return sorted(rows.values(), key=lambda r: GROUPS.index(r.group))
 
 
 def as_json(runs: Sequence[Run], rows: Sequence[Row]) -> dict:
@@ -176,10 +199,6 @@ def as_json(runs: Sequence[Run], rows: Sequence[Row]) -> dict:
 
 def render(runs: Sequence[Run], rows: Sequence[Row], console: Any = None) -> None:
     """Print the comparison as one rich table and a few notes."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
     if console is None:
         console = Console()
         if not console.is_terminal:
@@ -191,11 +210,12 @@ def render(runs: Sequence[Run], rows: Sequence[Row], console: Any = None) -> Non
     for i, run in enumerate(runs):
         table.add_column(escape(f"#{i + 1} {_short(run.arg)}"), justify="right")
     for row in rows:
-        present = sorted({src for src, v in zip(row.sources, row.values, strict=False) if v is not None})
-        shared, best = len(present) <= 1, row.best()
+        present = sorted({src for src, v in zip(row.sources, row.values, strict=True) if v is not None and src})
+        shared = len(present) <= 1
+        best = row.best()
         cells = []
         for i, (value, ratio) in enumerate(zip(row.values, row.ratios(), strict=False)):
-            text = escape(_fmt(value))
+            text = escape(st.fmt(value))
             if i and ratio is not None:
                 text += f" [dim]×{ratio:.2f}[/dim]"
             if not shared and row.sources[i]:
@@ -207,66 +227,27 @@ def render(runs: Sequence[Run], rows: Sequence[Row], console: Any = None) -> Non
             escape(row.figure), row.unit, _style_source(present[0] if present else "") if shared else "per run", *cells
         )
     console.print(table)
-    notes = [f"#{i + 1}: {run.path}" for i, run in enumerate(runs)]
-    notes.append(f"{BEST_MARK} best in the row (lower is better, higher for tokens/samples per joule; no mark where"
-                 " neither is better or all are equal); ×: ratio to run #1")  # fmt: skip
-    total = next((r for r in rows if r.figure == "energy total"), None)
-    if total is not None and len(set(total.sources)) > 1:
-        notes.append(
-            f"note: the runs' energy comes from different sources ({', '.join(total.sources)}): not measured alike"
-        )
-    if total is not None and any(rs.is_estimate(s) for s in total.sources):
-        notes.append("note: 'estimate' figures come from a CPU utilisation model, not a measurement")
-    for line in notes:
+    for line in notes(runs, rows):
         console.print(line, markup=False, highlight=False)
 
 
-def show(run: Run, as_json_out: bool = False) -> None:
-    """Print one run's summary again, as at the end of the stage (or its JSON)."""
-    if as_json_out:
-        print(json.dumps(run.summary, indent=2))
-        return
-    from lightning_green.summary import render as render_summary
-
-    render_summary(run.summary)
-    print(f"summary: {run.path}")
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (2 for a bad RUN, with one line on stderr)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m lightning_green", description="Compare or show lightning_green energy summaries."
+def notes(runs: Sequence[Run], rows: Sequence[Row]) -> list[str]:
+    """The lines under the table: which file each run is, the marks, and the footnotes of the figures."""
+    out = [f"#{i + 1}: {run.path}" for i, run in enumerate(runs)]
+    out.append(
+        f"{BEST_MARK} best in the row (lower is better, higher for tokens/samples per joule; no mark where"
+        " neither is better or all are equal); ×: ratio to run #1"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_cmp = sub.add_parser("compare", help="one table, a column per run")
-    p_cmp.add_argument(
-        "runs",
-        nargs="+",
-        metavar="RUN",
-        help="a log folder (version_N or a parent of one run) or an energy_summary_*.json",
-    )
-    p_show = sub.add_parser("show", help="one run's summary again")
-    p_show.add_argument("runs", nargs=1, metavar="RUN")
-    for p in (p_cmp, p_show):
-        p.add_argument(
-            "--stage", default=None, help="which stage's summary of a run folder (default: fit, else the first)"
-        )
-        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(argv)
-    try:
-        runs = load_runs(args.runs, args.stage)
-    except rs.SummaryError as err:
-        print(f"lightning_green {args.command}: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.command == "show":
-        show(runs[0], args.json)
-        return 0
-    rows = build_rows([r.summary for r in runs])
-    if args.json:
-        print(json.dumps(as_json(runs, rows), indent=2))
-    else:
-        render(runs, rows)
-    return 0
+    for note in dict.fromkeys(n for run in runs for n in st.footnotes(run.summary)):
+        which = [f"#{i + 1}" for i, run in enumerate(runs) if note in st.footnotes(run.summary)]
+        out.append(f"note ({', '.join(which)}): {note}")
+    stage = next((r for r in rows if r.figure == st.STAGE_ENERGY), None)
+    measured = [src for src, v in zip(stage.sources, stage.values, strict=True) if v != st.NO_SENSOR] if stage else []
+    if len(set(measured)) > 1:
+        out.append(f"note: the runs' energy comes from different sources ({', '.join(measured)}): not measured alike")
+    if any(rs.is_estimate(s) for s in measured):
+        out.append("note: 'estimate' figures come from a CPU utilisation model, not a measurement")
+    return out
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -278,17 +259,7 @@ def _clean(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _style_source(source: str) -> str:
-    from rich.markup import escape
-
     return f"[yellow]{escape(source)}[/yellow]" if rs.is_estimate(source) else escape(source)
 
 

@@ -4,7 +4,8 @@ One figure, drawn once at the end of a stage:
 
 * power over time per sensor, from the summary's downsampled trace, each sensor's source in the
   legend; the stage's loops (train, validation) shaded when the summary holds a ``timeline``;
-* energy by sensor and, with ``phases=True``, by phase, as stacked bars;
+* energy of this stage by sensor and, with ``phases=True``, by phase, as stacked bars ("no energy
+  measured (no sensor)" where no sensor measured the stage);
 * with QAT, float against converted (EPI, size, step time when present), relative to float with the
   absolute values written on the bars.
 
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from lightning_green import run_summary as rs
+from lightning_green.summary_table import NO_SENSOR
 
 log = logging.getLogger("lightning_green")
 
@@ -41,13 +43,16 @@ def report_path(directory: str, stage: str) -> str:
 
 
 def report_figure(summary: dict) -> Any:
-    """The report as a ``matplotlib.figure.Figure`` on an Agg canvas, or None without matplotlib."""
+    """The report of ``summary`` (any schema) as a ``matplotlib.figure.Figure`` on an Agg canvas, or
+    None without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         return None
-    fig = Figure(figsize=SIZE_IN, dpi=DPI)  # fixed margins: a layout engine would double the drawing time
+    summary = rs.upgrade(summary)
+    # fixed margins: a layout engine would double the drawing time
+    fig = Figure(figsize=SIZE_IN, dpi=DPI)
     FigureCanvasAgg(fig)
     pairs = rs.qat_pairs(summary)
     grid = fig.add_gridspec(2, 2 if pairs else 1, height_ratios=(3, 2), **MARGINS)
@@ -55,12 +60,7 @@ def report_figure(summary: dict) -> Any:
     _energy_panel(fig.add_subplot(grid[1, 0]), summary)
     if pairs:
         _qat_panel(fig.add_subplot(grid[1, 1]), pairs, rs.qat_scheme(summary))
-    total = rs.stage_energy_j(summary)
-    fig.suptitle(
-        f"lightning_green energy report: {summary.get('stage', '?')} ({summary.get('status', '?')}), "
-        f"{_num(total)} J in {_num(summary.get('duration_s'))} s  [source: {rs.sources(summary)}]",
-        fontsize=11,
-    )
+    fig.suptitle(f"lightning_green energy report: {_headline(summary)}", fontsize=11)
     return fig
 
 
@@ -104,7 +104,8 @@ def write_report_picture(
         for writer in _tensorboard_writers(loggers):
             writer.add_image(IMAGE_TAG, image, global_step=step, dataformats="HWC")
         return path
-    except Exception as err:  # noqa: BLE001 - a picture must never stop training
+    # a picture must never stop training
+    except Exception as err:  # noqa: BLE001
         log.warning("lightning_green: could not draw the energy report of %s: %r", stage, err)
         return None
 
@@ -117,7 +118,8 @@ def _power_panel(ax: Any, summary: dict) -> None:
     sensors = {s["name"]: s for s in summary["sensors"]}
     traces = rs.trace(summary)
     loops = rs.timeline(summary)
-    for i, row in enumerate(loops):  # training is the plain background; other loops are shaded
+    # training is the plain background; other loops are shaded
+    for i, row in enumerate(loops):
         ax.axvline(row["start_s"], color="#9aa7b8", lw=0.6, zorder=1)
         if row["loop"] != "train":
             label = row["loop"] if row["loop"] not in {r["loop"] for r in loops[:i]} else None
@@ -142,14 +144,26 @@ def _power_panel(ax: Any, summary: dict) -> None:
     ax.legend(loc="upper left", ncol=4, fontsize=8, framealpha=0.9)
 
 
+def _headline(summary: dict) -> str:
+    """The stage, its status, and its own energy and time (or that nothing measured it)."""
+    stage = f"{summary.get('stage', '?')} ({summary.get('status', '?')})"
+    duration = f"{_num(summary.get('duration_s'))} s"
+    if not rs.measured(summary):
+        return f"{stage}, {duration}: {NO_SENSOR}"
+    energy = f"{_num(summary.get('stage_energy_j'))} J this stage"
+    return f"{stage}, {energy} in {duration}  [source: {rs.sources(summary)}]"
+
+
 def _energy_panel(ax: Any, summary: dict) -> None:
-    ax.set_title("energy by sensor" + (" and by phase" if rs.phases(summary) else ""), loc="left", fontsize=10)
-    bars = [
-        (
-            "sensors",
-            [(s["name"], rs.sensor_energy_j(summary, s) or 0.0, s.get("source", "")) for s in summary["sensors"]],
-        )
-    ]
+    title = "energy of this stage by sensor" + (" and by phase" if rs.phases(summary) else "")
+    ax.set_title(title, loc="left", fontsize=10)
+    if not rs.measured(summary):
+        ax.text(0.5, 0.5, NO_SENSOR, transform=ax.transAxes, ha="center", va="center", color="gray")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    sensor_parts = [(s["name"], s.get("stage_energy_j") or 0.0, s.get("source", "")) for s in summary["sensors"]]
+    bars = [("sensors", sensor_parts)]
     phase_rows = rs.phases(summary)
     if phase_rows:
         bars.append(("phases", [(r["phase"], float(r["energy_j"]), r.get("source", "")) for r in phase_rows]))
@@ -190,7 +204,8 @@ def _qat_panel(ax: Any, pairs: list[dict], scheme: str | None) -> None:
     ax.set_title(f"QAT {scheme or ''}: converted relative to float", loc="left", fontsize=10)
     names = []
     for i, pair in enumerate(pairs):
-        f, c = pair["float"], pair["converted"]
+        f = pair["float"]
+        c = pair["converted"]
         ratio = c / f if isinstance(f, (int, float)) and isinstance(c, (int, float)) and f else float("nan")
         for dx, model, value, rel, source in (
             (-0.2, "float", f, 1.0, pair["source_float"]),

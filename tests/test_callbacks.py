@@ -65,13 +65,13 @@ def test_summary_json_in_log_dir(tmp_path):
     assert data["stage"] == "fit" and data["status"] == "finished"
     by_name = {s["name"]: s for s in data["sensors"]}
     assert by_name["a"]["source"] == "simulated"
-    assert by_name["a"]["energy_j"] == pytest.approx(50.0 * 10 * 0.01) and by_name["b"]["energy_j"] == pytest.approx(
-        25.0 * 10 * 0.01
-    )
-    assert by_name["a"]["mean_power_w"] == pytest.approx(50.0)
+    assert by_name["a"]["stage_energy_j"] == pytest.approx(50.0 * 10 * 0.01)
+    assert by_name["b"]["stage_energy_j"] == pytest.approx(25.0 * 10 * 0.01)
+    assert by_name["a"]["stage_mean_power_w"] == pytest.approx(50.0)
     assert by_name["a"]["peak_power_w"] == pytest.approx(50.0)
-    assert data["energy_j"] == pytest.approx(by_name["a"]["energy_j"] + by_name["b"]["energy_j"])
-    assert data["cluster"]["world_size"] == 1 and data["cluster"]["total_j"] == pytest.approx(data["energy_j"])
+    assert data["cumulative_energy_j"] == pytest.approx(by_name["a"]["stage_energy_j"] + by_name["b"]["stage_energy_j"])
+    assert data["cluster"]["world_size"] == 1
+    assert data["cluster"]["total_j"] == pytest.approx(data["cumulative_energy_j"])
     assert data["trace"]["a"] and data["partial"] == []
 
 
@@ -143,7 +143,7 @@ def test_gpu_lost_mid_run_with_fake_nvml(fake_nvml, tmp_path):
     gpu = next(s for s in ps.summary["sensors"] if s["name"] == "gpu0")
     assert gpu["source"] == "counter" and "GPU_IS_LOST" in gpu["failed"]
     assert any(p.startswith("gpu0:") for p in ps.summary["partial"])
-    assert gpu["energy_j"] > 0  # what was read before the loss is kept
+    assert gpu["stage_energy_j"] > 0  # what was read before the loss is kept
 
 
 def test_polled_fallback_in_a_run(fake_nvml, tmp_path):
@@ -151,7 +151,7 @@ def test_polled_fallback_in_a_run(fake_nvml, tmp_path):
     ps = PowerSampler(sensors=[NvmlSensor(0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
     tiny_trainer(max_steps=10, callbacks=[ps]).fit(SleepyModel(step_s=0.01))
     gpu = ps.summary["sensors"][0]
-    assert gpu["source"] == "polled" and gpu["mean_power_w"] == pytest.approx(200.0, rel=0.01)
+    assert gpu["source"] == "polled" and gpu["stage_mean_power_w"] == pytest.approx(200.0, rel=0.01)
 
 
 def test_nan_and_negative_readings_are_gaps(tmp_path):
@@ -166,7 +166,7 @@ def test_nan_and_negative_readings_are_gaps(tmp_path):
     ps = PowerSampler(sensors=[Noisy()], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False)
     tiny_trainer(max_steps=10, callbacks=[ps]).fit(SleepyModel(step_s=0.01))
     s = ps.summary["sensors"][0]
-    assert s["gaps"] == 2 and s["partial"] and s["energy_j"] == pytest.approx(10.0 * s["duration_s"], rel=0.01)
+    assert s["gaps"] == 2 and s["partial"] and s["stage_energy_j"] == pytest.approx(10.0 * s["duration_s"], rel=0.01)
     (partial,) = ps.summary["partial"]
     assert (
         partial.startswith("noisy: 2 readings rejected; ")
@@ -210,7 +210,7 @@ def test_resume_continues_total(tmp_path):
     state = torch.load(tmp_path / "epoch=0-step=10.ckpt", weights_only=False)["callbacks"]
     saved = next(v for k, v in state.items() if k.startswith("PowerSampler"))
     # saved after step 10 ended and before the first run ended, at 100 W
-    assert 100.0 * (clock.at_step[10] - clock.t_setup) <= saved["total_j"] <= ps1.summary["energy_j"]
+    assert 100.0 * (clock.at_step[10] - clock.t_setup) <= saved["total_j"] <= ps1.summary["cumulative_energy_j"]
     until_ckpt_s = saved["total_j"] / 100.0
 
     logger = mock_logger()
@@ -222,7 +222,7 @@ def test_resume_continues_total(tmp_path):
     s = ps2.summary
     assert s["restored_j"] == pytest.approx(saved["total_j"])
     # an uninterrupted run at 100 W over the same simulated seconds: 100 W x (first + second duration)
-    assert s["energy_j"] == pytest.approx(100.0 * (until_ckpt_s + s["sensors"][0]["duration_s"]), rel=0.01)
+    assert s["cumulative_energy_j"] == pytest.approx(100.0 * (until_ckpt_s + s["sensors"][0]["duration_s"]), rel=0.01)
     totals = [v for _, v in logged(logger, "energy/total_j")]
     assert totals[0] > saved["total_j"] and totals == sorted(totals)
 

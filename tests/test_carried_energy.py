@@ -37,12 +37,20 @@ def sampler(tmp_path, clock, print_summary=False):
 
 def figures(summary: dict) -> tuple:
     (sensor,) = summary["sensors"]
-    return (summary["stage_energy_j"], summary["carried_j"], summary["restored_j"], summary["energy_j"],
-            sensor["stage_energy_j"], sensor["carried_j"], sensor["restored_j"], sensor["energy_j"])  # fmt: skip
+    return (
+        summary["stage_energy_j"],
+        summary["carried_j"],
+        summary["restored_j"],
+        summary["cumulative_energy_j"],
+        sensor["stage_energy_j"],
+        sensor["carried_j"],
+        sensor["restored_j"],
+        sensor["cumulative_energy_j"],
+    )
 
 
 def adds_up(summary: dict) -> None:
-    assert summary["energy_j"] == pytest.approx(
+    assert summary["cumulative_energy_j"] == pytest.approx(
         summary["stage_energy_j"] + summary["carried_j"] + summary["restored_j"]
     )
     assert summary["stage_mean_power_w"] * summary["duration_s"] == pytest.approx(
@@ -63,21 +71,15 @@ def test_validate_then_fit_labels_the_validate_energy_carried_not_restored(tmp_p
         # fit: 4 batches (200 J); validate's 2 batches (100 J) carried, nothing restored
         assert figures(s) == pytest.approx((200.0, 100.0, 0.0, 300.0, 200.0, 100.0, 0.0, 300.0))
         adds_up(s)
-    assert "this stage (fit, this process): 200 J in 2 s = 100 W mean" in out
-    assert (
-        "of the total: this stage 200 J; carried from earlier stages of this process 100 J; restored from a checkpoint 0 J [source: simulated;"
-        in out
-    )
+    assert "duration, this stage: 2 s energy, this stage: 200 J [source: simulated]" in out
+    assert "energy carried from earlier stages: 100 J [source: simulated]" in out
+    assert "energy restored from checkpoint: 0 J [source: simulated]" in out
     # compare/show and the picture: the fit's own energy, not validate's too
-    assert rs.stage_energy_j(written) == pytest.approx(200.0) and rs.sensor_energy_j(
-        written, written["sensors"][0]
-    ) == pytest.approx(200.0)
-    rows = {f[0]: f[4] for f in cmp.figures(written)}
-    assert (
-        rows["energy total"] == pytest.approx(200.0)
-        and rows["energy sim"] == pytest.approx(200.0)
-        and rows["mean power"] == pytest.approx(100.0)
-    )
+    rows = {f.figure: f.value for f in cmp.figures(rs.load_summary(tmp_path / "energy_summary_fit.json"))}
+    assert rows["energy, this stage"] == pytest.approx(200.0)
+    assert rows["energy sim, this stage"] == pytest.approx(200.0)
+    assert rows["mean power, this stage"] == pytest.approx(100.0)
+    assert rows["energy carried from earlier stages"] == pytest.approx(100.0)
 
 
 def test_fit_test_fit_carries_each_earlier_stage(tmp_path):
@@ -95,7 +97,7 @@ def test_fit_test_fit_carries_each_earlier_stage(tmp_path):
     assert figures(fit) == pytest.approx((100.0, 350.0, 0.0, 450.0, 100.0, 350.0, 0.0, 450.0))
     for s in (test, fit):
         adds_up(s)
-    assert rs.stage_energy_j(fit) == pytest.approx(100.0) and rs.stage_energy_j(test) == pytest.approx(150.0)
+    assert fit["stage_energy_j"] == pytest.approx(100.0) and test["stage_energy_j"] == pytest.approx(150.0)
 
 
 def first_fit_with_checkpoint(tmp_path, clock, ps):
@@ -114,14 +116,12 @@ def test_a_checkpoint_resume_is_restored_not_carried(tmp_path, capsys):
     fit = json.load(open(tmp_path / "energy_summary_fit.json"))
     assert figures(fit) == pytest.approx((100.0, 0.0, 200.0, 300.0, 100.0, 0.0, 200.0, 300.0))
     adds_up(fit)
-    assert (
-        "of the total: this stage 100 J; carried from earlier stages of this process 0 J; restored from a checkpoint 200 J"
-        in out
-    )
-    assert rs.stage_energy_j(fit) == pytest.approx(300.0)  # a resumed fit counts what it restored
-    assert {f[0]: f[4] for f in cmp.figures(fit)}["mean power"] == pytest.approx(
-        100.0
-    )  # its own joules over its own seconds
+    assert "energy, this stage: 100 J [source: simulated]" in out
+    assert "energy restored from checkpoint: 200 J [source: simulated]" in out
+    rows = {f.figure: f.value for f in cmp.figures(fit)}
+    assert rows["energy, this stage"] == pytest.approx(100.0)  # a resumed fit's own, apart from what it restored
+    assert rows["energy restored from checkpoint"] == pytest.approx(200.0)
+    assert rows["mean power, this stage"] == pytest.approx(100.0)  # its own joules over its own seconds
     # a test after the resumed fit: the fit's own energy is carried, the checkpoint's is still restored
     trainer.test(SleepyModel(step_s=0.0), verbose=False)
     test = json.load(open(tmp_path / "energy_summary_test.json"))
@@ -173,7 +173,8 @@ def test_a_checkpoint_loaded_by_validate_is_not_applied_to_a_later_fit_from_scra
     assert eff.results["train_samples"] == 6 and eff.results["train_energy_j"] == pytest.approx(300.0)
     trainer.test(SleepyModel(step_s=0.0), verbose=False)  # each summary lists its own stage's figures
     efficiency = {
-        stage: {r["figure"] for r in ps.summary_by_stage[stage]["sections"]["efficiency"]} for stage in ("fit", "test")
+        stage: {r["figure"] for r in ps.summary_by_stage[stage]["sections"]["efficiency"]["rows"]}
+        for stage in ("fit", "test")
     }
     assert "train_energy_j" in efficiency["fit"] and "test_epi_j" not in efficiency["fit"]
     assert "test_epi_j" in efficiency["test"] and not any(
@@ -200,14 +201,14 @@ def test_session_keeps_restored_apart_from_carried():
     clock.t += 1.0
     session.read_now()
     (row,) = sensor_rows(session.meter, session.restored_j())
-    assert (row["stage_energy_j"], row["carried_j"], row["restored_j"], row["energy_j"]) == pytest.approx(
+    assert (row["stage_energy_j"], row["carried_j"], row["restored_j"], row["cumulative_energy_j"]) == pytest.approx(
         (10.0, 30.0, 0.0, 40.0)
     )
     session.restore({"sim": 100.0, "gone": 5.0, "__unattributed__": 1.0})  # replaces the carried 30 J
     clock.t += 1.0
     session.finish()
     (row,) = sensor_rows(session.meter, session.restored_j())
-    assert (row["stage_energy_j"], row["carried_j"], row["restored_j"], row["energy_j"]) == pytest.approx(
+    assert (row["stage_energy_j"], row["carried_j"], row["restored_j"], row["cumulative_energy_j"]) == pytest.approx(
         (20.0, 0.0, 100.0, 120.0)
     )
     assert session.unattributed_j == pytest.approx(6.0)
@@ -215,26 +216,43 @@ def test_session_keeps_restored_apart_from_carried():
     clock.t += 1.0
     session.finish()
     sensors = sensor_rows(session.meter, session.restored_j())
-    assert (sensors[0]["carried_j"], sensors[0]["restored_j"], sensors[0]["energy_j"]) == pytest.approx(
+    assert (sensors[0]["carried_j"], sensors[0]["restored_j"], sensors[0]["cumulative_energy_j"]) == pytest.approx(
         (20.0, 100.0, 130.0)
     )
-    summary = S.build_summary(stage="test", status="finished", started_at="", duration_s=1.0, rank=0, sensors=sensors, unattributed_j=6.0,
-                              cluster={}, skipped=[], sections={}, trace={})  # fmt: skip
+    summary = S.build_summary(
+        stage="test",
+        status="finished",
+        started_at="",
+        duration_s=1.0,
+        rank=0,
+        sensors=sensors,
+        unattributed_j=6.0,
+        cluster={},
+        skipped=[],
+        sections={},
+        trace={},
+    )
     assert (
         summary["stage_energy_j"],
         summary["carried_j"],
         summary["restored_j"],
-        summary["energy_j"],
+        summary["cumulative_energy_j"],
     ) == pytest.approx((10.0, 20.0, 106.0, 136.0))
 
 
-def test_an_older_summary_without_carried_j_is_read_as_before(capsys):
-    old = {"stage": "fit", "status": "finished", "duration_s": 2.0, "energy_j": 300.0, "energy_this_run_j": 200.0, "restored_j": 100.0,
-           "sources": ["simulated"], "sensors": [{"name": "sim", "source": "simulated", "energy_j": 300.0, "energy_this_run_j": 200.0}]}  # fmt: skip
-    assert rs.stage_energy_j(old) == 300.0 and rs.sensor_energy_j(old, old["sensors"][0]) == 300.0
+def test_an_older_summary_without_carried_j_shows_its_own_stage_and_cumulative(capsys):
+    old = {
+        "stage": "fit",
+        "status": "finished",
+        "duration_s": 2.0,
+        "energy_j": 300.0,
+        "energy_this_run_j": 200.0,
+        "restored_j": 100.0,
+        "sources": ["simulated"],
+        "sensors": [{"name": "sim", "source": "simulated", "energy_j": 300.0, "energy_this_run_j": 200.0}],
+    }
     S.render(old)
     out = " ".join(capsys.readouterr().out.split())
-    assert (
-        "of the total, carried in (earlier stages of this process or a checkpoint): 100 J" in out
-        and "restored from a checkpoint" not in out
-    )
+    assert "energy, this stage: 200 J" in out and "energy cumulative: 300 J" in out
+    # the file did not say how much of the 100 J was carried and how much restored
+    assert "energy carried from earlier stages: - J" in out and "energy restored from checkpoint: - J" in out

@@ -114,8 +114,9 @@ def test_train_metric_reached_at_a_log_step(tmp_path):
 
 def test_summary_rows_and_compare_show_them(tmp_path):
     _, ps, _ = run(tmp_path, {"val_loss": 1.5, "val_acc": (0.9, "max")}, LOSSES, then=("validate", "test"))
-    rows = {r["metric"]: r for r in ps.summary_by_stage["fit"]["sections"]["targets"]}
-    assert ps.summary_by_stage["test"]["sections"]["targets"] == ps.summary_by_stage["fit"]["sections"]["targets"]
+    rows = {r["metric"]: r for r in ps.summary_by_stage["fit"]["sections"]["targets"]["rows"]}
+    targets = {stage: ps.summary_by_stage[stage]["sections"]["targets"]["rows"] for stage in ("fit", "test")}
+    assert targets["test"] == targets["fit"]
     seconds = 6 * STEP_S + 3 * VAL_S
     assert rows["val_loss"] == {
         "metric": "val_loss",
@@ -130,7 +131,7 @@ def test_summary_rows_and_compare_show_them(tmp_path):
     }
     assert rows["val_acc"]["reached"] is False and rows["val_acc"]["joules"] is None and rows["val_acc"]["step"] is None
     path = tmp_path / "energy_summary_fit.json"
-    assert json.loads(path.read_text())["sections"]["targets"][0]["joules"] == pytest.approx(WATTS * seconds)
+    assert json.loads(path.read_text())["sections"]["targets"]["rows"][0]["joules"] == pytest.approx(WATTS * seconds)
     out = subprocess.run(
         [sys.executable, "-m", "lightning_green", "compare", str(path)], capture_output=True, text=True, timeout=120
     )
@@ -179,7 +180,8 @@ def test_resumed_run_keeps_targets_met_and_counts_energy_from_the_first_start(tm
     [(step, seconds)] = logged(logger, "efficiency/time_to_target/train_acc_s")
     assert step == 10 and seconds == pytest.approx((8 * STEP_S + 3 * VAL_S) + 2 * STEP_S)
     assert logged(logger, "efficiency/energy_to_target/train_acc_j") == [(10, pytest.approx(WATTS * seconds, rel=1e-6))]
-    assert {r["metric"]: r["step"] for r in ps.summary["sections"]["targets"]} == {"val_loss": 6, "train_acc": 10}
+    targets = ps.summary["sections"]["targets"]["rows"]
+    assert {r["metric"]: r["step"] for r in targets} == {"val_loss": 6, "train_acc": 10}
 
 
 @pytest.mark.parametrize(
@@ -252,7 +254,7 @@ def test_two_processes_decide_together_and_sum_their_energy(tmp_path):
         callbacks=[clock, ps, EfficiencyLogger(targets={"val_loss": 1.6})],
     )
     trainer.fit(RankScripted({2: 3.0, 4: 2.0, 6: 1.4}))
-    [row] = json.loads((tmp_path / "energy_summary_fit.json").read_text())["sections"]["targets"]
+    [row] = json.loads((tmp_path / "energy_summary_fit.json").read_text())["sections"]["targets"]["rows"]
     # rank 1 sees 2.0 - 0.5 = 1.5 <= 1.6 after step 4 (rank 0 sees 2.0): 4 batches, 2 validation batches, each process
     seconds = 4 * STEP_S + 2 * VAL_S
     assert (row["reached"], row["step"], row["value"]) == (True, 4, pytest.approx(2.0))  # rank 0's own value

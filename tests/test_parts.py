@@ -91,7 +91,9 @@ def test_stage_summary_adds_up():
     assert summary["stage_mean_power_w"] * summary["duration_s"] == pytest.approx(
         summary["stage_energy_j"]
     )  # J = W x s
-    assert summary["energy_j"] == summary["cumulative_energy_j"] == pytest.approx(207.0)
+    assert summary["cumulative_energy_j"] == pytest.approx(207.0) and summary["restored_j"] == pytest.approx(7.0)
+    assert "energy_j" not in summary and "energy_this_run_j" not in summary  # one key per meaning
+    assert summary["schema"] == 2 and summary["cluster"]["gathered_at"] == "teardown"
     assert summary["cluster"]["stage_total_j"] == pytest.approx(200.0) and summary["cluster"][
         "total_j"
     ] == pytest.approx(207.0)
@@ -216,7 +218,9 @@ def test_a_broken_summary_provider_costs_its_section_only(caplog):
     sections.add_section("kept", [{"a": 1}])
     sections.add_provider(lambda: 1 / 0)
     out = sections.collect()
-    assert out["kept"] == [{"a": 1}] and any(k.startswith("error in") for k in out)
+    assert out["kept"] == {"kind": "custom", "title": "kept", "rows": [{"a": 1}]}
+    (error,) = [v for k, v in out.items() if k.startswith("error in")]
+    assert error["kind"] == "error" and error["rows"] == [{"error": "division by zero"}]
     assert "summary section" in caplog.text
 
 

@@ -154,7 +154,7 @@ def test_known_sleeps_give_the_split(tmp_path):
     tiny_trainer(max_steps=12, log_every_n_steps=4, callbacks=[ps], logger=logger).fit(
         Phased(0.02, 0.04, 0.03, sleep=clock.sleep)
     )
-    rows = {r["phase"]: r for r in ps.summary["sections"]["energy by phase"]}
+    rows = {r["phase"]: r for r in ps.summary["sections"]["phases"]["rows"]}
     for phase, seconds in {"data": 0.02, "compute": 0.04, "optimizer": 0.03, "comm": 0.0, "other": 0.0}.items():
         assert rows[phase]["seconds"] == pytest.approx(12 * seconds, abs=1e-9), (phase, rows)
         assert rows[phase]["energy_j"] == pytest.approx(100.0 * 12 * seconds, abs=1e-6), (phase, rows)
@@ -176,7 +176,7 @@ def test_dram_zone_reported_as_memory(tmp_path):
         clock=clock,
     )
     tiny_trainer(max_steps=4, callbacks=[ps]).fit(Phased(0.0, 0.01, 0.0, sleep=clock.sleep))
-    row = ps.summary["sections"]["energy by phase"][-1]
+    row = ps.summary["sections"]["phases"]["rows"][-1]
     assert row["energy_j"] == pytest.approx(5.0 * 4 * 0.01) and ps.summary["sensors"][1]["duration_s"] == pytest.approx(
         4 * 0.01
     )
@@ -204,9 +204,9 @@ def test_summary_tables_name_the_source(tmp_path):
         sensors=[SimulatedSensor(100.0)], interval_s=0.02, phases=True, summary_dir=str(tmp_path), print_summary=False
     )
     tiny_trainer(max_steps=4, callbacks=[ps, EfficiencyLogger()]).fit(Phased(0.0, 0.01, 0.0))
-    phases = ps.summary["sections"]["energy by phase"]
+    phases = ps.summary["sections"]["phases"]["rows"]
     assert all(r["source"] == "simulated" for r in phases[:5])
     assert phases[5]["source"] == ""  # no dram zone: no memory figure, so no source either
-    eff = {r["figure"]: r["source"] for r in ps.summary["sections"]["efficiency"]}
+    eff = {r["figure"]: r["source"] for r in ps.summary["sections"]["efficiency"]["rows"]}
     assert eff["train_energy_j"] == eff["eer_j_per_param"] == eff["carbon_gco2e"] == "simulated"
     assert eff["train_samples"] == "" and eff["n_params"] == ""

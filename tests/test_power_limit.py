@@ -444,7 +444,7 @@ def test_search_in_a_trainer_then_from_the_cache(tmp_path):
     assert logged == grid + [300.0]
     assert probe.limits[1 + 6 * 4 :] == [300.0] * (28 - 1 - 6 * 4)  # steps after the search
     assert control.get_limit_w() == 400  # restored
-    assert sampler.summary["sections"]["Power limit search"] == [dict(r, source="profiled") for r in search.table]
+    assert sampler.summary["sections"]["power_limit"]["rows"] == [dict(r, source="profiled") for r in search.table]
     assert PowerLimitCache(str(cache)).load("simulated|world_size=1") == search.profiles
 
     # a second run reads the cache: no profiling, the same choice from the first step
@@ -458,7 +458,7 @@ def test_search_in_a_trainer_then_from_the_cache(tmp_path):
     )
     fit(strategy2, max_steps=3, callbacks=[sampler2, probe2], root=tmp_path)
     assert strategy2.power_limiter.from_cache and probe2.limits == [300.0] * 3
-    assert sampler2.summary["sections"]["Power limit search"][0]["source"] == "cache"
+    assert sampler2.summary["sections"]["power_limit"]["rows"][0]["source"] == "cache"
 
 
 def test_search_cut_short_restores_and_reports_what_it_profiled(tmp_path):
@@ -474,7 +474,7 @@ def test_search_cut_short_restores_and_reports_what_it_profiled(tmp_path):
         power_limit_cache=False,
     )
     fit(strategy, max_steps=6, callbacks=[sampler], root=tmp_path)  # windows: 400 W (1-3), 350 W (3-5), 300 W open
-    rows = sampler.summary["sections"]["Power limit search"]
+    rows = sampler.summary["sections"]["power_limit"]["rows"]
     assert [r["limit_w"] for r in rows] == [400, 350] and all("incomplete" in r["source"] for r in rows)
     assert not strategy.power_limiter.search.done and control.get_limit_w() == 400
 
@@ -519,7 +519,7 @@ def test_callback_on_a_single_device_settles_after_each_change(tmp_path):
     # windows: 400 W from step 1 (measured 3-5), 350 W from 5 (7-9), 300 W from 9 (11-13), then the choice
     assert probe.limits[:13] == [400.0] * 5 + [350.0] * 4 + [300.0] * 4
     assert probe.limits[13:] == [search.chosen_w] * 3 and control.get_limit_w() == 400  # restored
-    assert sampler.summary["sections"]["Power limit search"] == [dict(r, source="profiled") for r in search.table]
+    assert sampler.summary["sections"]["power_limit"]["rows"] == [dict(r, source="profiled") for r in search.table]
 
 
 def test_callback_with_plain_ddp_two_ranks_agrees_and_restores(tmp_path):

@@ -205,7 +205,10 @@ def test_render_tolerates_nulls_and_nan(capsys):
     }  # fmt: skip
     S.render(json.loads(json.dumps(summary).replace("NaN", "null")))
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
-    assert "12 J in - s = n/a W mean" in out and "cumulative (2 processes, 1 nodes): - J; rank 0 (node 0): - J;" in out
+    assert "duration, this stage: - s energy, this stage: 12 J [source: simulated]" in out
+    assert "mean power, this stage: - W" in out and "energy cumulative: - J" in out
+    assert "energy all processes, cumulative (at loop end): - J" in out
+    assert "per process, cumulative (at loop end; 2 processes, 1 nodes): rank 0 (node 0): - J;" in out
     assert "device-energy imbalance (max/mean): n/a (no per-process device sensor)" in out
     assert "partial figures: sim: 1 readings rejected" in out
     summary["cluster"]["imbalance"] = float("nan")  # in memory, before JSON
@@ -227,5 +230,5 @@ def test_a_section_value_json_cannot_hold_is_written_as_text_not_raised(tmp_path
     )
     ps.add_summary_provider(lambda: {"mine": [{"figure": "a tensor", "value": torch.tensor(1.5)}]})
     tiny_trainer(max_steps=2, callbacks=[ps]).fit(SleepyModel(step_s=0.0))
-    rows = json.loads((tmp_path / "energy_summary_fit.json").read_text())["sections"]["mine"]
+    rows = json.loads((tmp_path / "energy_summary_fit.json").read_text())["sections"]["mine"]["rows"]
     assert rows == [{"figure": "a tensor", "value": "tensor(1.5000)"}]

@@ -426,7 +426,7 @@ def test_energy_figures_with_power_sampler(tmp_path):
     trainer = make_trainer([sampler, qat], max_steps=4, logger=logger, default_root_dir=tmp_path)
     trainer.fit(model)
     report = qat.report
-    total_j = sampler.summary["energy_j"]
+    total_j = sampler.summary["cumulative_energy_j"]
     assert 0 < report["energy_j"] < total_j  # from on_fit_start to the conversion: part of the run
     assert report["energy_source"] == "simulated"
     for tag in ("float", "converted"):
@@ -434,7 +434,8 @@ def test_energy_figures_with_power_sampler(tmp_path):
         assert 0 < report[f"epi_{tag}_j"] < total_j / report["val_samples"]
         ((step, value),) = logged(logger, f"qat/epi_{tag}_j")
         assert step == 4 and value == pytest.approx(report[f"epi_{tag}_j"])
-    rows = sampler.summary["sections"]["Quantization-aware training (int8_dynamic)"]
+    rows = sampler.summary["sections"]["qat"]["rows"]
+    assert sampler.summary["sections"]["qat"]["scheme"] == "int8_dynamic"
     assert {r["figure"]: r["source"] for r in rows}["EPI, converted"] == "simulated"
     assert {r["figure"]: r["value"] for r in rows}["size ratio"] == report["size_ratio"]
 

@@ -223,7 +223,7 @@ def test_training_goes_on_beside_a_sensor_whose_first_read_hangs(tmp_path):
         assert trainer.global_step == 5
         by_name = {s["name"]: s for s in ps.summary["sensors"]}
         assert by_name["hangs"]["hung"] and by_name["hangs"]["abandoned"] and by_name["hangs"]["failed"]
-        assert by_name["sim"]["energy_j"] > 0 and not by_name["sim"]["partial"]
+        assert by_name["sim"]["cumulative_energy_j"] > 0 and not by_name["sim"]["partial"]
         assert our_threads() == ["lightning_green-sampler:hangs"]
     finally:
         release_and_join(hung)
