@@ -5,6 +5,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
 
 class WarnOnce:
     """A warning said once per object: monitoring that goes partial says so, and not every step."""
@@ -17,10 +19,6 @@ class WarnOnce:
             return
         self._said.add(key)
         if rank_zero:
-            # Lightning (and torch) load here, not at import: the CLI, which reads summaries without
-            # torch, reaches this module through the summary's table.
-            from lightning.pytorch.utilities.rank_zero import rank_zero_warn
-
             rank_zero_warn(message)
         else:
             warnings.warn(message, stacklevel=2)
