@@ -28,8 +28,8 @@ log = logging.getLogger("lightning_green")
 # lightning_green.distributed (torch) is imported where a summary is built, not here: `show` renders
 # a written summary without torch.
 
-#: Stages whose summary is printed and written (validate and predict keep theirs in memory).
-SUMMARY_STAGES = ("fit", "test")
+#: Stages whose summary is printed and written (validate keeps its in memory).
+SUMMARY_STAGES = ("fit", "test", "predict")
 
 Provider = Callable[[], "dict[str, list[dict]]"]
 
