@@ -303,3 +303,49 @@ def test_predict_on_two_processes_sums_energy_and_tokens_into_the_cluster_figure
         assert rows[0]["j_per_token"] == 825.0 / 20 and rows[3]["generated_tokens"] == 12 / 10
         decode = {r["phase"]: r for r in summary["sections"]["generation phases"]}["decode"]
         assert (decode["tokens"], decode["energy_j"], decode["processes"]) == (20, 150.0 * 2.0 + 100.0 * 4.0, 2)
+
+
+def generate_measured(sampler, gpt, prompt, max_returned_tokens):
+    """The docs' LitGPT example: ``generate_fn`` streams tokens, the first right after the prefill pass."""
+    from litgpt.generate.base import generate_fn
+
+    gpt.set_kv_cache(batch_size=1)
+    stream = generate_fn(gpt, prompt, max_returned_tokens, include_prompt=False, include_eos=True)
+    with sampler.generation_phase("prefill", tokens=prompt.numel()):
+        first = next(stream)
+    with sampler.generation_phase("decode") as block:
+        rest = list(stream)
+        block.tokens = len(rest)
+    gpt.clear_kv_cache()
+    return torch.cat([prompt, first, *rest])
+
+
+class LitGPTGenerator(LightningModule):
+    def __init__(self):
+        super().__init__()
+        from litgpt.model import GPT, Config
+
+        torch.manual_seed(0)
+        self.gpt = GPT(Config(block_size=16, vocab_size=64, padded_vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+
+    def predict_step(self, batch, batch_idx):
+        return generate_measured(find_power_sampler(self.trainer), self.gpt, batch[0], max_returned_tokens=11)
+
+    def predict_dataloader(self):
+        return DataLoader(torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(0)), batch_size=1)
+
+
+def test_litgpt_generate_fn_in_predict(tmp_path):
+    """LitGPT's own generation loop, unchanged, marked and counted (real time: the figures are checked
+    against the time each one covers at the simulated sensor's constant 100 W)."""
+    sampler = PowerSampler(sensors=[SimulatedSensor(100.0, name="sim")], summary_dir=str(tmp_path), print_summary=False)
+    eff = EfficiencyLogger(generated_tokens="output")
+    tiny_trainer(callbacks=[sampler, eff]).predict(LitGPTGenerator())
+    total = eff.generation["total"]
+    assert total["generated_tokens"] == 2 * (11 - 5)  # 1-D outputs: the prompt's 5, then 6 new tokens
+    assert total["energy_j"] == pytest.approx(100.0 * total["seconds"], rel=1e-9)
+    summary = json.loads((tmp_path / "energy_summary_predict.json").read_text())
+    phases = {r["phase"]: r for r in summary["sections"]["generation phases"]}
+    assert (phases["prefill"]["tokens"], phases["decode"]["tokens"]) == (2 * 5, 2 * 5)  # decode: the 5 after the first
+    for row in phases.values():
+        assert row["energy_j"] == pytest.approx(100.0 * row["seconds"], rel=1e-9) and row["source"] == "simulated"
