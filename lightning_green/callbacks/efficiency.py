@@ -21,7 +21,9 @@ from lightning_green.energy.generation import (
     check_generated_tokens,
     cluster_generation,
     first_tensor,
+    generation_metrics,
     generation_rows,
+    predict_results,
 )
 from lightning_green.energy.session import Reduce
 from lightning_green.errors import MisconfiguredTrainer
@@ -203,7 +205,7 @@ class EfficiencyLogger(Callback):
         self.samples_per_batch = _check_count_fn("samples_per_batch", samples_per_batch)
         self._counter = BatchCounter(self.samples_per_batch, self.tokens_per_batch)
         self.generated_tokens = check_generated_tokens(generated_tokens)
-        self._generation = (
+        self._generation_tally = (
             GenerationTally(generated_tokens, self._batch_samples) if generated_tokens is not None else None
         )
         self.generation: dict | None = None  # the last predict loop's figures (energy/generation.cluster_generation)
@@ -336,8 +338,8 @@ class EfficiencyLogger(Callback):
         if trainer.sanity_checking:
             return
         self._eval = {"samples": 0, "tokens": 0, "start_j": self._power.energy_now_j()}
-        if trainer.predicting and self._generation is not None:
-            self._generation.start(self._power.session)
+        if trainer.predicting and self._generation_tally is not None:
+            self._generation_tally.start(self._power.session)
 
     def _eval_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any, *_hook_args: Any) -> None:
         if trainer.sanity_checking:
@@ -369,7 +371,7 @@ class EfficiencyLogger(Callback):
             self.results[f"{stage}_epi_j_per_token"] = metrics["efficiency/epi_j_per_token"]
         if stage != "predict":
             log_metrics(trainer, metrics)
-        elif self._generation is not None:
+        elif self._generation_tally is not None:
             self._end_generation(trainer)
 
     @override
@@ -382,30 +384,15 @@ class EfficiencyLogger(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._generation is not None:
-            self._generation.add(outputs, batch)
+        if self._generation_tally is not None:
+            self._generation_tally.add(outputs, batch)
 
     def _end_generation(self, trainer: Trainer) -> None:
         """Every process's generated tokens, energy and time (a collective), logged and kept for the summary."""
-        row = self._generation.local_row(self._power.session, trainer.node_rank)
+        row = self._generation_tally.local_row(self._power.session, trainer.node_rank)
         self.generation = cluster_generation(gather_floats(trainer, row))
-        total = self.generation["total"]
-        self.results.update(
-            predict_generated_tokens=total["generated_tokens"],
-            predict_j_per_generated_token=total["j_per_token"],
-            predict_s_per_generated_token=total["s_per_token"],
-            predict_generated_tokens_per_j=total["tokens_per_j"],
-        )
-        if total["fallback_samples"]:
-            self.results["predict_generated_tokens_fallback_samples"] = total["fallback_samples"]
-        log_metrics(
-            trainer,
-            {
-                "efficiency/j_per_generated_token": total["j_per_token"],
-                "efficiency/s_per_generated_token": total["s_per_token"],
-                "efficiency/generated_tokens_per_j": total["tokens_per_j"],
-            },
-        )
+        self.results.update(predict_results(self.generation["total"]))
+        log_metrics(trainer, generation_metrics(self.generation["total"]))
 
     def _batch_samples(self, batch: Any) -> int:
         """A batch's samples by this logger's rules (what a batch counts when its generated tokens cannot be)."""

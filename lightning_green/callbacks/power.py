@@ -185,7 +185,7 @@ class PowerSampler(Callback):
         if self.phases:
             self.sections.add_provider(self._phase_rows)
         # generation phases (prefill / decode) marked by the user's loop: Trainer-free in energy/generation.py
-        self._generation = GenerationPhases(self.session)
+        self._generation_phases = GenerationPhases(self.session)
         self.sections.add_provider(self._generation_rows)
 
     # ------------------------------------------------------------------ public API
@@ -210,7 +210,7 @@ class PowerSampler(Callback):
         ``with sampler.generation_phase("decode") as block: ...; block.tokens = n``. The summary and the
         logged ``generation/<phase>_j_per_token`` give each phase's J and s per token, all processes
         (:class:`~lightning_green.energy.generation.GenerationPhases`)."""
-        return self._generation.phase(name, tokens)
+        return self._generation_phases.phase(name, tokens)
 
     def sources(self, all_processes: bool = False) -> str:
         """The sources of this process's sensors (``all_processes``: of every process's, as gathered at the loop's end), joined with ``+``."""
@@ -367,7 +367,7 @@ class PowerSampler(Callback):
         self.record.begin(stage, skipped)
         self.sections.clear_sections()
         self.training.begin_stage()
-        self._generation.reset()
+        self._generation_phases.reset()
 
     def _finish(self, trainer: Trainer, stage: str, status: str) -> None:
         self.log_queue.stop()
@@ -391,10 +391,10 @@ class PowerSampler(Callback):
 
     def _generation_loop_ended(self, trainer: Trainer) -> None:
         """Every process's generation phases (a collective) and their metrics, at the loop's end."""
-        log_metrics(trainer, self._generation.loop_ended(functools.partial(gather_floats, trainer)))
+        log_metrics(trainer, self._generation_phases.loop_ended(functools.partial(gather_floats, trainer)))
 
     def _generation_rows(self) -> dict[str, list[dict]]:
-        rows = self._generation.rows(self.sources(all_processes=True))
+        rows = self._generation_phases.rows(self.sources(all_processes=True))
         return {"generation phases": rows} if rows else {}
 
     def _phase_rows(self) -> dict[str, list[dict]]:

@@ -186,6 +186,29 @@ def per_token(energy_j: float, seconds: float, tokens: float) -> dict[str, float
     }
 
 
+def predict_results(total: Mapping[str, float]) -> dict[str, float]:
+    """The ``efficiency`` summary figures of a predict loop from :func:`cluster_generation`'s ``total``
+    (``predict_generated_tokens_fallback_samples`` only where some batch fell back to samples)."""
+    out = {
+        "predict_generated_tokens": total["generated_tokens"],
+        "predict_j_per_generated_token": total["j_per_token"],
+        "predict_s_per_generated_token": total["s_per_token"],
+        "predict_generated_tokens_per_j": total["tokens_per_j"],
+    }
+    if total["fallback_samples"]:
+        out["predict_generated_tokens_fallback_samples"] = total["fallback_samples"]
+    return out
+
+
+def generation_metrics(total: Mapping[str, float]) -> dict[str, float]:
+    """The logged metrics of a predict loop from :func:`cluster_generation`'s ``total``."""
+    return {
+        "efficiency/j_per_generated_token": total["j_per_token"],
+        "efficiency/s_per_generated_token": total["s_per_token"],
+        "efficiency/generated_tokens_per_j": total["tokens_per_j"],
+    }
+
+
 def _imbalance(values: Sequence[float]) -> float:
     """max / mean (NaN when the mean is not > 0), the rule of the cluster's device-energy imbalance."""
     mean = sum(values) / len(values)
