@@ -13,7 +13,7 @@ from helpers import logged, tiny_trainer
 from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader
 
-from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor, find_power_sampler
+from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor, compare, find_power_sampler
 from lightning_green.energy.generation import (
     GenerationPhases,
     GenerationTally,
@@ -258,6 +258,11 @@ def test_predict_writes_its_summary_with_energy_per_generated_token(tmp_path):
     efficiency = {r["figure"]: r for r in sections["efficiency"]}
     assert efficiency["predict_j_per_generated_token"]["value"] == 250.0 / 48
     assert efficiency["predict_j_per_generated_token"]["source"] == "simulated"
+    compared = {
+        f.figure: (f.value, f.unit, f.source) for f in compare.figures(summary)
+    }  # `python -m lightning_green compare`
+    assert compared["energy per generated token"] == (250.0 / 48, "J/token", "simulated")
+    assert compared["generated tokens per joule"] == (48 / 250.0, "tokens/J", "simulated")
 
 
 def test_predict_output_the_rule_cannot_read_falls_back_to_samples(tmp_path):
