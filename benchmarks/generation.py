@@ -13,7 +13,8 @@ Loop: a prompt of ``--prompt-tokens`` tokens in one forward pass (prefill), then
 decode steps of one token each with the KV cache, at batch 1 and 16. The measurement is the package's
 Trainer-free path: an ``EnergySession`` over the ``auto`` sensors (NVML, else RAPL, else the CPU estimate:
 the JSON says which, and an estimate is labelled as one) and ``GenerationPhases`` marking the prefill and
-the decode block of every run.
+the decode block of every run. ``--device cuda`` runs it on a GPU, NVML measuring it and every block
+synchronising the device at its edges (not run here: this work had no GPU).
 
 Figures per variant and batch size, each over ``--repeats`` repeats, the variants interleaved (A B, B A, ...):
 ``j_per_generated_token`` and ``s_per_generated_token`` (prefill and decode over the generated tokens),
@@ -60,17 +61,17 @@ def build_float(args: argparse.Namespace) -> torch.nn.Module:
         parallel_residual=True, rotary_percentage=0.25, mlp_class_name="GptNeoxMLP", norm_class_name="LayerNorm",
     )  # fmt: skip
     torch.manual_seed(args.seed)
-    return GPT(config).eval()
+    return GPT(config).to(args.device).eval()
 
 
 def build_qat(args: argparse.Namespace, float_model: torch.nn.Module) -> tuple[torch.nn.Module, dict]:
     """A QAT-trained and converted copy of ``float_model``, and what the callback reported."""
     qat = QuantizationAwareTraining()
-    model = qat.prepare(copy.deepcopy(float_model).train())
+    model = qat.prepare(copy.deepcopy(float_model).train(), device=args.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(args.seed)
     for _ in range(args.qat_steps):
-        tokens = torch.randint(0, VOCAB_SIZE, (4, args.prompt_tokens + 1), generator=g)
+        tokens = torch.randint(0, VOCAB_SIZE, (4, args.prompt_tokens + 1), generator=g).to(args.device)
         loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         optimizer.step()
@@ -86,19 +87,30 @@ VARIANTS: dict[str, Callable[[argparse.Namespace, torch.nn.Module], tuple[torch.
 }
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously: a block's edges must hold its work)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int, phases: GenerationPhases) -> list[float]:
     """Greedy generation with the KV cache, its prefill and decode marked; the seconds of each decode step."""
     batch, width = prompt.shape
-    model.set_kv_cache(batch_size=batch, max_seq_length=width + new_tokens)
+    device = prompt.device
+    model.set_kv_cache(batch_size=batch, max_seq_length=width + new_tokens, device=device)
+    positions = torch.arange(width + new_tokens, device=device)
     step_s = []
+    sync(device)
     with phases.phase("prefill", tokens=prompt.numel()):
-        logits = model(prompt, input_pos=torch.arange(width))
+        logits = model(prompt, input_pos=positions[:width])
+        sync(device)
     with phases.phase("decode", tokens=batch * new_tokens):
         for i in range(new_tokens):
             t0 = time.perf_counter()
             token = logits[:, -1:].argmax(-1)
-            logits = model(token, input_pos=torch.tensor([width + i]))
+            logits = model(token, input_pos=positions[width + i : width + i + 1])
+            sync(device)
             step_s.append(time.perf_counter() - t0)
     model.clear_kv_cache()
     return step_s
@@ -126,12 +138,13 @@ def run(args: argparse.Namespace) -> dict:
     models, facts = {}, {}
     for name in args.variants:
         models[name], facts[name] = VARIANTS[name](args, float_model)
-    gpu = [0] if torch.cuda.is_available() else []
+    device = torch.device(args.device)
+    gpu = [device.index or 0] if device.type == "cuda" else []  # a CPU run does not count an idle GPU
     sensors, skipped = build_sensors(["auto"], gpu, host_level=True)
     session = EnergySession(interval_s=args.interval_s)
     session.start(sensors, owned=sensors)
     g = torch.Generator().manual_seed(args.seed)
-    prompts = {b: torch.randint(0, VOCAB_SIZE, (b, args.prompt_tokens), generator=g) for b in BATCHES}
+    prompts = {b: torch.randint(0, VOCAB_SIZE, (b, args.prompt_tokens), generator=g).to(device) for b in BATCHES}
     values: dict[str, list[float]] = {}
     try:
         for model in models.values():  # warm-up
@@ -183,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--qat-steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=_common.MIN_REPEATS)
     parser.add_argument("--interval-s", type=float, default=0.05, help="seconds between sensor readings")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda[:i] (blocks synchronise at their edges)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
