@@ -13,7 +13,7 @@ from helpers import logged, tiny_trainer
 from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader
 
-from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor, compare, find_power_sampler
+from lightning_green import EfficiencyLogger, PowerSampler, compare, find_power_sampler
 from lightning_green.energy.generation import (
     GenerationPhases,
     GenerationTally,
@@ -23,6 +23,7 @@ from lightning_green.energy.generation import (
     count_generated,
 )
 from lightning_green.energy.session import EnergySession
+from lightning_green.sensors import SimulatedSensor
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "ddp_scripts")
 

@@ -18,7 +18,8 @@ from _common import write_json
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader
 
-from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor, find_power_sampler
+from lightning_green import EfficiencyLogger, PowerSampler, find_power_sampler
+from lightning_green.sensors import SimulatedSensor
 
 HOST_W, DEVICE_W = 50.0, 100.0
 
