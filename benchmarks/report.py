@@ -36,7 +36,7 @@ BEGIN = (
     "do not edit by hand -->"
 )
 END = "<!-- results: end -->"
-ORDER = ("overhead", "integration", "phases", "ddp_comm", "power_limit", "qat", "gpu_check")
+ORDER = ("overhead", "integration", "phases", "ddp_comm", "power_limit", "qat", "generation", "gpu_check")
 
 
 def med(x) -> float:
@@ -326,6 +326,36 @@ def render_qat(d: dict) -> tuple[list[str], list[str]]:
         "(loss_PTQ - loss_QAT) / (loss_PTQ - loss_float); with an int8 scheme PTQ loses little, so the denominator "
         "is small "
         "and the figure is ill-conditioned."
+    ]
+    return out, notes
+
+
+def render_generation(d: dict) -> tuple[list[str], list[str]]:
+    """``generation.json``: ``b<b>_<variant>_<figure>`` summaries, as ``benchmarks/generation.py`` writes them."""
+    f, c, src = d["figures"], d["config"], d["energy_source"]
+    where = f"CPU, `{src}`" if "cpu" in d["machine"]["device"] else f"{d['machine']['device']}, `{src}`"
+    out = []
+    for b in c["batches"]:
+        parts = []
+        for name in c["variants"]:
+            key = f"b{b}_{name}"
+            parts.append(
+                f"{name}: {span(f[f'{key}_j_per_generated_token'], '.3g')} J and "
+                f"{span(f[f'{key}_s_per_generated_token'], '.3g')} s per generated token, prefill "
+                f"{span(f[f'{key}_prefill_j_per_prompt_token'], '.3g')} J per prompt token, steady "
+                f"{span(f[f'{key}_steady_tokens_per_s'], '.4g')} tokens/s"
+            )
+        for name in c["variants"]:
+            if f"b{b}_{name}_j_per_generated_token_ratio" in f:
+                parts.append(f"{name} / float J per token {span(f[f'b{b}_{name}_j_per_generated_token_ratio'], '.3g')}")
+        out.append(
+            f"| generation, LitGPT GPT {c['n_embd']} wide with its KV cache, {c['new_tokens']} new tokens after "
+            f"{c['prompt_tokens']}, batch {b} | reported | {'; '.join(parts)} | reported | {runs(d)} | {where} |"
+        )
+    notes = [
+        f"Generation figures: energy from the `{src}` sensor"
+        + (", a CPU utilisation model, not a measurement" if src == "estimate" else "")
+        + "; steady tokens/s is over the second half of the decode steps (warm KV cache)."
     ]
     return out, notes
 

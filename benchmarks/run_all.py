@@ -24,6 +24,7 @@ BENCHMARKS = [  # name, arguments of a full run, arguments of a --quick run
     ("power_limit", [], ["--repeats", "2", "--quick"]),
     ("ddp_comm", [], ["--steps", "30", "--repeats", "1", "--quick"]),
     ("qat", [], ["--quick"]),
+    ("generation", [], ["--quick"]),
     ("gpu_check", [], ["--repeats", "2"]),
 ]
 

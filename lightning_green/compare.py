@@ -135,6 +135,9 @@ EFFICIENCY_FIGURES = (
     ("samples_per_j", "samples per joule", "samples/J", "higher"),
     *((f"{s}_epi_j", f"EPI {s}", "J/sample", "lower") for s in ("validate", "test", "predict")),
     *((f"{s}_epi_j_per_token", f"EPI {s}", "J/token", "lower") for s in ("validate", "test", "predict")),
+    ("predict_j_per_generated_token", "energy per generated token", "J/token", "lower"),
+    ("predict_s_per_generated_token", "time per generated token", "s/token", "lower"),
+    ("predict_generated_tokens_per_j", "generated tokens per joule", "tokens/J", "higher"),
     ("carbon_gco2e", "carbon", "gCO2e", "lower"),
 )
 

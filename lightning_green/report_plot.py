@@ -32,7 +32,7 @@ IMAGE_TAG = "energy/report"
 SIZE_IN = (11.0, 6.2)
 DPI = 90
 PHASE_COLORS = {"data": "#8da0cb", "compute": "#fc8d62", "optimizer": "#66c2a5", "comm": "#e78ac3", "other": "#b3b3b3"}
-LOOP_COLORS = {"validation": "#dfe8f5", "sanity": "#eeeeee", "test": "#f5e9df"}
+LOOP_COLORS = {"validation": "#dfe8f5", "sanity": "#eeeeee", "test": "#f5e9df", "predict": "#e3f2df"}
 ESTIMATE_HATCH = "///"
 MARGINS = {"left": 0.085, "right": 0.985, "top": 0.91, "bottom": 0.085, "hspace": 0.42, "wspace": 0.2}
 

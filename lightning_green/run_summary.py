@@ -34,6 +34,8 @@ PHASES = "phases"
 TARGETS = "targets"
 POWER_LIMIT = "power_limit"
 QAT = "qat"
+GENERATION = "generation"
+GENERATION_PHASES = "generation_phases"
 #: The kind of a section added by a user (its id is its title), and of one whose provider failed.
 CUSTOM = "custom"
 ERROR = "error"
@@ -43,6 +45,8 @@ SECTION_TITLES = {
     TARGETS: "targets",
     POWER_LIMIT: "Power limit search",
     QAT: "Quantization-aware training",
+    GENERATION: "generation",
+    GENERATION_PHASES: "generation phases",
 }
 #: Sections of schema 1 were keyed by title only; the QAT title also held the scheme in parentheses.
 QAT_TITLE = SECTION_TITLES[QAT]

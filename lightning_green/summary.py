@@ -33,8 +33,8 @@ from lightning_green.summary_table import fmt, render
 
 log = logging.getLogger("lightning_green")
 
-#: Stages whose summary is printed and written (validate and predict keep theirs in memory).
-SUMMARY_STAGES = ("fit", "test")
+#: Stages whose summary is printed and written (validate keeps its in memory).
+SUMMARY_STAGES = ("fit", "test", "predict")
 
 Provider = Callable[[], "dict[str, list[dict]]"]
 

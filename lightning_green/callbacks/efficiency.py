@@ -14,8 +14,17 @@ from typing_extensions import override
 
 from lightning_green.callbacks.power import PowerSampler, find_power_sampler
 from lightning_green.checks import checked_count
-from lightning_green.distributed import distributed, gather_objects, reduce_sum
+from lightning_green.distributed import distributed, gather_floats, gather_objects, reduce_sum
 from lightning_green.energy import metrics as M
+from lightning_green.energy.generation import (
+    GenerationTally,
+    check_generated_tokens,
+    cluster_generation,
+    first_tensor,
+    generation_metrics,
+    generation_rows,
+    predict_results,
+)
 from lightning_green.energy.session import Reduce
 from lightning_green.errors import MisconfiguredTrainer
 from lightning_green.log_queue import log_metrics
@@ -31,19 +40,6 @@ def _check_count_fn(arg: str, fn: CountFn) -> CountFn:
     if fn is None or callable(fn) or fn in _COUNT_NAMES:
         return fn
     raise ValueError(f"`{arg}` must be None, 'numel' or a callable batch -> int, got {fn!r}")
-
-
-def _first_tensor(batch: Any) -> torch.Tensor | None:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, dict):
-        batch = list(batch.values())
-    if isinstance(batch, (list, tuple)):
-        for item in batch:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
 
 
 class BatchCounter:
@@ -86,7 +82,7 @@ class BatchCounter:
         return samples, tokens
 
     def _batch_size(self, batch: Any) -> int:
-        first = _first_tensor(batch)  # what extract_batch_size finds, without its tree walk
+        first = first_tensor(batch)  # what extract_batch_size finds, without its tree walk
         if first is not None and first.dim() > 0:
             return first.shape[0]
         try:
@@ -101,7 +97,7 @@ class BatchCounter:
     @staticmethod
     def _count(arg: str, fn: CountFn, batch: Any) -> int:
         if fn == "numel":
-            tensor = _first_tensor(batch)
+            tensor = first_tensor(batch)
             return int(tensor.numel()) if tensor is not None else 0
         return checked_count(arg, fn(batch))
 
@@ -118,7 +114,7 @@ def efficiency_rows(
     results: Mapping[str, float], source: str, carbon_intensity_g_per_kwh: float, pue: float
 ) -> list[dict]:
     """The summary's ``efficiency`` section: each figure with the source of its energy, and the settings."""
-    energy_words = ("energy", "eer", "epi", "per_j", "carbon")
+    energy_words = ("energy", "eer", "epi", "per_j", "j_per", "carbon")
     rows = [
         {"figure": k, "value": v, "source": source if any(w in k for w in energy_words) else ""}
         for k, v in results.items()
@@ -142,6 +138,9 @@ class EfficiencyLogger(Callback):
         - ``efficiency/tokens_per_j`` (1/J): training tokens per joule over the window, when tokens are counted.
         - ``efficiency/epi_j`` (J/sample): Energy Per Inference, at the end of each validation/test/predict loop.
         - ``efficiency/epi_j_per_token`` (J/token): the same per token, when tokens are counted.
+        - with ``generated_tokens``, at the end of each predict loop, all processes:
+          ``efficiency/j_per_generated_token`` (J/token), ``efficiency/s_per_generated_token`` (s/token:
+          the longest process's time / every process's tokens) and ``efficiency/generated_tokens_per_j`` (1/J).
         - ``carbon/gco2e`` (gCO2e): all energy so far × ``pue`` × ``carbon_intensity_g_per_kwh`` / 3.6e6.
         - ``efficiency/energy_to_target/<metric>_j`` (J) and ``efficiency/time_to_target/<metric>_s`` (s),
           with ``targets``, once: all processes' energy and the time since the start of fit,
@@ -160,6 +159,14 @@ class EfficiencyLogger(Callback):
     counts anything else. A training batch is counted as it starts, so a batch that a LightningModule
     skips (``on_train_batch_start`` returning -1) is counted too.
 
+    Generated tokens are counted in ``trainer.predict`` only when ``generated_tokens`` is given:
+    ``"output"`` counts them from ``predict_step``'s output, a tensor of token ids holding the prompt then
+    the new tokens: ``rows x (output.shape[-1] - prompt width)``, the prompt being the batch's
+    ``input_ids`` (a mapping) or its first tensor (the rule in full: :mod:`lightning_green.energy.generation`);
+    an output the rule cannot read warns once and that batch counts its samples. A callable
+    ``(output, batch) -> int`` counts anything else. The predict summary's ``generation`` table gives every
+    process's figures, each process's and the imbalance.
+
     Args:
         carbon_intensity_g_per_kwh: grid carbon intensity in gCO2e/kWh; default 475, the world average
             (IEA 2019). No network look-up is made.
@@ -168,10 +175,12 @@ class EfficiencyLogger(Callback):
         samples_per_batch: ``None`` (``extract_batch_size``), ``"numel"`` or a callable ``batch -> int``.
         targets: ``{metric: value}`` or ``{metric: (value, "min" | "max")}``; a bare value means
             ``"min"`` (reached at or below) for a name containing ``"loss"``, else ``"max"``.
+        generated_tokens: ``None``, ``"output"`` or a callable ``(output, batch) -> int`` (predict only).
 
     Raises:
         ValueError: a negative carbon intensity, ``pue < 1``, a bad counting function or bad ``targets``.
-        TypeError: on first use, a counting callable that returned no whole number >= 0 (the message says).
+        TypeError: on first use, a counting callable (``generated_tokens`` too) that returned no whole number
+            >= 0 (the message names the argument).
         MisconfigurationException: in ``setup``, when the Trainer has no ``PowerSampler`` (a ``RuntimeError``).
 
     Example::
@@ -186,6 +195,7 @@ class EfficiencyLogger(Callback):
         tokens_per_batch: CountFn = None,
         samples_per_batch: CountFn = None,
         targets: Mapping[str, TargetSpec] | None = None,
+        generated_tokens: str | Callable[[Any, Any], int] | None = None,
     ) -> None:
         super().__init__()
         M.check_carbon_args(carbon_intensity_g_per_kwh, pue)
@@ -194,6 +204,11 @@ class EfficiencyLogger(Callback):
         self.tokens_per_batch = _check_count_fn("tokens_per_batch", tokens_per_batch)
         self.samples_per_batch = _check_count_fn("samples_per_batch", samples_per_batch)
         self._counter = BatchCounter(self.samples_per_batch, self.tokens_per_batch)
+        self.generated_tokens = check_generated_tokens(generated_tokens)
+        self._generation_tally = (
+            GenerationTally(generated_tokens, self._batch_samples) if generated_tokens is not None else None
+        )
+        self.generation: dict | None = None  # the last predict loop's figures (energy/generation.cluster_generation)
         self._target_spec = M.parse_targets(targets) if targets is not None else None
         self.targets: M.EnergyTargets | None = None  # of the current (or last) fit
         self._watch: M.TargetWatch | None = None
@@ -323,6 +338,8 @@ class EfficiencyLogger(Callback):
         if trainer.sanity_checking:
             return
         self._eval = {"samples": 0, "tokens": 0, "start_j": self._power.energy_now_j()}
+        if trainer.predicting and self._generation_tally is not None:
+            self._generation_tally.start(self._power.session)
 
     def _eval_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any, *_hook_args: Any) -> None:
         if trainer.sanity_checking:
@@ -354,6 +371,32 @@ class EfficiencyLogger(Callback):
             self.results[f"{stage}_epi_j_per_token"] = metrics["efficiency/epi_j_per_token"]
         if stage != "predict":
             log_metrics(trainer, metrics)
+        elif self._generation_tally is not None:
+            self._end_generation(trainer)
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._generation_tally is not None:
+            self._generation_tally.add(outputs, batch)
+
+    def _end_generation(self, trainer: Trainer) -> None:
+        """Every process's generated tokens, energy and time (a collective), logged and kept for the summary."""
+        row = self._generation_tally.local_row(self._power.session, trainer.node_rank)
+        self.generation = cluster_generation(gather_floats(trainer, row))
+        self.results.update(predict_results(self.generation["total"]))
+        log_metrics(trainer, generation_metrics(self.generation["total"]))
+
+    def _batch_samples(self, batch: Any) -> int:
+        """A batch's samples by this logger's rules (what a batch counts when its generated tokens cannot be)."""
+        return self._counter(batch)[0]
 
     # The validation, test and predict loops share one start, batch and end helper each (end is told
     # the stage): nine one-line hooks would be a quarter of this class.
@@ -422,4 +465,6 @@ class EfficiencyLogger(Callback):
         out = {"targets": self.targets.rows(source)} if self.targets is not None else {}
         if results := stage_results(self.results, self._power.record.stage):  # a test's summary: not the fit's figures
             out["efficiency"] = efficiency_rows(results, source, self.carbon_intensity_g_per_kwh, self.pue)
+        if self.generation is not None and self._power.record.stage == "predict":
+            out["generation"] = generation_rows(self.generation, source)
         return out

@@ -7,6 +7,7 @@ the logging window a :class:`~lightning_green.energy.session.LogWindow`, phases 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,13 +22,14 @@ from lightning_green import summary as S
 from lightning_green.callbacks.sensor_choice import check_sensors, sensors_for_process
 from lightning_green.callbacks.trainer_steps import global_step_reader
 from lightning_green.checks import check_bool, check_callable, check_choice, check_int, check_path
-from lightning_green.distributed import reduce_sum, shared_owners, sum_reducer
+from lightning_green.distributed import gather_floats, reduce_sum, shared_owners, sum_reducer
+from lightning_green.energy.generation import GenerationPhases, PhaseBlock
 from lightning_green.energy.loops import Listener, TrainingLog
 from lightning_green.energy.phases import PHASE_TIMINGS
 from lightning_green.energy.sampler import check_interval
 from lightning_green.energy.session import EnergySession, Measurement
 from lightning_green.errors import MisconfiguredTrainer
-from lightning_green.log_queue import LogQueue
+from lightning_green.log_queue import LogQueue, log_metrics
 from lightning_green.messages import SayOnce
 from lightning_green.sensors.base import Sensor
 from lightning_green.sensors.rapl import DEFAULT_ROOT
@@ -93,10 +95,13 @@ class PowerSampler(Callback):
         - with ``phases=True``: ``energy/phase/<phase>_j`` (J, all processes) and ``time/phase/<phase>_s``
           (s, mean over processes) over the logging window, for ``data``, ``compute``, ``optimizer``,
           ``comm`` and ``other`` (the rule is in :mod:`lightning_green.energy.phases`).
+        - with :meth:`generation_phase` blocks in a test or predict loop, at its end:
+          ``generation/<phase>_j_per_token`` (J/token) and ``generation/<phase>_s_per_token`` (s/token)
+          for ``prefill`` (per prompt token) and ``decode`` (per generated token), all processes.
         - with ``progress_bar=True``, in the progress bar only: ``energy_kj`` (kJ, all processes, so far)
           and ``power_w`` (W, all processes, over the logging window).
 
-    At the end of ``fit`` and ``test`` a table is printed, ``energy_summary_<stage>.json`` written
+    At the end of ``fit``, ``test`` and ``predict`` a table is printed, ``energy_summary_<stage>.json`` written
     (:mod:`lightning_green.summary`) and, with matplotlib and ``report_picture``, ``energy_report_<stage>.png`` drawn beside
     it and sent to TensorBoard as the image ``energy/report`` (:mod:`lightning_green.report_plot`).
 
@@ -106,7 +111,7 @@ class PowerSampler(Callback):
         interval_s: seconds between readings (> 0).
         log_trace: log ``power_trace/<sensor>_w`` points.
         trace_points: most trace points per sensor per logging window (>= 1).
-        print_summary: print the summary table at the end of fit and test (rank 0).
+        print_summary: print the summary table at the end of fit, test and predict (rank 0).
         summary_dir: where the summary and picture go (a path); default the first logger's folder.
         rapl_root: the powercap sysfs root for RAPL sensors.
         history: recent readings kept per sensor for window queries (>= 2).
@@ -179,6 +184,9 @@ class PowerSampler(Callback):
             setattr(self, hook, self.training.edge_hook(edge))
         if self.phases:
             self.sections.add_provider(self._phase_rows)
+        # generation phases (prefill / decode) marked by the user's loop: Trainer-free in energy/generation.py
+        self._generation_phases = GenerationPhases(self.session)
+        self.sections.add_provider(self._generation_rows)
 
     # ------------------------------------------------------------------ public API
     @property
@@ -196,6 +204,13 @@ class PowerSampler(Callback):
     def measure_evaluation(self) -> ContextManager[Measurement]:
         """:meth:`measure` an evaluation outside Lightning's loops: not training energy (:meth:`TrainingLog.measure_evaluation`)."""
         return self.training.measure_evaluation()
+
+    def generation_phase(self, name: str, tokens: int | None = None) -> ContextManager[PhaseBlock]:
+        """Mark a ``"prefill"`` or ``"decode"`` block of a generation loop (in a test or predict step):
+        ``with sampler.generation_phase("decode") as block: ...; block.tokens = n``. The summary and the
+        logged ``generation/<phase>_j_per_token`` give each phase's J and s per token, all processes
+        (:class:`~lightning_green.energy.generation.GenerationPhases`)."""
+        return self._generation_phases.phase(name, tokens)
 
     def sources(self, all_processes: bool = False) -> str:
         """The sources of this process's sensors (``all_processes``: of every process's, as gathered at the loop's end), joined with ``+``."""
@@ -312,6 +327,7 @@ class PowerSampler(Callback):
     @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.record.stage_loop_ended(trainer, self.session)
+        self._generation_loop_ended(trainer)
 
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -320,6 +336,7 @@ class PowerSampler(Callback):
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.record.stage_loop_ended(trainer, self.session)
+        self._generation_loop_ended(trainer)
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -350,6 +367,7 @@ class PowerSampler(Callback):
         self.record.begin(stage, skipped)
         self.sections.clear_sections()
         self.training.begin_stage()
+        self._generation_phases.reset()
 
     def _finish(self, trainer: Trainer, stage: str, status: str) -> None:
         self.log_queue.stop()
@@ -370,6 +388,14 @@ class PowerSampler(Callback):
                 else None
             )
             S.emit(self.summary, self.summary_dir or summary_dir_of(trainer), self.print_summary, picture)
+
+    def _generation_loop_ended(self, trainer: Trainer) -> None:
+        """Every process's generation phases (a collective) and their metrics, at the loop's end."""
+        log_metrics(trainer, self._generation_phases.loop_ended(functools.partial(gather_floats, trainer)))
+
+    def _generation_rows(self) -> dict[str, list[dict]]:
+        rows = self._generation_phases.rows(self.sources(all_processes=True))
+        return {"generation phases": rows} if rows else {}
 
     def _phase_rows(self) -> dict[str, list[dict]]:
         return self.training.phase_rows() if self.record.stage == "fit" else {}
