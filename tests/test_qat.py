@@ -315,16 +315,25 @@ class WeightsAtStart(Callback):
         self.step = trainer.global_step
 
 
+def slow_int8(label, fn):
+    """An injected kernel timer for a machine busy with another process: int8 looks 30x float."""
+    return 1.0 if label == "float" else 30.0
+
+
 def test_resume_from_mid_qat_checkpoint(tmp_path):
     model = QatModel()
-    qat = QuantizationAwareTraining(start_step=2, convert_on_fit_end=False)
+    qat = QuantizationAwareTraining(start_step=2, convert_on_fit_end=False, kernel_timer=slow_int8)
     trainer = make_trainer([qat], max_steps=3, limit_val_batches=0)
     trainer.fit(model)
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
     saved = torch.load(tmp_path / "mid.ckpt", weights_only=False)
     assert saved["callbacks"]["QuantizationAwareTraining"]["scheme"] == "int8_dynamic"
+    assert saved["callbacks"]["QuantizationAwareTraining"]["report"]["kernel_decode_ratio"] == 30.0
 
-    resumed, qat2, probe, flags = QatModel(), QuantizationAwareTraining(start_step=2), WeightsAtStart(), FlagRecorder()
+    resumed = QatModel()
+    qat2 = QuantizationAwareTraining(start_step=2, kernel_timer=fast_int8)
+    probe = WeightsAtStart()
+    flags = FlagRecorder()
     trainer2 = make_trainer([qat2, probe, flags], max_steps=6, limit_val_batches=0)
     trainer2.fit(resumed, ckpt_path=tmp_path / "mid.ckpt")
     assert probe.step == 3
@@ -333,6 +342,9 @@ def test_resume_from_mid_qat_checkpoint(tmp_path):
     assert set(flags.flags) == {3, 4, 5} and all(all(f) for f in flags.flags.values())
     assert trainer2.global_step == 6 and qat2.report["converted_at_step"] == 6
     assert len(quantized_params(resumed)) == 3
+    # the resumed fit timed the kernels itself; the checkpoint's timings of a busy machine are not restored
+    assert qat2.report["kernel_decode_ratio"] == 0.5 and qat2.report["kernel_prefill_ratio"] == 0.5
+    assert qat2.report["fake_quant_from_step"] == 2 and qat2.report["method"] == "qat"
 
 
 def test_test_with_checkpoint_of_converted_model(tmp_path):
@@ -403,6 +415,37 @@ def test_scheme_that_cannot_run_on_cpu_is_refused_in_setup():
     qat = QuantizationAwareTraining(scheme="float8_dynamic")
     with pytest.raises(ValueError, match=r"float8_dynamic.*device cpu.*'int8_dynamic', 'int8_dynamic_int4_weight'"):
         make_trainer([qat], max_steps=1).fit(QatModel())
+
+
+def test_conversion_without_fake_quantization_says_it_is_post_training_quantization():
+    model = QatModel()
+    qat = QuantizationAwareTraining(start_step=50, kernel_timer=fast_int8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([qat], max_steps=4).fit(model)
+    ours = [str(w.message) for w in caught if "post-training quantization" in str(w.message)]
+    assert ours == [
+        "QuantizationAwareTraining: fake quantization never ran (start_step=50; training ended at global step 4),"
+        " so the model was quantized without QAT (post-training quantization, report['method'] == 'ptq'); set"
+        " start_step below the number of training steps to train with fake quantization."
+    ]
+    assert qat.report["method"] == "ptq" and "fake_quant_from_step" not in qat.report
+    assert len(quantized_params(model)) == 3
+    assert qat.report.summary_rows()[0]["value"].startswith("ptq (post-training quantization")
+
+
+def test_conversion_after_fake_quantization_is_qat_without_warning():
+    qat = QuantizationAwareTraining(start_step=2, kernel_timer=fast_int8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([qat], max_steps=4, limit_val_batches=0).fit(QatModel())
+    assert not [w for w in caught if "post-training" in str(w.message)]
+    assert qat.report["method"] == "qat" and qat.report["fake_quant_from_step"] == 2
+    prepared = qat.prepare(QatModel())  # outside a Trainer: fake quantization on from the user's first step
+    qat.convert(prepared)
+    assert qat.report["method"] == "qat"
+    QuantizationAwareTraining(kernel_timer=fast_int8).convert(plain := QatModel())
+    assert len(quantized_params(plain)) == 3
 
 
 def test_model_with_no_eligible_layer_raises():
