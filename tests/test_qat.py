@@ -28,8 +28,12 @@ from lightning_green.quantization import QuantizationAwareTraining, _torchao, in
 from lightning_green.quantization.qat import state_dict_size_bytes
 
 KEYS = (
-    "qat/size_bytes_before", "qat/size_bytes_after", "qat/size_ratio", "qat/val_loss_float", "qat/val_loss_converted",
-)  # fmt: skip
+    "qat/size_bytes_before",
+    "qat/size_bytes_after",
+    "qat/size_ratio",
+    "qat/val_loss_float",
+    "qat/val_loss_converted",
+)
 
 
 class QatModel(BoringModel):
@@ -74,10 +78,19 @@ def fixed_data(seed: int) -> RandomDataset:
 
 def make_trainer(callbacks, **kwargs):
     defaults = dict(
-        max_steps=4, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        accelerator="cpu", devices=1, logger=False, num_sanity_val_steps=0, limit_val_batches=2,
-        val_check_interval=None, check_val_every_n_epoch=None, callbacks=callbacks,
-    )  # fmt: skip
+        max_steps=4,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+        val_check_interval=None,
+        check_val_every_n_epoch=None,
+        callbacks=callbacks,
+    )
     defaults.update(kwargs)
     if defaults["check_val_every_n_epoch"] is None:
         defaults.pop("check_val_every_n_epoch")
@@ -500,8 +513,14 @@ def test_end_of_fit_evaluation_is_not_training_energy_in_either_callback_order(t
     # 2 and 4) of 2 batches, then QAT's float and converted evaluations of 2 batches each, in on_train_end.
     watts, batch_s, val_batch_s = 100.0, 1.0, 5.0
     clock = FakeClock(batch_s=batch_s)
-    ps = PowerSampler(sensors=[SimulatedSensor(watts, clock=clock)], interval_s=3600.0, print_summary=False,
-                      report_picture=False, summary_dir=str(tmp_path), clock=clock)  # fmt: skip
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(watts, clock=clock)],
+        interval_s=3600.0,
+        print_summary=False,
+        report_picture=False,
+        summary_dir=str(tmp_path),
+        clock=clock,
+    )
     clock.reads = ps.session
     eff, qat, logger = EfficiencyLogger(), QuantizationAwareTraining(kernel_timer=fast_int8), Mock()
     callbacks = [clock, qat, ps, eff] if qat_first else [clock, ps, eff, qat]
