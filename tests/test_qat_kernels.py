@@ -206,6 +206,13 @@ def test_kernel_timer_under_constant_load_counts_cpu_time_within_its_bound():
     assert machine.calls == 2 + 12
 
 
+def test_kernel_timer_bad_input():
+    with pytest.raises(ValueError, match="`max_blocks` must be an integer >= 5, got 2"):
+        kernels.KernelTimer(CPU, repeats=5, max_blocks=2)
+    with pytest.raises(TypeError, match="`cpu_clock` must be a callable"):
+        kernels.KernelTimer(CPU, cpu_clock=0.0)
+
+
 def test_time_schemes_times_cpu_kernels_on_one_thread_and_restores_the_count():
     threads_seen = []
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_green.checks import check_callable, check_int, check_number
 from lightning_green.quantization import _torchao, int8, layers
 from lightning_green.quantization.schemes import (
     AUTO,
@@ -53,11 +54,14 @@ class KernelTimer:
     Args:
         device: where the timed calls run.
         repeats: clean blocks wanted.
-        max_blocks: blocks timed at most, clean or not.
+        max_blocks: blocks timed at most, clean or not (at least ``repeats``).
         min_block_s: the least wall time of a block (calls per block follow from one first call).
         tolerance: how much longer than its CPU time a block's wall time may be and stay clean.
         wall_clock: seconds, monotonic; ``time.perf_counter`` unless a test drives time itself.
         cpu_clock: this thread's CPU seconds; ``time.thread_time`` unless a test drives it.
+
+    Raises:
+        ValueError: a count or a duration out of range; ``TypeError``: a clock that is not callable.
 
     Attributes:
         rejected_blocks: blocks rejected as preempted, over every call.
@@ -75,12 +79,12 @@ class KernelTimer:
         cpu_clock: Clock = time.thread_time,
     ) -> None:
         self.device = torch.device(device)
-        self.repeats = repeats
-        self.max_blocks = max(max_blocks, repeats)
-        self.min_block_s = min_block_s
-        self.tolerance = tolerance
-        self.wall_clock = wall_clock
-        self.cpu_clock = cpu_clock
+        self.repeats = check_int("repeats", repeats, 1)
+        self.max_blocks = check_int("max_blocks", max_blocks, repeats)
+        self.min_block_s = check_number("min_block_s", min_block_s, 0.0, strict=True, unit="seconds")
+        self.tolerance = check_number("tolerance", tolerance, 0.0, unit="a fraction")
+        self.wall_clock = check_callable("wall_clock", wall_clock, optional=False)
+        self.cpu_clock = check_callable("cpu_clock", cpu_clock, optional=False)
         self.rejected_blocks = 0
         self.unclean_timings = 0
 
