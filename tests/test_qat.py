@@ -28,8 +28,12 @@ from lightning_green.quantization import QuantizationAwareTraining, _torchao, in
 from lightning_green.quantization.qat import state_dict_size_bytes
 
 KEYS = (
-    "qat/size_bytes_before", "qat/size_bytes_after", "qat/size_ratio", "qat/val_loss_float", "qat/val_loss_converted",
-)  # fmt: skip
+    "qat/size_bytes_before",
+    "qat/size_bytes_after",
+    "qat/size_ratio",
+    "qat/val_loss_float",
+    "qat/val_loss_converted",
+)
 
 
 class QatModel(BoringModel):
@@ -74,10 +78,19 @@ def fixed_data(seed: int) -> RandomDataset:
 
 def make_trainer(callbacks, **kwargs):
     defaults = dict(
-        max_steps=4, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        accelerator="cpu", devices=1, logger=False, num_sanity_val_steps=0, limit_val_batches=2,
-        val_check_interval=None, check_val_every_n_epoch=None, callbacks=callbacks,
-    )  # fmt: skip
+        max_steps=4,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=2,
+        val_check_interval=None,
+        check_val_every_n_epoch=None,
+        callbacks=callbacks,
+    )
     defaults.update(kwargs)
     if defaults["check_val_every_n_epoch"] is None:
         defaults.pop("check_val_every_n_epoch")
@@ -315,16 +328,25 @@ class WeightsAtStart(Callback):
         self.step = trainer.global_step
 
 
+def slow_int8(label, fn):
+    """An injected kernel timer for a machine busy with another process: int8 looks 30x float."""
+    return 1.0 if label == "float" else 30.0
+
+
 def test_resume_from_mid_qat_checkpoint(tmp_path):
     model = QatModel()
-    qat = QuantizationAwareTraining(start_step=2, convert_on_fit_end=False)
+    qat = QuantizationAwareTraining(start_step=2, convert_on_fit_end=False, kernel_timer=slow_int8)
     trainer = make_trainer([qat], max_steps=3, limit_val_batches=0)
     trainer.fit(model)
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
     saved = torch.load(tmp_path / "mid.ckpt", weights_only=False)
     assert saved["callbacks"]["QuantizationAwareTraining"]["scheme"] == "int8_dynamic"
+    assert saved["callbacks"]["QuantizationAwareTraining"]["report"]["kernel_decode_ratio"] == 30.0
 
-    resumed, qat2, probe, flags = QatModel(), QuantizationAwareTraining(start_step=2), WeightsAtStart(), FlagRecorder()
+    resumed = QatModel()
+    qat2 = QuantizationAwareTraining(start_step=2, kernel_timer=fast_int8)
+    probe = WeightsAtStart()
+    flags = FlagRecorder()
     trainer2 = make_trainer([qat2, probe, flags], max_steps=6, limit_val_batches=0)
     trainer2.fit(resumed, ckpt_path=tmp_path / "mid.ckpt")
     assert probe.step == 3
@@ -333,6 +355,9 @@ def test_resume_from_mid_qat_checkpoint(tmp_path):
     assert set(flags.flags) == {3, 4, 5} and all(all(f) for f in flags.flags.values())
     assert trainer2.global_step == 6 and qat2.report["converted_at_step"] == 6
     assert len(quantized_params(resumed)) == 3
+    # the resumed fit timed the kernels itself; the checkpoint's timings of a busy machine are not restored
+    assert qat2.report["kernel_decode_ratio"] == 0.5 and qat2.report["kernel_prefill_ratio"] == 0.5
+    assert qat2.report["fake_quant_from_step"] == 2 and qat2.report["method"] == "qat"
 
 
 def test_test_with_checkpoint_of_converted_model(tmp_path):
@@ -405,6 +430,37 @@ def test_scheme_that_cannot_run_on_cpu_is_refused_in_setup():
         make_trainer([qat], max_steps=1).fit(QatModel())
 
 
+def test_conversion_without_fake_quantization_says_it_is_post_training_quantization():
+    model = QatModel()
+    qat = QuantizationAwareTraining(start_step=50, kernel_timer=fast_int8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([qat], max_steps=4).fit(model)
+    ours = [str(w.message) for w in caught if "post-training quantization" in str(w.message)]
+    assert ours == [
+        "QuantizationAwareTraining: fake quantization never ran (start_step=50; training ended at global step 4),"
+        " so the model was quantized without QAT (post-training quantization, report['method'] == 'ptq'); set"
+        " start_step below the number of training steps to train with fake quantization."
+    ]
+    assert qat.report["method"] == "ptq" and "fake_quant_from_step" not in qat.report
+    assert len(quantized_params(model)) == 3
+    assert qat.report.summary_rows()[0]["value"].startswith("ptq (post-training quantization")
+
+
+def test_conversion_after_fake_quantization_is_qat_without_warning():
+    qat = QuantizationAwareTraining(start_step=2, kernel_timer=fast_int8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer([qat], max_steps=4, limit_val_batches=0).fit(QatModel())
+    assert not [w for w in caught if "post-training" in str(w.message)]
+    assert qat.report["method"] == "qat" and qat.report["fake_quant_from_step"] == 2
+    prepared = qat.prepare(QatModel())  # outside a Trainer: fake quantization on from the user's first step
+    qat.convert(prepared)
+    assert qat.report["method"] == "qat"
+    QuantizationAwareTraining(kernel_timer=fast_int8).convert(plain := QatModel())
+    assert len(quantized_params(plain)) == 3
+
+
 def test_model_with_no_eligible_layer_raises():
     model = QatModel()
     model.layer = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 2))  # in_features 32 fits
@@ -458,8 +514,14 @@ def test_end_of_fit_evaluation_is_not_training_energy_in_either_callback_order(t
     # 2 and 4) of 2 batches, then QAT's float and converted evaluations of 2 batches each, in on_train_end.
     watts, batch_s, val_batch_s = 100.0, 1.0, 5.0
     clock = FakeClock(batch_s=batch_s)
-    ps = PowerSampler(sensors=[SimulatedSensor(watts, clock=clock)], interval_s=3600.0, print_summary=False,
-                      report_picture=False, summary_dir=str(tmp_path), clock=clock)  # fmt: skip
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(watts, clock=clock)],
+        interval_s=3600.0,
+        print_summary=False,
+        report_picture=False,
+        summary_dir=str(tmp_path),
+        clock=clock,
+    )
     clock.reads = ps.session
     eff, qat, logger = EfficiencyLogger(), QuantizationAwareTraining(kernel_timer=fast_int8), Mock()
     callbacks = [clock, qat, ps, eff] if qat_first else [clock, ps, eff, qat]

@@ -66,9 +66,19 @@ class LitGPTNet(nn.Module):
         from litgpt.model import GPT, Config
 
         config = Config(
-            block_size=T, vocab_size=VOCAB, padded_vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=32, intermediate_size=64,
-            bias=True, parallel_residual=True, rotary_percentage=0.25, mlp_class_name="GptNeoxMLP", norm_class_name="LayerNorm",
-        )  # fmt: skip
+            block_size=T,
+            vocab_size=VOCAB,
+            padded_vocab_size=VOCAB,
+            n_layer=1,
+            n_head=2,
+            n_embd=32,
+            intermediate_size=64,
+            bias=True,
+            parallel_residual=True,
+            rotary_percentage=0.25,
+            mlp_class_name="GptNeoxMLP",
+            norm_class_name="LayerNorm",
+        )
         self.gpt = GPT(config)
 
     def forward(self, x):
@@ -121,9 +131,15 @@ class LM(LightningModule):
 def trainer(callbacks, **kwargs):
     kwargs = {"max_steps": 3, **kwargs}
     return Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, callbacks=callbacks, **kwargs,
-    )  # fmt: skip
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        **kwargs,
+    )
 
 
 def converted_layers(model):
@@ -190,8 +206,11 @@ def test_best_mid_qat_and_converted_checkpoints(tmp_path):
     mid = tmp_path / "epoch=0-step=2.ckpt"  # mid-QAT (fake quantization from step 1): float weights
     best = ckpt.best_model_path
 
-    for path, expected in ((mid, loss_of(converted_from_file("litgpt", mid))), (best, loss_of(converted_from_file("litgpt", best))),
-                           (tmp_path / "converted.ckpt", converted_loss)):  # fmt: skip
+    for path, expected in (
+        (mid, loss_of(converted_from_file("litgpt", mid))),
+        (best, loss_of(converted_from_file("litgpt", best))),
+        (tmp_path / "converted.ckpt", converted_loss),
+    ):
         result = trainer([QuantizationAwareTraining(kernel_timer=fast_int8)]).validate(
             LM("litgpt"), ckpt_path=path, verbose=False
         )
@@ -234,7 +253,8 @@ def test_int8_path_does_not_import_torchao():
 
     code = (
         "import sys, torch; from lightning_green.quantization import QuantizationAwareTraining as Q; "
-        "m = torch.nn.Sequential(torch.nn.Linear(64, 64)); Q(scheme='int8_dynamic', kernel_timer=lambda l, f: 1.0).convert(m); "
+        "m = torch.nn.Sequential(torch.nn.Linear(64, 64)); "
+        "Q(scheme='int8_dynamic', kernel_timer=lambda l, f: 1.0).convert(m); "
         "m(torch.randn(2, 64)); print('torchao' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -1,3 +1,4 @@
+import re
 import time
 from pathlib import Path
 
@@ -8,12 +9,15 @@ from lightning_green.sensors import (
     CpuEstimateSensor,
     NvmlSensor,
     RaplSensor,
+    Reading,
+    Sensor,
     SensorLost,
     SensorPermissionError,
     SensorUnavailable,
     SimulatedSensor,
 )
-from lightning_green.sensors.auto import build_sensors
+from lightning_green.sensors.auto import build_sensors, check_distinct_names
+from lightning_green.sensors.base import validate_sensor
 
 
 # ---------------------------------------------------------------- NVML
@@ -207,3 +211,71 @@ def test_mig_instances_share_a_key_and_one_rank_counts_it(fake_nvml, monkeypatch
     # ranks 0 and 1 train on the two MIG slices, rank 2 on its own GPU
     owners = shared_owners([[keys[0]], [keys[1]], [keys[2]]])
     assert owners == {"GPU-p": 0, "GPU-q": 2}
+
+
+# ---------------------------------------------------------------- custom sensors are checked where they are built
+class Custom(Sensor):
+    """A user's sensor: ``fields`` become its attributes in ``__init__``."""
+
+    kind = "power"
+
+    def __init__(self, **fields):
+        for key, value in fields.items():
+            setattr(self, key, value)
+
+    def read(self):
+        return Reading(0.0, 1.0, "power")
+
+
+def test_custom_sensor_with_an_undocumented_source_fails_at_construction():
+    with pytest.raises(ValueError) as caught:
+        Custom(name="wall_meter", source="measured")
+    assert str(caught.value) == (
+        "sensor 'wall_meter' (Custom) has `source` 'measured': it must be one of counter, polled, rapl, estimate,"
+        " simulated"
+    )
+
+
+@pytest.mark.parametrize(
+    ("fields", "error", "message"),
+    [
+        ({"source": "polled"}, TypeError, "sensor class Custom sets no `name`: give it a non-empty string"),
+        ({"name": "", "source": "polled"}, TypeError, "sensor class Custom has `name` '': it must be a non-empty"),
+        ({"name": "m"}, TypeError, "sensor 'm' (Custom) sets no `source`: set it to one of counter, polled, rapl"),
+        ({"name": "m", "source": "polled", "kind": "watts"}, ValueError, "has `kind` 'watts': it must be one of en"),
+        ({"name": "m", "source": "polled", "domain": "psu"}, ValueError, "`domain` 'psu': it must be one of gpu, cpu"),
+        ({"name": "m", "source": "rapl", "host_level": 1}, TypeError, "`host_level` 1: it must be True or False"),
+    ],
+)
+def test_custom_sensor_fields_are_checked_at_construction(fields, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        Custom(**fields)
+
+
+def test_validate_sensor_checks_a_sensor_changed_after_construction():
+    sensor = Custom(name="m", source="polled")
+    assert validate_sensor(sensor) is sensor
+    sensor.source = "guess"
+    with pytest.raises(ValueError, match=re.escape("sensor 'm' (Custom) has `source` 'guess'")):
+        validate_sensor(sensor)
+    with pytest.raises(TypeError, match="expected a lightning_green.sensors.Sensor, got 'gpu0'"):
+        validate_sensor("gpu0")
+
+
+def test_a_sensor_may_not_take_the_name_a_listed_sensor_name_builds():
+    clash = SimulatedSensor(10.0, name="cpu_estimate")
+    with pytest.raises(ValueError) as caught:
+        check_distinct_names(["estimate", clash])
+    assert str(caught.value) == (
+        "`sensors` holds SimulatedSensor(name='cpu_estimate', source='simulated') and 'estimate', which builds a"
+        " sensor named cpu_estimate: two sensors would be named 'cpu_estimate'; give SimulatedSensor another `name`"
+        " or drop 'estimate'"
+    )
+    assert CpuEstimateSensor().name == "cpu_estimate"  # the name the message promises
+    with pytest.raises(ValueError, match="'auto', which builds a sensor named gpu<index>"):
+        check_distinct_names(["auto", SimulatedSensor(10.0, name="gpu0")])
+    with pytest.raises(ValueError, match="'rapl', which builds a sensor named rapl_<zone>"):
+        check_distinct_names(["rapl", SimulatedSensor(10.0, name="rapl_dram-0")])
+    with pytest.raises(ValueError, match="two sensors named 'sim'"):
+        check_distinct_names([SimulatedSensor(1.0), SimulatedSensor(2.0)])
+    check_distinct_names(["rapl", SimulatedSensor(10.0, name="gpu0"), SimulatedSensor(1.0, name="cpu")])

@@ -13,22 +13,86 @@ fails at convert without the ``mslk`` kernels, so it is not offered; float8 need
 Converted int4 weights are stored unpacked, one int8 per value, plus one float scale per group; the
 converted int4/8da4w layers (``IntxUnpackedToInt8Tensor``) have no x86 kernel in this build and run
 2-5x slower than float on CPU.
+
+``import torchao`` logs lines a user cannot act on: its CUDA extension libraries failing to load in a
+process without CUDA, and torch's deprecation notice for an Enum that torchao registers.
+:func:`load_torchao` imports it with exactly those records dropped (:class:`ImportNoiseFilter`);
+with CUDA, a CUDA extension that fails to load is still reported.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+import re
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_green.quantization.schemes import SCHEMES
+
 FilterFn = Callable[[nn.Module, str], bool]
 
-from lightning_green.quantization.schemes import SCHEMES
+#: What ``import torchao`` logs that says nothing to a user of this project: its CUDA extension
+#: libraries failing to load in a process without CUDA (``_C_mxfp8``, ``_C_cutlass_90a``: CUDA
+#: kernels, unusable there anyway), and torch's deprecation notice for the Enum torchao registers.
+_CUDA_EXTENSION_FAILED = re.compile(r"^Failed to load \S*torchao\S*/_C_\w+[.\w-]*\.so: ")
+_ENUM_DEPRECATION = re.compile(r"is an Enum subclass and is now natively supported by torch\.compile")
+
+
+class ImportNoiseFilter(logging.Filter):
+    """Drops the log records of ``import torchao`` that say nothing to a user (see the patterns above).
+
+    Args:
+        cuda: whether this process can use CUDA; with CUDA a CUDA extension failing to load is kept.
+    """
+
+    def __init__(self, cuda: bool) -> None:
+        super().__init__()
+        self.cuda = cuda
+        #: The messages dropped, for tests and debugging.
+        self.dropped: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        harmless = _ENUM_DEPRECATION.search(message) is not None
+        if not self.cuda and _CUDA_EXTENSION_FAILED.match(message):
+            harmless = True
+        if harmless:
+            self.dropped.append(message)
+        return not harmless
+
+
+@contextlib.contextmanager
+def quiet_torchao_import(cuda: bool) -> Iterator[ImportNoiseFilter]:
+    """Within the block, the loggers ``import torchao`` writes to drop the records of
+    :class:`ImportNoiseFilter`; everything else they log passes."""
+    noise = ImportNoiseFilter(cuda)
+    loggers = [logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")]
+    for logger in loggers:
+        logger.addFilter(noise)
+    try:
+        yield noise
+    finally:
+        for logger in loggers:
+            logger.removeFilter(noise)
+
+
+def load_torchao() -> None:
+    """Import ``torchao`` (once) without the log lines of :class:`ImportNoiseFilter`. Every function
+    here that may be the first to touch ``torchao`` calls it."""
+    if "torchao" in sys.modules:
+        return
+    with quiet_torchao_import(cuda=torch.cuda.is_available()):
+        # torchao: a heavy optional dependency, imported on first use only
+        import torchao  # noqa: F401
 
 
 def _linear_config(scheme: str, group_size: int) -> Any:
+    load_torchao()
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Int8DynamicActivationIntxWeightConfig,
@@ -50,6 +114,7 @@ def _linear_config(scheme: str, group_size: int) -> Any:
 def _embedding_config(scheme: str, group_size: int) -> Any:
     # Activations of an embedding are indices: only weight-only configs apply. Schemes that also
     # quantize activations use the weight-only config with the same weight format.
+    load_torchao()
     from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
@@ -65,6 +130,7 @@ def _embedding_config(scheme: str, group_size: int) -> Any:
 
 def fake_quantized_types() -> tuple[type, ...]:
     """The module classes ``torchao`` swaps in at prepare."""
+    load_torchao()
     from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear
 
     return (FakeQuantizedLinear, FakeQuantizedEmbedding)
@@ -86,6 +152,7 @@ def is_quantized_tensor(tensor: Any) -> bool:
     """Whether ``tensor`` is one of ``torchao``'s quantized tensor subclasses (a converted weight)."""
     if not isinstance(tensor, torch.Tensor) or type(tensor) in (torch.Tensor, nn.Parameter):
         return False
+    load_torchao()
     from torchao.utils import TorchAOBaseTensor
 
     return isinstance(tensor, TorchAOBaseTensor) or (
@@ -100,6 +167,7 @@ def prepare(
 
     Parameter names do not change: a state dict of the float model loads into the prepared one.
     """
+    load_torchao()
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
@@ -112,6 +180,7 @@ def quantize(
     model: nn.Module, scheme: str, group_size: int, linear_filter: FilterFn, embedding_filter: FilterFn | None = None
 ) -> None:
     """Post-training quantization: apply the scheme's ``torchao`` config to the selected layers, in place."""
+    load_torchao()
     from torchao.quantization import quantize_
 
     quantize_(model, _linear_config(scheme, group_size), filter_fn=linear_filter)
@@ -121,6 +190,7 @@ def quantize(
 
 def convert(model: nn.Module, scheme: str, group_size: int) -> None:
     """Replace every fake-quantized layer of ``model`` by its quantized form, in place."""
+    load_torchao()
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
@@ -213,6 +283,8 @@ def decode_quantized_tensors(state_dict: dict[str, Any], prefix: str = "") -> li
     import importlib
 
     keys = [k for k, v in state_dict.items() if k.startswith(prefix) and isinstance(v, dict) and _ENCODED in v]
+    if keys:
+        load_torchao()
     for key in keys:
         entry = state_dict[key]
         module_name, _, qualname = entry["class"].partition(":")

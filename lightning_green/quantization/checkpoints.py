@@ -43,7 +43,8 @@ class CheckpointLoading:
             if converted_file:
                 n = layers.dequantize_checkpoint(state_dict, prefix)
                 rank_zero_warn(
-                    f"QuantizationAwareTraining: the checkpoint holds a converted model; its {n} quantized weight(s) load dequantized."
+                    f"QuantizationAwareTraining: the checkpoint holds a converted model; its {n} quantized weight(s)"
+                    " load dequantized."
                 )
             layers.to_float(module)
         elif converted_file:

@@ -44,6 +44,17 @@ FIGURES: tuple[tuple[str, str, str, str], ...] = (
     ("energy_j", "QAT phase energy", "J", "energy_source"),
 )
 
+#: The values of :attr:`QatReport.method`, and how the summary shows them.
+METHODS = {
+    "qat": "qat (quantization-aware training)",
+    "ptq": "ptq (post-training quantization: no training step ran with fake quantization)",
+}
+
+#: The setup micro-benchmark's figures: measured by each run, never restored from a checkpoint.
+KERNEL_FIGURES = ("kernel_decode_ratio", "kernel_prefill_ratio")
+#: Figures set in setup, before a checkpoint is restored: a resumed run keeps its own.
+SETUP_FIGURES = ("scheme", "group_size", "layers_quantized", "layers_left_float", *KERNEL_FIGURES)
+
 
 @dataclass
 class QatReport:
@@ -54,6 +65,9 @@ class QatReport:
 
     scheme: str | None = None
     group_size: int | None = None
+    #: ``"qat"``: converted after training with fake quantization; ``"ptq"``: converted without it
+    #: (post-training quantization: the model was never trained with fake quantization on).
+    method: str | None = None
     layers_quantized: list[str] = field(default_factory=list)
     layers_left_float: list[str] = field(default_factory=list)
     fake_quant_from_step: int | None = None
@@ -100,6 +114,18 @@ class QatReport:
         """The set figures."""
         return {k: v for k, v in asdict(self).items() if v is not None}
 
+    def restored(self, checkpoint: Mapping[str, Any]) -> QatReport:
+        """The report a checkpoint's figures give in this run: its kernel timings are dropped (a run
+        times the kernels itself, in setup) and this report's :data:`SETUP_FIGURES` that are set
+        stay (they describe the model as this run prepared it)."""
+        kept = {k: v for k, v in checkpoint.items() if k not in KERNEL_FIGURES}
+        report = QatReport.from_dict(kept)
+        for key in SETUP_FIGURES:
+            value = getattr(self, key)
+            if value is not None and value != []:
+                setattr(report, key, value)
+        return report
+
     def update(self, **figures: Any) -> None:
         for key, value in figures.items():
             if key not in self._names():
@@ -121,17 +147,16 @@ class QatReport:
         return {f"{prefix}/{key}": float(getattr(self, key)) for key, *_ in FIGURES if getattr(self, key) is not None}
 
     def summary_rows(self) -> list[dict[str, Any]]:
-        """One row per set figure of :data:`FIGURES`: figure, value, unit, source."""
-        return [
-            {
-                "figure": label,
-                "value": getattr(self, key),
-                "unit": unit,
-                "source": (getattr(self, src) if src else None) or "",
-            }
-            for key, label, unit, src in FIGURES
-            if getattr(self, key) is not None
-        ]
+        """One row per set figure of :data:`FIGURES` (figure, value, unit, source), after a first row
+        saying how the model was quantized when that is known."""
+        rows = []
+        if self.method is not None:
+            rows.append({"figure": "method", "value": METHODS[self.method], "unit": "", "source": ""})
+        for key, label, unit, src in FIGURES:
+            if getattr(self, key) is not None:
+                source = getattr(self, src) if src else None
+                rows.append({"figure": label, "value": getattr(self, key), "unit": unit, "source": source or ""})
+        return rows
 
     @classmethod
     def _names(cls) -> set[str]:
@@ -237,7 +262,8 @@ class EnergyProbe:
     def close_phase(self) -> float | None:
         """End the QAT phase's count (at the conversion); later fits add to it."""
         energy_j = self.so_far_j()
-        self.prior_j, self._start_j = energy_j or 0.0, None
+        self.prior_j = energy_j or 0.0
+        self._start_j = None
         return energy_j
 
     def warn(self, err: BaseException) -> None:

@@ -63,7 +63,7 @@ from lightning_green.quantization.evaluate import (
     reduce_sum_optional,
     state_dict_size_bytes,
 )
-from lightning_green.quantization.kernels import Timer, resolve_scheme, wall_timer
+from lightning_green.quantization.kernels import Timer, resolve_scheme
 from lightning_green.quantization.layers import FilterFn
 from lightning_green.quantization.schemes import AUTO, SCHEMES, check_arguments
 
@@ -90,7 +90,10 @@ class QuantizationAwareTraining(Callback):
         convert_on_fit_end: convert the model when training ends.
         loss_fn: ``loss_fn(pl_module, batch) -> scalar tensor`` for the validation loss figures.
         eval_as: what ``test/validate/predict(ckpt_path=...)`` evaluates: ``"converted"`` or ``"float"``.
-        kernel_timer: ``timer(label, fn) -> seconds`` for the setup micro-benchmark (tests inject one).
+        kernel_timer: ``timer(label, fn) -> seconds`` for the setup micro-benchmark (tests inject one);
+            ``None``: a :class:`~.kernels.KernelTimer`, which a busy machine cannot mislead (it times
+            on one CPU thread and drops preempted rounds). Every setup times the kernels again,
+            a resumed fit too: the timings are not restored from a checkpoint.
         prefix: first part of every metric key.
 
     Raises:
@@ -116,22 +119,28 @@ class QuantizationAwareTraining(Callback):
         convert_on_fit_end: bool = True,
         loss_fn: LossFn | None = None,
         eval_as: str = "converted",
-        kernel_timer: Timer = wall_timer,
+        kernel_timer: Timer | None = None,
         prefix: str = "qat",
     ) -> None:
         check_arguments(scheme, group_size, start_step, filter_fn, loss_fn, quantize_embeddings, eval_as)
-        self.scheme, self.group_size, self.start_step = scheme, group_size, start_step
-        self.filter_fn, self.quantize_embeddings, self.convert_on_fit_end = (
-            filter_fn,
-            quantize_embeddings,
-            convert_on_fit_end,
-        )
-        self.loss_fn, self.eval_as, self.kernel_timer, self.prefix = loss_fn, eval_as, kernel_timer, prefix
+        self.scheme = scheme
+        self.group_size = group_size
+        self.start_step = start_step
+        self.filter_fn = filter_fn
+        self.quantize_embeddings = quantize_embeddings
+        self.convert_on_fit_end = convert_on_fit_end
+        self.loss_fn = loss_fn
+        self.eval_as = eval_as
+        self.kernel_timer = kernel_timer
+        self.prefix = prefix
         #: Every figure of the last preparation and conversion.
         self.report = QatReport()
         self._scheme: str | None = None if scheme == AUTO else scheme  # resolved in setup
         self._module: nn.Module | None = None
-        self._fitting, self._fake_quant_on, self._hooks = False, None, []
+        self._fitting = False
+        # None until a Trainer sets fake quantization by step (prepare() outside one turns it on)
+        self._fake_quant_on: bool | None = None
+        self._hooks: list[Any] = []
         self._probe = EnergyProbe()
         self._loading = CheckpointLoading(self._convert_model)
 
@@ -202,10 +211,9 @@ class QuantizationAwareTraining(Callback):
                 f"QuantizationAwareTraining: the checkpoint was written with {mismatched}; this callback uses {ours}."
             )
         self._probe.restore_j(float(state_dict.get("energy_j") or 0.0))
-        if (
-            self.report.converted_at_step is None
-        ):  # after a conversion here, a checkpoint's report (e.g. `last`, written before it) is older
-            self.report = QatReport.from_dict(state_dict.get("report") or {})
+        # After a conversion here, a checkpoint's report (e.g. `last`, written before it) is older.
+        if self.report.converted_at_step is None:
+            self.report = self.report.restored(state_dict.get("report") or {})
 
     def prepare(self, model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
         """Prepare ``model`` in place outside a Trainer (fake quantization on; build the optimizer after).
@@ -239,11 +247,18 @@ class QuantizationAwareTraining(Callback):
         model = self._resolve_model(model)
         if layers.is_converted(model) and not layers.is_prepared(model):
             return model
+        method = self._quantization_method(model)
+        if method == "ptq" and layers.is_prepared(model):
+            self._warn_ptq("")
         before = state_dict_size_bytes(model)
         self._convert_model(model)
         after = state_dict_size_bytes(model)
         self.report.update(
-            size_bytes_before=before, size_bytes_after=after, size_ratio=after / before, energy_j=self._probe.so_far_j()
+            method=method,
+            size_bytes_before=before,
+            size_bytes_after=after,
+            size_ratio=after / before,
+            energy_j=self._probe.so_far_j(),
         )
         return model
 
@@ -264,8 +279,8 @@ class QuantizationAwareTraining(Callback):
         self._loading.as_float = stage == "fit" or self.eval_as == "float"
         self._loading.fake_quant_off = stage != "fit" and self.eval_as == "float"
         if not self._hooks:
-            self._hooks = [pl_module.register_load_state_dict_pre_hook(self._loading.before_load),
-                           pl_module.register_load_state_dict_post_hook(self._loading.after_load)]  # fmt: skip
+            self._hooks.append(pl_module.register_load_state_dict_pre_hook(self._loading.before_load))
+            self._hooks.append(pl_module.register_load_state_dict_post_hook(self._loading.after_load))
         if stage != "fit":
             return
         dequantized = layers.to_float(pl_module)
@@ -308,7 +323,8 @@ class QuantizationAwareTraining(Callback):
         if enabled != self._fake_quant_on:
             layers.set_fake_quant_enabled(model, enabled)
             self._fake_quant_on = enabled
-            if enabled:
+            # the first step with fake quantization on: a resumed fit keeps its checkpoint's
+            if enabled and self.report.fake_quant_from_step is None:
                 self.report.update(fake_quant_from_step=global_step)
 
     def _convert_model(self, model: nn.Module) -> None:
@@ -316,7 +332,26 @@ class QuantizationAwareTraining(Callback):
             self._prepare(model)
         layers.convert(model, self.resolved_scheme, self.group_size)
 
+    def _quantization_method(self, model: nn.Module) -> str:
+        """``"qat"`` when ``model`` was trained with fake quantization on, else ``"ptq"``."""
+        if not layers.is_prepared(model):
+            return "ptq"
+        if self.report.fake_quant_from_step is not None:
+            return "qat"
+        # prepared by prepare() outside a Trainer: fake quantization is on from the user's first step
+        return "qat" if self._fake_quant_on is None and any(layers.fake_quant_enabled(model)) else "ptq"
+
+    def _warn_ptq(self, when: str) -> None:
+        rank_zero_warn(
+            f"QuantizationAwareTraining: fake quantization never ran (start_step={self.start_step}{when}), so the"
+            " model was quantized without QAT (post-training quantization, report['method'] == 'ptq'); set"
+            " start_step below the number of training steps to train with fake quantization."
+        )
+
     def _convert_at_fit_end(self, trainer: Trainer, pl_module: LightningModule, energy_j: float | None) -> None:
+        method = self._quantization_method(pl_module)
+        if method == "ptq":
+            self._warn_ptq(f"; training ended at global step {trainer.global_step}")
         size_before = state_dict_size_bytes(pl_module)
         layers.set_fake_quant_enabled(pl_module, False)
         self.report.set_evaluation("float", evaluate(trainer, pl_module, self._probe, self.loss_fn))
@@ -330,10 +365,14 @@ class QuantizationAwareTraining(Callback):
             target.trainer = None  # type: ignore[assignment]
         energy_j = reduce_sum_optional(trainer, energy_j)
         self.report.update(
-            converted_at_step=trainer.global_step, size_bytes_before=size_before, size_bytes_after=size_after,
-            size_ratio=size_after / size_before, energy_j=energy_j,
+            method=method,
+            converted_at_step=trainer.global_step,
+            size_bytes_before=size_before,
+            size_bytes_after=size_after,
+            size_ratio=size_after / size_before,
+            energy_j=energy_j,
             energy_source=self._probe.sources() if energy_j is not None else None,
-        )  # fmt: skip
+        )
         if trainer.is_global_zero:
             log_metrics(trainer, self.report.metrics(self.prefix))
         self._probe.add_summary(f"Quantization-aware training ({self.resolved_scheme})", self.report.summary_rows())

@@ -1,6 +1,8 @@
 """Sensors: hardware only, no Lightning imports. ``pynvml`` and ``psutil`` load on first use."""
 
 from lightning_green.sensors.base import (
+    DOMAINS,
+    KINDS,
     SOURCES,
     Reading,
     Sensor,
@@ -9,6 +11,7 @@ from lightning_green.sensors.base import (
     SensorPermissionError,
     SensorTransientError,
     SensorUnavailable,
+    validate_sensor,
 )
 from lightning_green.sensors.estimate import CpuEstimateSensor
 from lightning_green.sensors.nvml import NvmlSensor
@@ -16,6 +19,8 @@ from lightning_green.sensors.rapl import RaplSensor
 from lightning_green.sensors.simulated import SimulatedSensor
 
 __all__ = [
+    "DOMAINS",
+    "KINDS",
     "SOURCES",
     "CpuEstimateSensor",
     "NvmlSensor",
@@ -28,4 +33,5 @@ __all__ = [
     "SensorTransientError",
     "SensorUnavailable",
     "SimulatedSensor",
+    "validate_sensor",
 ]

@@ -8,16 +8,55 @@ created only where ``host_level=True`` (one process per node).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
 from lightning_green.checks import check_bool
 from lightning_green.sensors.base import Sensor, SensorError
+from lightning_green.sensors.estimate import DEFAULT_NAME as ESTIMATE_NAME
 from lightning_green.sensors.estimate import CpuEstimateSensor
 from lightning_green.sensors.nvml import NvmlSensor
-from lightning_green.sensors.rapl import DEFAULT_ROOT, RaplSensor
+from lightning_green.sensors.rapl import DEFAULT_ROOT, ZONES, RaplSensor
 
 #: Names accepted wherever sensors are given by name.
 SENSOR_NAMES = ("auto", "nvml", "rapl", "estimate")
+#: The names the sensors built for a sensor name take (a pattern each), and how a message shows them.
+DEFAULT_SENSOR_NAMES: dict[str, tuple[str, str]] = {
+    "nvml": (r"gpu\d+", "gpu<index>"),
+    "rapl": (rf"rapl_({'|'.join(ZONES)})\S*", "rapl_<zone>, e.g. rapl_package-0"),
+    "estimate": (re.escape(ESTIMATE_NAME), ESTIMATE_NAME),
+}
+#: What each sensor name may build.
+_BUILDS = {"auto": ("nvml", "rapl", "estimate"), "nvml": ("nvml",), "rapl": ("rapl",), "estimate": ("estimate",)}
+
+
+def check_distinct_names(sensors: Sequence[str | Sensor]) -> None:
+    """Check that the sensors of a ``sensors`` list (sensor objects and sensor names) can never share a
+    name: no two sensor objects share one, and none takes a name that a sensor built for one of the
+    listed sensor names takes by default (``"estimate"`` builds ``cpu_estimate``, ``"nvml"`` builds
+    ``gpu0``, ...), whatever hardware this machine has.
+
+    Raises:
+        ValueError: naming the sensor, the clashing entry and what to change.
+    """
+    objects = [s for s in sensors if isinstance(s, Sensor)]
+    seen: dict[str, Sensor] = {}
+    for sensor in objects:
+        if sensor.name in seen:
+            raise ValueError(
+                f"`sensors` holds two sensors named {sensor.name!r} ({seen[sensor.name]!r} and {sensor!r});"
+                " give each a distinct `name`"
+            )
+        seen[sensor.name] = sensor
+    for spec in (s for s in sensors if isinstance(s, str)):
+        for built in _BUILDS.get(spec, ()):
+            pattern, shown = DEFAULT_SENSOR_NAMES[built]
+            for sensor in objects:
+                if re.fullmatch(pattern, sensor.name):
+                    raise ValueError(
+                        f"`sensors` holds {sensor!r} and {spec!r}, which builds a sensor named {shown}: two sensors"
+                        f" would be named {sensor.name!r}; give {type(sensor).__name__} another `name` or drop {spec!r}"
+                    )
 
 
 def build_sensors(

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 #: Where an energy figure comes from. Every figure the package reports carries one of these.
 SOURCES = ("counter", "polled", "rapl", "estimate", "simulated")
 Source = Literal["counter", "polled", "rapl", "estimate", "simulated"]
+#: What a reading holds: joules of a cumulative counter, or watts.
+KINDS = ("energy", "power")
 Kind = Literal["energy", "power"]
 #: What part of the machine a sensor covers. ``dram`` is the memory-access energy (RAPL dram zone).
 DOMAINS = ("gpu", "cpu", "dram", "other")
@@ -63,11 +65,23 @@ class Reading:
     kind: Kind
 
 
-class Sensor(abc.ABC):
+class _CheckedAtConstruction(abc.ABCMeta):
+    """Checks every sensor with :func:`validate_sensor` once its ``__init__`` has run, so a custom
+    sensor with a missing or unknown field fails where it is built, naming its class and the field."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        sensor = super().__call__(*args, **kwargs)
+        validate_sensor(sensor)
+        return sensor
+
+
+class Sensor(abc.ABC, metaclass=_CheckedAtConstruction):
     """One source of energy readings.
 
     Subclasses set :attr:`name` (unique within a run, used in metric keys), :attr:`source`
-    (one of :data:`SOURCES`), :attr:`kind`, :attr:`domain` and :attr:`host_level`.
+    (one of :data:`SOURCES`), :attr:`kind` (one of :data:`KINDS`), :attr:`domain` (one of
+    :data:`DOMAINS`) and :attr:`host_level`, as class attributes or in ``__init__``: a sensor is
+    checked (:func:`validate_sensor`) as soon as it is constructed.
 
     ``host_level`` sensors measure something the whole machine shares (CPU package, DRAM, a CPU
     estimate). Under multi-process training they are read by one process per node only, so a node's
@@ -91,7 +105,7 @@ class Sensor(abc.ABC):
         sampler retries), :class:`SensorError` (or any exception) when the sensor cannot be read any
         more (the sampler drops it). Called on the sensor's own reader thread, never concurrently."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - an optional hook: most sensors hold nothing to release
         """Release what the sensor holds. Safe to call more than once."""
 
     def describe(self) -> dict:
@@ -107,3 +121,35 @@ class Sensor(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, source={self.source!r})"
+
+
+def validate_sensor(sensor: Sensor) -> Sensor:
+    """``sensor`` if the fields the package relies on hold allowed values.
+
+    Checks :attr:`~Sensor.name` (a non-empty string), :attr:`~Sensor.source` (one of :data:`SOURCES`),
+    :attr:`~Sensor.kind` (one of :data:`KINDS`), :attr:`~Sensor.domain` (one of :data:`DOMAINS`) and
+    :attr:`~Sensor.host_level` (a bool). Every :class:`Sensor` is checked when it is constructed.
+
+    Raises:
+        TypeError: ``sensor`` is not a :class:`Sensor`, or a field is missing or of the wrong type.
+        ValueError: a field holds a value outside the allowed ones.
+        The message names the sensor's class, its name when it has one, and the field.
+    """
+    if not isinstance(sensor, Sensor):
+        raise TypeError(f"expected a lightning_green.sensors.Sensor, got {sensor!r} ({type(sensor).__name__})")
+    cls = type(sensor).__name__
+    if not hasattr(sensor, "name"):
+        raise TypeError(f"sensor class {cls} sets no `name`: give it a non-empty string (used in metric keys)")
+    if not isinstance(sensor.name, str) or not sensor.name:
+        raise TypeError(f"sensor class {cls} has `name` {sensor.name!r}: it must be a non-empty string")
+    label = f"sensor {sensor.name!r} ({cls})"
+    allowed = {"source": SOURCES, "kind": KINDS, "domain": DOMAINS}
+    for field, values in allowed.items():
+        if not hasattr(sensor, field):
+            raise TypeError(f"{label} sets no `{field}`: set it to one of {', '.join(values)}")
+        value = getattr(sensor, field)
+        if value not in values:
+            raise ValueError(f"{label} has `{field}` {value!r}: it must be one of {', '.join(values)}")
+    if not isinstance(sensor.host_level, bool):
+        raise TypeError(f"{label} has `host_level` {sensor.host_level!r}: it must be True or False")
+    return sensor

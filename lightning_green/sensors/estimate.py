@@ -22,6 +22,8 @@ from lightning_green.sensors.base import Reading, Sensor
 
 DEFAULT_W_PER_CPU = 10.0
 DEFAULT_IDLE_FRACTION = 0.3
+#: The name of a :class:`CpuEstimateSensor` unless one is given.
+DEFAULT_NAME = "cpu_estimate"
 
 
 class CpuEstimateSensor(Sensor):
@@ -41,7 +43,7 @@ class CpuEstimateSensor(Sensor):
     domain = "cpu"
     host_level = True
 
-    def __init__(self, max_w: float | None = None, idle_w: float | None = None, name: str = "cpu_estimate") -> None:
+    def __init__(self, max_w: float | None = None, idle_w: float | None = None, name: str = DEFAULT_NAME) -> None:
         cpus = os.cpu_count() or 1
         max_w = DEFAULT_W_PER_CPU * cpus if max_w is None else max_w
         idle_w = DEFAULT_IDLE_FRACTION * max_w if idle_w is None else idle_w
@@ -53,7 +55,9 @@ class CpuEstimateSensor(Sensor):
         import psutil
 
         self._psutil = psutil
-        self.max_w, self.idle_w, self.name = float(max_w), float(idle_w), check_name("name", name)
+        self.max_w = float(max_w)
+        self.idle_w = float(idle_w)
+        self.name = check_name("name", name)
         self.note = f"model: {self.idle_w:g} W idle + {self.max_w - self.idle_w:g} W x utilisation; not a measurement"
         self._last = self._busy_total()
 

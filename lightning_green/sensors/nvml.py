@@ -9,7 +9,8 @@ counter is preferred.
 NVML errors are translated into the package's sensor errors here and nowhere else
 (:func:`nvml_errors`): ``UNKNOWN`` and ``TIMEOUT`` are transient (:class:`SensorTransientError`, the
 sampler retries them); ``GPU_IS_LOST``, ``NOT_SUPPORTED``, ``NO_PERMISSION``, ``LIBRARY_NOT_FOUND`` and
-the rest are permanent (the sampler drops the sensor). ``pynvml`` is imported on first use, never when ``lightning_green`` is imported.
+the rest are permanent (the sampler drops the sensor). ``pynvml`` is imported on first use, never when
+``lightning_green`` is imported.
 """
 
 from __future__ import annotations

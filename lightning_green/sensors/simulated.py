@@ -7,12 +7,11 @@ import math
 import numbers
 import time
 from collections.abc import Callable
-from typing import Union
 
 from lightning_green.checks import check_bool, check_name
 from lightning_green.sensors.base import DOMAINS, Reading, Sensor, SensorError
 
-PowerSpec = Union[float, Callable[[float], float]]
+PowerSpec = float | Callable[[float], float]
 
 
 class SimulatedSensor(Sensor):
