@@ -24,6 +24,7 @@ if not _located_by_cli():
 
     from lightning_green.callbacks import (
         EfficiencyLogger,
+        EnergyBudget,
         Measurement,
         PowerLimitSearch,
         PowerSampler,
@@ -41,6 +42,7 @@ __all__ = [
     "CpuEstimateSensor",
     "EfficiencyLogger",
     "EnergyAwareDDPStrategy",
+    "EnergyBudget",
     "Measurement",
     "NvmlSensor",
     "PowerLimitSearch",
