@@ -30,6 +30,8 @@ def test_tiny_gpt(tmp_path):
             "6",
             "--max-bytes",
             "200000",
+            "--energy-budget-kj",
+            "1000",
             "--log-dir",
             str(tmp_path),
         ],
@@ -49,7 +51,9 @@ def test_tiny_gpt(tmp_path):
     summary = json.loads(next(tmp_path.rglob("energy_summary_fit.json")).read_text())
     assert summary["sources"] and all(s in {"counter", "polled", "rapl", "estimate"} for s in summary["sources"])
     sections = summary["sections"]
-    assert {"efficiency", "energy by phase"} <= set(sections)
+    assert {"efficiency", "energy by phase", "energy budget"} <= set(sections)
+    budget = {r["figure"]: r["value"] for r in sections["energy budget"]}
+    assert budget["budget_j"] == 1e6 and budget["stopped_by"] == "not stopped" and 0 < budget["spent_j"] < 1e6
     assert any("qat" in title.lower() or "quantiz" in title.lower() for title in sections)
     if "estimate" in summary["sources"]:
         assert "not a measurement" in out
