@@ -123,6 +123,9 @@ def test_plan_forecast_is_the_mean_rate_since_the_first_log_step_times_the_steps
     plan.budget_j = 100.0
     plan.log_step(30, 35.0)  # 35 + 70: over the budget
     assert (plan.stop_step, plan.reason, plan.forecast_over) == (30, FORECAST, True)
+    unknown = BudgetPlan(budget_j=100.0, forecast_after=5)
+    unknown.start(step=0, total_steps=math.inf)  # max_steps=-1 over an iterable dataset: no forecast
+    assert unknown.log_step(10, 10.0) == unknown.log_step(20, 20.0) == {}
 
 
 def test_plan_goes_on_from_a_checkpoint():
@@ -186,7 +189,7 @@ def test_no_power_sampler_fails_in_setup():
 
 
 def test_stops_at_the_budget_with_less_than_a_step_past_it(tmp_path):
-    budget = EnergyBudget(max_j=1000.0)
+    budget = EnergyBudget(max_j=1000.0, on_forecast="ignore")
     trainer, ps, _ = fit(tmp_path, budget)
     rows = summary_rows(ps)
     # 1 J per step: the plan made at log step 10 stops at step 1000

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,6 +25,11 @@ from lightning_green.messages import WarnOnce
 __all__ = ["EnergyBudget"]
 
 SECTION = "energy budget"
+
+
+def _or_none(value: float) -> float | None:
+    """None for NaN (no figure), so the summary's JSON holds no NaN."""
+    return None if math.isnan(value) else value
 
 
 def _figures(metrics: dict[str, float], energy_j: float) -> dict[str, float]:
@@ -119,6 +125,7 @@ class EnergyBudget(Callback):
         self._start_local_j = 0.0  # this process's energy_now_j at the start of fit
         self._start_total_j = 0.0  # every process's, summed at train start
         self._in_fit = False  # from on_fit_start to on_train_end: checkpoints are read now
+        self._restored_late = False  # a checkpoint loaded after on_fit_start (FSDP, DeepSpeed)
         self._pending_state: dict | None = None
         self._seen_monitor = False
 
@@ -135,7 +142,7 @@ class EnergyBudget(Callback):
             raise MisconfiguredTrainer(
                 "EnergyBudget decides at the PowerSampler's log steps, but `log_every_n_steps` is 0; set it >= 1"
             )
-        self._trainer = trainer
+        self._trainer, self._in_fit = trainer, False
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -176,8 +183,9 @@ class EnergyBudget(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = dict(state_dict)
-        if self._in_fit:  # restored after on_fit_start (FSDP, DeepSpeed): so was the PowerSampler's energy
-            self._start_fit()
+        # loaded after on_fit_start (FSDP, DeepSpeed): so was the PowerSampler's energy, which the
+        # start of fit must then hold (taken again at train start, when every callback has loaded)
+        self._restored_late = self._in_fit
 
     # ------------------------------------------------------------------ helpers
     def _start_fit(self) -> None:
@@ -186,6 +194,8 @@ class EnergyBudget(Callback):
         self.stopped, self._seen_monitor = None, False
 
     def _start_training(self, trainer: Trainer) -> None:
+        if self._restored_late:
+            self._start_local_j, self._restored_late = self._sampler.energy_now_j(), False
         self._apply_state()
         self._start_total_j = reduce_sum(trainer, [self._start_local_j])[0]
         self.spent_j = self.plan.restored_j
@@ -237,7 +247,7 @@ class EnergyBudget(Callback):
         seen = value is not None
         self._seen_monitor = self._seen_monitor or seen
         local = [self._sampler.energy_now_j() - self._start_local_j, float(value) if seen else 0.0, float(seen)]
-        since_start_j, value_sum, n_seen = reduce_sum(trainer, local) if distributed(trainer) else local
+        since_start_j, value_sum, n_seen = reduce_sum(trainer, local)
         if n_seen == 0:
             return
         self.spent_j = self.plan.restored_j + since_start_j
@@ -283,10 +293,10 @@ class EnergyBudget(Callback):
         rows = [
             {"figure": "budget_j", "value": self.budget_j, "source": "setting"},
             {"figure": "spent_j", "value": self.spent_j, "source": source},
-            {"figure": "forecast_j", "value": self.plan.forecast_j, "source": source},
+            {"figure": "forecast_j", "value": _or_none(self.plan.forecast_j), "source": source},
             {"figure": "stopped_at_step", "value": stopped.get("step"), "source": ""},
             {"figure": "stopped_by", "value": stopped.get("reason", "not stopped"), "source": ""},
         ]
         if self.progress is not None:
-            rows.append({"figure": f"best_{self.monitor}", "value": self.progress.best, "source": ""})
+            rows.append({"figure": f"best_{self.monitor}", "value": _or_none(self.progress.best), "source": ""})
         return rows

@@ -156,7 +156,7 @@ class BudgetPlan:
             self._first = (step, spent_j)  # the mean J per step is taken from here: no start-up in it
             return {}
         first_step, first_j = self._first
-        if step < self.forecast_from or step <= first_step:
+        if step < self.forecast_from or step <= first_step or not math.isfinite(self.total_steps):
             return {}
         j_per_step = (spent_j - first_j) / (step - first_step)
         self.forecast_j = spent_j + j_per_step * max(0.0, self.total_steps - step)
