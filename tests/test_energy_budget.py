@@ -277,14 +277,24 @@ def power_by_rank(t_s):
     return WATTS + 50.0 * torch.distributed.get_rank()
 
 
+class RankLoss(LongEpochs):
+    """Without ``sync_dist``: rank 0's val_loss is flat (alone it would stop at its first rate, after
+    step 60), rank 1's falls 0.01 per step; their mean improves 0.005 per step."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", 3.0 - 0.01 * self.global_step * self.global_rank)
+        return BoringModel.validation_step(self, batch, batch_idx)
+
+
 class CountCollectives(Callback):
-    """Counts the strategy's collectives per training step (last in the callbacks: after the others'
-    hooks) and writes them, with the step the rank stopped at, to ``rank<r>.json``."""
+    """Counts the strategy's collectives per training step and per validation (last in the callbacks:
+    after the others' hooks) and writes them, with how the rank stopped, to ``rank<r>.json``."""
 
     NAMES = ("reduce", "all_gather", "broadcast", "barrier", "reduce_boolean_decision")
 
     def __init__(self, folder):
-        self.folder, self.calls, self.per_step, self.mark = folder, 0, {}, 0
+        self.folder, self.calls, self.mark = folder, 0, 0
+        self.per_step, self.per_validation = {}, {}
 
     def setup(self, trainer, pl_module, stage):
         for name in self.NAMES:
@@ -297,14 +307,23 @@ class CountCollectives(Callback):
 
         return counted
 
+    def _take(self):
+        taken, self.mark = self.calls - self.mark, self.calls
+        return taken
+
     def on_train_start(self, trainer, pl_module):
-        self.mark = self.calls
+        self._take()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.per_step[trainer.global_step], self.mark = self.calls - self.mark, self.calls
+        self.per_step[trainer.global_step] = self._take()
+
+    def on_validation_end(self, trainer, pl_module):
+        self.per_validation[trainer.global_step] = self._take()
 
     def on_train_end(self, trainer, pl_module):
-        out = {"step": trainer.global_step, "per_step": self.per_step}
+        [budget] = [cb for cb in trainer.callbacks if isinstance(cb, EnergyBudget)]
+        out = {"step": trainer.global_step, "per_step": self.per_step, "per_validation": self.per_validation}
+        out.update(stopped=budget.stopped, spent_j=budget.spent_j)
         (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
 
 
@@ -319,23 +338,28 @@ def test_two_processes_stop_on_the_same_step_with_no_collective_added_per_step(t
         report_picture=False,
         clock=clock,
     )
+    budget = EnergyBudget(max_j=250.0, monitor="val_loss", min_delta_per_kj=1.0, patience=1)
     trainer = tiny_trainer(
         max_steps=1000,
         devices=2,
         strategy=strategy,
         log_every_n_steps=10,
-        callbacks=[clock, ps, EnergyBudget(max_j=250.0), CountCollectives(tmp_path)],
+        val_check_interval=30,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        callbacks=[clock, ps, budget, CountCollectives(tmp_path)],
     )
-    trainer.fit(LongEpochs())
+    trainer.fit(RankLoss())
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    # 2.5 J per step for the two: the plan made at step 10 stops both at step 100
-    assert ranks[0]["step"] == ranks[1]["step"] == 100
+    # 2.5 J per step and per validation batch for the two; the mean val_loss improves 0.15 per 77.5 J
+    # (1.9 per kJ): the budget stops both ranks, on the same step, not rank 0's flat loss after step 60
+    # at log step 90, 230 J spent (90 steps, the validations after 30 and 60): 20 J left is 8 steps
+    assert ranks[0]["step"] == ranks[1]["step"] == 98
+    assert ranks[0]["stopped"] == ranks[1]["stopped"] == {"step": 98, "reason": BUDGET}
+    # 98 steps and 3 validations make 252.5 J at the stop; Lightning validates once more when a fit stops early
+    assert ranks[0]["spent_j"] == ranks[1]["spent_j"] == pytest.approx(98 * 2.5 + 4 * 2.5)
     for rank in ranks:
-        # the PowerSampler's one sum per log step, nothing else: the budget adds no collective
-        assert rank["per_step"] == {str(s): int(s % 10 == 0) for s in range(1, 101)}
-    [row] = [
-        r
-        for r in json.loads((tmp_path / "energy_summary_fit.json").read_text())["sections"]["energy budget"]
-        if r["figure"] == "spent_j"
-    ]
-    assert row["value"] == pytest.approx(250.0)
+        # per step the PowerSampler's one sum per log step, nothing else: the budget adds no collective
+        assert rank["per_step"] == {str(s): int(s % 10 == 0) for s in range(1, 99)}
+        # per validation the budget's one sum (monitored value and energy)
+        assert rank["per_validation"] == {"30": 1, "60": 1, "90": 1, "98": 1}
