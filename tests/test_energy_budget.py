@@ -238,6 +238,21 @@ def test_diminishing_returns_stop_within_patience_validations_of_the_plateau(tmp
     assert summary_rows(ps)["stopped_by"] == PLATEAU
 
 
+def test_resume_after_a_plateau_stop_keeps_the_patience_count(tmp_path):
+    first = EnergyBudget(max_j=1e6, monitor="val_loss", min_delta_per_kj=1.0, patience=3)
+    trainer, _, _ = fit(tmp_path, first, val_every=20, model=LongEpochs(plateau_loss))
+    assert trainer.global_step == 160
+    ckpt = str(tmp_path / "plateau.ckpt")
+    trainer.save_checkpoint(ckpt)
+    same = EnergyBudget(max_j=1e6, monitor="val_loss", min_delta_per_kj=1.0, patience=3)
+    with pytest.warns(UserWarning, match="stopped for the diminishing returns; raise `patience`"):
+        again, _, _ = fit(tmp_path, same, val_every=20, model=LongEpochs(plateau_loss), ckpt_path=ckpt)
+    assert again.global_step == 160 and same.progress.wait == 3
+    longer = EnergyBudget(max_j=1e6, monitor="val_loss", min_delta_per_kj=1.0, patience=4)
+    more, _, _ = fit(tmp_path, longer, val_every=20, model=LongEpochs(plateau_loss), ckpt_path=ckpt)
+    assert more.global_step == 180 and longer.stopped == {"step": 180, "reason": PLATEAU}  # one more flat validation
+
+
 def test_a_monitor_never_logged_warns_once(tmp_path):
     with pytest.warns(UserWarning, match="`monitor='val_acc'` was never logged") as record:
         fit(

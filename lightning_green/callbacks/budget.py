@@ -204,10 +204,10 @@ class EnergyBudget(Callback):
         self._sampler.add_log_step_listener(self._log_step)
         if self.plan.stops_at(trainer.global_step) or (self.progress is not None and self.progress.exhausted):
             reason = self.plan.reason if self.plan.stop_step is not None else PLATEAU
+            remedy = "raise `patience` or lower `min_delta_per_kj`" if reason == PLATEAU else "raise the budget"
             rank_zero_warn(
                 f"EnergyBudget: not training: the checkpoint had spent {self.spent_j:.6g} J (budget "
-                f"{self.budget_j:.6g} J) and stopped for the {reason}; raise the budget"
-                f"{' or the patience' if reason == PLATEAU else ''} to go on"
+                f"{self.budget_j:.6g} J) and stopped for the {reason}; {remedy} to go on"
             )
             self._stop(trainer, reason)
 
