@@ -245,8 +245,9 @@ def test_resume_after_a_plateau_stop_keeps_the_patience_count(tmp_path):
     ckpt = str(tmp_path / "plateau.ckpt")
     trainer.save_checkpoint(ckpt)
     same = EnergyBudget(max_j=1e6, monitor="val_loss", min_delta_per_kj=1.0, patience=3)
-    with pytest.warns(UserWarning, match="stopped for the diminishing returns; raise `patience`"):
+    with pytest.warns(UserWarning, match="stopped for the diminishing returns; raise `patience`") as record:
         again, _, _ = fit(tmp_path, same, val_every=20, model=LongEpochs(plateau_loss), ckpt_path=ckpt)
+    assert not [w for w in record if "never logged" in str(w.message)]  # it was, before the checkpoint
     assert again.global_step == 160 and same.progress.wait == 3
     longer = EnergyBudget(max_j=1e6, monitor="val_loss", min_delta_per_kj=1.0, patience=4)
     more, _, _ = fit(tmp_path, longer, val_every=20, model=LongEpochs(plateau_loss), ckpt_path=ckpt)

@@ -274,7 +274,8 @@ class EnergyBudget(Callback):
     def _end_training(self, trainer: Trainer) -> None:
         self.spent_j = self._spent_now_j(trainer)
         self._in_fit = False
-        if self.monitor is not None and not self._seen_monitor:
+        # a best value restored from a checkpoint was seen by the fit's earlier part
+        if self.progress is not None and not self._seen_monitor and math.isnan(self.progress.best):
             logged = ", ".join(sorted(trainer.callback_metrics)) or "none"
             rank_zero_warn(
                 f"EnergyBudget: `monitor={self.monitor!r}` was never logged in a validation of this fit, so "
