@@ -14,6 +14,7 @@ the status is decided on the median.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 import warnings
 
@@ -38,8 +39,10 @@ class TenMsSteps(BoringModel):
         return super().training_step(batch, batch_idx)
 
 
-def one_fit(budget_j: float) -> dict:
-    power = PowerSampler(sensors=[SimulatedSensor(WATTS)], print_summary=False, report_picture=False)
+def one_fit(budget_j: float, folder: str) -> dict:
+    power = PowerSampler(
+        sensors=[SimulatedSensor(WATTS)], print_summary=False, report_picture=False, summary_dir=folder
+    )
     budget = EnergyBudget(max_j=budget_j, on_forecast="ignore")
     trainer = Trainer(
         max_steps=100 * int(budget_j),  # far past the budget: only the budget stops the fit
@@ -53,6 +56,7 @@ def one_fit(budget_j: float) -> dict:
         num_sanity_val_steps=0,
         limit_val_batches=0,
         callbacks=[power, budget],
+        default_root_dir=folder,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -70,7 +74,8 @@ def one_fit(budget_j: float) -> dict:
 
 
 def run(budget_j: float, repeats: int) -> dict:
-    runs = [one_fit(budget_j) for _ in range(repeats)]
+    with tempfile.TemporaryDirectory() as folder:  # the energy summaries: not kept
+        runs = [one_fit(budget_j, folder) for _ in range(repeats)]
     overshoot_j = summarize(r["overshoot_j"] for r in runs)
     window_j = summarize(r["window_j"] for r in runs)
     overshoot_pct = summarize(r["overshoot_pct"] for r in runs)
