@@ -8,13 +8,15 @@ says so.
     python examples/tiny_gpt.py                         # CPU or one GPU
     python examples/tiny_gpt.py --devices 2 --strategy ddp_green   # two processes, energy summed
     python examples/tiny_gpt.py --max-steps 2000 --d-model 384 --n-layer 6   # bigger
+    python examples/tiny_gpt.py --energy-budget-kj 5    # stop the fit when it has used 5 kJ
     tensorboard --logdir lightning_logs                 # energy, power, efficiency curves
 
 What it adds to an unchanged LightningModule: PowerSampler (energy and power, by phase),
 EfficiencyLogger (EER, EPI, tokens per joule, carbon, and the energy until val_loss first reaches
 --target-val-loss), QuantizationAwareTraining (fake quantization from --qat-start-step on; scheme
 "auto" picks the kernel that is measured fastest on this device, int8 on x86 CPU, and converts at
-the end) and a TensorBoardLogger.
+the end) and a TensorBoardLogger; with --energy-budget-kj, EnergyBudget (stops the fit at the budget
+and logs the forecast of its total energy).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from tinygpt_model import ByteDataModule, TinyGPT  # noqa: E402
 
 import lightning_green  # noqa: E402,F401  (registers "ddp_green")
-from lightning_green import EfficiencyLogger, PowerSampler, QuantizationAwareTraining  # noqa: E402
+from lightning_green import EfficiencyLogger, EnergyBudget, PowerSampler, QuantizationAwareTraining  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,6 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=2.5,
         help="report the energy and time until val_loss (nats per byte; ln 256 = 5.5 untrained) first reaches this",
     )
+    p.add_argument(
+        "--energy-budget-kj",
+        type=float,
+        default=None,
+        help="stop the fit when all processes have used this many kJ (EnergyBudget); default: no budget",
+    )
     p.add_argument("--log-dir", default="lightning_logs")
     return p.parse_args(argv)
 
@@ -101,6 +109,8 @@ def main(argv=None) -> dict:
         targets={"val_loss": args.target_val_loss},
     )
     callbacks = [power, efficiency]
+    if args.energy_budget_kj is not None:
+        callbacks.append(EnergyBudget(max_j=args.energy_budget_kj * 1000.0))
     qat = None
     if not args.no_qat:
         qat = QuantizationAwareTraining(scheme=args.qat_scheme, start_step=args.qat_start_step)

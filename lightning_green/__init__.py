@@ -21,6 +21,7 @@ _EXPORTS = {
     "CpuEstimateSensor": "lightning_green.sensors",
     "EfficiencyLogger": "lightning_green.callbacks.efficiency",
     "EnergyAwareDDPStrategy": "lightning_green.strategies.ddp_green",
+    "EnergyBudget": "lightning_green.callbacks.budget",
     "Measurement": "lightning_green.energy.session",
     "NvmlSensor": "lightning_green.sensors",
     "PowerLimitSearch": "lightning_green.callbacks.power_limit",
@@ -42,6 +43,7 @@ __all__ = [
     "CpuEstimateSensor",
     "EfficiencyLogger",
     "EnergyAwareDDPStrategy",
+    "EnergyBudget",
     "Measurement",
     "NvmlSensor",
     "PowerLimitSearch",
@@ -97,6 +99,7 @@ if not _locating_cli():
     EnergyAwareDDPStrategy.register_strategies(StrategyRegistry)
 
 if TYPE_CHECKING:
+    from lightning_green.callbacks.budget import EnergyBudget
     from lightning_green.callbacks.efficiency import EfficiencyLogger
     from lightning_green.callbacks.power import PowerSampler, find_power_sampler
     from lightning_green.callbacks.power_limit import PowerLimitSearch

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -50,6 +51,10 @@ class TrainingLog:
         self.world_size = 1
         self.listeners: list[Listener] = []
         self.evaluation_j = 0.0  # this process's joules of measure_evaluation() blocks since training started
+        #: every process's cumulative joules (``energy/total_j``) at the end of the last window closed: a
+        #: listener's ``finish`` reads it for the cluster figure without a collective of its own (with
+        #: more than one process windows close on the training thread, before the finishers run)
+        self.total_j = math.nan
         self._collect_trace: Callable[[Write], None] | None = None  # the trace work of this loop, if it keeps one
         #: the exposed all-reduce seconds since the last call (``ddp_green`` hands its counter over)
         self.comm_seconds: Callable[[], float] | None = None
@@ -72,6 +77,7 @@ class TrainingLog:
         over the ``world_size`` processes with ``reduce``; trace points are kept with steps in ms since
         ``trace_origin_t`` (None: no trace on this process)."""
         self.reduce, self.world_size, self.evaluation_j = reduce, world_size, 0.0
+        self.total_j = math.nan
         self._collect_trace = None if trace_origin_t is None else functools.partial(self.collect_trace, trace_origin_t)
         self.window.reset()
         self.cadence.reset(every, global_step)
@@ -158,6 +164,7 @@ class TrainingLog:
 
     def _write_window(self, end: WindowEnd, step: int, finishers: Sequence[Finish], write: Write) -> dict[str, float]:
         metrics = self.close(end)
+        self.total_j = metrics["energy/total_j"]
         # every figure first, then the writes: a write that hangs past LogQueue.stop then leaves no
         # state change behind to land in the next fit
         listened = [finish(self.window.local_j) for finish in finishers]
