@@ -29,9 +29,10 @@ if not _located_by_cli():
         PowerSampler,
         find_power_sampler,
     )
+    from lightning_green.power_limit import SimulatedPowerControl
     from lightning_green.quantization import QuantizationAwareTraining
     from lightning_green.sensors import CpuEstimateSensor, NvmlSensor, RaplSensor, Sensor, SimulatedSensor
-    from lightning_green.strategies import EnergyAwareDDPStrategy, SimulatedPowerControl
+    from lightning_green.strategies import EnergyAwareDDPStrategy
 
     EnergyAwareDDPStrategy.register_strategies(StrategyRegistry)
 
