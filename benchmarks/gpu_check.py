@@ -109,7 +109,7 @@ def counter_vs_polled(seconds: float) -> dict:
 def power_limits() -> dict:
     import torch
 
-    from lightning_green.strategies import NvmlPowerControl
+    from lightning_green.power_limit import NvmlPowerControl
 
     control = NvmlPowerControl(0)
     control.attach(torch.device("cuda", 0))

@@ -2,21 +2,22 @@
 
     python benchmarks/power_limit.py [--no-live] [--repeats 5]
 
-Analytic part: the Trainer-free :class:`~lightning_green.strategies.LimitSearch` is fed the exact per-step energy
-and time of :class:`~lightning_green.strategies.SimulatedPowerControl`'s documented model (bounds
+Analytic part: the Trainer-free :class:`~lightning_green.power_limit.LimitSearch` is fed the exact per-step energy
+and time of :class:`~lightning_green.power_limit.SimulatedPowerControl`'s documented model (bounds
 150-400 W, 25 W grid) for several ``eta`` and ``max_slowdown`` settings. Its choice is compared with
 the optimum over a 0.5 W grid (goal: within one grid step), and energy saved and slowdown are
 reported against the highest limit.
 
-Live part: the same search inside a Trainer (``strategy=EnergyAwareDDPStrategy(power_limit="search")``,
+Live part: the same search inside a Trainer
+(``strategy=EnergyAwareDDPStrategy(power_limit=PowerLimitSearch("search", ...))``,
 which installs the PowerLimitSearch callback; one process, a PowerSampler reading the simulated sensor,
 simulated steps of ``STEP_S`` (100 ms) at the highest limit, ``SETTLE_STEPS`` unmeasured steps after
 every limit change as Zeus does). Real step time adds a few milliseconds at the same power to every
 step, which favours lower limits: on the 50 W grid the model's costs at 300 W and 250 W differ by
 0.5 %, so with 40 ms steps those milliseconds decided the choice; at 100 ms the model's optimum
-holds against up to about 8 ms of overhead per step. The analytic part is exact arithmetic (one run says it all); the live part runs ``--repeats``
-times and the JSON keeps min/median/max of its figures and how many runs chose the optimum. Prints a
-table and writes ``benchmarks/results/power_limit.json``; a few seconds.
+holds against up to about 8 ms of overhead per step. The analytic part is exact arithmetic (one run
+says it all); the live part runs ``--repeats`` times and the JSON keeps min/median/max of its figures
+and how many runs chose the optimum. Prints a table and writes ``benchmarks/results/power_limit.json``; a few seconds.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import MIN_REPEATS, summarize, table, write  # noqa: E402
 
-from lightning_green.strategies import LimitSearch, SimulatedPowerControl, limit_grid  # noqa: E402
+from lightning_green.power_limit import LimitSearch, SimulatedPowerControl, limit_grid  # noqa: E402
 
 MIN_W, MAX_W, GRID_W, STEP_S = 150.0, 400.0, 25.0, 0.1
 LIVE_GRID_W, WARMUP_STEPS, SETTLE_STEPS, PROFILE_STEPS, AFTER_STEPS = 50.0, 2, 2, 4, 4  # the live search's schedule
@@ -88,22 +89,23 @@ def live() -> dict:
     from lightning.pytorch import Trainer
     from lightning.pytorch.demos.boring_classes import BoringModel
 
-    from lightning_green import PowerSampler
+    from lightning_green import PowerLimitSearch, PowerSampler
     from lightning_green.strategies import EnergyAwareDDPStrategy
 
     control = SimulatedPowerControl(min_w=MIN_W, max_w=MAX_W, step_s=STEP_S)
     sampler = PowerSampler(
         sensors=[control.sensor()], interval_s=0.01, print_summary=False, summary_dir=tempfile.mkdtemp()
     )
-    strategy = EnergyAwareDDPStrategy(
-        power_limit="search",
+    search_cb = PowerLimitSearch(
+        "search",
         power_control=control,
         warmup_steps=WARMUP_STEPS,
         settle_steps=SETTLE_STEPS,
         profile_steps=PROFILE_STEPS,
         limit_step_w=LIVE_GRID_W,
-        power_limit_cache=False,
+        cache=False,
     )
+    strategy = EnergyAwareDDPStrategy(power_limit=search_cb)
     n_limits = len(limit_grid(MIN_W, MAX_W, LIVE_GRID_W))
     trainer = Trainer(
         accelerator="cpu",
@@ -118,7 +120,7 @@ def live() -> dict:
         default_root_dir=tempfile.mkdtemp(),
     )
     trainer.fit(BoringModel())
-    search = strategy.power_limiter.search  # the PowerLimitSearch callback's LimitSearch
+    search = search_cb.search  # the PowerLimitSearch callback's LimitSearch
     if not search.done:
         raise RuntimeError(f"the live search did not finish in {trainer.global_step} steps: raise max_steps")
     rows = [
@@ -191,9 +193,9 @@ def main() -> None:
         result["live"] = live = live_repeated(args.repeats)
         print()
         print(table(live["rows"]))
-        print(
-            f"live, {args.repeats} runs: chose {[r['chosen_w'] for r in live['runs']]} W; the model's optimum on the 50 W grid is {live['model_optimum_on_grid_w']:g} W"
-        )
+        chosen_w = [r["chosen_w"] for r in live["runs"]]
+        optimum_w = live["model_optimum_on_grid_w"]
+        print(f"live, {args.repeats} runs: chose {chosen_w} W; the model's optimum on the 50 W grid is {optimum_w:g} W")
     print(f"goal (analytic choice within one {GRID_W:g} W step of the optimum): {result['goal_within_one_grid_step']}")
     write("power_limit", result, repeats=args.repeats, quick=args.quick)
 

@@ -48,6 +48,7 @@ SECTION_TITLES = {
     GENERATION: "generation",
     GENERATION_PHASES: "generation phases",
 }
+POWER_LIMIT_TITLE = SECTION_TITLES[POWER_LIMIT]
 #: Sections of schema 1 were keyed by title only; the QAT title also held the scheme in parentheses.
 QAT_TITLE = SECTION_TITLES[QAT]
 ERROR_TITLE_PREFIX = "error in "

@@ -18,7 +18,9 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.strategies import StrategyRegistry
 
 import lightning_green
-from lightning_green.strategies import CommStats, EnergyAwareDDPStrategy, SimulatedPowerControl
+from lightning_green import PowerLimitSearch
+from lightning_green.power_limit import SimulatedPowerControl
+from lightning_green.strategies import CommStats, EnergyAwareDDPStrategy
 from lightning_green.strategies.comm import CommCompression, powersgd_payload_numel
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
@@ -109,25 +111,51 @@ trainer:
     init_args:
       comm_compression: fp16
       powersgd_rank: 3
-      power_limit: 250
-      eta: 0.25
-      max_slowdown: 1.1
-      power_limit_cache: {tmp_path / "cache.json"}
       process_group_backend: gloo
-      power_control:
-        class_path: lightning_green.strategies.SimulatedPowerControl
+      power_limit:
+        class_path: lightning_green.PowerLimitSearch
         init_args:
-          max_w: 300
+          power_limit: 250
+          eta: 0.25
+          max_slowdown: 1.1
+          cache: {tmp_path / "cache.json"}
+          power_control:
+            class_path: lightning_green.power_limit.SimulatedPowerControl
+            init_args:
+              max_w: 300
 """
     )
     cli = LightningCLI(BoringModel, run=False, args=["--config", str(config)], save_config_callback=None)
     strategy = cli.trainer.strategy
     assert type(strategy) is EnergyAwareDDPStrategy
     assert strategy.comm_compression is CommCompression.FP16 and strategy.powersgd_rank == 3
-    assert strategy.power_limit == 250 and strategy.process_group_backend == "gloo"
-    limiter = strategy.power_limiter
-    assert (limiter.eta, limiter.max_slowdown, limiter.cache_path) == (0.25, 1.1, str(tmp_path / "cache.json"))
-    assert isinstance(strategy.power_control, SimulatedPowerControl) and strategy.power_control.max_w == 300
+    assert strategy.process_group_backend == "gloo"
+    search = strategy.power_limit_search
+    assert isinstance(search, PowerLimitSearch) and search.power_limit == 250
+    assert (search.eta, search.max_slowdown, search.cache_path) == (0.25, 1.1, str(tmp_path / "cache.json"))
+    assert isinstance(search.control, SimulatedPowerControl) and search.control.max_w == 300
+
+
+def test_lightning_cli_yaml_shorthand(tmp_path, monkeypatch):
+    from lightning.pytorch.cli import LightningCLI
+
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        """
+trainer:
+  accelerator: cpu
+  devices: 1
+  logger: false
+  strategy:
+    class_path: lightning_green.strategies.EnergyAwareDDPStrategy
+    init_args:
+      power_limit: search
+"""
+    )
+    cli = LightningCLI(BoringModel, run=False, args=["--config", str(config)], save_config_callback=None)
+    search = cli.trainer.strategy.power_limit_search
+    assert isinstance(search, PowerLimitSearch) and search.is_search
 
 
 @pytest.mark.parametrize(
@@ -139,15 +167,11 @@ trainer:
         ),
         ({"powersgd_rank": 0}, r"`powersgd_rank` must be an integer >= 1"),
         ({"powersgd_start_step": 1}, r"`powersgd_start_step` must be an integer >= 2"),
-        ({"eta": 1.5}, r"`eta` must be a number in \[0, 1\], got 1.5"),
-        ({"eta": -0.1}, r"`eta` must be a number in \[0, 1\]"),
-        ({"max_slowdown": 0.9}, r"`max_slowdown` must be None or a number >= 1"),
-        ({"power_limit": "max"}, r"`power_limit` must be None, a number of watts > 0 or 'search', got 'max'"),
+        (
+            {"power_limit": "max"},
+            r"`power_limit` must be None, a number of watts > 0, 'search' or a PowerLimitSearch, got 'max'",
+        ),
         ({"power_limit": -5}, r"`power_limit` must be None, a number of watts > 0"),
-        ({"power_limit": 200, "power_control": "amd"}, r"`power_control` must be None, 'nvml' or a PowerControl"),
-        ({"profile_steps": 0}, r"`profile_steps` must be an integer >= 1"),
-        ({"warmup_steps": -1}, r"`warmup_steps` must be an integer >= 0"),
-        ({"limit_step_w": 0}, r"`limit_step_w` must be a number of watts > 0"),
         (
             {"comm_compression": "fp16", "ddp_comm_hook": lambda s, b: None},
             r"`comm_compression='fp16'` and `ddp_comm_hook`",

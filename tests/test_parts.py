@@ -8,9 +8,9 @@ from lightning_green.distributed import cluster_figures, shared_owners
 from lightning_green.energy.phases import PhaseRecorder
 from lightning_green.energy.session import EnergySession, LogWindow
 from lightning_green.log_queue import LogCadence
+from lightning_green.power_limit import LimitSearch
 from lightning_green.resume import continued_part, state_for_rank
 from lightning_green.sensors import SimulatedSensor
-from lightning_green.strategies import LimitSearch
 from lightning_green.summary import StageRecord, SummarySections, build_summary, local_cluster, sensor_rows
 
 

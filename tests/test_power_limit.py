@@ -1,4 +1,5 @@
-"""Power limits: the controls, the Trainer-free search, the cache, and the strategy's restore paths."""
+"""Power limits: the controls, the Trainer-free search, the cache, restoring on exit, and the
+PowerLimitSearch callback (alone and installed by the strategy's ``power_limit``)."""
 
 import json
 import os
@@ -16,20 +17,21 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_green import PowerSampler
-from lightning_green.strategies import (
-    EnergyAwareDDPStrategy,
+from lightning_green import PowerLimitSearch, PowerSampler
+from lightning_green.power_limit import (
     LimitProfile,
     LimitSearch,
     NvmlPowerControl,
+    PowerControl,
     PowerControlUnavailable,
     PowerLimitCache,
+    SigtermRestore,
     SimulatedPowerControl,
     choose_limit,
     limit_grid,
 )
-from lightning_green.strategies import sigterm as sigterm_module
-from lightning_green.strategies.sigterm import SigtermRestore
+from lightning_green.power_limit import restore as restore_module
+from lightning_green.strategies import EnergyAwareDDPStrategy
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SCRIPTS = os.path.join(os.path.dirname(__file__), "ddp_scripts")
@@ -99,7 +101,7 @@ def test_limit_outside_bounds_is_refused():
 def test_limit_restored_when_the_process_exits(tmp_path):
     path = tmp_path / "dev.json"
     code = (
-        "import sys; from lightning_green.strategies import SimulatedPowerControl as S;"
+        "import sys; from lightning_green.power_limit import SimulatedPowerControl as S;"
         f"c = S(state_path={str(path)!r}); c.set_limit_w(175); print(c.get_limit_w()); sys.exit(3)"
     )
     proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=60)
@@ -151,7 +153,7 @@ def test_sigterm_handler_reraises_with_default_handler(monkeypatch):
     order = []
     monkeypatch.setattr(signal, "getsignal", lambda s: signal.SIG_DFL)
     monkeypatch.setattr(signal, "signal", lambda s, h: order.append(("signal", h)))
-    monkeypatch.setattr(sigterm_module.os, "kill", lambda pid, s: order.append(("kill", pid, s)))
+    monkeypatch.setattr(restore_module.os, "kill", lambda pid, s: order.append(("kill", pid, s)))
     guard = SigtermRestore(lambda: order.append("restore"))
     guard.install()
     guard._handle(signal.SIGTERM, None)
@@ -307,7 +309,8 @@ def mock_logger():
 def test_fixed_limit_applied_logged_and_restored(tmp_path):
     control = SimulatedPowerControl(state_path=tmp_path / "dev.json")
     probe, logger = LimitProbe(control), mock_logger()
-    fit(EnergyAwareDDPStrategy(power_limit=225, power_control=control), callbacks=[probe], logger=logger, root=tmp_path)
+    strategy = EnergyAwareDDPStrategy(power_limit=PowerLimitSearch(225, power_control=control))
+    fit(strategy, callbacks=[probe], logger=logger, root=tmp_path)
     assert probe.limits == [225.0] * 6
     assert read_limit(tmp_path / "dev.json") == 400 and control.get_limit_w() == 400
     logged = [c.args[0]["power/limit_w"] for c in logger.log_metrics.call_args_list if "power/limit_w" in c.args[0]]
@@ -323,7 +326,7 @@ def test_limit_restored_on_exception_and_keyboard_interrupt(tmp_path, exc):
         expected = SystemExit if isinstance(exc, KeyboardInterrupt) else RuntimeError  # Lightning exits on Ctrl+C
         with pytest.raises(expected):
             fit(
-                EnergyAwareDDPStrategy(power_limit=175, power_control=control),
+                EnergyAwareDDPStrategy(power_limit=PowerLimitSearch(175, power_control=control)),
                 FailingModel(exc),
                 callbacks=[probe],
                 root=tmp_path,
@@ -371,13 +374,14 @@ def test_fixed_limit_outside_bounds_fails_in_setup(tmp_path):
     with pytest.raises(
         ValueError, match=r"`power_limit=350` is outside the device's bounds: allowed values are 150 to 300 W"
     ):
-        fit(EnergyAwareDDPStrategy(power_limit=350, power_control=control), root=tmp_path)
+        fit(EnergyAwareDDPStrategy(power_limit=PowerLimitSearch(350, power_control=control)), root=tmp_path)
     assert control.get_limit_w() == 300 and not control.changed
 
 
 def test_search_without_power_sampler_fails_in_setup(tmp_path):
     with pytest.raises(MisconfigurationException, match=r"add `lightning_green.PowerSampler"):
-        fit(EnergyAwareDDPStrategy(power_limit="search", power_control=SimulatedPowerControl()), root=tmp_path)
+        search = PowerLimitSearch("search", power_control=SimulatedPowerControl())
+        fit(EnergyAwareDDPStrategy(power_limit=search), root=tmp_path)
 
 
 def test_no_permission_warns_once_and_trains(tmp_path, fake_nvml):
@@ -385,7 +389,8 @@ def test_no_permission_warns_once_and_trains(tmp_path, fake_nvml):
     fake_nvml(gpus=[gpu])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = fit(EnergyAwareDDPStrategy(power_limit=300, power_control=NvmlPowerControl(index=0)), root=tmp_path)
+        search = PowerLimitSearch(300, power_control=NvmlPowerControl(index=0))
+        trainer = fit(EnergyAwareDDPStrategy(power_limit=search), root=tmp_path)
     messages = [str(w.message) for w in caught if "monitoring only" in str(w.message)]
     assert len(messages) == 1 and "NO_PERMISSION" in messages[0]
     assert trainer.global_step == 6 and gpu.limit_mw == 700_000
@@ -421,18 +426,20 @@ def test_search_in_a_trainer_then_from_the_cache(tmp_path):
     )
     clock.session = sampler.session
     probe, logger = LimitProbe(control), mock_logger()
-    strategy = EnergyAwareDDPStrategy(
-        power_limit="search",
+    search_cb = PowerLimitSearch(
+        "search",
         power_control=control,
         warmup_steps=1,
         profile_steps=3,
         settle_steps=1,
         limit_step_w=50,
-        power_limit_cache=str(cache),
+        cache=str(cache),
+        clock=clock,
     )
-    strategy.power_limiter.clock = clock
+    strategy = EnergyAwareDDPStrategy(power_limit=search_cb)
     fit(strategy, max_steps=28, callbacks=[sampler, clock, probe], logger=logger, root=tmp_path)
-    search = strategy.power_limiter.search
+    assert strategy.power_limit_search is search_cb
+    search = search_cb.search
     grid = [400, 350, 300, 250, 200, 150]
     assert [p.limit_w for p in search.profiles] == grid and all(p.steps == 3 for p in search.profiles)
     # each window holds 3 whole steps under one limit (the settle step takes the change): the model exactly
@@ -454,29 +461,30 @@ def test_search_in_a_trainer_then_from_the_cache(tmp_path):
     )
     probe2 = LimitProbe(control2)
     strategy2 = EnergyAwareDDPStrategy(
-        power_limit="search", power_control=control2, limit_step_w=50, power_limit_cache=str(cache)
+        power_limit=PowerLimitSearch("search", power_control=control2, limit_step_w=50, cache=str(cache))
     )
     fit(strategy2, max_steps=3, callbacks=[sampler2, probe2], root=tmp_path)
-    assert strategy2.power_limiter.from_cache and probe2.limits == [300.0] * 3
+    assert strategy2.power_limit_search.from_cache and probe2.limits == [300.0] * 3
     assert sampler2.summary["sections"]["power_limit"]["rows"][0]["source"] == "cache"
 
 
 def test_search_cut_short_restores_and_reports_what_it_profiled(tmp_path):
     control = SimulatedPowerControl(min_w=150, max_w=400)
     sampler = PowerSampler(sensors=[control.sensor()], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path))
-    strategy = EnergyAwareDDPStrategy(
-        power_limit="search",
+    search_cb = PowerLimitSearch(
+        "search",
         power_control=control,
         warmup_steps=1,
         profile_steps=2,
         settle_steps=0,
         limit_step_w=50,
-        power_limit_cache=False,
+        cache=False,
     )
-    fit(strategy, max_steps=6, callbacks=[sampler], root=tmp_path)  # windows: 400 W (1-3), 350 W (3-5), 300 W open
+    # windows: 400 W (1-3), 350 W (3-5), 300 W open
+    fit(EnergyAwareDDPStrategy(power_limit=search_cb), max_steps=6, callbacks=[sampler], root=tmp_path)
     rows = sampler.summary["sections"]["power_limit"]["rows"]
     assert [r["limit_w"] for r in rows] == [400, 350] and all("incomplete" in r["source"] for r in rows)
-    assert not strategy.power_limiter.search.done and control.get_limit_w() == 400
+    assert not search_cb.search.done and control.get_limit_w() == 400
 
 
 def test_simulated_sensor_follows_the_limit_and_pickles():
@@ -493,11 +501,9 @@ def test_simulated_sensor_follows_the_limit_and_pickles():
 
 # ============================================================================ the callback, any strategy
 def test_callback_on_a_single_device_settles_after_each_change(tmp_path):
-    from lightning_green import PowerLimitSearch as Callback_
-
     control = SimulatedPowerControl(min_w=300, max_w=400)
     sampler = PowerSampler(sensors=[control.sensor()], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path))
-    search_cb = Callback_(
+    search_cb = PowerLimitSearch(
         "search", power_control=control, warmup_steps=1, profile_steps=2, settle_steps=2, limit_step_w=50, cache=False
     )
     probe, logger = LimitProbe(control), mock_logger()
@@ -570,12 +576,10 @@ def test_callback_with_plain_ddp_two_ranks_agrees_and_restores(tmp_path):
 
 
 def test_callback_and_strategy_shorthand_cannot_both_set_limits(tmp_path):
-    from lightning_green import PowerLimitSearch as Callback_
-
     with pytest.raises(MisconfigurationException, match="pass `power_limit` to one of them only"):
         fit(
-            EnergyAwareDDPStrategy(power_limit=300, power_control=SimulatedPowerControl()),
-            callbacks=[Callback_(250, power_control=SimulatedPowerControl())],
+            EnergyAwareDDPStrategy(power_limit=PowerLimitSearch(300, power_control=SimulatedPowerControl())),
+            callbacks=[PowerLimitSearch(250, power_control=SimulatedPowerControl())],
             root=tmp_path,
         )
 
@@ -583,13 +587,80 @@ def test_callback_and_strategy_shorthand_cannot_both_set_limits(tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"power_limit": None}, "`power_limit` must be a number of watts > 0 or 'search'"),
+        ({"power_limit": None}, "`power_limit` must be a number of watts > 0 or 'search', got None"),
+        ({"power_limit": "max"}, "`power_limit` must be a number of watts > 0 or 'search', got 'max'"),
+        ({"power_limit": True}, "`power_limit` must be a number of watts > 0 or 'search', got True"),
+        ({"power_control": "amd"}, r"`power_control` must be None, 'nvml' or a PowerControl instance, got 'amd'"),
+        ({"eta": 1.5}, r"`eta` must be a number in \[0, 1\], got 1.5"),
+        ({"eta": -0.1}, r"`eta` must be a number in \[0, 1\]"),
+        ({"max_slowdown": 0.9}, r"`max_slowdown` must be None or a number >= 1"),
+        ({"warmup_steps": -1}, r"`warmup_steps` must be an integer >= 0"),
+        ({"profile_steps": 0}, r"`profile_steps` must be an integer >= 1"),
         ({"settle_steps": -1}, "`settle_steps` must be an integer >= 0"),
+        ({"limit_step_w": 0}, r"`limit_step_w` must be a number of watts > 0"),
         ({"cache": 3}, "`cache` must be True, False, None or a path"),
     ],
 )
 def test_callback_bad_arguments(kwargs, match):
-    from lightning_green import PowerLimitSearch as Callback_
-
+    arguments = {"power_control": SimulatedPowerControl(), **kwargs}
     with pytest.raises((ValueError, TypeError), match=match):
-        Callback_(**{"power_control": SimulatedPowerControl(), **kwargs})
+        PowerLimitSearch(**arguments)
+
+
+# ============================================================================ the strategy's power_limit forms
+def test_strategy_shorthand_builds_the_callback_with_its_defaults():
+    assert EnergyAwareDDPStrategy().power_limit_search is None
+    strategy = EnergyAwareDDPStrategy(power_limit="search")
+    search_cb = strategy.power_limit_search
+    assert isinstance(search_cb, PowerLimitSearch) and search_cb.is_search
+    defaults = PowerLimitSearch("search")
+    assert (search_cb.eta, search_cb.warmup_steps, search_cb.cache_path) == (
+        defaults.eta,
+        defaults.warmup_steps,
+        defaults.cache_path,
+    )
+    assert EnergyAwareDDPStrategy(power_limit=250).power_limit_search.power_limit == 250
+
+
+def test_strategy_deprecated_search_arguments_still_work():
+    control = SimulatedPowerControl()
+    with pytest.warns(DeprecationWarning, match=r"EnergyAwareDDPStrategy\(eta, power_control, power_limit_cache\)"):
+        strategy = EnergyAwareDDPStrategy(power_limit=250, power_control=control, eta=0.25, power_limit_cache=False)
+    search_cb = strategy.power_limit_search
+    assert (search_cb.power_limit, search_cb.control, search_cb.eta, search_cb.cache_path) == (250, control, 0.25, None)
+    assert strategy.power_control is control
+    with pytest.warns(DeprecationWarning, match="renamed `power_limit_search`"):
+        assert strategy.power_limiter is search_cb
+    # checked even without a limit, as before
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=r"`eta` must be a number in \[0, 1\]"):
+        EnergyAwareDDPStrategy(eta=1.5)
+    with pytest.raises(ValueError, match=r"pass \['eta'\] to it, not to the strategy"):
+        EnergyAwareDDPStrategy(power_limit=PowerLimitSearch(250, power_control=control), eta=0.25)
+
+
+@pytest.mark.parametrize(
+    ("old_module", "name"),
+    [
+        ("lightning_green.strategies.power_control", "SimulatedPowerControl"),
+        ("lightning_green.strategies.power_limit", "LimitSearch"),
+        ("lightning_green.strategies.sigterm", "SigtermRestore"),
+    ],
+)
+def test_old_module_paths_warn_and_give_the_same_objects(monkeypatch, old_module, name):
+    import importlib
+
+    import lightning_green.power_limit
+
+    monkeypatch.delitem(sys.modules, old_module, raising=False)
+    with pytest.warns(DeprecationWarning, match="moved to `lightning_green.power_limit"):
+        module = importlib.import_module(old_module)
+    assert getattr(module, name) is getattr(lightning_green.power_limit, name)
+
+
+def test_old_package_names_warn_and_give_the_same_objects():
+    import lightning_green.strategies
+
+    with pytest.warns(DeprecationWarning, match=r"moved to `lightning_green.power_limit.PowerControl`"):
+        assert lightning_green.strategies.PowerControl is PowerControl
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchName'"):
+        lightning_green.strategies.NoSuchName  # noqa: B018

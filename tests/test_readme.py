@@ -12,6 +12,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning_green import (
     EfficiencyLogger,
     EnergyAwareDDPStrategy,
+    PowerLimitSearch,
     PowerSampler,
     QuantizationAwareTraining,
     SimulatedPowerControl,
@@ -52,7 +53,9 @@ class Wide(BoringModel):
 def test_logged_keys_match_readme(tmp_path):
     logger = Mock()
     logger.log_dir = logger.save_dir = None
-    strategy = EnergyAwareDDPStrategy(power_limit=300.0, power_control=SimulatedPowerControl(), power_limit_cache=False)
+    strategy = EnergyAwareDDPStrategy(
+        power_limit=PowerLimitSearch(300.0, power_control=SimulatedPowerControl(), cache=False)
+    )
     callbacks = [
         PowerSampler(
             sensors=[SimulatedSensor(100.0, name="sim")],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -18,17 +19,30 @@ from torch.nn.parallel.distributed import DistributedDataParallel
 from torch.optim.optimizer import Optimizer
 from typing_extensions import override
 
+from lightning_green.callbacks.power import find_power_sampler
+from lightning_green.callbacks.power_limit import SEARCH, PowerLimitSearch, is_power_limit
 from lightning_green.checks import check_int
 from lightning_green.errors import MisconfiguredTrainer
 from lightning_green.log_queue import log_metrics
+from lightning_green.power_limit import PowerControl
 from lightning_green.strategies.comm import CommCompression, CommStats, build_comm_hook
-from lightning_green.strategies.power_control import PowerControl
-from lightning_green.strategies.power_limit import check_power_limit
 
 log = logging.getLogger(__name__)
 
 #: Names registered by :meth:`EnergyAwareDDPStrategy.register_strategies` and their start methods.
 STRATEGY_NAMES = (("ddp_green", "popen"), ("ddp_green_spawn", "spawn"))
+#: The search arguments the strategy took before ``power_limit=PowerLimitSearch(...)``, each as the
+#: PowerLimitSearch argument it becomes; accepted with a DeprecationWarning until the next release.
+DEPRECATED_SEARCH_ARGUMENTS = {
+    "power_control": "power_control",
+    "eta": "eta",
+    "max_slowdown": "max_slowdown",
+    "warmup_steps": "warmup_steps",
+    "profile_steps": "profile_steps",
+    "settle_steps": "settle_steps",
+    "limit_step_w": "limit_step_w",
+    "power_limit_cache": "cache",
+}
 
 
 class EnergyAwareDDPStrategy(DDPStrategy):
@@ -38,10 +52,9 @@ class EnergyAwareDDPStrategy(DDPStrategy):
       (Lightning's :class:`~lightning.pytorch.strategies.DDPStrategy` registers hooks on CUDA only). It
       optionally compresses gradients (``"fp16"``, ``"bf16"``, ``"powersgd"``, all torch's own hooks) and
       always counts what each rank sends: :attr:`comm_stats`.
-    * **Power limits**: a fixed limit, or ``"search"`` for the limit with the best energy/time trade-off
-      (see :mod:`lightning_green.strategies.power_limit`), applied to every rank's GPU. Limits are
-      borrowed: the original is restored at teardown, on exceptions, on KeyboardInterrupt and on SIGTERM.
-      Without permission to set limits the run warns once and goes on, monitoring only.
+    * **Power limits**: ``power_limit=`` installs a :class:`~lightning_green.callbacks.PowerLimitSearch`
+      callback (a fixed limit, or a search for the limit with the best energy/time trade-off, applied to
+      every rank's GPU and restored on every exit path); see that callback for what it does.
     * **Teardown** destroys the process group (gloo otherwise aborts at exit now and then), after a
       barrier unless the stage ended in an exception; the next ``fit``/``validate``/``test`` creates it
       again. Collectives of callbacks belong in ``on_train_end`` or earlier, not in ``teardown``.
@@ -53,33 +66,28 @@ class EnergyAwareDDPStrategy(DDPStrategy):
 
     * ``comm/bytes_per_step`` (bytes): what this rank sent in the last optimizer step.
     * ``comm/compression_ratio`` (1): uncompressed bytes / bytes sent, last step.
-    * ``power/limit_w`` (W): the limit in force, each time it changes.
+    * ``power/limit_w`` (W): the limit in force, each time it changes (by the PowerLimitSearch callback).
 
     Args:
         comm_compression: ``None``/``"none"``, ``"fp16"``, ``"bf16"`` or ``"powersgd"``.
         powersgd_rank: PowerSGD's matrix approximation rank (``>= 1``).
         powersgd_start_step: optimizer steps of plain all-reduce before PowerSGD starts (``>= 2``;
             torch's ``start_powerSGD_iter``). Longer warm-ups keep accuracy closer to uncompressed.
-        power_limit: ``None`` (leave the device alone), a limit in watts, or ``"search"``.
-        power_control: how limits are read and set: a :class:`PowerControl`, ``"nvml"`` or ``None`` (NVML).
-        eta: weight of energy against time in the search's cost, in ``[0, 1]``.
-        max_slowdown: if set (``>= 1``), the search picks the lowest-energy limit whose step time is within
-            ``max_slowdown`` x the step time at the highest limit, instead of using ``eta``.
-        warmup_steps: optimizer steps before the search profiles.
-        profile_steps: optimizer steps measured per candidate limit.
-        settle_steps: optimizer steps after every limit change that are not measured.
-        limit_step_w: spacing of the candidate limits, from the highest down, in watts.
-        power_limit_cache: where the search caches its profile, keyed by GPU model and world size:
-            ``True`` for ``$XDG_CACHE_HOME/lightning_green/power_limits.json`` (``~/.cache/...``), a path,
-            or ``False``/``None`` for no cache.
+        power_limit: ``None`` (leave the device alone), a :class:`~lightning_green.callbacks.PowerLimitSearch`
+            to install, or the shorthand for ``PowerLimitSearch(power_limit)`` with its defaults: a limit
+            in watts, or ``"search"``. The search's settings (``power_control``, ``eta``, ``max_slowdown``,
+            ``warmup_steps``, ``profile_steps``, ``settle_steps``, ``limit_step_w``, ``cache``) are
+            PowerLimitSearch's arguments, documented there. Passing them to the strategy (with
+            ``power_limit_cache`` for ``cache``) still works until the next release, with a
+            DeprecationWarning.
         **kwargs: everything :class:`~lightning.pytorch.strategies.DDPStrategy` takes (``start_method``,
             ``process_group_backend``, ``timeout``, DDP's own ``find_unused_parameters``, ``static_graph`` …).
 
     Raises:
-        ValueError: an argument is out of range (the message names it and the allowed values); a fixed
-            ``power_limit`` outside the device's bounds (in ``setup``).
-        MisconfigurationException: ``power_limit="search"`` without a ``PowerSampler`` callback (in ``setup``),
-            or a second PowerLimitSearch callback in the Trainer.
+        ValueError: an argument is out of range (the message names it and the allowed values); the
+            PowerLimitSearch's own errors (see there).
+        MisconfigurationException: a second PowerLimitSearch callback in the Trainer besides the one
+            ``power_limit`` installs.
 
     Example::
 
@@ -87,7 +95,9 @@ class EnergyAwareDDPStrategy(DDPStrategy):
         trainer = Trainer(
             accelerator="gpu",
             devices=8,
-            strategy=EnergyAwareDDPStrategy(comm_compression="powersgd", power_limit="search", max_slowdown=1.05),
+            strategy=EnergyAwareDDPStrategy(
+                comm_compression="powersgd", power_limit=PowerLimitSearch("search", max_slowdown=1.05)
+            ),
             callbacks=[PowerSampler()],
         )
     """
@@ -99,60 +109,48 @@ class EnergyAwareDDPStrategy(DDPStrategy):
         comm_compression: str | None = None,
         powersgd_rank: int = 2,
         powersgd_start_step: int = 10,
-        power_limit: float | str | None = None,
-        power_control: str | PowerControl | None = None,
-        eta: float = 0.5,
-        max_slowdown: float | None = None,
-        warmup_steps: int = 10,
-        profile_steps: int = 10,
-        settle_steps: int = 2,
-        limit_step_w: float = 25.0,
-        power_limit_cache: str | bool | None = True,
+        power_limit: float | str | PowerLimitSearch | None = None,
         **kwargs: Any,
     ) -> None:
+        given = [name for name in DEPRECATED_SEARCH_ARGUMENTS if name in kwargs]
+        search_arguments = {DEPRECATED_SEARCH_ARGUMENTS[name]: kwargs.pop(name) for name in given}
         super().__init__(**kwargs)
         self.comm_compression = CommCompression.parse(comm_compression)
         self.powersgd_rank = check_int("powersgd_rank", powersgd_rank, 1)
-        self.powersgd_start_step = check_int(
-            "powersgd_start_step", powersgd_start_step, 2
-        )  # PowerSGD's error feedback needs one plain step
+        # PowerSGD's error feedback needs one plain step
+        self.powersgd_start_step = check_int("powersgd_start_step", powersgd_start_step, 2)
         if self.comm_compression is not CommCompression.NONE and self._ddp_comm_hook is not None:
             raise ValueError(
                 f"`comm_compression={self.comm_compression.value!r}` and `ddp_comm_hook` both set a communication hook:"
                 " pass one of them"
             )
-        self.power_limit = check_power_limit(power_limit)
+        # The callback that `power_limit` installs (None without one).
+        self._power_limit_search = power_limit_search_of(power_limit, search_arguments)
         #: Bytes and exposed communication time of this rank (see :class:`CommStats`).
         self.comm_stats = CommStats()
         self._interrupted = False
         self._warned_barrier = False
-        from lightning_green.callbacks.power_limit import PowerLimitSearch, check_search_args
 
-        search_args = dict(
-            power_control=power_control,
-            eta=eta,
-            max_slowdown=max_slowdown,
-            warmup_steps=warmup_steps,
-            profile_steps=profile_steps,
-            settle_steps=settle_steps,
-            limit_step_w=limit_step_w,
+    @property
+    def power_limit_search(self) -> PowerLimitSearch | None:
+        """The :class:`~lightning_green.callbacks.PowerLimitSearch` callback that ``power_limit`` installs
+        (``None`` without ``power_limit``; ``.search.table`` holds the profile once the search is done)."""
+        return self._power_limit_search
+
+    @property
+    def power_limiter(self) -> PowerLimitSearch | None:
+        """Deprecated name of :attr:`power_limit_search` (until the next release)."""
+        warnings.warn(
+            "`EnergyAwareDDPStrategy.power_limiter` is renamed `power_limit_search`", DeprecationWarning, stacklevel=2
         )
-        check_search_args(**search_args)  # also without a limit, so a typo fails before any limit is asked for
-        # The PowerLimitSearch callback this shorthand installs (None without `power_limit`).
-        self._power = (
-            PowerLimitSearch(power_limit, **search_args, cache=power_limit_cache) if power_limit is not None else None
-        )
+        return self._power_limit_search
 
     @property
     def power_control(self) -> PowerControl | None:
-        """The control that sets limits (``None`` when ``power_limit`` is ``None``)."""
-        return self._power.control if self._power is not None else None
-
-    @property
-    def power_limiter(self) -> Any | None:
-        """The :class:`~lightning_green.callbacks.PowerLimitSearch` callback installed for
-        ``power_limit`` (``.search.table`` holds the profile once the search is done)."""
-        return self._power
+        """The control that sets limits (``None`` without ``power_limit``): ``power_limit_search.control``."""
+        if self._power_limit_search is None:
+            return None
+        return self._power_limit_search.control
 
     # ------------------------------------------------------------------------------ registry
     @classmethod
@@ -222,21 +220,20 @@ class EnergyAwareDDPStrategy(DDPStrategy):
         self._interrupted = False
         super().setup_environment()
         trainer = self._trainer()
-        if self._power is not None and trainer is not None:
-            self._install_power_limit(trainer)
+        if self._power_limit_search is not None and trainer is not None:
+            self._install_power_limit_search(trainer)
 
-    def _install_power_limit(self, trainer: Any) -> None:
-        """``power_limit=`` is shorthand for the PowerLimitSearch callback: add it (once)."""
-        from lightning_green.callbacks.power_limit import PowerLimitSearch
-
-        others = [cb for cb in trainer.callbacks if isinstance(cb, PowerLimitSearch) and cb is not self._power]
+    def _install_power_limit_search(self, trainer: Any) -> None:
+        """Add the PowerLimitSearch callback of ``power_limit`` to the Trainer (once)."""
+        search = self._power_limit_search
+        others = [cb for cb in trainer.callbacks if isinstance(cb, PowerLimitSearch) and cb is not search]
         if others:
             raise MisconfiguredTrainer(
                 "`EnergyAwareDDPStrategy(power_limit=...)` installs a PowerLimitSearch callback, and the Trainer has"
                 " another one: pass `power_limit` to one of them only"
             )
-        if self._power not in trainer.callbacks:
-            trainer.callbacks.append(self._power)
+        if search not in trainer.callbacks:
+            trainer.callbacks.append(search)
 
     @override
     def setup(self, trainer: Any) -> None:
@@ -245,10 +242,9 @@ class EnergyAwareDDPStrategy(DDPStrategy):
         else:
             with _not_broadcasting_tensor_subclasses(self.model):
                 super().setup(trainer)
-        from lightning_green.callbacks.power import find_power_sampler
-
         sampler = find_power_sampler(trainer)
-        if sampler is not None:  # the comm phase of its energy-by-phase table
+        if sampler is not None:
+            # the comm phase of its energy-by-phase table
             sampler.set_comm_seconds(self.comm_stats.pop_exposed_comm_s)
 
     @override
@@ -282,6 +278,42 @@ class EnergyAwareDDPStrategy(DDPStrategy):
     def _trainer(self) -> Any:
         module = self.lightning_module
         return module._trainer if module is not None else None
+
+
+def power_limit_search_of(power_limit: Any, search_arguments: dict[str, Any]) -> PowerLimitSearch | None:
+    """The PowerLimitSearch a strategy's ``power_limit`` stands for (``None`` for none).
+
+    ``search_arguments``: PowerLimitSearch arguments given to the strategy the deprecated way; they are
+    checked also without a ``power_limit``, as before, so a typo fails at once.
+
+    Raises:
+        ValueError: ``power_limit`` is none of the allowed forms, or comes with its own settings twice.
+    """
+    if isinstance(power_limit, PowerLimitSearch):
+        if search_arguments:
+            raise ValueError(
+                f"`power_limit` is a PowerLimitSearch: pass {sorted(search_arguments)} to it, not to the strategy"
+            )
+        return power_limit
+    if power_limit is not None and not is_power_limit(power_limit):
+        raise ValueError(
+            f"`power_limit` must be None, a number of watts > 0, {SEARCH!r} or a PowerLimitSearch, got {power_limit!r}"
+        )
+    if search_arguments:
+        old_names = sorted(name for name, new in DEPRECATED_SEARCH_ARGUMENTS.items() if new in search_arguments)
+        warnings.warn(
+            f"EnergyAwareDDPStrategy({', '.join(old_names)}) is deprecated and will be removed in the next release:"
+            " pass `power_limit=PowerLimitSearch(power_limit, ...)` with these settings (`power_limit_cache` is"
+            " its `cache`)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    if power_limit is None:
+        if search_arguments:
+            # Checked, then unused: there is no limit to apply.
+            PowerLimitSearch(SEARCH, **search_arguments)
+        return None
+    return PowerLimitSearch(power_limit, **search_arguments)
 
 
 @contextlib.contextmanager

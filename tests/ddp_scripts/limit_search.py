@@ -17,7 +17,7 @@ from _common import TwoLayer, write_json
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from lightning_green import PowerLimitSearch, PowerSampler
-from lightning_green.strategies import SimulatedPowerControl
+from lightning_green.power_limit import SimulatedPowerControl
 
 STEP_S = 0.04
 BETA = {0: 0.8, 1: 0.4}

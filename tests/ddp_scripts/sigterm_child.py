@@ -11,7 +11,9 @@ import time
 from _common import TwoLayer
 from lightning.pytorch import Callback, Trainer
 
-from lightning_green.strategies import EnergyAwareDDPStrategy, SimulatedPowerControl
+from lightning_green import PowerLimitSearch
+from lightning_green.power_limit import SimulatedPowerControl
+from lightning_green.strategies import EnergyAwareDDPStrategy
 
 LIMIT_W = 200.0
 
@@ -30,7 +32,7 @@ class Ready(Callback):
 
 def main(state_path: str, ready_path: str) -> None:
     control = SimulatedPowerControl(state_path=state_path)
-    strategy = EnergyAwareDDPStrategy(power_limit=LIMIT_W, power_control=control, power_limit_cache=False)
+    strategy = EnergyAwareDDPStrategy(power_limit=PowerLimitSearch(LIMIT_W, power_control=control, cache=False))
     trainer = Trainer(
         accelerator="cpu",
         devices=1,
