@@ -22,6 +22,8 @@ _EXPORTS = {
     "EfficiencyLogger": "lightning_green.callbacks.efficiency",
     "EnergyAwareDDPStrategy": "lightning_green.strategies.ddp_green",
     "EnergyBudget": "lightning_green.callbacks.budget",
+    "NvmlPowerControl": "lightning_green.power_limit",
+    "PowerControl": "lightning_green.power_limit",
     "Measurement": "lightning_green.energy.session",
     "NvmlSensor": "lightning_green.sensors",
     "PowerLimitSearch": "lightning_green.callbacks.power_limit",
@@ -45,7 +47,9 @@ __all__ = [
     "EnergyAwareDDPStrategy",
     "EnergyBudget",
     "Measurement",
+    "NvmlPowerControl",
     "NvmlSensor",
+    "PowerControl",
     "PowerLimitSearch",
     "PowerSampler",
     "QuantizationAwareTraining",
@@ -94,9 +98,9 @@ def _locating_cli() -> bool:
 if not _locating_cli():
     from lightning.pytorch.strategies import StrategyRegistry
 
-    from lightning_green.strategies.ddp_green import EnergyAwareDDPStrategy
+    from lightning_green.strategy_names import register_strategy_names
 
-    EnergyAwareDDPStrategy.register_strategies(StrategyRegistry)
+    register_strategy_names(StrategyRegistry)
 
 if TYPE_CHECKING:
     from lightning_green.callbacks.budget import EnergyBudget
@@ -104,6 +108,7 @@ if TYPE_CHECKING:
     from lightning_green.callbacks.power import PowerSampler, find_power_sampler
     from lightning_green.callbacks.power_limit import PowerLimitSearch
     from lightning_green.energy.session import Measurement
+    from lightning_green.power_limit import NvmlPowerControl, PowerControl
     from lightning_green.quantization import QuantizationAwareTraining
     from lightning_green.sensors import CpuEstimateSensor, NvmlSensor, RaplSensor, Sensor
     from lightning_green.strategies.ddp_green import EnergyAwareDDPStrategy

@@ -26,11 +26,10 @@ from lightning_green.errors import MisconfiguredTrainer
 from lightning_green.log_queue import log_metrics
 from lightning_green.power_limit import PowerControl
 from lightning_green.strategies.comm import CommCompression, CommStats, build_comm_hook
+from lightning_green.strategy_names import register_strategy_names
 
 log = logging.getLogger(__name__)
 
-#: Names registered by :meth:`EnergyAwareDDPStrategy.register_strategies` and their start methods.
-STRATEGY_NAMES = (("ddp_green", "popen"), ("ddp_green_spawn", "spawn"))
 #: The search arguments the strategy took before ``power_limit=PowerLimitSearch(...)``, each as the
 #: PowerLimitSearch argument it becomes; accepted with a DeprecationWarning until the next release.
 DEPRECATED_SEARCH_ARGUMENTS = {
@@ -156,16 +155,10 @@ class EnergyAwareDDPStrategy(DDPStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        """Register ``"ddp_green"`` (launched like ``"ddp"``) and ``"ddp_green_spawn"``. Safe to call twice."""
-        for name, start_method in STRATEGY_NAMES:
-            if name in strategy_registry:
-                continue
-            strategy_registry.register(
-                name,
-                cls,
-                description=f"Energy-aware DDP strategy with `start_method` '{start_method}'",
-                start_method=start_method,
-            )
+        """Register ``"ddp_green"`` (launched like ``"ddp"``) and ``"ddp_green_spawn"``. Safe to call twice.
+        ``import lightning_green`` has registered them already, with a factory that loads this module
+        on first use (:mod:`lightning_green.strategy_names`)."""
+        register_strategy_names(strategy_registry, cls)
 
     # ------------------------------------------------------------------------------ communication
     @override
