@@ -85,7 +85,8 @@ class FabricEnergy:
           step: ms since the start. Written in batches and at :meth:`finish`.
 
     :meth:`finish` (on every process, at the same point: it gathers) ends the measurement, logs the last
-    partial window, prints the table and writes ``energy_summary_fit.json`` (rank 0) to ``summary_dir``.
+    partial window, saves the loggers (``logger.save()``: Fabric never finalizes them), prints the table
+    and writes ``energy_summary_fit.json`` (rank 0) to ``summary_dir``.
     Nobody called it: at interpreter exit the same is done without collectives, so the summary of a
     multi-process run then holds rank 0's own figures only (its ``status`` says so). No thread outlives
     :meth:`finish` or the process.
@@ -266,9 +267,12 @@ class FabricEnergy:
             self.training.log_window(self.steps, self.log_queue, log_step=False)
         self.log_queue.call(self.training.drain_trace, fabric.loggers)
         self.log_queue.stop()
+        for logger in fabric.loggers:
+            logger.save()  # Fabric never finalizes its loggers: a CSVLogger holds rows until it saves
         self.training.end()
         self.training.cadence.reset(0, self.steps)  # steps after the end are counted, never logged
         if together:
+            self.session.read_now()  # the loop's end: the gathered figures hold its last step
             self.record.stage_loop_ended(fabric, self.session)  # gathers every process's figures
         self.session.finish()
         _MEASURING.pop(fabric, None)
