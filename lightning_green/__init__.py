@@ -29,6 +29,7 @@ if not _located_by_cli():
         PowerSampler,
         find_power_sampler,
     )
+    from lightning_green.fabric import FabricEnergy
     from lightning_green.quantization import QuantizationAwareTraining
     from lightning_green.sensors import CpuEstimateSensor, NvmlSensor, RaplSensor, Sensor, SimulatedSensor
     from lightning_green.strategies import EnergyAwareDDPStrategy, SimulatedPowerControl
@@ -41,6 +42,7 @@ __all__ = [
     "CpuEstimateSensor",
     "EfficiencyLogger",
     "EnergyAwareDDPStrategy",
+    "FabricEnergy",
     "Measurement",
     "NvmlSensor",
     "PowerLimitSearch",

@@ -234,3 +234,27 @@ def test_two_processes_sum_energy_counting_host_sensors_once(tmp_path):
     assert summary["cluster"]["imbalance"] == pytest.approx(1.0)
     rows = {r["figure"]: r["value"] for r in summary["sections"]["efficiency"]}
     assert rows["train_tokens"] == 2 * 16 * STEPS
+
+
+def test_logged_keys_are_in_the_readme_table():
+    from test_readme import documented_keys, normalise
+
+    clock = FakeClock(batch_s=BATCH_S)
+    energy = simulated(clock, samples_per_step=4, tokens_per_step=32)
+    logger = recording_logger()
+    fabric_run(energy, clock, loggers=[logger])
+    logged = {
+        normalise(k) for call in logger.log_metrics.call_args_list for k in call.args[0] or call.kwargs["metrics"]
+    }
+    assert logged == {
+        "energy/total_j",
+        "energy/step_j",
+        "energy/<sensor>_j",
+        "power/<sensor>_w",
+        "power_trace/<sensor>_w",
+        "efficiency/eer_j_per_param",
+        "efficiency/samples_per_j",
+        "efficiency/tokens_per_j",
+        "carbon/gco2e",
+    }
+    assert logged <= documented_keys()
