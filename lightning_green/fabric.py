@@ -37,13 +37,52 @@ from lightning_green.sensors.rapl import DEFAULT_ROOT
 
 __all__ = ["FabricEnergy", "fabric_writes_thread_safe", "measuring"]
 
-#: The FabricEnergy measuring each Fabric (weakly held: a Fabric that is gone drops out).
+#: The FabricEnergy measuring each Fabric, by the Fabric's strategy (what both hooks see); weakly held.
 _MEASURING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def measuring(fabric: Any) -> FabricEnergy | None:
     """The :class:`FabricEnergy` that measures ``fabric``, or None."""
-    return _MEASURING.get(fabric)
+    return _MEASURING.get(fabric.strategy)
+
+
+class StrategyView:
+    """What FabricEnergy reads of a Fabric, from its strategy alone, as Fabric itself reads it (a
+    strategy of one process has no ``world_size``: 1). ``fabric.setup_module`` (LitGPT's LoRA and adapter
+    scripts) fires no hook, and the first optimizer step hands over the strategy, not the Fabric: no
+    loggers are reachable then."""
+
+    loggers: tuple = ()
+
+    def __init__(self, strategy: Any) -> None:
+        self.strategy = strategy
+
+    @property
+    def device(self) -> Any:
+        return self.strategy.root_device
+
+    @property
+    def world_size(self) -> int:
+        return getattr(self.strategy, "world_size", 1)
+
+    @property
+    def global_rank(self) -> int:
+        return getattr(self.strategy, "global_rank", 0)
+
+    @property
+    def local_rank(self) -> int:
+        return getattr(self.strategy, "local_rank", 0)
+
+    @property
+    def node_rank(self) -> int:
+        return getattr(self.strategy, "node_rank", 0)
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.strategy.is_global_zero
+
+    def all_reduce(self, tensor: Any, reduce_op: str) -> Any:
+        return self.strategy.all_reduce(tensor, reduce_op=reduce_op)
 
 
 def fabric_writes_thread_safe(logger: Any) -> bool:
@@ -65,7 +104,9 @@ class FabricEnergy:
     r"""Measure the energy of a training loop run with Lightning Fabric (LitGPT's scripts, your own).
 
     Pass it to ``Fabric(callbacks=[...])`` (or set ``LIGHTNING_GREEN=1``: see :mod:`lightning_green.opt_in`).
-    ``fabric.setup(model, ...)`` starts it: background threads read the sensors each ``interval_s``;
+    ``fabric.setup(model, ...)`` starts it (a script that sets up with ``fabric.setup_module``, which
+    fires no hook, is measured from its first optimizer step on, with no loggers: the summary only).
+    Background threads read the sensors each ``interval_s``;
     each process measures its own GPU and machine-wide sensors are read by local rank 0 of each node.
     Every optimizer step set up with Fabric is counted (a run with two optimizers counts both); every
     ``log_every_n_steps`` steps the window's figures are summed over processes (one all-reduce, never
@@ -162,6 +203,8 @@ class FabricEnergy:
         self.summary: dict | None = None  # set by finish()
         self.results: dict[str, float] = {}  # the run's efficiency figures, set by finish()
         self._fabric: Any = None
+        # until started, the first optimizer step is a "log step": no setup hook came, so it starts the measurement
+        self.training.cadence.reset(1, 0)
 
     # ------------------------------------------------------------------ Fabric hooks
     def on_after_setup(self, fabric: Any, module: nn.Module) -> None:
@@ -172,7 +215,7 @@ class FabricEnergy:
         """An optimizer step: counted; on a log step the window's figures are logged."""
         self.steps += 1
         if self.training.batch_end(self.steps):
-            self._log_window()
+            self._log_window(strategy)
 
     # ------------------------------------------------------------------ explicit calls
     @property
@@ -222,9 +265,16 @@ class FabricEnergy:
         self.rates.n_params = sum(p.numel() for p in module.parameters())
         self._start(fabric)
 
+    def _start_without_setup(self, strategy: Any) -> None:
+        """The first optimizer step of a Fabric whose ``on_after_setup`` never came (``setup_module``)."""
+        if self._fabric is not None or _MEASURING.get(strategy) is not None:
+            self.training.cadence.reset(0, self.steps)  # finished, or another one measures: nothing more
+            return
+        self._start(StrategyView(strategy))
+
     def _start(self, fabric: Any) -> None:
         self._fabric = fabric
-        _MEASURING[fabric] = self
+        _MEASURING[fabric.strategy] = self
         sensors, owned, skipped = sensors_for_process(fabric, self._sensor_spec, self.rapl_root, tell=True)
         self.session.start(sensors, owned)
         self.record.begin("fit", skipped)
@@ -250,7 +300,10 @@ class FabricEnergy:
     def _evaluation_j(self) -> float:
         return self.training.evaluation_j
 
-    def _log_window(self) -> None:
+    def _log_window(self, strategy: Any) -> None:
+        if not self.session.started:
+            self._start_without_setup(strategy)
+            return
         self.rates.steps = self.steps
         self.training.log_window(self.steps, self.log_queue)
 
@@ -275,7 +328,7 @@ class FabricEnergy:
             self.session.read_now()  # the loop's end: the gathered figures hold its last step
             self.record.stage_loop_ended(fabric, self.session)  # gathers every process's figures
         self.session.finish()
-        _MEASURING.pop(fabric, None)
+        _MEASURING.pop(fabric.strategy, None)
         reduce = fabric_sum_reducer(fabric) if together else local_sum
         self.results = self.rates.totals(self.session.energy_now_j(), reduce)
         if not together:

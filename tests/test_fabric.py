@@ -170,10 +170,9 @@ def test_bad_arguments_name_themselves():
         FabricEnergy().add(samples=-3)
 
 
-def test_steps_before_setup_and_after_finish_log_nothing(tmp_path):
+def test_steps_after_finish_log_nothing(tmp_path):
     clock = FakeClock(batch_s=BATCH_S)
     energy = simulated(clock, summary_dir=str(tmp_path))
-    energy.on_after_optimizer_step(strategy=None, optimizer=None)  # before fabric.setup: counted, not logged
     logger = recording_logger()
     fabric = fabric_run(energy, clock, steps=EVERY, loggers=[logger])
     calls = len(logger.log_metrics.call_args_list)
@@ -258,3 +257,25 @@ def test_logged_keys_are_in_the_readme_table():
         "carbon/gco2e",
     }
     assert logged <= documented_keys()
+
+
+def test_setup_module_is_measured_from_the_first_optimizer_step(tmp_path):
+    """``fabric.setup_module`` + ``setup_optimizers`` (LitGPT's LoRA scripts) fire no setup hook: the
+    first optimizer step starts the measurement, and the summary is written (no logger is reachable)."""
+    clock = FakeClock(batch_s=BATCH_S)
+    energy = simulated(clock, summary_dir=str(tmp_path))
+    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[energy])
+    model = fabric.setup_module(torch.nn.Linear(8, 1))
+    optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert not energy.started
+    for _ in range(1 + STEPS):
+        fabric.backward(model(torch.ones(2, 8)).sum())
+        optimizer.step()
+        optimizer.zero_grad()
+        clock.t += BATCH_S
+    assert energy.started and measuring(fabric) is energy and energy.steps == 1 + STEPS
+    energy.finish()
+    summary = json.loads((tmp_path / "energy_summary_fit.json").read_text())
+    # from the end of the first step (the clock then) to finish(), 1 + STEPS moves of the clock later
+    assert summary["stage_energy_j"] == pytest.approx(WATTS * BATCH_S * (1 + STEPS), rel=1e-9)
+    assert not sampler_threads()
