@@ -235,11 +235,11 @@ def test_two_processes_sum_energy_counting_host_sensors_once(tmp_path):
     assert rows["train_tokens"] == 2 * 16 * STEPS
 
 
-def test_logged_keys_are_in_the_readme_table():
+def test_logged_keys_are_in_the_readme_table(tmp_path):
     from test_readme import documented_keys, normalise
 
     clock = FakeClock(batch_s=BATCH_S)
-    energy = simulated(clock, samples_per_step=4, tokens_per_step=32)
+    energy = simulated(clock, samples_per_step=4, tokens_per_step=32, summary_dir=str(tmp_path))
     logger = recording_logger()
     fabric_run(energy, clock, loggers=[logger])
     logged = {
@@ -278,4 +278,44 @@ def test_setup_module_is_measured_from_the_first_optimizer_step(tmp_path):
     summary = json.loads((tmp_path / "energy_summary_fit.json").read_text())
     # from the end of the first step (the clock then) to finish(), 1 + STEPS moves of the clock later
     assert summary["stage_energy_j"] == pytest.approx(WATTS * BATCH_S * (1 + STEPS), rel=1e-9)
+    assert not sampler_threads()
+
+
+class CpuStrategy:
+    root_device = torch.device("cpu")
+
+
+class TwoProcessFabric:
+    """Rank 0 of a 2-process Fabric whose process group is gone (as at interpreter exit)."""
+
+    world_size, global_rank, local_rank, node_rank, is_global_zero = 2, 0, 0, 0, True
+
+    def __init__(self, loggers):
+        self.loggers = loggers
+        self.device = torch.device("cpu")
+        self.strategy = CpuStrategy()
+
+    def all_reduce(self, tensor, reduce_op):
+        raise AssertionError("no collective at exit")
+
+
+def test_at_exit_of_several_processes_no_collective_and_said_so(tmp_path):
+    clock = FakeClock(batch_s=BATCH_S)
+    energy = simulated(clock, summary_dir=str(tmp_path))
+    logger = recording_logger()
+    energy.on_after_setup(TwoProcessFabric([logger]), torch.nn.Linear(8, 1))
+    for _ in range(EVERY + 1):  # the last step is in a window no log step closed
+        clock.t += BATCH_S
+        energy.on_after_optimizer_step(strategy=None, optimizer=None)
+        if logger.log_metrics.call_args_list:
+            break
+    logger.log_metrics.reset_mock()
+    clock.t += BATCH_S
+    energy.on_after_optimizer_step(strategy=None, optimizer=None)
+    energy._at_exit()  # what atexit calls when nobody called finish()
+    assert logged(logger, "energy/total_j") == []  # the partial window would need the other rank's sum
+    summary = json.loads((tmp_path / "energy_summary_fit.json").read_text())
+    assert summary["status"] == "finished at exit (finish() not called); rank 0's figures only, of 2 processes"
+    assert summary["cluster"]["world_size"] == 1
+    assert summary["stage_energy_j"] == pytest.approx(WATTS * BATCH_S * (EVERY + 1), rel=1e-9)
     assert not sampler_threads()

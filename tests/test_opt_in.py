@@ -53,10 +53,12 @@ def declared_entry_points() -> dict[str, list[importlib.metadata.EntryPoint]]:
 
 
 @pytest.fixture
-def opt_in_env(monkeypatch):
-    """A clean opt-in environment, and Lightning's loader fed the entry points pyproject.toml declares."""
+def opt_in_env(monkeypatch, tmp_path):
+    """A clean opt-in environment (summaries to ``tmp_path``), and Lightning's loader fed the entry points
+    pyproject.toml declares."""
     for name in OPT_IN_VARS:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LIGHTNING_GREEN_SUMMARY_DIR", str(tmp_path))
     declared = declared_entry_points()
     monkeypatch.setattr("lightning.fabric.utilities.registry.entry_points", lambda group=None: declared.get(group, []))
     return monkeypatch
@@ -93,7 +95,7 @@ def test_installed_metadata_holds_the_entry_points():
 def test_factories_add_nothing_unless_asked(opt_in_env):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert trainer_callbacks() == [] and fabric_callbacks() == []
+        assert trainer_callbacks() == [] and fabric_callbacks() == []  # LIGHTNING_GREEN unset
         opt_in_env.setenv("LIGHTNING_GREEN", "0")
         assert trainer_callbacks() == [] and fabric_callbacks() == []
     opt_in_env.setenv("LIGHTNING_GREEN", "1")
