@@ -31,6 +31,7 @@ from lightning_green.energy.rates import RateWindow
 from lightning_green.energy.sampler import check_interval
 from lightning_green.energy.session import EnergySession, Measurement
 from lightning_green.log_queue import LogQueue
+from lightning_green.messages import WarnOnce
 from lightning_green.sensor_choice import check_sensors, sensors_for_process
 from lightning_green.sensors.base import Sensor
 from lightning_green.sensors.rapl import DEFAULT_ROOT
@@ -203,6 +204,7 @@ class FabricEnergy:
         self.summary: dict | None = None  # set by finish()
         self.results: dict[str, float] = {}  # the run's efficiency figures, set by finish()
         self._fabric: Any = None
+        self._warn = WarnOnce()
         # until started, the first optimizer step is a "log step": no setup hook came, so it starts the measurement
         self.training.cadence.reset(1, 0)
 
@@ -297,6 +299,13 @@ class FabricEnergy:
         self.log_queue.start(fabric.loggers, background=fabric.is_global_zero)
         atexit.register(self._at_exit)
 
+    def _save(self, logger: Any) -> None:
+        """``logger.save()``: Fabric never finalizes its loggers, and a CSVLogger holds rows until it saves."""
+        try:
+            logger.save()
+        except Exception as err:  # noqa: BLE001 - a logger must not stop the run or its summary
+            self._warn(f"save:{id(logger)}", f"FabricEnergy: {type(logger).__name__}.save() raised {err!r}")
+
     def _evaluation_j(self) -> float:
         return self.training.evaluation_j
 
@@ -321,7 +330,7 @@ class FabricEnergy:
         self.log_queue.call(self.training.drain_trace, fabric.loggers)
         self.log_queue.stop()
         for logger in fabric.loggers:
-            logger.save()  # Fabric never finalizes its loggers: a CSVLogger holds rows until it saves
+            self._save(logger)
         self.training.end()
         self.training.cadence.reset(0, self.steps)  # steps after the end are counted, never logged
         if together:
