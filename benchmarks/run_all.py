@@ -20,6 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = [  # name, arguments of a full run, arguments of a --quick run
     ("integration", [], ["--seconds", "1.5", "--repeats", "2", "--quick"]),
     ("overhead", [], ["--rounds", "2", "--steps", "60", "--quick"]),
+    ("fabric_overhead", [], ["--quick"]),
     ("phases", [], ["--steps", "8", "--repeats", "1", "--rounds", "1", "--quick"]),
     ("power_limit", [], ["--repeats", "2", "--quick"]),
     ("ddp_comm", [], ["--steps", "30", "--repeats", "1", "--quick"]),

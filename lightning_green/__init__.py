@@ -22,6 +22,7 @@ _EXPORTS = {
     "EfficiencyLogger": "lightning_green.callbacks.efficiency",
     "EnergyAwareDDPStrategy": "lightning_green.strategies.ddp_green",
     "EnergyBudget": "lightning_green.callbacks.budget",
+    "FabricEnergy": "lightning_green.fabric",
     "NvmlPowerControl": "lightning_green.power_limit",
     "PowerControl": "lightning_green.power_limit",
     "Measurement": "lightning_green.energy.session",
@@ -46,6 +47,7 @@ __all__ = [
     "EfficiencyLogger",
     "EnergyAwareDDPStrategy",
     "EnergyBudget",
+    "FabricEnergy",
     "Measurement",
     "NvmlPowerControl",
     "NvmlSensor",
@@ -108,6 +110,7 @@ if TYPE_CHECKING:
     from lightning_green.callbacks.power import PowerSampler, find_power_sampler
     from lightning_green.callbacks.power_limit import PowerLimitSearch
     from lightning_green.energy.session import Measurement
+    from lightning_green.fabric import FabricEnergy
     from lightning_green.power_limit import NvmlPowerControl, PowerControl
     from lightning_green.quantization import QuantizationAwareTraining
     from lightning_green.sensors import CpuEstimateSensor, NvmlSensor, RaplSensor, Sensor

@@ -2,7 +2,10 @@
 
 Every function takes the Trainer and goes through its strategy's collectives (``reduce``,
 ``all_gather``, ``broadcast``), so it works the same under single-device, DDP, ``ddp_green``, FSDP
-or DeepSpeed. A collective must be called by every rank at the same point.
+or DeepSpeed. A Lightning ``Fabric`` has the same ``world_size``, ``global_rank``, ``node_rank`` and
+``strategy.root_device``, so every function but :func:`reduce_sum` takes one too; its sum is
+:func:`fabric_sum_reducer` (a Fabric strategy has ``all_reduce``, not ``reduce``). A collective must
+be called by every rank at the same point.
 """
 
 from __future__ import annotations
@@ -36,6 +39,19 @@ def sum_reducer(trainer: Any) -> Callable[[Sequence[float]], list[float]]:
     """:func:`reduce_sum` bound to ``trainer``, for a log step: a single process gets :func:`local_sum`,
     which reads no Trainer property per call (call it once the strategy is set up)."""
     return local_sum if trainer.world_size == 1 else functools.partial(reduce_sum, trainer)
+
+
+def fabric_reduce_sum(fabric: Any, values: Sequence[float]) -> list[float]:
+    """:func:`reduce_sum` over the processes of a Lightning ``Fabric`` (its ``all_reduce``)."""
+    if not distributed(fabric):
+        return local_sum(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=fabric.device)
+    return fabric.all_reduce(tensor, reduce_op="sum").tolist()
+
+
+def fabric_sum_reducer(fabric: Any) -> Callable[[Sequence[float]], list[float]]:
+    """:func:`sum_reducer` for a Lightning ``Fabric``: :func:`local_sum` for a single process."""
+    return local_sum if fabric.world_size == 1 else functools.partial(fabric_reduce_sum, fabric)
 
 
 def gather_floats(trainer: Any, values: Sequence[float]) -> list[list[float]]:

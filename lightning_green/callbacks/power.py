@@ -19,7 +19,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_green import summary as S
-from lightning_green.callbacks.sensor_choice import check_sensors, sensors_for_process
 from lightning_green.callbacks.trainer_steps import global_step_reader
 from lightning_green.checks import check_bool, check_callable, check_choice, check_int, check_path
 from lightning_green.distributed import gather_floats, reduce_sum, shared_owners, sum_reducer
@@ -31,6 +30,7 @@ from lightning_green.energy.session import EnergySession, Measurement
 from lightning_green.errors import MisconfiguredTrainer
 from lightning_green.log_queue import LogQueue, log_metrics
 from lightning_green.messages import SayOnce
+from lightning_green.sensor_choice import check_sensors, sensors_for_process
 from lightning_green.sensors.base import Sensor
 from lightning_green.sensors.rapl import DEFAULT_ROOT
 

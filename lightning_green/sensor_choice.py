@@ -1,13 +1,17 @@
-"""Which sensors a process reads: the ``sensors`` argument of PowerSampler, checked, and turned
-into sensors for this process (its own GPU, host-level sensors on one rank per node, a shared
-device on one rank only)."""
+"""Which sensors a process reads: the ``sensors`` argument of PowerSampler and FabricEnergy, checked,
+and turned into sensors for this process (its own GPU, host-level sensors on one rank per node, a
+shared device on one rank only).
+
+Trainer-free: a process is anything with ``world_size``, ``global_rank``, ``local_rank`` and
+``strategy.root_device`` (:class:`Processes`), which a Lightning ``Trainer`` and a ``Fabric`` both are.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
-from lightning.pytorch import Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_info
 
 from lightning_green.checks import check_choice
 from lightning_green.distributed import distributed, gather_objects, shared_owners
@@ -15,24 +19,43 @@ from lightning_green.sensors.auto import SENSOR_NAMES, build_sensors
 from lightning_green.sensors.base import Sensor
 
 
+class Processes(Protocol):
+    """What the sensor choice reads of a ``Trainer`` or a ``Fabric``."""
+
+    world_size: int
+    global_rank: int
+    local_rank: int
+
+    @property
+    def strategy(self) -> Any: ...
+
+
+def root_device(processes: Processes) -> torch.device:
+    """This process's device (``strategy.root_device``, on a Trainer and a Fabric alike)."""
+    return processes.strategy.root_device
+
+
 def check_sensors(sensors: Any) -> str | list:
-    """``sensors`` as given to :class:`PowerSampler`, checked (``ValueError`` naming the argument)."""
+    """``sensors`` as given to PowerSampler or FabricEnergy, checked (``ValueError`` naming the argument)."""
     if isinstance(sensors, str):
         if sensors not in SENSOR_NAMES:
             raise ValueError(
-                f"unknown sensor name {sensors!r} for `sensors`; allowed: {', '.join(SENSOR_NAMES)} or a list of Sensor objects"
+                f"unknown sensor name {sensors!r} for `sensors`; allowed: {', '.join(SENSOR_NAMES)}"
+                " or a list of Sensor objects"
             )
         return sensors
     if not isinstance(sensors, (list, tuple)) or not sensors:
         raise ValueError(
-            f"`sensors` must be one of {', '.join(SENSOR_NAMES)} or a non-empty list of Sensor objects / sensor names, got {sensors!r}"
+            f"`sensors` must be one of {', '.join(SENSOR_NAMES)} or a non-empty list of Sensor objects"
+            f" / sensor names, got {sensors!r}"
         )
     for item in sensors:
         if isinstance(item, str):
             check_choice("sensors", item, SENSOR_NAMES)
         elif not isinstance(item, Sensor):
             raise ValueError(
-                f"`sensors` holds {item!r}, which is not a lightning_green.sensors.Sensor or a sensor name ({', '.join(SENSOR_NAMES)})"
+                f"`sensors` holds {item!r}, which is not a lightning_green.sensors.Sensor"
+                f" or a sensor name ({', '.join(SENSOR_NAMES)})"
             )
     names = [s.name for s in sensors if isinstance(s, Sensor)]
     if len(names) != len(set(names)):
@@ -41,13 +64,13 @@ def check_sensors(sensors: Any) -> str | list:
 
 
 def sensors_for_process(
-    trainer: Trainer, spec: str | list, rapl_root: str, tell: bool
+    processes: Processes, spec: str | list, rapl_root: str, tell: bool
 ) -> tuple[list[Sensor], list[Sensor], list[str]]:
     """``(sensors to read, those built here and to close, reasons for what was skipped)`` for this
     process: its own GPU; host-level sensors on local rank 0 only; a device shared by several
     processes (MIG) on the lowest rank only (a collective: every rank calls it in setup). With
     ``tell``, what was skipped is said once (rank 0)."""
-    sensors, built, skipped = _choose_sensors(trainer, spec, rapl_root)
+    sensors, built, skipped = _choose_sensors(processes, spec, rapl_root)
     if tell:
         for reason in skipped:
             rank_zero_info(f"lightning_green: {reason}")
@@ -56,9 +79,11 @@ def sensors_for_process(
     return sensors, built, skipped
 
 
-def _choose_sensors(trainer: Trainer, spec: str | list, rapl_root: str) -> tuple[list[Sensor], list[Sensor], list[str]]:
-    host_level = trainer.local_rank == 0
-    root = trainer.strategy.root_device
+def _choose_sensors(
+    processes: Processes, spec: str | list, rapl_root: str
+) -> tuple[list[Sensor], list[Sensor], list[str]]:
+    host_level = processes.local_rank == 0
+    root = root_device(processes)
     spec = [spec] if isinstance(spec, str) else spec
     built, skipped = build_sensors(
         [s for s in spec if isinstance(s, str)], [root.index or 0] if root.type == "cuda" else [], host_level, rapl_root
@@ -70,13 +95,13 @@ def _choose_sensors(trainer: Trainer, spec: str | list, rapl_root: str) -> tuple
         else:
             sensors.append(s)
     sensors += built
-    if not distributed(trainer):
+    if not distributed(processes):
         return sensors, built, skipped
-    owners = shared_owners(gather_objects(trainer, [s.shared_key for s in sensors if s.shared_key]))
+    owners = shared_owners(gather_objects(processes, [s.shared_key for s in sensors if s.shared_key]))
     kept = []
     for sensor in sensors:
-        owner = owners[sensor.shared_key] if sensor.shared_key else trainer.global_rank
-        if owner == trainer.global_rank:
+        owner = owners[sensor.shared_key] if sensor.shared_key else processes.global_rank
+        if owner == processes.global_rank:
             kept.append(sensor)
             continue
         skipped.append(f"{sensor.name}: the same physical device ({sensor.shared_key}) is counted by rank {owner}")
