@@ -81,7 +81,7 @@ def test_fabric_loop_logs_energy_and_rates(tmp_path):
     assert summary["stage"] == "fit" and summary["status"] == "finished"
     assert summary["stage_energy_j"] == pytest.approx(WATTS * BATCH_S * STEPS, rel=1e-9)
     assert summary["sources"] == ["simulated"]
-    rows = {r["figure"]: r for r in summary["sections"]["efficiency"]}
+    rows = {r["figure"]: r for r in summary["sections"]["efficiency"]["rows"]}
     assert rows["train_tokens"]["value"] == 32 * STEPS
     assert rows["tokens_per_j"]["value"] == pytest.approx(32 * STEPS / (WATTS * BATCH_S * STEPS))
     assert rows["tokens_per_j"]["source"] == "simulated"
@@ -231,7 +231,7 @@ def test_two_processes_sum_energy_counting_host_sensors_once(tmp_path):
     assert summary["cluster"]["world_size"] == 2
     assert summary["cluster"]["stage_total_j"] == pytest.approx((host_w + 2 * device_w) * window_s, rel=1e-9)
     assert summary["cluster"]["imbalance"] == pytest.approx(1.0)
-    rows = {r["figure"]: r["value"] for r in summary["sections"]["efficiency"]}
+    rows = {r["figure"]: r["value"] for r in summary["sections"]["efficiency"]["rows"]}
     assert rows["train_tokens"] == 2 * 16 * STEPS
 
 
