@@ -36,7 +36,20 @@ BEGIN = (
     "do not edit by hand -->"
 )
 END = "<!-- results: end -->"
-ORDER = ("overhead", "integration", "phases", "ddp_comm", "power_limit", "qat", "generation", "gpu_check")
+ORDER = (
+    "overhead",
+    "startup",
+    "fabric_overhead",
+    "integration",
+    "phases",
+    "energy_budget",
+    "ddp_comm",
+    "power_limit",
+    "qat",
+    "pruning",
+    "generation",
+    "gpu_check",
+)
 
 
 def med(x) -> float:
@@ -121,6 +134,44 @@ def render_overhead(d: dict) -> tuple[list[str], list[str]]:
             "ratio."
         )
     return rows, notes
+
+
+def render_startup(d: dict) -> tuple[list[str], list[str]]:
+    """``startup.json``: ``figures.import_and_construct_ms`` (a summary), ``heavy_loaded``, ``ddp_green_registered``."""
+    f, goal = d["figures"], d["goals"]["import_and_construct_ms"]
+    loaded = ", ".join(f"`{m}`" for m in f["heavy_loaded"]) or "none of torchao, our quantization package, pynvml"
+    rows = [
+        f"| `import lightning_green` + construct PowerSampler and EfficiencyLogger, after `import lightning` "
+        f"(fresh interpreters) | ≤ {goal['goal']:g} ms, no lever loaded, `ddp_green` registered | "
+        f"{span(f['import_and_construct_ms'], '.1f', ' ms')}; loaded: {loaded}; registered: "
+        f"{'yes' if f['ddp_green_registered'] else 'no'} | {yes(goal['met'])} | {runs(d)} | CPU |"
+    ]
+    return rows, []
+
+
+def render_fabric_overhead(d: dict) -> tuple[list[str], list[str]]:
+    """``fabric_overhead.json``: hook costs of FabricEnergy in a plain Fabric loop (summaries)."""
+    every = d["log_every_n_steps"]
+    rows = [
+        f"| FabricEnergy hook cost per optimizer step, mean including log steps (every {every}) | "
+        f"≤ {d['goal_hook_mean_us']:g} µs | {span(d['hook_us_per_step_mean_incl_log_steps'], '.1f', ' µs')} "
+        f"(median step {span(d['hook_us_per_step_median'], '.1f', ' µs')}) | {yes(d['meets_hook_mean_goal'])} | "
+        f"{runs(d)} | CPU, sensor `{'+'.join(d['sources'])}` |",
+        f"| same run, step-time ratio with FabricEnergy | reported | {span(d['ratio_of_medians'], '.4f')} | reported | "
+        f"{runs(d)} | CPU |",
+    ]
+    return rows, []
+
+
+def render_energy_budget(d: dict) -> tuple[list[str], list[str]]:
+    """``energy_budget.json``: overshoot past the budget (summaries) at 100 W simulated, 10 ms steps."""
+    rows = [
+        f"| EnergyBudget: energy past a {d['budget_j']:g} J budget when the fit stops ({d['power_w']:g} W, "
+        f"{1000 * d['step_sleep_s']:g} ms steps, log every {d['log_every_n_steps']}, real clock) | ≤ one logging "
+        f"window and ≤ 1 % | {span(d['overshoot_j'], '.2f', ' J')} = {span(d['overshoot_pct'], '.3f', ' %')} "
+        f"(window {span(d['window_j'], '.2f', ' J')}) | {yes(d['meets_goal'])} | {runs(d)} | `{d['source']}` |"
+    ]
+    return rows, []
 
 
 def render_integration(d: dict) -> tuple[list[str], list[str]]:
@@ -405,13 +456,10 @@ def render(results: str = RESULTS) -> str:
     lines = [
         BEGIN,
         "Filled from `benchmarks/results/*.json` by `python benchmarks/report.py --write` (one command per figure "
-        "under "
-        f"`benchmarks/`, all of them with `python benchmarks/run_all.py`{took}). Every figure was measured on a shared "
-        "2-core CPU machine without a GPU: energy figures there come from the `simulated` sensor or the CPU "
-        "`estimate`, "
-        "never from a GPU measurement. Each figure is the median over the runs named, with the lowest and highest "
-        "run in "
-        "brackets; a status is decided on the median.",
+        f"under `benchmarks/`, all of them with `python benchmarks/run_all.py`{took}). Every figure was measured on "
+        "a shared 2-core CPU machine without a GPU: energy figures there come from the `simulated` sensor or the "
+        "CPU `estimate`, never from a GPU measurement. Each figure is the median over the runs named, with the "
+        "lowest and highest run in brackets; a status is decided on the median.",
         "",
         "| figure | goal | measured: median (min–max) | status | runs | where |",
         "|---|---|---|---|---|---|",
