@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_green import PowerSampler, SimulatedSensor
 from lightning_green import report_plot as rp
 from lightning_green import summary as S
-from lightning_green.callbacks import power
+from lightning_green.callbacks import stage_summaries
 from lightning_green.energy.loops import LoopTimeline, TraceLog
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -83,7 +83,7 @@ def test_without_matplotlib_the_hint_is_said_once_per_sampler(tmp_path, monkeypa
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.image"):
         monkeypatch.setitem(sys.modules, name, None)
     said = []
-    monkeypatch.setattr(power, "rank_zero_info", said.append)
+    monkeypatch.setattr(stage_summaries, "rank_zero_info", said.append)
     ps = PowerSampler(sensors=[SimulatedSensor(10.0)], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path))
     trainer = tiny_trainer(max_steps=2, callbacks=[ps])
     trainer.fit(SleepyModel(step_s=0.0))
