@@ -148,3 +148,22 @@ def test_two_power_samplers_in_one_trainer_get_one_clear_error(second):
     trainer = tiny_trainer(max_steps=2, callbacks=[first, PowerSampler(print_summary=False, **second)])
     with pytest.raises(MisconfiguredTrainer, match=r"2 PowerSampler callbacks; it takes one"):
         trainer.fit(SleepyModel(0.0))
+
+
+def test_a_rank_without_a_sensor_still_measures_with_the_others(tmp_path):
+    # two ranks, one host-level sensor: rank 1 reads none, yet energy is measured, so both ranks log
+    # (their collectives must match) and the summary does not say "no sensor"
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(10.0, name="host_sim", host_level=True, domain="cpu")],
+        interval_s=0.02,
+        summary_dir=str(tmp_path),
+        print_summary=False,
+        report_picture=False,
+    )
+    trainer = tiny_trainer(
+        max_steps=6, log_every_n_steps=2, devices=2, strategy="ddp_spawn", callbacks=[ps, EfficiencyLogger()]
+    )
+    trainer.fit(SleepyModel(step_s=0.0))
+    written = json.loads((tmp_path / "energy_summary_fit.json").read_text())
+    assert written["no_sensor"] is False
+    assert efficiency_of(written)["train_samples"]["value"] == 6 * 2
