@@ -380,8 +380,8 @@ def test_summary_table_names_sources_and_partial(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "simulated" in out and "flaky" in out and "failed" in out
     assert (
-        "partial figures: flaky: dropped (OSError: device vanished); figures up to its last good reading + at most one interval"
-        in out
+        "partial figures: flaky: dropped (OSError: device vanished); "
+        "figures up to its last good reading + at most one interval" in out
     )
     assert "[source: simulated]" in out
 

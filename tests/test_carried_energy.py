@@ -65,8 +65,8 @@ def test_validate_then_fit_labels_the_validate_energy_carried_not_restored(tmp_p
         adds_up(s)
     assert "this stage (fit, this process): 200 J in 2 s = 100 W mean" in out
     assert (
-        "of the total: this stage 200 J; carried from earlier stages of this process 100 J; restored from a checkpoint 0 J [source: simulated;"
-        in out
+        "of the total: this stage 200 J; carried from earlier stages of this process 100 J; "
+        "restored from a checkpoint 0 J [source: simulated;" in out
     )
     # compare/show and the picture: the fit's own energy, not validate's too
     assert rs.stage_energy_j(written) == pytest.approx(200.0) and rs.sensor_energy_j(
@@ -115,8 +115,8 @@ def test_a_checkpoint_resume_is_restored_not_carried(tmp_path, capsys):
     assert figures(fit) == pytest.approx((100.0, 0.0, 200.0, 300.0, 100.0, 0.0, 200.0, 300.0))
     adds_up(fit)
     assert (
-        "of the total: this stage 100 J; carried from earlier stages of this process 0 J; restored from a checkpoint 200 J"
-        in out
+        "of the total: this stage 100 J; carried from earlier stages of this process 0 J; "
+        "restored from a checkpoint 200 J" in out
     )
     assert rs.stage_energy_j(fit) == pytest.approx(300.0)  # a resumed fit counts what it restored
     assert {f[0]: f[4] for f in cmp.figures(fit)}["mean power"] == pytest.approx(
@@ -218,8 +218,19 @@ def test_session_keeps_restored_apart_from_carried():
     assert (sensors[0]["carried_j"], sensors[0]["restored_j"], sensors[0]["energy_j"]) == pytest.approx(
         (20.0, 100.0, 130.0)
     )
-    summary = S.build_summary(stage="test", status="finished", started_at="", duration_s=1.0, rank=0, sensors=sensors, unattributed_j=6.0,
-                              cluster={}, skipped=[], sections={}, trace={})  # fmt: skip
+    summary = S.build_summary(
+        stage="test",
+        status="finished",
+        started_at="",
+        duration_s=1.0,
+        rank=0,
+        sensors=sensors,
+        unattributed_j=6.0,
+        cluster={},
+        skipped=[],
+        sections={},
+        trace={},
+    )
     assert (
         summary["stage_energy_j"],
         summary["carried_j"],
@@ -229,8 +240,16 @@ def test_session_keeps_restored_apart_from_carried():
 
 
 def test_an_older_summary_without_carried_j_is_read_as_before(capsys):
-    old = {"stage": "fit", "status": "finished", "duration_s": 2.0, "energy_j": 300.0, "energy_this_run_j": 200.0, "restored_j": 100.0,
-           "sources": ["simulated"], "sensors": [{"name": "sim", "source": "simulated", "energy_j": 300.0, "energy_this_run_j": 200.0}]}  # fmt: skip
+    old = {
+        "stage": "fit",
+        "status": "finished",
+        "duration_s": 2.0,
+        "energy_j": 300.0,
+        "energy_this_run_j": 200.0,
+        "restored_j": 100.0,
+        "sources": ["simulated"],
+        "sensors": [{"name": "sim", "source": "simulated", "energy_j": 300.0, "energy_this_run_j": 200.0}],
+    }
     assert rs.stage_energy_j(old) == 300.0 and rs.sensor_energy_j(old, old["sensors"][0]) == 300.0
     S.render(old)
     out = " ".join(capsys.readouterr().out.split())
