@@ -5,11 +5,14 @@ error. Simulated sensors on an injected clock: every figure is exact arithmetic.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import warnings
 from unittest.mock import Mock
 
 import pytest
 from helpers import FakeClock, SleepyModel, tiny_trainer
+from lightning.pytorch import Callback
 
 from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
 from lightning_green.callbacks.stage_summaries import NO_SENSOR_NOTE
@@ -72,6 +75,28 @@ def test_an_interrupted_fit_keeps_the_efficiency_figures_of_the_steps_that_ran(t
     assert rows["train_energy_j"]["scope"] == "all processes"
     assert eff.fit_stop is not None and eff.fit_stop.step == 15
     assert eff.results["train_energy_j"] == pytest.approx(train_j)
+
+
+def test_a_sigterm_keeps_the_figures_too(tmp_path):
+    class Sigterm(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            # Lightning's handler notes the signal; its loop raises SIGTERMException after this batch
+            if trainer.global_step == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    clock = FakeClock(batch_s=BATCH_S)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock
+    )
+    clock.reads = ps.session
+    with pytest.raises(SystemExit):
+        tiny_trainer(max_steps=50, callbacks=[clock, ps, EfficiencyLogger(), Sigterm()]).fit(SleepyModel(0.0))
+    summary = ps.summary_by_stage["fit"]
+    assert summary["status"] == "interrupted (SIGTERMException)"
+    rows = efficiency_of(summary)
+    assert rows["train_samples"]["value"] == 5
+    assert rows["train_energy_j"]["value"] == pytest.approx(WATTS * BATCH_S * 5)
+    assert rows["train_energy_j"]["complete"] is False
 
 
 def test_a_finished_fit_has_complete_figures(tmp_path):

@@ -8,7 +8,6 @@ the logging window a :class:`~lightning_green.energy.session.LogWindow`, phases 
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from collections.abc import Callable, Sequence
 from enum import Enum
@@ -31,8 +30,6 @@ from lightning_green.errors import MisconfiguredTrainer
 from lightning_green.log_queue import LogQueue
 from lightning_green.sensors.base import Sensor
 from lightning_green.sensors.rapl import DEFAULT_ROOT
-
-log = logging.getLogger("lightning_green")
 
 __all__ = ["LogStepListener", "Measurement", "PowerSampler", "find_power_sampler", "shared_owners"]
 
@@ -368,12 +365,12 @@ class PowerSampler(SamplerInterface, Callback):
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Every process's energy so far, under ``checkpoint["callbacks"]["PowerSampler"]`` (see
-        :meth:`checkpoint_state`). Written here, not returned by ``state_dict``: Lightning refuses two
+        :meth:`_checkpoint_state`). Written here, not returned by ``state_dict``: Lightning refuses two
         callbacks with a ``state_dict`` and one ``state_key`` at Trainer construction with a generic
         message, and ``setup`` says more plainly why a Trainer takes one PowerSampler."""
         callbacks = checkpoint.get("callbacks")
         if callbacks is not None:
-            callbacks[self.state_key] = self.checkpoint_state()
+            callbacks[self.state_key] = self._checkpoint_state()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -381,7 +378,7 @@ class PowerSampler(SamplerInterface, Callback):
         if self.session.started and self._trainer is not None:
             self.session.restore_checkpoint(self._trainer.world_size, self._trainer.global_rank)
 
-    def checkpoint_state(self) -> dict[str, Any]:
+    def _checkpoint_state(self) -> dict[str, Any]:
         """Every process's energy so far (a collective when the process group is up; after fit under
         ``ddp_green`` the group is gone, and the other ranks' parts are those gathered at train end)."""
         # a checkpoint is no hot path: read the sensors now
