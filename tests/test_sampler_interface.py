@@ -82,7 +82,7 @@ def test_the_interface_read_by_another_callback(tmp_path):
     reads = Reads(clock)
     assert ps.stage == ""
     assert ps.sensors == []
-    trainer = tiny_trainer(max_steps=4, callbacks=[clock, ps, reads])
+    trainer = tiny_trainer(default_root_dir=tmp_path, max_steps=4, callbacks=[clock, ps, reads])
     trainer.fit(SleepyModel(0.0))
     trainer.test(SleepyModel(0.0), verbose=False)
     seen = reads.seen
@@ -118,7 +118,7 @@ def test_phase_edge_hooks_with_phases_on_mark_the_edges(tmp_path):
     ps = PowerSampler(
         sensors=[SimulatedSensor(100.0, clock=clock)], interval_s=3600.0, phases=True, print_summary=False, clock=clock
     )
-    tiny_trainer(max_steps=3, callbacks=[ps]).fit(SleepyModel(0.0))
+    tiny_trainer(default_root_dir=tmp_path, max_steps=3, callbacks=[ps]).fit(SleepyModel(0.0))
     rows = ps.summary["sections"]["energy by phase"]
     assert {row["phase"] for row in rows[:5]} == {"data", "compute", "optimizer", "comm", "other"}
     # the compute phase (backward start to end, forward included) ran in every step

@@ -60,7 +60,9 @@ def test_an_interrupted_fit_keeps_the_efficiency_figures_of_the_steps_that_ran(t
     eff = EfficiencyLogger(carbon_intensity_g_per_kwh=360.0)
     callbacks = [clock, eff, ps] if efficiency_first else [clock, ps, eff]
     with pytest.raises(SystemExit):
-        tiny_trainer(max_steps=50, log_every_n_steps=50, callbacks=callbacks).fit(SleepyModel(0.0, interrupt_at=15))
+        tiny_trainer(default_root_dir=tmp_path, max_steps=50, log_every_n_steps=50, callbacks=callbacks).fit(
+            SleepyModel(0.0, interrupt_at=15)
+        )
     written = json.loads((tmp_path / "energy_summary_fit.json").read_text())
     assert written["status"] == "interrupted (KeyboardInterrupt)"
     # 16 batches started (the 16th raised in its training step), each 0.5 s at 100 W: 800 J
@@ -90,7 +92,9 @@ def test_a_sigterm_keeps_the_figures_too(tmp_path):
     )
     clock.reads = ps.session
     with pytest.raises(SystemExit):
-        tiny_trainer(max_steps=50, callbacks=[clock, ps, EfficiencyLogger(), Sigterm()]).fit(SleepyModel(0.0))
+        tiny_trainer(default_root_dir=tmp_path, max_steps=50, callbacks=[clock, ps, EfficiencyLogger(), Sigterm()]).fit(
+            SleepyModel(0.0)
+        )
     summary = ps.summary_by_stage["fit"]
     assert summary["status"] == "interrupted (SIGTERMException)"
     rows = efficiency_of(summary)
@@ -105,7 +109,7 @@ def test_a_finished_fit_has_complete_figures(tmp_path):
         sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock
     )
     eff = EfficiencyLogger()
-    tiny_trainer(max_steps=4, callbacks=[clock, ps, eff]).fit(SleepyModel(0.0))
+    tiny_trainer(default_root_dir=tmp_path, max_steps=4, callbacks=[clock, ps, eff]).fit(SleepyModel(0.0))
     rows = efficiency_of(ps.summary_by_stage["fit"])
     assert "complete" not in rows["train_energy_j"]
     assert rows["train_energy_j"]["value"] == pytest.approx(WATTS * BATCH_S * 4)
@@ -122,7 +126,7 @@ def test_an_exception_after_training_ended_leaves_the_figures_complete(tmp_path)
         sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock
     )
     eff = EfficiencyLogger()
-    trainer = tiny_trainer(max_steps=4, callbacks=[clock, ps, eff])
+    trainer = tiny_trainer(default_root_dir=tmp_path, max_steps=4, callbacks=[clock, ps, eff])
     model = FailsAtTestStart(0.0)
     trainer.fit(model)
     with pytest.raises(RuntimeError, match="boom"):
@@ -138,7 +142,11 @@ def test_no_sensor_logs_no_figure_warns_once_and_the_summary_says_so(tmp_path):
     )
     logger = mock_logger()
     trainer = tiny_trainer(
-        max_steps=6, log_every_n_steps=2, logger=logger, callbacks=[ps, EfficiencyLogger(targets={"x": 1.0})]
+        default_root_dir=tmp_path,
+        max_steps=6,
+        log_every_n_steps=2,
+        logger=logger,
+        callbacks=[ps, EfficiencyLogger(targets={"x": 1.0})],
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -158,7 +166,7 @@ def test_no_sensor_logs_no_figure_warns_once_and_the_summary_says_so(tmp_path):
 
 def test_a_run_with_a_sensor_says_no_sensor_false(tmp_path):
     ps = PowerSampler(sensors=[SimulatedSensor(WATTS)], interval_s=0.01, print_summary=False)
-    tiny_trainer(max_steps=2, callbacks=[ps]).fit(SleepyModel(0.0))
+    tiny_trainer(default_root_dir=tmp_path, max_steps=2, callbacks=[ps]).fit(SleepyModel(0.0))
     assert ps.measuring is True
     assert ps.summary["no_sensor"] is False
     assert NO_SENSOR_NOTE not in ps.summary["partial"]
@@ -167,10 +175,12 @@ def test_a_run_with_a_sensor_says_no_sensor_false(tmp_path):
 @pytest.mark.parametrize(
     "second", [{"sensors": [SimulatedSensor(1.0)]}, {"sensors": [SimulatedSensor(2.0, name="other")]}]
 )
-def test_two_power_samplers_in_one_trainer_get_one_clear_error(second):
+def test_two_power_samplers_in_one_trainer_get_one_clear_error(tmp_path, second):
     first = PowerSampler(sensors=[SimulatedSensor(1.0)], print_summary=False)
     # Lightning's construction-time check of stateful callbacks does not pre-empt ours
-    trainer = tiny_trainer(max_steps=2, callbacks=[first, PowerSampler(print_summary=False, **second)])
+    trainer = tiny_trainer(
+        default_root_dir=tmp_path, max_steps=2, callbacks=[first, PowerSampler(print_summary=False, **second)]
+    )
     with pytest.raises(MisconfiguredTrainer, match=r"2 PowerSampler callbacks; it takes one"):
         trainer.fit(SleepyModel(0.0))
 
@@ -186,7 +196,12 @@ def test_a_rank_without_a_sensor_still_measures_with_the_others(tmp_path):
         report_picture=False,
     )
     trainer = tiny_trainer(
-        max_steps=6, log_every_n_steps=2, devices=2, strategy="ddp_spawn", callbacks=[ps, EfficiencyLogger()]
+        default_root_dir=tmp_path,
+        max_steps=6,
+        log_every_n_steps=2,
+        devices=2,
+        strategy="ddp_spawn",
+        callbacks=[ps, EfficiencyLogger()],
     )
     trainer.fit(SleepyModel(step_s=0.0))
     written = json.loads((tmp_path / "energy_summary_fit.json").read_text())
