@@ -277,9 +277,9 @@ class FabricEnergy:
     def _start(self, fabric: Any) -> None:
         self._fabric = fabric
         _MEASURING[fabric.strategy] = self
-        sensors, owned, skipped = sensors_for_process(fabric, self._sensor_spec, self.rapl_root, tell=True)
-        self.session.start(sensors, owned)
-        self.record.begin("fit", skipped)
+        choice = sensors_for_process(fabric, self._sensor_spec, self.rapl_root, tell=True)
+        self.session.start(choice.sensors, choice.built)
+        self.record.begin("fit", choice.skipped)
         self.record.timeline.begin("train")
         trace_origin_t = self.record.origin_t if self.log_trace and fabric.is_global_zero else None
         self.training.begin_stage()

@@ -8,14 +8,14 @@ Trainer-free: a process is anything with ``world_size``, ``global_rank``, ``loca
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_green.checks import check_choice
 from lightning_green.distributed import distributed, gather_objects, shared_owners
-from lightning_green.sensors.auto import SENSOR_NAMES, build_sensors
+from lightning_green.sensors.auto import SENSOR_NAMES, build_sensors, check_distinct_names
 from lightning_green.sensors.base import Sensor
 
 
@@ -57,37 +57,53 @@ def check_sensors(sensors: Any) -> str | list:
                 f"`sensors` holds {item!r}, which is not a lightning_green.sensors.Sensor"
                 f" or a sensor name ({', '.join(SENSOR_NAMES)})"
             )
-    names = [s.name for s in sensors if isinstance(s, Sensor)]
-    if len(names) != len(set(names)):
-        raise ValueError(f"`sensors` holds two sensors with the same name: {names}")
+    check_distinct_names(sensors)
     return list(sensors)
 
 
-def sensors_for_process(
-    processes: Processes, spec: str | list, rapl_root: str, tell: bool
-) -> tuple[list[Sensor], list[Sensor], list[str]]:
-    """``(sensors to read, those built here and to close, reasons for what was skipped)`` for this
-    process: its own GPU; host-level sensors on local rank 0 only; a device shared by several
-    processes (MIG) on the lowest rank only (a collective: every rank calls it in setup). With
-    ``tell``, what was skipped is said once (rank 0)."""
-    sensors, built, skipped = _choose_sensors(processes, spec, rapl_root)
+class SensorChoice(NamedTuple):
+    """The sensors of one process, as chosen by :func:`sensors_for_process`."""
+
+    #: the sensors this process reads
+    sensors: list[Sensor]
+    #: those built here, which the session closes when it finishes
+    built: list[Sensor]
+    #: why each sensor asked for is not read here
+    skipped: list[str]
+    #: whether any process reads a sensor (False: no energy is measured anywhere)
+    any_process_reads: bool
+
+
+#: Said once when no process can read any sensor; the summary says it too.
+NO_SENSOR_MESSAGE = (
+    "lightning_green: no sensor could be read on any process, so no energy is measured: no energy, power, "
+    "efficiency or carbon figures are logged, and the summary says `no_sensor: true`"
+)
+
+
+def sensors_for_process(processes: Processes, spec: str | list, rapl_root: str, tell: bool) -> SensorChoice:
+    """The sensors this process reads: its own GPU; host-level sensors on local rank 0 only; a device
+    shared by several processes (MIG) on the lowest rank only (a collective: every rank calls it in
+    setup). With ``tell``, what was skipped is said once (rank 0), and a warning when no process reads
+    any sensor."""
+    choice = _choose_sensors(processes, spec, rapl_root)
     if tell:
-        for reason in skipped:
+        for reason in choice.skipped:
             rank_zero_info(f"lightning_green: {reason}")
-        if not sensors:
-            rank_zero_info("lightning_green: no sensor could be read on this process; energy figures will be 0")
-    return sensors, built, skipped
+        if not choice.any_process_reads:
+            rank_zero_warn(NO_SENSOR_MESSAGE)
+        elif not choice.sensors:
+            rank_zero_info("lightning_green: no sensor is read on this process; the other processes measure")
+    return choice
 
 
-def _choose_sensors(
-    processes: Processes, spec: str | list, rapl_root: str
-) -> tuple[list[Sensor], list[Sensor], list[str]]:
+def _choose_sensors(processes: Processes, spec: str | list, rapl_root: str) -> SensorChoice:
     host_level = processes.local_rank == 0
     root = root_device(processes)
     spec = [spec] if isinstance(spec, str) else spec
-    built, skipped = build_sensors(
-        [s for s in spec if isinstance(s, str)], [root.index or 0] if root.type == "cuda" else [], host_level, rapl_root
-    )
+    names = [s for s in spec if isinstance(s, str)]
+    devices = [root.index or 0] if root.type == "cuda" else []
+    built, skipped = build_sensors(names, devices, host_level, rapl_root)
     sensors = []
     for s in (s for s in spec if isinstance(s, Sensor)):
         if s.host_level and not host_level:
@@ -96,8 +112,11 @@ def _choose_sensors(
             sensors.append(s)
     sensors += built
     if not distributed(processes):
-        return sensors, built, skipped
-    owners = shared_owners(gather_objects(processes, [s.shared_key for s in sensors if s.shared_key]))
+        return SensorChoice(sensors, built, skipped, any_process_reads=bool(sensors))
+    # one gather: each process's shared devices, and whether it has any sensor at all
+    gathered = gather_objects(processes, ([s.shared_key for s in sensors if s.shared_key], bool(sensors)))
+    owners = shared_owners([keys for keys, _ in gathered])
+    any_process_reads = any(has_sensor for _, has_sensor in gathered)
     kept = []
     for sensor in sensors:
         owner = owners[sensor.shared_key] if sensor.shared_key else processes.global_rank
@@ -108,4 +127,4 @@ def _choose_sensors(
         if sensor in built:
             built.remove(sensor)
             sensor.close()
-    return kept, built, skipped
+    return SensorChoice(kept, built, skipped, any_process_reads)

@@ -5,6 +5,7 @@ and its listeners', EfficiencyLogger's among them) are built on the log thread f
 noted; otherwise in place. Either way they are the same, exact on injected clocks.
 """
 
+import functools
 import threading
 
 import pytest
@@ -16,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
 from lightning_green.energy.loops import TrainingLog
 from lightning_green.energy.session import EnergySession, LogWindow
+from lightning_green.log_queue import LogQueue
 
 WATTS, BATCH_S = 100.0, 0.02
 
@@ -34,20 +36,21 @@ class RecordingTensorBoard(TensorBoardLogger):
         return [(step, metrics[key]) for _, metrics, step in self.calls if key in metrics]
 
 
-def fit_recording(tmp_path, max_steps=25, **ps_kwargs):
+def fit_recording(tmp_path, monkeypatch, max_steps=25, **ps_kwargs):
     clock = FakeClock(batch_s=BATCH_S)
     ps = PowerSampler(
         sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock, **ps_kwargs
     )
-    clock.reads = ps.session  # a reading at every batch end: newer readings arrive after each log step
+    # a reading at every batch end: newer readings arrive after each log step
+    clock.reads = ps.session
     built_on = []
-    close = ps.training.close
+    close = TrainingLog.close
 
-    def spy(end):
+    def spy(train_log, end):
         built_on.append(threading.current_thread().name)
-        return close(end)
+        return close(train_log, end)
 
-    ps.training.close = spy
+    monkeypatch.setattr(TrainingLog, "close", spy)
     logger = RecordingTensorBoard(tmp_path)
     tiny_trainer(
         max_steps=max_steps, log_every_n_steps=10, logger=logger, callbacks=[clock, ps, EfficiencyLogger()]
@@ -56,8 +59,8 @@ def fit_recording(tmp_path, max_steps=25, **ps_kwargs):
 
 
 @pytest.mark.parametrize("progress_bar", [False, True], ids=["off_thread", "in_place"])
-def test_window_figures_are_exact_whether_built_on_the_log_thread_or_in_place(tmp_path, progress_bar):
-    ps, logger, built_on = fit_recording(tmp_path, progress_bar=progress_bar)
+def test_window_figures_are_exact_whether_built_on_the_log_thread_or_in_place(tmp_path, monkeypatch, progress_bar):
+    ps, logger, built_on = fit_recording(tmp_path, monkeypatch, progress_bar=progress_bar)
     thread = "lightning_green-log:PowerSampler"
     # steps 10 and 20 (in place for the progress bar), then the last, partial window at 25 (no progress bar there)
     assert built_on == ["MainThread" if progress_bar else thread] * 2 + [thread]
@@ -164,15 +167,16 @@ class ValidationClock(FakeClock):
         self.t += self.val_s
 
 
-def test_efficiency_figures_built_after_the_fit_use_the_counts_of_their_log_step(tmp_path):
+def test_efficiency_figures_built_after_the_fit_use_the_counts_of_their_log_step(tmp_path, monkeypatch):
     """Validation inside fit every 5 steps, and the log thread drains only at the end of training: each
     window's figures must come from the samples and validation energy noted at its log step."""
     val_s, val_batches = 0.01, 2
     clock = ValidationClock(batch_s=BATCH_S, val_s=val_s)
+    # nothing is built before LogQueue.stop at train end
+    monkeypatch.setattr(LogQueue, "__init__", functools.partialmethod(LogQueue.__init__, drain_every_s=3600.0))
     ps = PowerSampler(
         sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, print_summary=False, clock=clock
     )
-    ps.log_queue.drain_every_s = 3600.0  # nothing is built before LogQueue.stop at train end
     clock.reads = ps.session
     logger = RecordingTensorBoard(tmp_path)
     trainer = tiny_trainer(max_steps=20, log_every_n_steps=10, logger=logger, callbacks=[clock, ps, EfficiencyLogger()],

@@ -191,12 +191,6 @@ def test_phase_timing_validation():
         tiny_trainer(callbacks=[ps]).fit(Phased(0.0, 0.0, 0.0))
 
 
-def test_phases_off_adds_no_per_step_hooks():
-    ps = PowerSampler(sensors=[SimulatedSensor(1.0)])
-    assert "on_before_backward" not in vars(ps) and "on_train_batch_start" not in vars(ps)
-    assert "on_before_backward" in vars(PowerSampler(sensors=[SimulatedSensor(1.0)], phases=True))
-
-
 def test_summary_tables_name_the_source(tmp_path):
     from lightning_green import EfficiencyLogger
 

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_green import PowerSampler, SimulatedSensor
 from lightning_green import report_plot as rp
 from lightning_green import summary as S
-from lightning_green.callbacks import power
+from lightning_green.callbacks import stage_summaries
 from lightning_green.energy.loops import LoopTimeline, TraceLog
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -83,7 +83,7 @@ def test_without_matplotlib_the_hint_is_said_once_per_sampler(tmp_path, monkeypa
     for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg", "matplotlib.image"):
         monkeypatch.setitem(sys.modules, name, None)
     said = []
-    monkeypatch.setattr(power, "rank_zero_info", said.append)
+    monkeypatch.setattr(stage_summaries, "rank_zero_info", said.append)
     ps = PowerSampler(sensors=[SimulatedSensor(10.0)], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path))
     trainer = tiny_trainer(max_steps=2, callbacks=[ps])
     trainer.fit(SleepyModel(step_s=0.0))
@@ -175,18 +175,31 @@ def test_power_trace_keeps_its_key_step_axis_and_bound_per_window(tmp_path):
 
 # --------------------------------------------------------------------------- summary wording
 def stats(**changes) -> dict:
-    row = {"name": "gpu0", "failed": None, "hung": False, "abandoned": False, "rejected": 0, "transient_errors": 0, "resets": 0,
-           "gaps": 0, "gap_s": 0.0, "gap_bridge": "counter difference", "last_problem": None}  # fmt: skip
+    row = {
+        "name": "gpu0",
+        "failed": None,
+        "hung": False,
+        "abandoned": False,
+        "rejected": 0,
+        "transient_errors": 0,
+        "resets": 0,
+        "gaps": 0,
+        "gap_s": 0.0,
+        "gap_bridge": "counter difference",
+        "last_problem": None,
+    }
     row.update(changes)
     return row
 
 
 def test_partial_reason_names_what_happened():
     assert S.partial_reason(stats(failed="hung: read() has not returned", hung=True, abandoned=True)) == (
-        "dropped (hung: read() has not returned); its reader was abandoned, still blocked at stop; figures up to its last good reading + at most one interval"
+        "dropped (hung: read() has not returned); its reader was abandoned, still blocked at stop; "
+        "figures up to its last good reading + at most one interval"
     )
     assert S.partial_reason(stats(rejected=2, transient_errors=3, gaps=5, gap_s=0.25, last_problem="NVML timeout")) == (
-        "2 readings rejected; 3 transient read errors (retried); 0.25 s of gaps bridged by counter difference; last: NVML timeout"
+        "2 readings rejected; 3 transient read errors (retried); 0.25 s of gaps bridged by counter difference; "
+        "last: NVML timeout"
     )
     assert (
         S.partial_reason(stats(resets=1, last_problem="counter reset from 9.0 to 1.0 J"))
@@ -196,13 +209,38 @@ def test_partial_reason_names_what_happened():
 
 
 def test_render_tolerates_nulls_and_nan(capsys):
+    sensor = {
+        "name": "sim",
+        "source": "simulated",
+        "energy_this_run_j": None,
+        "mean_power_w": float("nan"),
+        "duration_s": None,
+        "peak_power_w": None,
+        "energy_j": 12.0,
+        "gaps": None,
+        "partial": True,
+        "failed": None,
+    }
+    cluster = {
+        "world_size": 2,
+        "num_nodes": 1,
+        "total_j": None,
+        "imbalance": None,
+        "per_rank": [{"rank": 0, "node_rank": 0, "energy_j": None}],
+    }
     summary = {
-        "stage": "fit", "status": "finished", "duration_s": None, "energy_j": None, "energy_this_run_j": 12.0, "sources": ["simulated"],
-        "sensors": [{"name": "sim", "source": "simulated", "energy_this_run_j": None, "mean_power_w": float("nan"), "duration_s": None,
-                     "peak_power_w": None, "energy_j": 12.0, "gaps": None, "partial": True, "failed": None}],
-        "cluster": {"world_size": 2, "num_nodes": 1, "total_j": None, "imbalance": None, "per_rank": [{"rank": 0, "node_rank": 0, "energy_j": None}]},
-        "partial": ["sim: 1 readings rejected"], "skipped": None, "sections": {"efficiency": [{"figure": "x", "value": None}]},
-    }  # fmt: skip
+        "stage": "fit",
+        "status": "finished",
+        "duration_s": None,
+        "energy_j": None,
+        "energy_this_run_j": 12.0,
+        "sources": ["simulated"],
+        "sensors": [sensor],
+        "cluster": cluster,
+        "partial": ["sim: 1 readings rejected"],
+        "skipped": None,
+        "sections": {"efficiency": [{"figure": "x", "value": None}]},
+    }
     S.render(json.loads(json.dumps(summary).replace("NaN", "null")))
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert "duration, this stage: - s energy, this stage: 12 J [source: simulated]" in out
@@ -214,8 +252,20 @@ def test_render_tolerates_nulls_and_nan(capsys):
     summary["cluster"]["imbalance"] = float("nan")  # in memory, before JSON
     S.render(summary)
     assert "imbalance (max/mean): n/a (no" in " ".join(capsys.readouterr().out.split())
-    assert math.isnan(S.build_summary(stage="fit", status="finished", started_at="", duration_s=0.0, rank=0, sensors=[], unattributed_j=0.0,
-                                      cluster={}, skipped=[], sections={}, trace={})["stage_mean_power_w"])  # fmt: skip
+    empty = S.build_summary(
+        stage="fit",
+        status="finished",
+        started_at="",
+        duration_s=0.0,
+        rank=0,
+        sensors=[],
+        unattributed_j=0.0,
+        cluster={},
+        skipped=[],
+        sections={},
+        trace={},
+    )
+    assert math.isnan(empty["stage_mean_power_w"])
 
 
 def test_a_section_value_json_cannot_hold_is_written_as_text_not_raised(tmp_path):

@@ -535,7 +535,7 @@ def test_end_of_fit_evaluation_is_not_training_energy_in_either_callback_order(t
     )
     trainer.fit(ClockedQatModel(clock, val_batch_s))
     train_j, val_loop_j, evaluation_j = watts * 4 * batch_s, watts * 2 * 2 * val_batch_s, watts * 2 * 2 * val_batch_s
-    assert ps.training.evaluation_j == pytest.approx(evaluation_j)
+    assert ps.evaluation_energy_j == pytest.approx(evaluation_j)
     assert eff.results["train_energy_j"] == pytest.approx(train_j)  # neither validation loops nor QAT's evaluation
     assert eff.results["eer_j_per_param"] == pytest.approx(train_j / eff.n_params)
     assert eff.results["validate_energy_j"] == pytest.approx(val_loop_j / 2)  # the last loop's

@@ -227,7 +227,7 @@ class EnergyBudget(Callback):
         return functools.partial(self._after_window, step)
 
     def _after_window(self, step: int, energy_j: float) -> dict[str, float]:
-        return self._at_log_step(step, self.plan.restored_j + self._sampler.training.total_j - self._start_total_j)
+        return self._at_log_step(step, self.plan.restored_j + self._sampler.logged_total_j - self._start_total_j)
 
     def _at_log_step(self, step: int, spent_j: float) -> dict[str, float]:
         self.spent_j = spent_j

@@ -7,18 +7,18 @@ the logging window a :class:`~lightning_green.energy.session.LogWindow`, phases 
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import logging
 import time
 from collections.abc import Callable, Sequence
 from enum import Enum
-from typing import Any, ContextManager
+from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from lightning_green import summary as S
+from lightning_green.callbacks.stage_summaries import StageSummaries, summary_dir_of
 from lightning_green.callbacks.trainer_steps import global_step_reader
 from lightning_green.checks import check_bool, check_callable, check_choice, check_int, check_path
 from lightning_green.distributed import gather_floats, reduce_sum, shared_owners, sum_reducer
@@ -29,12 +29,9 @@ from lightning_green.energy.sampler import check_interval
 from lightning_green.energy.session import EnergySession, Measurement
 from lightning_green.errors import MisconfiguredTrainer
 from lightning_green.log_queue import LogQueue, log_metrics
-from lightning_green.messages import SayOnce
 from lightning_green.sensor_choice import check_sensors, sensors_for_process
 from lightning_green.sensors.base import Sensor
 from lightning_green.sensors.rapl import DEFAULT_ROOT
-
-log = logging.getLogger("lightning_green")
 
 __all__ = ["LogStepListener", "Measurement", "PowerSampler", "find_power_sampler", "shared_owners"]
 
@@ -47,25 +44,6 @@ def find_power_sampler(trainer: Trainer) -> PowerSampler | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, PowerSampler)), None)
 
 
-def summary_dir_of(trainer: Trainer) -> str:
-    """The first logger's folder, else ``default_root_dir``. Not ``trainer.log_dir``: that broadcasts,
-    and the summary is written on rank 0 alone."""
-    for logger in trainer.loggers:
-        if logger.log_dir:
-            return logger.log_dir
-    return trainer.default_root_dir
-
-
-#: The hooks that mark phase edges (``phases=True``), and the edge each marks.
-PHASE_EDGE_HOOKS = (
-    ("on_train_batch_start", "batch_start"),
-    ("on_before_zero_grad", "zero_grad"),
-    ("on_before_backward", "backward_start"),
-    ("on_after_backward", "backward_end"),
-    ("on_before_optimizer_step", "optimizer_start"),
-)
-
-
 def _stage_name(stage: Any) -> str:
     """``"fit"`` for ``"fit"`` or ``TrainerFn.FITTING`` (a str enum whose ``str()`` is its name)."""
     return stage.value if isinstance(stage, Enum) else str(stage)
@@ -75,7 +53,140 @@ def _loop_name(trainer: Trainer) -> str:
     return "sanity" if trainer.sanity_checking else "validation"
 
 
-class PowerSampler(Callback):
+class SamplerInterface:
+    """What other callbacks read of a :class:`PowerSampler` (its interface, and nothing else of it):
+    the energy of this process so far, blocks measured apart, the sensors and their sources, the
+    stage and the clock, and hooks into its summary and its log steps.
+
+    Properties: :attr:`sensors`, :attr:`measuring`, :attr:`stage`, :attr:`clock`,
+    :attr:`evaluation_energy_j`, :attr:`logged_total_j`, :attr:`summary`, :attr:`summary_by_stage`. Methods:
+    :meth:`energy_now_j`, :meth:`measured_now_j`, :meth:`energy_at_j`, :meth:`device_energy_j`,
+    :meth:`measure`, :meth:`measure_evaluation`, :meth:`sources`, :meth:`add_summary_section`,
+    :meth:`add_summary_provider`, :meth:`add_log_step_listener`, :meth:`set_comm_seconds`, :meth:`generation_phase`.
+
+    Args:
+        session: the measurement.
+        train_log: the training loop's log (log-step listeners, evaluation blocks, phases).
+        summaries: the stage's summary (sections, providers, the sources gathered from every process).
+    """
+
+    def __init__(self, session: EnergySession, train_log: TrainingLog, summaries: StageSummaries) -> None:
+        #: the measurement; read by tests that drive its readings, not by other callbacks
+        self.session = session
+        self._train_log = train_log
+        self._summaries = summaries
+        # whether any process reads a sensor in this stage (False: nothing is logged)
+        self._measuring = False
+        # prefill / decode blocks marked by a generation loop (Trainer-free: energy/generation.py)
+        self._generation_phases = GenerationPhases(session)
+
+    @property
+    def sensors(self) -> list[Sensor]:
+        """The sensors this process reads in the running (or last) stage; [] before the first."""
+        return list(self.session.sensors) if self.session.started else []
+
+    @property
+    def measuring(self) -> bool:
+        """Whether any process reads a sensor in this stage (set in ``setup``). False: no energy is
+        measured, so a callback logs no figure that needs energy."""
+        return self._measuring
+
+    @property
+    def stage(self) -> str:
+        """The running (or last) stage: ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``; ``""``
+        before the first."""
+        return self._summaries.stage_record.stage
+
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The monotonic clock of the measurement (seconds): time figures that go with its energy."""
+        return self.session.clock
+
+    @property
+    def logged_total_j(self) -> float:
+        """Every process's cumulative joules (the ``energy/total_j`` logged) at the last training log step
+        whose figures are built; NaN before the first. Under several processes it is read after that
+        log step's own sum, so reading it adds no collective."""
+        return self._train_log.total_j
+
+    @property
+    def evaluation_energy_j(self) -> float:
+        """This process's joules of :meth:`measure_evaluation` blocks since training started (not
+        training energy)."""
+        return self._train_log.evaluation_j
+
+    @property
+    def summary(self) -> dict | None:
+        """The last summary built on this process (every process builds its own), or None."""
+        return self._summaries.summary
+
+    @property
+    def summary_by_stage(self) -> dict[str, dict]:
+        """The last summary of each stage, by stage name."""
+        return self._summaries.by_stage
+
+    def energy_now_j(self) -> float:
+        """Cumulative joules of every sensor of this process (restored energy included)."""
+        return self.session.energy_now_j()
+
+    def measured_now_j(self) -> float:
+        """The joules this process's sensors measured in the running stage: :meth:`energy_now_j` less
+        what was carried in, unmoved by a checkpoint restored mid-stage (so differences of it are safe)."""
+        return self.session.measured_now_j()
+
+    def energy_at_j(self, t_s: float) -> float:
+        """:meth:`energy_now_j` at ``t_s`` on :attr:`clock` (several figures at one instant)."""
+        return self.session.energy_at_j(t_s)
+
+    def device_energy_j(self, t_s: float) -> float:
+        """This process's own devices' joules at ``t_s`` (not the host-level sensors one rank per node
+        reads)."""
+        return self.session.device_energy_j(t_s)
+
+    def measure(self) -> contextlib.AbstractContextManager[Measurement]:
+        """Measure the energy of a block: ``with sampler.measure() as m:``
+        (see :meth:`~lightning_green.energy.session.EnergySession.measure`)."""
+        return self.session.measure()
+
+    def measure_evaluation(self) -> contextlib.AbstractContextManager[Measurement]:
+        """:meth:`measure` an evaluation outside Lightning's loops; its energy is not training energy
+        (:meth:`~lightning_green.energy.loops.TrainingLog.measure_evaluation`)."""
+        return self._train_log.measure_evaluation()
+
+    def sources(self, all_processes: bool = False) -> str:
+        """The sources of this process's sensors joined with ``+``; ``all_processes``: of every
+        process's, as gathered at the end of the stage's loop."""
+        return self._summaries.sources(all_processes)
+
+    def add_summary_section(self, title: str, rows: list[dict]) -> None:
+        """Add a table (a list of dict rows) to the next summary."""
+        self._summaries.sections.add_section(title, rows)
+
+    def add_summary_provider(self, provider: Callable[[], dict[str, list[dict]]]) -> None:
+        """Register ``provider() -> {title: rows}``, called when the summary is built: at the end of
+        the stage, or when it stops on an exception (``on_train_end`` may not have run)."""
+        self._summaries.sections.add_provider(provider)
+
+    def add_log_step_listener(self, listener: LogStepListener) -> None:
+        """Have another callback log at this one's training log steps (EfficiencyLogger does); add it
+        in ``on_train_start``, as each stage's setup forgets them. The protocol:
+        :meth:`~lightning_green.energy.loops.TrainingLog.log_window`. Without a sensor
+        (:attr:`measuring` False) there are no log steps."""
+        self._train_log.add_listener(listener)
+
+    def generation_phase(self, name: str, tokens: int | None = None) -> contextlib.AbstractContextManager[PhaseBlock]:
+        """Mark a ``"prefill"`` or ``"decode"`` block of a generation loop (in a test or predict step):
+        ``with sampler.generation_phase("decode") as block: ...; block.tokens = n``. The summary and the
+        logged ``generation/<phase>_j_per_token`` give each phase's J and s per token, all processes
+        (:class:`~lightning_green.energy.generation.GenerationPhases`)."""
+        return self._generation_phases.phase(name, tokens)
+
+    def set_comm_seconds(self, pop_exposed_comm_s: Callable[[], float] | None) -> None:
+        """Where the ``comm`` phase's seconds come from (``ddp_green`` hands its counter in ``setup``)."""
+        self._train_log.comm_seconds = pop_exposed_comm_s
+
+
+class PowerSampler(SamplerInterface, Callback):
     r"""Measure energy while Lightning trains, validates, tests or predicts.
 
     Background threads read the sensors each ``interval_s``; hooks only note timestamps. Energy is
@@ -95,15 +206,25 @@ class PowerSampler(Callback):
         - with ``phases=True``: ``energy/phase/<phase>_j`` (J, all processes) and ``time/phase/<phase>_s``
           (s, mean over processes) over the logging window, for ``data``, ``compute``, ``optimizer``,
           ``comm`` and ``other`` (the rule is in :mod:`lightning_green.energy.phases`).
-        - with :meth:`generation_phase` blocks in a test or predict loop, at its end:
-          ``generation/<phase>_j_per_token`` (J/token) and ``generation/<phase>_s_per_token`` (s/token)
-          for ``prefill`` (per prompt token) and ``decode`` (per generated token), all processes.
         - with ``progress_bar=True``, in the progress bar only: ``energy_kj`` (kJ, all processes, so far)
           and ``power_w`` (W, all processes, over the logging window).
 
-    At the end of ``fit``, ``test`` and ``predict`` a table is printed, ``energy_summary_<stage>.json`` written
-    (:mod:`lightning_green.summary`) and, with matplotlib and ``report_picture``, ``energy_report_<stage>.png`` drawn beside
-    it and sent to TensorBoard as the image ``energy/report`` (:mod:`lightning_green.report_plot`).
+    At the end of ``fit`` and ``test`` a table is printed, ``energy_summary_<stage>.json`` written
+    (:mod:`lightning_green.summary`) and, with matplotlib and ``report_picture``,
+    ``energy_report_<stage>.png`` drawn beside it and sent to TensorBoard as the image ``energy/report``
+    (:mod:`lightning_green.report_plot`). :attr:`summary` holds the last summary built and
+    :attr:`summary_by_stage` each stage's.
+
+    No sensor: when no process can read any sensor (``sensors="rapl"`` without powercap, say), one
+    warning says so, nothing is logged (no energy, power, efficiency or carbon figure: absent, not 0),
+    and the summary has ``"no_sensor": true`` and a line in its ``partial`` list.
+
+    One per Trainer: a second ``PowerSampler`` in the same Trainer raises ``MisconfigurationException``
+    in ``setup`` (both would log the same keys and write the same summary files). To measure other
+    sensors, give one ``PowerSampler`` all of them: ``sensors=["nvml", "rapl"]``.
+
+    Other callbacks read it through :class:`SamplerInterface` alone, and find it with
+    :func:`find_power_sampler`.
 
     Args:
         sensors: ``"auto"``, ``"nvml"``, ``"rapl"``, ``"estimate"``, or a list of
@@ -111,7 +232,7 @@ class PowerSampler(Callback):
         interval_s: seconds between readings (> 0).
         log_trace: log ``power_trace/<sensor>_w`` points.
         trace_points: most trace points per sensor per logging window (>= 1).
-        print_summary: print the summary table at the end of fit, test and predict (rank 0).
+        print_summary: print the summary table at the end of fit and test (rank 0).
         summary_dir: where the summary and picture go (a path); default the first logger's folder.
         rapl_root: the powercap sysfs root for RAPL sensors.
         history: recent readings kept per sensor for window queries (>= 2).
@@ -124,7 +245,8 @@ class PowerSampler(Callback):
 
     Raises:
         ValueError / TypeError: an argument out of range or of the wrong type (the message names it).
-        MisconfigurationException: in ``setup``, ``phase_timing="cuda_events"`` off CUDA.
+        MisconfigurationException: in ``setup``, ``phase_timing="cuda_events"`` off CUDA, or a second
+            ``PowerSampler`` in the Trainer.
 
     Example::
 
@@ -147,100 +269,31 @@ class PowerSampler(Callback):
         progress_bar: bool = False,
         report_picture: bool = True,
     ) -> None:
-        super().__init__()
         self._sensor_spec = check_sensors(sensors)
         self.interval_s = check_interval(interval_s)
-        self.log_trace, self.print_summary = (
-            check_bool("log_trace", log_trace),
-            check_bool("print_summary", print_summary),
-        )
+        self.log_trace = check_bool("log_trace", log_trace)
         self.trace_points = check_int("trace_points", trace_points, 1)
-        self.summary_dir, self.rapl_root = (
-            check_path("summary_dir", summary_dir),
-            check_path("rapl_root", rapl_root, optional=False),
-        )
+        self.print_summary = check_bool("print_summary", print_summary)
+        self.summary_dir = check_path("summary_dir", summary_dir)
+        self.rapl_root = check_path("rapl_root", rapl_root, optional=False)
         self.history = check_int("history", history, 2)
-        self.phases, self.phase_timing = (
-            check_bool("phases", phases),
-            check_choice("phase_timing", phase_timing, PHASE_TIMINGS),
-        )
-        self.progress_bar, self.report_picture = (
-            check_bool("progress_bar", progress_bar),
-            check_bool("report_picture", report_picture),
-        )
-        self.session = EnergySession(self.interval_s, self.history, check_callable("clock", clock) or time.monotonic)
-        self.training = TrainingLog(self.session, self.trace_points, self.phase_timing if self.phases else None)
-        self.sections = S.SummarySections()
-        self.summary: dict | None = None  # the last summary built (every rank has its own)
-        self.summary_by_stage: dict[str, dict] = {}
-        self.record = S.StageRecord(self.session.clock)
+        self.phases = check_bool("phases", phases)
+        self.phase_timing = check_choice("phase_timing", phase_timing, PHASE_TIMINGS)
+        self.progress_bar = check_bool("progress_bar", progress_bar)
+        self.report_picture = check_bool("report_picture", report_picture)
+        session = EnergySession(self.interval_s, self.history, check_callable("clock", clock) or time.monotonic)
+        train_log = TrainingLog(session, self.trace_points, self.phase_timing if self.phases else None)
+        SamplerInterface.__init__(self, session, train_log, StageSummaries(session, train_log, self.report_picture))
+        self._log_queue = LogQueue("PowerSampler")
+        # ``global_step_reader(trainer)``, set when training starts
+        self._global_step: Callable[[], int] | None = None
         self._trainer: Trainer | None = None
-        self.log_queue, self._global_step = (
-            LogQueue("PowerSampler"),
-            None,
-        )  # per-step metrics (EfficiencyLogger's too); step reader
-        self._plots_hint = SayOnce(rank_zero_info)  # matplotlib missing: said once, not per stage
-        for hook, edge in PHASE_EDGE_HOOKS if self.phases else ():  # per instance: phases=False costs nothing
-            setattr(self, hook, self.training.edge_hook(edge))
-        if self.phases:
-            self.sections.add_provider(self._phase_rows)
-        # generation phases (prefill / decode) marked by the user's loop: Trainer-free in energy/generation.py
-        self._generation_phases = GenerationPhases(self.session)
-        self.sections.add_provider(self._generation_rows)
 
-    # ------------------------------------------------------------------ public API
-    @property
-    def sensors(self) -> list[Sensor]:
-        return list(self.session.sensors) if self.session.started else []
-
-    def energy_now_j(self) -> float:
-        """Cumulative joules of every sensor of this process (restored energy included)."""
-        return self.session.energy_now_j()
-
-    def measure(self) -> ContextManager[Measurement]:
-        """Measure the energy of a block: ``with sampler.measure() as m:`` (see :meth:`EnergySession.measure`)."""
-        return self.session.measure()
-
-    def measure_evaluation(self) -> ContextManager[Measurement]:
-        """:meth:`measure` an evaluation outside Lightning's loops: not training energy (:meth:`TrainingLog.measure_evaluation`)."""
-        return self.training.measure_evaluation()
-
-    def generation_phase(self, name: str, tokens: int | None = None) -> ContextManager[PhaseBlock]:
-        """Mark a ``"prefill"`` or ``"decode"`` block of a generation loop (in a test or predict step):
-        ``with sampler.generation_phase("decode") as block: ...; block.tokens = n``. The summary and the
-        logged ``generation/<phase>_j_per_token`` give each phase's J and s per token, all processes
-        (:class:`~lightning_green.energy.generation.GenerationPhases`)."""
-        return self._generation_phases.phase(name, tokens)
-
-    def sources(self, all_processes: bool = False) -> str:
-        """The sources of this process's sensors (``all_processes``: of every process's, as gathered at the loop's end), joined with ``+``."""
-        return self.record.sources(self.session.sources()) if all_processes else self.session.sources()
-
-    def add_summary_section(self, title: str, rows: list[dict]) -> None:
-        """Add a table (a list of dict rows) to the next summary (for other callbacks)."""
-        self.sections.add_section(title, rows)
-
-    def add_summary_provider(self, provider: Callable[[], dict[str, list[dict]]]) -> None:
-        """Register ``provider() -> {title: rows}``, called when the summary is built."""
-        self.sections.add_provider(provider)
-
-    def add_log_step_listener(self, listener: LogStepListener) -> None:
-        """Have another callback log at this one's training log steps (EfficiencyLogger does); add it in
-        ``on_train_start``, as each stage's setup forgets them. The protocol: :meth:`TrainingLog.log_window`."""
-        self.training.add_listener(listener)
-
-    def set_comm_seconds(self, pop_exposed_comm_s: Callable[[], float] | None) -> None:
-        """Where the ``comm`` phase's seconds come from (``ddp_green`` hands its counter in ``setup``)."""
-        self.training.comm_seconds = pop_exposed_comm_s
-
-    # ------------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------------ stage hooks
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.phases and self.phase_timing == "cuda_events" and trainer.strategy.root_device.type != "cuda":
-            raise MisconfiguredTrainer(
-                f"`phase_timing='cuda_events'` needs a CUDA device, but this Trainer runs on {trainer.strategy.root_device.type}; use phase_timing='host' or 'sync'"
-            )
-        self.training.comm_seconds = None
+        self._check_trainer(trainer)
+        self._train_log.comm_seconds = None
         self._start(trainer, _stage_name(stage))
 
     @override
@@ -249,104 +302,104 @@ class PowerSampler(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._finish(
-            trainer, _stage_name(trainer.state.fn or "unknown"), status=f"interrupted ({type(exception).__name__})"
-        )
+        stage = _stage_name(trainer.state.fn or "unknown")
+        self._finish(trainer, stage, status=f"interrupted ({type(exception).__name__})")
 
+    # ------------------------------------------------------------------ training hooks
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        trace_origin_t = self.record.origin_t if self.log_trace and trainer.is_global_zero else None
-        self.training.start(
-            trainer.log_every_n_steps,
-            trainer.global_step,
-            trainer.strategy.root_device,
-            sum_reducer(trainer),
-            trainer.world_size,
-            trace_origin_t,
-        )
-        self.record.timeline.begin("train")
-        self.log_queue.start(trainer.loggers, background=trainer.is_global_zero)
-        self._global_step = global_step_reader(trainer)
+        self._start_training(trainer)
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.training.start_epoch()
-        self.record.timeline.begin("train")
+        self._train_log.start_epoch()
+        self._summaries.loop_begins("train")
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.phases:
+            self._train_log.mark_edge("batch_start")
+
+    @override
+    def on_before_zero_grad(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if self.phases:
+            self._train_log.mark_edge("zero_grad")
+
+    @override
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Any) -> None:
+        if self.phases:
+            self._train_log.mark_edge("backward_start")
+
+    @override
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.phases:
+            self._train_log.mark_edge("backward_end")
+
+    @override
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        if self.phases:
+            self._train_log.mark_edge("optimizer_start")
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self.training.batch_end(
-            self._global_step()
-        ):  # a log step: the figures are built off this thread where they can be
-            metrics = self.training.log_window(self._global_step(), self.log_queue, in_place=self.progress_bar)
-            if self.progress_bar:
-                pl_module.log_dict(
-                    {"energy_kj": metrics["energy/total_j"] / 1000.0, "power_w": self.training.window.power_w},
-                    prog_bar=True,
-                    logger=False,
-                )
+        # a log step: the figures are built off this thread where they can be
+        if self._train_log.batch_end(self._global_step()):
+            self._log_window(pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.log_queue.put(
-            {"energy/epoch_j": reduce_sum(trainer, [self.training.window.epoch_energy_j()])[0]},
-            trainer.global_step,
-            trainer.loggers,
-        )
-        self.log_queue.call(self.training.drain_trace, trainer.loggers)
+        self._log_epoch(trainer)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.training.unlogged_steps:  # the last, partial logging window (no listeners, no progress bar)
-            self.training.log_window(self._global_step(), self.log_queue, log_step=False)
-        self.log_queue.call(self.training.drain_trace, trainer.loggers)
-        self.log_queue.stop()
-        self.training.end()
-        self.record.stage_loop_ended(trainer, self.session, with_state=True)
+        self._end_training(trainer)
 
+    # ------------------------------------------------------------------ evaluation hooks
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.record.timeline.begin(_loop_name(trainer))
-        self.training.validation_started(in_fit=trainer.state.fn == "fit" and not trainer.sanity_checking)
-        self.log_queue.call(self.training.drain_trace, trainer.loggers)
+        self._summaries.loop_begins(_loop_name(trainer))
+        in_fit = trainer.state.fn == "fit" and not trainer.sanity_checking
+        self._train_log.validation_started(in_fit=in_fit)
+        self._log_queue.call(self._train_log.drain_trace, trainer.loggers)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == "fit":
-            self.record.timeline.begin("train")
-            self.training.validation_ended(in_fit=not trainer.sanity_checking)
+            self._summaries.loop_begins("train")
+            self._train_log.validation_ended(in_fit=not trainer.sanity_checking)
         elif trainer.state.fn == "validate":
-            self.record.stage_loop_ended(trainer, self.session)
+            self._summaries.stage_loop_ended(trainer)
 
     @override
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.record.timeline.begin("test")
+        self._summaries.loop_begins("test")
 
     @override
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.record.stage_loop_ended(trainer, self.session)
-        self._generation_loop_ended(trainer)
+        self._end_generation_loop(trainer)
+        self._summaries.stage_loop_ended(trainer)
 
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.record.timeline.begin("predict")
+        self._summaries.loop_begins("predict")
 
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.record.stage_loop_ended(trainer, self.session)
-        self._generation_loop_ended(trainer)
+        self._end_generation_loop(trainer)
+        self._summaries.stage_loop_ended(trainer)
 
     # ------------------------------------------------------------------ checkpoints
     @override
-    def state_dict(self) -> dict[str, Any]:
-        """Every process's energy so far (a collective when the process group is up; after fit under
-        ``ddp_green`` the group is gone, and the other ranks' parts are those gathered at train end)."""
-        self.session.read_now()  # a checkpoint is no hot path: read the sensors now
-        return S.checkpoint_state(
-            self._trainer, self.session.local_state(), self.record.per_rank_state, self.session.origin
-        )
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Every process's energy so far, under ``checkpoint["callbacks"]["PowerSampler"]`` (see
+        :meth:`_checkpoint_state`). Written here, not returned by ``state_dict``: Lightning refuses two
+        callbacks with a ``state_dict`` and one ``state_key`` at Trainer construction with a generic
+        message, and ``setup`` says more plainly why a Trainer takes one PowerSampler."""
+        callbacks = checkpoint.get("callbacks")
+        if callbacks is not None:
+            callbacks[self.state_key] = self._checkpoint_state()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -354,48 +407,97 @@ class PowerSampler(Callback):
         if self.session.started and self._trainer is not None:
             self.session.restore_checkpoint(self._trainer.world_size, self._trainer.global_rank)
 
-    # ------------------------------------------------------------------ internals
+    def _checkpoint_state(self) -> dict[str, Any]:
+        """Every process's energy so far (a collective when the process group is up; after fit under
+        ``ddp_green`` the group is gone, and the other ranks' parts are those gathered at train end)."""
+        # a checkpoint is no hot path: read the sensors now
+        self.session.read_now()
+        return self._summaries.checkpoint_state(self._trainer)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_trainer(self, trainer: Trainer) -> None:
+        samplers = [cb for cb in trainer.callbacks if isinstance(cb, PowerSampler)]
+        if len(samplers) > 1:
+            raise MisconfiguredTrainer(
+                f"this Trainer has {len(samplers)} PowerSampler callbacks; it takes one: each would log the "
+                "same energy keys and write the same summary files. Give one PowerSampler every sensor to "
+                'read, e.g. PowerSampler(sensors=["nvml", "rapl"])'
+            )
+        device_type = trainer.strategy.root_device.type
+        if self.phases and self.phase_timing == "cuda_events" and device_type != "cuda":
+            raise MisconfiguredTrainer(
+                f"`phase_timing='cuda_events'` needs a CUDA device, but this Trainer runs on {device_type}; "
+                "use phase_timing='host' or 'sync'"
+            )
+
     def _start(self, trainer: Trainer, stage: str) -> None:
-        if self.session.started:  # a previous run ended without teardown
-            self._finish(trainer, self.record.stage, status="superseded")
+        if self.session.started:
+            # a previous run ended without teardown
+            self._finish(trainer, self.stage, status="superseded")
         self._trainer = trainer
-        sensors, owned, skipped = sensors_for_process(
-            trainer, self._sensor_spec, self.rapl_root, tell=self.record.first
-        )
-        self.session.start(sensors, owned)
+        choice = sensors_for_process(trainer, self._sensor_spec, self.rapl_root, tell=self._summaries.first_stage)
+        self._measuring = choice.any_process_reads
+        self.session.start(choice.sensors, choice.built)
         self.session.restore_checkpoint(trainer.world_size, trainer.global_rank)
-        self.record.begin(stage, skipped)
-        self.sections.clear_sections()
-        self.training.begin_stage()
+        self._summaries.begin(stage, choice.skipped)
+        self._summaries.sections.add_provider(self._generation_rows)
         self._generation_phases.reset()
+        self._train_log.begin_stage()
 
     def _finish(self, trainer: Trainer, stage: str, status: str) -> None:
-        self.log_queue.stop()
+        self._log_queue.stop()
         if not self.session.finish():
             return
-        self.summary = self.summary_by_stage[stage] = self.record.summary(
-            self.session,
-            status,
-            rank=trainer.global_rank,
-            node_rank=trainer.node_rank,
-            world_size=trainer.world_size,
-            sections=self.sections.collect(),
-        )
+        self._summaries.finish(trainer, stage, status, no_sensor=not self._measuring)
         if stage in S.SUMMARY_STAGES and trainer.is_global_zero:
-            picture = (
-                {"loggers": trainer.loggers, "step": trainer.global_step, "info": self._plots_hint}
-                if self.report_picture
-                else None
-            )
-            S.emit(self.summary, self.summary_dir or summary_dir_of(trainer), self.print_summary, picture)
+            directory = self.summary_dir or summary_dir_of(trainer)
+            self._summaries.emit(trainer, directory, self.print_summary)
 
-    def _generation_loop_ended(self, trainer: Trainer) -> None:
-        """Every process's generation phases (a collective) and their metrics, at the loop's end."""
-        log_metrics(trainer, self._generation_phases.loop_ended(functools.partial(gather_floats, trainer)))
+    def _start_training(self, trainer: Trainer) -> None:
+        # without a sensor there are no log steps (0: never) and no trace
+        every = trainer.log_every_n_steps if self._measuring else 0
+        keeps_trace = self.log_trace and self._measuring and trainer.is_global_zero
+        self._train_log.start(
+            every,
+            trainer.global_step,
+            trainer.strategy.root_device,
+            sum_reducer(trainer),
+            trainer.world_size,
+            self._summaries.trace_origin_t if keeps_trace else None,
+        )
+        self._summaries.loop_begins("train")
+        self._log_queue.start(trainer.loggers, background=trainer.is_global_zero)
+        self._global_step = global_step_reader(trainer)
+
+    def _log_window(self, pl_module: LightningModule) -> None:
+        step = self._global_step()
+        metrics = self._train_log.log_window(step, self._log_queue, in_place=self.progress_bar)
+        if self.progress_bar:
+            progress = {"energy_kj": metrics["energy/total_j"] / 1000.0, "power_w": self._train_log.window.power_w}
+            pl_module.log_dict(progress, prog_bar=True, logger=False)
+
+    def _log_epoch(self, trainer: Trainer) -> None:
+        if self._measuring:
+            epoch_j = reduce_sum(trainer, [self._train_log.window.epoch_energy_j()])[0]
+            self._log_queue.put({"energy/epoch_j": epoch_j}, trainer.global_step, trainer.loggers)
+        self._log_queue.call(self._train_log.drain_trace, trainer.loggers)
+
+    def _end_training(self, trainer: Trainer) -> None:
+        if self._train_log.unlogged_steps:
+            # the last, partial logging window (no listeners, no progress bar)
+            self._train_log.log_window(self._global_step(), self._log_queue, log_step=False)
+        self._log_queue.call(self._train_log.drain_trace, trainer.loggers)
+        self._log_queue.stop()
+        self._train_log.end()
+        self._summaries.stage_loop_ended(trainer, with_state=True)
+
+    def _end_generation_loop(self, trainer: Trainer) -> None:
+        """Every process's generation phases (a collective) and their metrics, at the loop's end; none
+        are logged when no process measures."""
+        metrics = self._generation_phases.loop_ended(functools.partial(gather_floats, trainer))
+        if self._measuring:
+            log_metrics(trainer, metrics)
 
     def _generation_rows(self) -> dict[str, list[dict]]:
         rows = self._generation_phases.rows(self.sources(all_processes=True))
         return {"generation phases": rows} if rows else {}
-
-    def _phase_rows(self) -> dict[str, list[dict]]:
-        return self.training.phase_rows() if self.record.stage == "fit" else {}

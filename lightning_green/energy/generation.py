@@ -33,7 +33,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -105,6 +105,17 @@ def check_generated_tokens(value: Any) -> str | Callable | None:
     raise ValueError(f"`generated_tokens` must be None, 'output' or a callable (output, batch) -> int, got {value!r}")
 
 
+class EnergyReader(Protocol):
+    """What a tally reads of a measurement: an :class:`EnergySession`, or the PowerSampler that holds one
+    (its public interface has the same three)."""
+
+    def clock(self) -> float: ...
+
+    def energy_at_j(self, t_s: float) -> float: ...
+
+    def device_energy_j(self, t_s: float) -> float: ...
+
+
 class GenerationTally:
     """One process's generated tokens, energy and time over an inference loop.
 
@@ -156,14 +167,14 @@ class GenerationTally:
             "with the prompt, or pass `generated_tokens=lambda output, batch: ...`.",
         )
 
-    def start(self, session: EnergySession) -> None:
+    def start(self, session: EnergyReader) -> None:
         """The loop starts now (the counts start from zero)."""
         self.reset()
         self._t0_s = session.clock()
         self._start_j = session.energy_at_j(self._t0_s)
         self._start_device_j = session.device_energy_j(self._t0_s)
 
-    def local_row(self, session: EnergySession, node_rank: int = 0) -> list[float]:
+    def local_row(self, session: EnergyReader, node_rank: int = 0) -> list[float]:
         """This process's part for :func:`cluster_generation`, the loop ending now: ``[node_rank,
         energy_j, device_energy_j, seconds, tokens, fallback_samples]`` (all at one clock reading)."""
         now = session.clock()

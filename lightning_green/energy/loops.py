@@ -22,7 +22,8 @@ from lightning_green.log_queue import LogCadence, LogQueue
 Write = Callable[[dict, int], None]  # write(metrics, step) to the loggers
 #: ``finish(energy_j) -> metrics``: a listener's figures of a window, given this process's energy at its end
 Finish = Callable[[float], Mapping[str, float]]
-#: ``listener(step, reduce) -> finish``, called on the training thread at each log step (see :meth:`TrainingLog.log_window`)
+#: ``listener(step, reduce) -> finish``, called on the training thread at each log step
+#: (see :meth:`TrainingLog.log_window`)
 Listener = Callable[[int, Reduce], Finish]
 
 
@@ -100,12 +101,8 @@ class TrainingLog:
         if self.phases is not None:
             self.phases.restart()
 
-    def edge_hook(self, name: str) -> Callable[..., None]:
-        """A hook (any arguments) that marks the phase edge ``name`` (``batch_start`` …) of the running
-        step (a partial: picklable for ``ddp_spawn``)."""
-        return functools.partial(self.mark_edge, name)
-
-    def mark_edge(self, name: str, *hook_args: Any, **hook_kwargs: Any) -> None:
+    def mark_edge(self, name: str) -> None:
+        """Mark the phase edge ``name`` (``batch_start`` …) of the running step (phases on only)."""
         self.phases.edge(name)
 
     def _batch_end_with_phases(self, global_step: int) -> bool:

@@ -275,7 +275,7 @@ class EnergyProbe:
         if self.sampler is None:
             return None
         try:
-            return float(self.sampler.session.measured_now_j())  # unmoved by a checkpoint restored mid-fit
+            return float(self.sampler.measured_now_j())  # unmoved by a checkpoint restored mid-fit
         except Exception as err:  # monitoring never stops training
             self.warn(err)
             return None
