@@ -23,7 +23,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch.utils.data import DataLoader
 
-from lightning_green import EnergyBudget, PowerSampler, SimulatedSensor
+from lightning_green import EnergyBudget, PowerSampler
+from lightning_green.sensors import SimulatedSensor
 
 WATTS = 100.0
 STEP_S = 0.01

@@ -23,8 +23,8 @@ from _common import interleaved, met, summarize, table, write
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import TensorBoardLogger
 
-from lightning_green import SimulatedSensor
 from lightning_green.fabric import FabricEnergy
+from lightning_green.sensors import SimulatedSensor
 
 GOAL_MEAN_US = 15.0
 

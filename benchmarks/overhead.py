@@ -25,7 +25,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
+from lightning_green import EfficiencyLogger, PowerSampler
+from lightning_green.sensors import SimulatedSensor
 
 LOG_EVERY_N_STEPS = 10
 PER_STEP_HOOKS = (

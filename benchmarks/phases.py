@@ -22,7 +22,8 @@ from _common import MIN_REPEATS, interleaved, met, summarize, table, write
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_green import PowerSampler, SimulatedSensor
+from lightning_green import PowerSampler
+from lightning_green.sensors import SimulatedSensor
 
 
 class SlowData(Dataset):

@@ -89,8 +89,8 @@ def shared_owners(keys_by_rank: Sequence[Sequence[str]]) -> dict[str, int]:
 
 
 def cluster_figures(per_rank: Sequence[dict]) -> dict:
-    """Cluster totals (cumulative and this stage's) and imbalance (max / mean of the per-process device energy: GPUs, not the
-    host-level sensors that only one process per node reads)."""
+    """Cluster totals (cumulative and this stage's) and imbalance (max / mean of the per-process device
+    energy: GPUs, not the host-level sensors that only one process per node reads)."""
     energies = [r["device_energy_j"] for r in per_rank]
     mean = sum(energies) / len(energies)
     return {

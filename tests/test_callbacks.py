@@ -12,8 +12,8 @@ from helpers import Clock, FakeClock, SleepyModel, logged, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_green import EfficiencyLogger, NvmlSensor, PowerSampler, SimulatedSensor
-from lightning_green.sensors import Reading, Sensor
+from lightning_green import EfficiencyLogger, NvmlSensor, PowerSampler
+from lightning_green.sensors import Reading, Sensor, SimulatedSensor
 
 
 def mock_logger():

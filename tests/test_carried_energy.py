@@ -10,11 +10,12 @@ import pytest
 from helpers import FakeClock, SleepyModel, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
+from lightning_green import EfficiencyLogger, PowerSampler
 from lightning_green import compare as cmp
 from lightning_green import run_summary as rs
 from lightning_green import summary as S
 from lightning_green.energy.session import EnergySession
+from lightning_green.sensors import SimulatedSensor
 from lightning_green.summary import sensor_rows
 
 BATCH_J = 100.0 * 0.5

@@ -17,12 +17,13 @@ from helpers import FakeClock, SleepyModel, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor, cli
+from lightning_green import EfficiencyLogger, PowerSampler, cli
 from lightning_green import compare as cmp
 from lightning_green import run_summary as rs
 from lightning_green import summary as S
 from lightning_green import summary_table as st
 from lightning_green.distributed import cluster_figures
+from lightning_green.sensors import SimulatedSensor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")

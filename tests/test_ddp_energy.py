@@ -6,7 +6,8 @@ import pytest
 from helpers import SleepyModel, tiny_trainer
 
 import lightning_green  # noqa: F401  (registers ddp_green_spawn)
-from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
+from lightning_green import EfficiencyLogger, PowerSampler
+from lightning_green.sensors import SimulatedSensor
 
 
 def test_two_ranks_total_is_twice_one_rank(tmp_path):

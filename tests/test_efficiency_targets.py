@@ -14,8 +14,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.strategies import SingleDeviceStrategy
 
-from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
+from lightning_green import EfficiencyLogger, PowerSampler
 from lightning_green.callbacks.trainer_steps import global_step_reader
+from lightning_green.sensors import SimulatedSensor
 
 STEP_S, VAL_S = 0.01, 0.05  # simulated seconds per training batch and per validation batch
 WATTS = 100.0

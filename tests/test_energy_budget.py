@@ -13,9 +13,10 @@ from lightning.pytorch import Callback
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch.utils.data import DataLoader
 
-from lightning_green import EnergyBudget, PowerSampler, SimulatedSensor
+from lightning_green import EnergyBudget, PowerSampler
 from lightning_green.energy.budget import BUDGET, FORECAST, PLATEAU, BudgetPlan, ProgressPerKj, budget_j
 from lightning_green.errors import MisconfiguredTrainer
+from lightning_green.sensors import SimulatedSensor
 
 STEP_S, VAL_S = 0.01, 0.01  # simulated seconds per training batch and per validation batch
 WATTS = 100.0  # so 1 J per training step and per validation batch

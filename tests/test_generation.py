@@ -358,15 +358,12 @@ def test_litgpt_generate_fn_in_predict(tmp_path):
 
 
 def test_logged_keys_match_the_documented_rows(tmp_path):
-    """The keys a predict run with generation logs are the rows of docs/generation.md (bound for the README's table)."""
+    """The keys a predict run with generation logs are the rows of docs/metrics.md's generation table."""
     import re
-    from pathlib import Path
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "generation.md").read_text()
-    table = doc.split("## Logged metrics rows", 1)[1].split("\n## ", 1)[0]
-    documented = {
-        k for row in table.splitlines() if row.startswith("| `") for k in re.findall(r"`([a-z_]+/[^`]+)`", row)
-    }
+    from test_readme import GENERATION, documented_keys
+
+    documented = documented_keys(GENERATION)
     logger, _, _ = predict_run(tmp_path)
     logged_keys = {k for call in logger.log_metrics.call_args_list for k in call.args[0]}
     logged_keys = {re.sub(r"^generation/(prefill|decode)_", "generation/<phase>_", k) for k in logged_keys}

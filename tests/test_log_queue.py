@@ -8,8 +8,9 @@ from conftest import sampler_threads
 from helpers import FakeClock, SleepyModel, tiny_trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
+from lightning_green import EfficiencyLogger, PowerSampler
 from lightning_green.log_queue import LogQueue, writes_thread_safe
+from lightning_green.sensors import SimulatedSensor
 
 
 class Recorder:

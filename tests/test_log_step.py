@@ -14,10 +14,11 @@ from helpers import FakeClock, SleepyModel, tiny_trainer
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
+from lightning_green import EfficiencyLogger, PowerSampler
 from lightning_green.energy.loops import TrainingLog
 from lightning_green.energy.session import EnergySession, LogWindow
 from lightning_green.log_queue import LogQueue
+from lightning_green.sensors import SimulatedSensor
 
 WATTS, BATCH_S = 100.0, 0.02
 

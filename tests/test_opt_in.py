@@ -19,7 +19,7 @@ from helpers import tiny_trainer
 from lightning.fabric import Fabric
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
+from lightning_green import EfficiencyLogger, PowerSampler
 from lightning_green.fabric import FabricEnergy, measuring
 from lightning_green.opt_in import (
     OptInEfficiencyLogger,
@@ -29,6 +29,7 @@ from lightning_green.opt_in import (
     settings,
     trainer_callbacks,
 )
+from lightning_green.sensors import SimulatedSensor
 
 tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11's tomllib")
 

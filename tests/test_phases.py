@@ -8,10 +8,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_green import PowerSampler, SimulatedSensor
+from lightning_green import PowerSampler
 from lightning_green.energy import EnergyMeter
 from lightning_green.energy.phases import PhaseAccumulator, split_out, step_intervals
-from lightning_green.sensors import Reading
+from lightning_green.sensors import Reading, SimulatedSensor
 
 
 def test_split_out():

@@ -12,11 +12,12 @@ import pytest
 from helpers import SleepyModel, logged, tiny_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_green import PowerSampler, SimulatedSensor
+from lightning_green import PowerSampler
 from lightning_green import report_plot as rp
 from lightning_green import summary as S
 from lightning_green.callbacks import stage_summaries
 from lightning_green.energy.loops import LoopTimeline, TraceLog
+from lightning_green.sensors import SimulatedSensor
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

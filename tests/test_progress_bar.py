@@ -6,7 +6,8 @@ import pytest
 from helpers import SleepyModel, tiny_trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
-from lightning_green import PowerSampler, SimulatedSensor
+from lightning_green import PowerSampler
+from lightning_green.sensors import SimulatedSensor
 
 
 def fit_with_bar(tmp_path, bar, enabled: bool):

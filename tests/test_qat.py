@@ -23,9 +23,10 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
+from lightning_green import EfficiencyLogger, PowerSampler
 from lightning_green.quantization import QuantizationAwareTraining, _torchao, int8, layers
 from lightning_green.quantization.qat import state_dict_size_bytes
+from lightning_green.sensors import SimulatedSensor
 
 KEYS = (
     "qat/size_bytes_before",

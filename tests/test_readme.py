@@ -12,19 +12,29 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning_green import (
     EfficiencyLogger,
     EnergyAwareDDPStrategy,
+    EnergyBudget,
     PowerLimitSearch,
     PowerSampler,
     QuantizationAwareTraining,
-    SimulatedPowerControl,
-    SimulatedSensor,
 )
+from lightning_green.power_limit import SimulatedPowerControl
+from lightning_green.sensors import SimulatedSensor
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 METRICS_TABLE = README.parent / "docs" / "metrics.md"
 
 
-def documented_keys() -> set[str]:
-    section = METRICS_TABLE.read_text()
+#: The sections of docs/metrics.md, one table each.
+TRAINER = "Training and evaluation (Trainer)"
+GENERATION = "Generation (Trainer: predict and test)"
+FABRIC = "Fabric (`FabricEnergy`)"
+
+
+def documented_keys(section_title: str = TRAINER) -> set[str]:
+    """The keys of one table of docs/metrics.md, by its section's title."""
+    text = METRICS_TABLE.read_text()
+    assert f"\n## {section_title}\n" in text, f"docs/metrics.md has no section {section_title!r}"
+    section = text.split(f"\n## {section_title}\n", 1)[1].split("\n## ", 1)[0]
     keys = set()
     for row in section.splitlines():
         if row.startswith("| `"):
@@ -36,6 +46,7 @@ def normalise(key: str) -> str:
     key = re.sub(r"^(energy|power|power_trace)/sim_(j|w)$", r"\1/<sensor>_\2", key)
     key = re.sub(r"^(energy|time)/phase/(data|compute|optimizer|comm|other)_", r"\1/phase/<phase>_", key)
     key = re.sub(r"^efficiency/(energy|time)_to_target/val_loss_(j|s)$", r"efficiency/\1_to_target/<metric>_\2", key)
+    key = re.sub(r"^efficiency/val_loss_delta_per_kj$", r"efficiency/<monitor>_delta_per_kj", key)
     return key
 
 
@@ -66,6 +77,7 @@ def test_logged_keys_match_readme(tmp_path):
         ),
         EfficiencyLogger(tokens_per_batch="numel", targets={"val_loss": 1e9}),  # reached at the first validation
         QuantizationAwareTraining(scheme="int8_weight_only", group_size=32),
+        EnergyBudget(max_j=1e9, forecast_after=2, monitor="val_loss", patience=10),
     ]
     trainer = tiny_trainer(
         max_steps=4,

@@ -12,9 +12,10 @@ import sys
 import pytest
 from helpers import SleepyModel, tiny_trainer
 
-from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
+from lightning_green import EfficiencyLogger, PowerSampler
 from lightning_green import report_plot as rp
 from lightning_green import run_summary as rs
+from lightning_green.sensors import SimulatedSensor
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

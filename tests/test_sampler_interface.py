@@ -12,8 +12,9 @@ from helpers import FakeClock, SleepyModel, tiny_trainer
 from lightning.pytorch import Callback
 
 import lightning_green
-from lightning_green import PowerSampler, SimulatedSensor
+from lightning_green import PowerSampler
 from lightning_green.callbacks.power import SamplerInterface, find_power_sampler
+from lightning_green.sensors import SimulatedSensor
 
 WATTS = 100.0
 BATCH_S = 0.5

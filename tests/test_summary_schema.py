@@ -9,10 +9,11 @@ import re
 import pytest
 from helpers import FakeClock, SleepyModel, tiny_trainer
 
-from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
+from lightning_green import EfficiencyLogger, PowerSampler
 from lightning_green import run_summary as rs
 from lightning_green import summary as S
 from lightning_green import summary_table as st
+from lightning_green.sensors import SimulatedSensor
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "summary_json.md")
 #: The names schema 1 had for meanings that schema 2 names once.

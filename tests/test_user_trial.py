@@ -14,9 +14,10 @@ import pytest
 from helpers import FakeClock, SleepyModel, tiny_trainer
 from lightning.pytorch import Callback
 
-from lightning_green import EfficiencyLogger, PowerSampler, SimulatedSensor
+from lightning_green import EfficiencyLogger, PowerSampler
 from lightning_green.callbacks.stage_summaries import NO_SENSOR_NOTE
 from lightning_green.errors import MisconfiguredTrainer
+from lightning_green.sensors import SimulatedSensor
 
 WATTS = 100.0
 BATCH_S = 0.5

@@ -15,8 +15,8 @@ import torch
 from _common import RecordingLogger, write_json
 from lightning.fabric import Fabric
 
-from lightning_green import SimulatedSensor
 from lightning_green.fabric import FabricEnergy
+from lightning_green.sensors import SimulatedSensor
 
 HOST_W, DEVICE_W, BATCH_S, STEPS, EVERY, TOKENS_PER_STEP = 50.0, 100.0, 0.02, 6, 2, 16
 

@@ -54,7 +54,8 @@ def launch(out_dir: str, timeout_s: float = 120.0) -> int:
 
 
 def worker(out_dir: str) -> None:
-    from lightning_green import PowerSampler, SimulatedSensor
+    from lightning_green import PowerSampler
+    from lightning_green.sensors import SimulatedSensor
 
     seed_everything(0)
     sampler = PowerSampler(
