@@ -29,6 +29,7 @@ if not _located_by_cli():
         PowerSampler,
         find_power_sampler,
     )
+    from lightning_green.callbacks.pruning import StructuredPruning
     from lightning_green.quantization import QuantizationAwareTraining
     from lightning_green.sensors import CpuEstimateSensor, NvmlSensor, RaplSensor, Sensor, SimulatedSensor
     from lightning_green.strategies import EnergyAwareDDPStrategy, SimulatedPowerControl
@@ -50,6 +51,7 @@ __all__ = [
     "Sensor",
     "SimulatedPowerControl",
     "SimulatedSensor",
+    "StructuredPruning",
     "find_power_sampler",
     "__version__",
 ]

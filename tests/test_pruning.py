@@ -195,6 +195,10 @@ def test_depth_removes_the_block_that_changes_least():
     pruner.discover(model, x)
     event = pruner.prune_to(model, 0.3, [optimizer], held_out=[x])
     assert event.removed == {"transformer.h": [2]}
+    fresh = GPT(neox_config(n_layer=4))
+    assert reshape_to_state_dict(fresh, model.state_dict()) == ["transformer.h"]
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x), model(x))
     assert len(model.transformer.h) == 3 and config.n_layer == 3 and model.transformer.h[2] is block3
     params = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert params == {id(p) for p in model.parameters()} and len(optimizer.state) == len(params)
@@ -214,8 +218,12 @@ def test_fresh_model_takes_a_pruned_checkpoints_shapes():
     fresh.load_state_dict(model.state_dict())
     assert fresh.config.n_query_groups == model.config.n_query_groups
     torch.testing.assert_close(fresh(x), model(x))
-    with pytest.raises(ValueError, match="cannot grow back"):
-        reshape_to_state_dict(model, GPT(llama_config()).state_dict())
+    # and back: the pruned model takes the shapes of a file written before pruning
+    unpruned = GPT(llama_config())
+    reshape_to_state_dict(model, unpruned.state_dict())
+    model.load_state_dict(unpruned.state_dict())
+    assert model.config.n_query_groups == 4 and model.config.intermediate_size == 96
+    torch.testing.assert_close(model(x), unpruned(x))
 
 
 def test_kept_units_rounding():

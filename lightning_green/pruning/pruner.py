@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -118,6 +118,7 @@ class StructuredPruner:
         self.flops_before = 0
         self.events: list[PruneEvent] = []
         self.notes: list[str] = []
+        self._restored: dict[str, Any] = {}
 
     @property
     def discovered(self) -> bool:
@@ -139,14 +140,47 @@ class StructuredPruner:
             self.heads = head_groups(model, self.filter_fn)
             skip = frozenset(n for g in self.heads for n in (f"{g.attention}.qkv", f"{g.attention}.proj"))
             self.mlp = mlp_groups(model, example_batch, self.forward_fn, self.filter_fn, skip)
+            self._apply_restored_sizes()
             self.heads = [g for g in self.heads if g.query_groups > 1]
             if not self.mlp and not self.heads:
                 raise ValueError(
                     "nothing prunable in `mode='width'`: no Linear -> activation -> Linear pair and no fused-qkv"
                     " attention with more than one query group (check `filter_fn`)"
                 )
-        self.params_before = self.parameter_counts(model)
-        self.flops_before = linear_flops_per_token(model)
+        if self._restored:
+            self.blocks_at_start = self._restored["blocks_at_start"]
+            self.removed_blocks = self._restored["removed_blocks"]
+            self.params_before = dict(self._restored["params_before"])
+            self.flops_before = self._restored["flops_before"]
+        else:
+            self.params_before = self.parameter_counts(model)
+            self.flops_before = linear_flops_per_token(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sizes before any event (to go on with a schedule from a checkpoint) and the events."""
+        return {
+            "mlp_widths": {",".join(g.outputs): g.width for g in self.mlp},
+            "query_groups": {g.attention: g.query_groups for g in self.heads},
+            "blocks_at_start": self.blocks_at_start,
+            "removed_blocks": self.removed_blocks,
+            "params_before": dict(self.params_before),
+            "flops_before": self.flops_before,
+            "events": [e.as_dict() for e in self.events],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the sizes of :meth:`state_dict`: :meth:`discover` (of the model, pruned as the file
+        says) counts from them, not from the model's present sizes."""
+        self._restored = dict(state)
+        self.events = [PruneEvent(**e) for e in state.get("events", [])]
+        self.params_before = {}
+
+    def _apply_restored_sizes(self) -> None:
+        if not self._restored:
+            return
+        widths, query_groups = self._restored["mlp_widths"], self._restored["query_groups"]
+        self.mlp = [replace(g, width=widths.get(",".join(g.outputs), g.width)) for g in self.mlp]
+        self.heads = [replace(g, query_groups=query_groups.get(g.attention, g.query_groups)) for g in self.heads]
 
     def prunable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """The parameters the groups cut (what Taylor importance accumulates over)."""

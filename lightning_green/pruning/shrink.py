@@ -11,6 +11,7 @@ wrapper that holds Parameters (DDP) must be rebuilt after.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -114,10 +115,11 @@ def sync_shape_fields(model: nn.Module) -> None:
 
 
 def reshape_to_state_dict(model: nn.Module, state_dict: dict[str, Any], prefix: str = "") -> list[str]:
-    """Make ``model`` (an unpruned model, or one pruned less) take the shapes of a pruned checkpoint's
-    ``state_dict`` before it loads: blocks beyond those in the file are removed, then every Linear
-    whose weight is smaller in the file keeps its first rows/columns (the loaded weights replace them).
-    Returns the names of what changed. ``ValueError`` when the file's shapes are larger than the model's.
+    """Give ``model`` the shapes of a checkpoint's ``state_dict`` before it loads: an unpruned model
+    takes a pruned file's shapes, a pruned model takes those of a file written before it was pruned.
+    Blocks are removed from (or copies of the last appended to) each ``nn.ModuleList``, and every
+    Linear whose weight differs gets new Parameters of the file's shape (the load fills them).
+    Returns the names of what changed. Only shapes are read, so no record of the events is needed.
     """
     changed = []
     for name, module in list(model.named_modules()):
@@ -126,25 +128,26 @@ def reshape_to_state_dict(model: nn.Module, state_dict: dict[str, Any], prefix: 
         key = f"{prefix}{name}."
         present = {k[len(key) :].split(".", 1)[0] for k in state_dict if k.startswith(key)}
         indices = {int(i) for i in present if i.isdigit()}
-        if indices and max(indices) + 1 < len(module):
+        if not indices or max(indices) + 1 == len(module):
+            continue
+        if max(indices) + 1 < len(module):
             remove_blocks(module, range(max(indices) + 1, len(module)))
-            changed.append(name)
+        else:
+            while len(module) < max(indices) + 1:
+                module.append(copy.deepcopy(module[-1]))
+        changed.append(name)
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        saved = state_dict.get(f"{prefix}{name}.weight" if name else f"{prefix}weight")
+        saved = state_dict.get(f"{prefix}{name}.weight")
         if not isinstance(saved, torch.Tensor) or saved.shape == module.weight.shape:
             continue
         rows, cols = saved.shape
-        if rows > module.out_features or cols > module.in_features:
-            raise ValueError(
-                f"the checkpoint's `{name}` is larger ({tuple(saved.shape)}) than the model's"
-                f" ({tuple(module.weight.shape)}): a pruned model cannot grow back; load it into a fresh model"
-            )
-        if rows < module.out_features:
-            shrink_linear_rows(module, torch.arange(rows))
-        if cols < module.in_features:
-            shrink_linear_columns(module, torch.arange(cols))
+        like = module.weight
+        module.weight = nn.Parameter(like.new_zeros(rows, cols), requires_grad=like.requires_grad)
+        if module.bias is not None:
+            module.bias = nn.Parameter(like.new_zeros(rows), requires_grad=module.bias.requires_grad)
+        module.out_features, module.in_features = rows, cols
         changed.append(name)
     if changed:
         sync_shape_fields(model)

@@ -1,0 +1,191 @@
+"""StructuredPruning in a Trainer: schedule, optimizer, checkpoints into fresh models, report."""
+
+from __future__ import annotations
+
+from unittest.mock import Mock
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_green import PowerSampler, SimulatedSensor
+from lightning_green.callbacks.pruning import StructuredPruning, event_steps
+from lightning_green.errors import MisconfiguredTrainer
+
+litgpt = pytest.importorskip("litgpt")
+from litgpt.model import GPT  # noqa: E402
+
+VOCAB, T = 64, 12
+
+
+def config(n_layer: int = 2) -> litgpt.Config:
+    return litgpt.Config(
+        n_layer=n_layer, n_embd=64, n_head=4, block_size=32, vocab_size=VOCAB, padded_vocab_size=VOCAB,
+        intermediate_size=128, bias=True,
+    )  # fmt: skip
+
+
+class LM(LightningModule):
+    def __init__(self, n_layer: int = 2, optimizer: str = "adam"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.gpt = GPT(config(n_layer))
+        self.optimizer = optimizer
+
+    def forward(self, x):
+        return self.gpt(x)
+
+    def loss(self, batch):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self(x).flatten(0, 1), y.flatten())
+
+    def training_step(self, batch, batch_idx):
+        return self.loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.loss(batch))
+
+    def configure_optimizers(self):
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        return loader(seed=0)
+
+    def val_dataloader(self):
+        return loader(seed=1, n=4)
+
+
+def loader(seed: int, n: int = 16) -> DataLoader:
+    data = torch.randint(0, VOCAB, (n, T + 1), generator=torch.Generator().manual_seed(seed))
+    return DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=4)
+
+
+def trainer_for(callbacks, tmp_path, max_steps=6, logger=False, **kwargs) -> Trainer:
+    return Trainer(
+        max_steps=max_steps, callbacks=callbacks, logger=logger, default_root_dir=tmp_path, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        num_sanity_val_steps=0, limit_val_batches=1, val_check_interval=3,
+        **kwargs,
+    )  # fmt: skip
+
+
+def logged(logger: Mock, key: str) -> list[tuple[int, float]]:
+    calls = [c for c in logger.log_metrics.call_args_list if c.args]
+    return [(c.kwargs["step"], c.args[0][key]) for c in calls if key in c.args[0]]
+
+
+def test_event_steps():
+    assert event_steps(2, 8, 4) == [2, 4, 6, 8]
+    assert event_steps(5, 5, 1) == [5]
+    assert event_steps(0, 10, 1) == [10]
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_fit_prunes_on_schedule_and_training_goes_on(tmp_path, optimizer):
+    model = LM(optimizer=optimizer)
+    pruning = StructuredPruning(amount=0.5, start_step=2, end_step=4, events=2)
+    logger = Mock()
+    trainer = trainer_for([pruning], tmp_path, logger=logger, gradient_clip_val=1.0)
+    trainer.fit(model)
+    cfg = model.gpt.config
+    assert cfg.intermediate_size == 64 and cfg.n_head == 2 and cfg.n_query_groups == 2
+    assert [step for step, _ in logged(logger, "prune/fraction")] == [2, 4]
+    assert [value for _, value in logged(logger, "prune/fraction")] == [0.25, 0.5]
+    ((_, params),) = logged(logger, "prune/params")[-1:]
+    assert params == sum(p.numel() for p in model.parameters())
+    (optimizer_,) = trainer.optimizers
+    in_optimizer = [p for g in optimizer_.param_groups for p in g["params"]]
+    assert {id(p) for p in in_optimizer} == {id(p) for p in model.parameters()}
+    assert all(optimizer_.state[p] for p in in_optimizer)
+    assert pruning.report["prune/params_ratio"] < 0.8
+
+
+def test_fresh_trainer_and_model_load_a_pruned_checkpoint(tmp_path):
+    model = LM()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3, save_top_k=-1)
+    trainer = trainer_for([StructuredPruning(amount=0.5, start_step=2, end_step=4, events=2), checkpoint], tmp_path)
+    trainer.fit(model)
+    (in_memory,) = trainer.validate(model, verbose=False)
+    fresh = LM()
+    (loaded,) = trainer_for([StructuredPruning(amount=0.5, start_step=2, end_step=4, events=2)], tmp_path).validate(
+        fresh, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False
+    )
+    assert loaded["val_loss"] == pytest.approx(in_memory["val_loss"], rel=1e-6)
+    assert fresh.gpt.config.intermediate_size == 64
+    # the Trainer that ran fit evaluates a file written mid-schedule (after the first event) too
+    (mid,) = trainer.validate(model, ckpt_path=str(tmp_path / "epoch=0-step=3.ckpt"), verbose=False)
+    assert model.gpt.config.intermediate_size == 96 and mid["val_loss"] != in_memory["val_loss"]
+
+
+def test_fit_resumes_mid_schedule_in_a_fresh_trainer(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    trainer_for([StructuredPruning(amount=0.5, start_step=2, end_step=4, events=2), checkpoint], tmp_path).fit(LM())
+    fresh, pruning, logger = LM(), StructuredPruning(amount=0.5, start_step=2, end_step=4, events=2), Mock()
+    trainer = trainer_for([pruning], tmp_path, logger=logger)
+    trainer.fit(fresh, ckpt_path=str(tmp_path / "epoch=0-step=3.ckpt"))
+    assert [step for step, _ in logged(logger, "prune/fraction")] == [4]
+    assert fresh.gpt.config.intermediate_size == 64
+    # the ratio counts from the unpruned model recorded in the file, not from the reshaped one
+    assert pruning.report["prune/params_ratio"] == pytest.approx(
+        sum(p.numel() for p in fresh.parameters()) / sum(p.numel() for p in LM().parameters())
+    )
+
+
+def test_depth_mode_in_fit_and_summary_section(tmp_path):
+    model = LM(n_layer=4)
+    sampler = PowerSampler(
+        sensors=[SimulatedSensor(power_w=100.0)], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path),
+        report_picture=False,
+    )  # fmt: skip
+    pruning = StructuredPruning(amount=0.3, start_step=3, mode="depth")
+    trainer_for([sampler, pruning], tmp_path).fit(model)
+    assert len(model.gpt.transformer.h) == 3 and model.gpt.config.n_layer == 3
+    rows = sampler.summary["sections"]["Structured pruning (depth)"]
+    blocks = {r["figure"]: r for r in rows}["parameters, blocks"]
+    assert blocks["after"] == blocks["before"] * 3 // 4
+    energy = {r["figure"]: r for r in rows}["forward j per token (one forward of the first batch)"]
+    assert energy["source"] == "simulated" and energy["before"] > 0 and energy["after"] > 0
+
+
+def test_bad_input_is_named():
+    for amount in (0, 1, 1.5, -0.1):
+        with pytest.raises(ValueError, match="amount"):
+            StructuredPruning(amount=amount)
+    with pytest.raises(ValueError, match="end_step"):
+        StructuredPruning(start_step=5, end_step=2)
+    with pytest.raises(ValueError, match="mode"):
+        StructuredPruning(mode="diagonal")
+    with pytest.raises(ValueError, match="events"):
+        StructuredPruning(events=0)
+    trainer = Mock(world_size=2)
+    with pytest.raises(MisconfiguredTrainer, match="world_size=2"):
+        StructuredPruning().setup(trainer, LM(), "fit")
+
+
+def test_nothing_prunable_fails_before_the_first_step(tmp_path):
+    class Tiny(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(T, 1)
+
+        def forward(self, x):
+            return self.layer(x.float())
+
+        def training_step(self, batch, batch_idx):
+            return self(batch[0]).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return loader(seed=0)
+
+    model = Tiny()
+    before = model.layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="nothing prunable"):
+        trainer_for([StructuredPruning()], "unused").fit(model)
+    assert torch.equal(model.layer.weight, before)
