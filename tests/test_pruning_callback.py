@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from unittest.mock import Mock
 
 import pytest
@@ -189,3 +194,24 @@ def test_nothing_prunable_fails_before_the_first_step(tmp_path):
     with pytest.raises(ValueError, match="nothing prunable"):
         trainer_for([StructuredPruning()], "unused").fit(model)
     assert torch.equal(model.layer.weight, before)
+
+
+def test_ddp_two_processes_remove_the_same_units(tmp_path):
+    """`ddp_green` re-runs its command for rank 1, so the fit runs as a script, not inside pytest."""
+    script = Path(__file__).with_name("pruning_ddp_script.py")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["intermediate_size"] == 64 and ranks[0]["n_head"] == 2
+    removed = [[e["removed"] for e in r["events"]] for r in ranks]
+    assert removed[0] == removed[1] and len(removed[0]) == 2
+    # trained 2 more steps after the last event, the replicas stay identical
+    assert ranks[0]["params"] == ranks[1]["params"]
+    assert ranks[0]["wraps_present"] == [True] * 6  # the probe runs after the pruning callback

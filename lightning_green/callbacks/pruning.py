@@ -13,12 +13,15 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from lightning_green.callbacks.power import PowerSampler, find_power_sampler
@@ -47,7 +50,9 @@ class StructuredPruning(Callback):
     KV-cache generation works. ``mode="depth"`` removes whole blocks, those whose output is most like
     their input (``1 - cos``) on held-out batches (the first validation dataloader). Embeddings and the
     output head are never pruned. After an event, training goes on: the optimizers hold the new
-    Parameters, with Adam's moments and SGD's momentum cut to the kept units.
+    Parameters, with Adam's moments and SGD's momentum cut to the kept units. Under DDP (``ddp``,
+    ``ddp_green``) the scores are summed over processes at each event, so every process removes the
+    same units, and the ``DistributedDataParallel`` wrapper is rebuilt with its communication hooks.
 
     **Logged metrics** (at each event, through ``trainer.loggers``):
 
@@ -77,7 +82,7 @@ class StructuredPruning(Callback):
     Raises:
         ValueError: a bad argument (at construction); a model with nothing prunable in ``mode`` (on the
             first training batch, before any step).
-        MisconfiguredTrainer: in :meth:`setup`, more than one process (DDP is not supported yet).
+        MisconfiguredTrainer: in :meth:`setup`, more than one process under a strategy that is not DDP.
 
     Example::
 
@@ -172,10 +177,10 @@ class StructuredPruning(Callback):
             self.pruner.load_state_dict(state_dict["pruner"])
 
     def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 and not isinstance(trainer.strategy, DDPStrategy):
             raise MisconfiguredTrainer(
-                f"StructuredPruning runs in one process for now; this Trainer has world_size={trainer.world_size}."
-                " Every rank would have to remove the same units and the DDP wrapper be rebuilt."
+                f"StructuredPruning supports one process or DDP (`ddp`, `ddp_green`); this Trainer runs"
+                f" {type(trainer.strategy).__name__} with world_size={trainer.world_size}."
             )
         if self._hook is None:
             self._hook = pl_module.register_load_state_dict_pre_hook(self._before_load)
@@ -199,8 +204,10 @@ class StructuredPruning(Callback):
     def _prune(self, trainer: Trainer, pl_module: LightningModule, due: int, batch: Any) -> None:
         fraction = self.amount * due / self.events
         held_out = self._held_out(trainer, pl_module, batch) if self.pruner.mode == "depth" else ()
-        event = self.pruner.prune_to(pl_module, fraction, trainer.optimizers, held_out)
+        reduce = partial(trainer.strategy.reduce, reduce_op="sum") if trainer.world_size > 1 else None
+        event = self.pruner.prune_to(pl_module, fraction, trainer.optimizers, held_out, reduce)
         self._events_done = due
+        rewrap_ddp(trainer)
         self._taylor_params = self.pruner.prunable_parameters(pl_module)
         for note in self.pruner.notes:
             self._warn(note, f"StructuredPruning: {note}")
@@ -296,6 +303,15 @@ class StructuredPruning(Callback):
         return rows
 
 
+def rewrap_ddp(trainer: Trainer) -> None:
+    """Wrap the LightningModule in a new ``DistributedDataParallel`` (its buckets and gradient hooks
+    were made for the old Parameters), with the strategy's communication hooks registered again."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+        strategy.model = trainer.lightning_module
+        strategy.configure_ddp()
+
+
 def _first_tensor(batch: Any) -> torch.Tensor:
     if isinstance(batch, (tuple, list)):
         return _first_tensor(batch[0])
@@ -304,4 +320,4 @@ def _first_tensor(batch: Any) -> torch.Tensor:
     return batch
 
 
-__all__ = ["StructuredPruning", "event_steps"]
+__all__ = ["StructuredPruning", "event_steps", "rewrap_ddp"]

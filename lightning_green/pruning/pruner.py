@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -44,6 +44,8 @@ from lightning_green.pruning.shrink import (
 )
 
 MODES = ("width", "depth")
+#: ``reduce(tensor) -> tensor`` summed over processes
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -119,6 +121,7 @@ class StructuredPruner:
         self.events: list[PruneEvent] = []
         self.notes: list[str] = []
         self._restored: dict[str, Any] = {}
+        self._reduce: Reduce | None = None
 
     @property
     def discovered(self) -> bool:
@@ -209,12 +212,16 @@ class StructuredPruner:
         fraction: float,
         optimizers: Sequence[torch.optim.Optimizer] = (),
         held_out: Iterable[Any] = (),
+        reduce: Reduce | None = None,
     ) -> PruneEvent:
         """Remove units until ``fraction`` of the prunable parameters are gone (counting earlier events).
-        ``held_out``: batches for depth mode's ranking. The optimizers' state follows the kept units."""
+        ``held_out``: batches for depth mode's ranking. The optimizers' state follows the kept units.
+        ``reduce``: sums a tensor over processes (distributed training), so that every process ranks
+        the units by the same scores and removes the same ones."""
         if not self.discovered:
             raise RuntimeError("StructuredPruner.prune_to() needs discover() first")
         start = time.perf_counter()
+        self._reduce = reduce
         event = PruneEvent(fraction=fraction, seconds=0.0)
         if self.mode == "depth":
             self._remove_blocks(model, fraction, optimizers, held_out, event)
@@ -243,7 +250,7 @@ class StructuredPruner:
             return
         scores = sum(linear_row_scores(m, self.taylor) for m in outputs)
         scores = scores + sum(linear_column_scores(m, self.taylor) for m in inputs)
-        kept = torch.topk(scores, keep).indices.sort().values.cpu()
+        kept = torch.topk(self._reduced(scores), keep).indices.sort().values.cpu()
         event.removed[",".join(group.outputs)] = _complement(width, kept)
         for layer in outputs:
             shrink_linear_rows(layer, kept, optimizers)
@@ -265,7 +272,7 @@ class StructuredPruner:
         k = rows[n_head * hs : (n_head + n_groups) * hs].reshape(n_groups, hs).sum(dim=1)
         v = rows[(n_head + n_groups) * hs :].reshape(n_groups, hs).sum(dim=1)
         cols = linear_column_scores(attention.proj, self.taylor).reshape(n_groups, per * hs).sum(dim=1)
-        kept = torch.topk(q + k + v + cols, keep).indices.sort().values.cpu()
+        kept = torch.topk(self._reduced(q + k + v + cols), keep).indices.sort().values.cpu()
         event.removed[group.attention] = _complement(n_groups, kept)
         qkv_rows, proj_cols = query_group_rows(group, n_groups, kept)
         shrink_linear_rows(attention.qkv, qkv_rows, optimizers)
@@ -290,11 +297,17 @@ class StructuredPruner:
             scores = block_influence(blocks, lambda batch: self.forward_fn(model, batch), held_out)
         finally:
             model.train(was_training)
-        removed = torch.topk(scores, count, largest=False).indices.sort().values.tolist()
+        device = next(blocks.parameters()).device
+        removed = (
+            torch.topk(self._reduced(scores.to(device)).cpu(), count, largest=False).indices.sort().values.tolist()
+        )
         event.removed[self.blocks_name] = removed
         remove_blocks(blocks, removed, optimizers)
         self.removed_blocks = target
         sync_shape_fields(model)
+
+    def _reduced(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores if self._reduce is None else self._reduce(scores)
 
     def _note(self, text: str) -> None:
         if text not in self.notes:
