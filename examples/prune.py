@@ -4,7 +4,7 @@ A LLaMA-style LitGPT ``GPT`` (gated MLP, 8 heads in 4 query groups) learns bytes
 standard library's source. ``StructuredPruning`` removes 30 % of the MLP hidden units and of the
 query groups in 3 events during training; the layers get smaller and training goes on. Then:
 parameters and FLOPs per token before and after, validation loss, a few tokens generated with the
-KV cache, and the last checkpoint loaded into a fresh, unpruned model by a fresh Trainer.
+KV cache, and the final checkpoint loaded into a fresh, unpruned model by a fresh Trainer.
 
     python examples/prune.py                  # about a minute on a 2-core CPU
     python examples/prune.py --mode depth     # remove 1 of the 4 blocks instead
@@ -19,7 +19,6 @@ import sys
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -84,11 +83,10 @@ def main() -> None:
     start, end = args.steps // 4, args.steps // 2
     schedule = dict(amount=args.amount, start_step=start, end_step=end, events=3, mode=args.mode)
     pruning = StructuredPruning(**schedule)
-    checkpoint = ModelCheckpoint(dirpath="prune_checkpoints", save_last=True)
     trainer = L.Trainer(
         max_steps=args.steps, val_check_interval=max(1, args.steps // 3), limit_val_batches=8, logger=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[PowerSampler(print_summary=False), pruning, checkpoint],
+        callbacks=[PowerSampler(print_summary=False), pruning],
     )  # fmt: skip
     model = LlamaLM()
     trainer.fit(model, datamodule=dm)
@@ -104,14 +102,16 @@ def main() -> None:
         joules = report.get(f"prune/forward_j_per_token_{when}")
         if joules is not None:
             print(f"forward J/token {when}: {joules:.3g} [source: {report['energy_source']}]")
+    path = "pruned_final.ckpt"
+    trainer.save_checkpoint(path)
     (in_memory,) = trainer.validate(model, datamodule=dm, verbose=False)
     print(f"val_loss (in memory): {in_memory['val_loss']:.4f}")
     print(f"generated: {generate(model, b'def ', 24)!r}")
     fresh_trainer = L.Trainer(
-        logger=False, enable_progress_bar=False, limit_val_batches=8, callbacks=[StructuredPruning()]
+        logger=False, enable_progress_bar=False, limit_val_batches=8, callbacks=[StructuredPruning(**schedule)]
     )
-    (loaded,) = fresh_trainer.validate(LlamaLM(), datamodule=dm, ckpt_path=checkpoint.last_model_path, verbose=False)
-    print(f"val_loss (fresh model + last.ckpt): {loaded['val_loss']:.4f}")
+    (loaded,) = fresh_trainer.validate(LlamaLM(), datamodule=dm, ckpt_path=path, verbose=False)
+    print(f"val_loss (fresh model + {path}): {loaded['val_loss']:.4f}")
 
 
 if __name__ == "__main__":

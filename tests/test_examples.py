@@ -107,4 +107,4 @@ def test_prune(tmp_path):
     assert 0.6 < ratio < 0.8
     assert "n_query_groups=3 intermediate_size=360" in out
     in_memory = re.search(r"val_loss \(in memory\): ([0-9.]+)", out).group(1)
-    assert f"val_loss (fresh model + last.ckpt): {in_memory}" in out
+    assert f"val_loss (fresh model + pruned_final.ckpt): {in_memory}" in out
