@@ -15,9 +15,12 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_green import PowerSampler, SimulatedSensor
+from lightning_green.callbacks.power import PowerSampler
 from lightning_green.callbacks.pruning import StructuredPruning, event_steps
 from lightning_green.errors import MisconfiguredTrainer
+from lightning_green.quantization import QuantizationAwareTraining
+from lightning_green.quantization.int8 import Int8DynamicLinear
+from lightning_green.sensors import SimulatedSensor
 
 litgpt = pytest.importorskip("litgpt")
 from litgpt.model import GPT  # noqa: E402
@@ -149,7 +152,9 @@ def test_depth_mode_in_fit_and_summary_section(tmp_path):
     pruning = StructuredPruning(amount=0.3, start_step=3, mode="depth")
     trainer_for([sampler, pruning], tmp_path).fit(model)
     assert len(model.gpt.transformer.h) == 3 and model.gpt.config.n_layer == 3
-    rows = sampler.summary["sections"]["Structured pruning (depth)"]
+    section = sampler.summary["sections"]["Structured pruning (depth)"]
+    # a list of rows, or (summaries since the typed sections) a dict holding them
+    rows = section["rows"] if isinstance(section, dict) else section
     blocks = {r["figure"]: r for r in rows}["parameters, blocks"]
     assert blocks["after"] == blocks["before"] * 3 // 4
     energy = {r["figure"]: r for r in rows}["forward j per token (one forward of the first batch)"]
@@ -215,3 +220,14 @@ def test_ddp_two_processes_remove_the_same_units(tmp_path):
     # trained 2 more steps after the last event, the replicas stay identical
     assert ranks[0]["params"] == ranks[1]["params"]
     assert ranks[0]["wraps_present"] == [True] * 6  # the probe runs after the pruning callback
+
+
+def test_pruning_then_qat_in_one_fit(tmp_path):
+    model = LM()
+    pruning = StructuredPruning(amount=0.5, start_step=2)
+    qat = QuantizationAwareTraining(start_step=3, kernel_timer=lambda label, fn: 1.0 if label == "float" else 0.5)
+    trainer_for([pruning, qat], tmp_path, max_steps=5).fit(model)
+    fc = model.gpt.transformer.h[0].mlp.fc
+    assert isinstance(fc, Int8DynamicLinear) and tuple(fc.weight.shape) == (64, 64)
+    assert qat.report["size_ratio"] < 0.5 and pruning.report["prune/params_ratio"] < 0.8
+    assert model(torch.zeros(1, T, dtype=torch.long)).shape == (1, T, VOCAB)
