@@ -94,12 +94,12 @@ def main() -> None:
     report = pruning.report
     before, config = pruning.pruner.params_before, model.gpt.config
     print(f"\n=== prune ({args.mode}, amount={args.amount}, events at steps {pruning.steps}) ===")
-    print(f"parameters: {before['total']:,} -> {report['prune/params']:,} (x{report['prune/params_ratio']:.3f})")
-    print(f"FLOPs/token (matrix products): x{report['prune/flops_ratio']:.3f}")
+    print(f"parameters: {before['total']:,} -> {report['params']:,} (x{report['params_ratio']:.3f})")
+    print(f"FLOPs/token (matrix products): x{report['flops_ratio']:.3f}")
     print(f"config: n_layer={config.n_layer} n_head={config.n_head} n_query_groups={config.n_query_groups}"
           f" intermediate_size={config.intermediate_size}")  # fmt: skip
     for when in ("before", "after"):
-        joules = report.get(f"prune/forward_j_per_token_{when}")
+        joules = report.get(f"forward_j_per_token_{when}")
         if joules is not None:
             print(f"forward J/token {when}: {joules:.3g} [source: {report['energy_source']}]")
     path = "pruned_final.ckpt"

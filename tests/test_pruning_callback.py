@@ -109,7 +109,7 @@ def test_fit_prunes_on_schedule_and_training_goes_on(tmp_path, optimizer):
     in_optimizer = [p for g in optimizer_.param_groups for p in g["params"]]
     assert {id(p) for p in in_optimizer} == {id(p) for p in model.parameters()}
     assert all(optimizer_.state[p] for p in in_optimizer)
-    assert pruning.report["prune/params_ratio"] < 0.8
+    assert pruning.report["params_ratio"] < 0.8
 
 
 def test_fresh_trainer_and_model_load_a_pruned_checkpoint(tmp_path):
@@ -138,7 +138,7 @@ def test_fit_resumes_mid_schedule_in_a_fresh_trainer(tmp_path):
     assert [step for step, _ in logged(logger, "prune/fraction")] == [4]
     assert fresh.gpt.config.intermediate_size == 64
     # the ratio counts from the unpruned model recorded in the file, not from the reshaped one
-    assert pruning.report["prune/params_ratio"] == pytest.approx(
+    assert pruning.report["params_ratio"] == pytest.approx(
         sum(p.numel() for p in fresh.parameters()) / sum(p.numel() for p in LM().parameters())
     )
 
@@ -149,16 +149,21 @@ def test_depth_mode_in_fit_and_summary_section(tmp_path):
         sensors=[SimulatedSensor(power_w=100.0)], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path),
         report_picture=False,
     )  # fmt: skip
-    pruning = StructuredPruning(amount=0.3, start_step=3, mode="depth")
-    trainer_for([sampler, pruning], tmp_path).fit(model)
+    pruning = StructuredPruning(amount=0.3, start_step=4, mode="depth")
+    trainer_for([sampler, pruning], tmp_path, max_steps=7).fit(model)
     assert len(model.gpt.transformer.h) == 3 and model.gpt.config.n_layer == 3
     section = sampler.summary["sections"]["Structured pruning (depth)"]
     # a list of rows, or (summaries since the typed sections) a dict holding them
     rows = section["rows"] if isinstance(section, dict) else section
     blocks = {r["figure"]: r for r in rows}["parameters, blocks"]
     assert blocks["after"] == blocks["before"] * 3 // 4
-    energy = {r["figure"]: r for r in rows}["forward j per token (one forward of the first batch)"]
+    energy = {r["figure"]: r for r in rows}["forward J per token (one forward of the first batch)"]
     assert energy["source"] == "simulated" and energy["before"] > 0 and energy["after"] > 0
+    # validation at steps 3 (before the event at step 4) and 7 (batch 3 of the second epoch: the last)
+    report = pruning.report
+    assert report["val_loss_after_last_event"] == report["val_loss_end"] != report["val_loss_before"]
+    loss = {r["figure"]: r for r in rows}["validation loss (before the first event / at the end)"]
+    assert (loss["before"], loss["after"]) == (report["val_loss_before"], report["val_loss_end"])
 
 
 def test_bad_input_is_named():
@@ -229,5 +234,5 @@ def test_pruning_then_qat_in_one_fit(tmp_path):
     trainer_for([pruning, qat], tmp_path, max_steps=5).fit(model)
     fc = model.gpt.transformer.h[0].mlp.fc
     assert isinstance(fc, Int8DynamicLinear) and tuple(fc.weight.shape) == (64, 64)
-    assert qat.report["size_ratio"] < 0.5 and pruning.report["prune/params_ratio"] < 0.8
+    assert qat.report["size_ratio"] < 0.5 and pruning.report["params_ratio"] < 0.8
     assert model(torch.zeros(1, T, dtype=torch.long)).shape == (1, T, VOCAB)

@@ -29,8 +29,9 @@ from lightning_green.checks import check_int, check_name, check_number
 from lightning_green.errors import MisconfiguredTrainer
 from lightning_green.log_queue import log_metrics
 from lightning_green.messages import WarnOnce
-from lightning_green.pruning import StructuredPruner, default_forward, linear_flops_per_token, reshape_to_state_dict
+from lightning_green.pruning import StructuredPruner, default_forward, reshape_to_state_dict
 from lightning_green.pruning.groups import FilterFn, ForwardFn
+from lightning_green.pruning.report import size_figures, summary_rows
 
 
 def event_steps(start_step: int, end_step: int, events: int) -> list[int]:
@@ -63,6 +64,8 @@ class StructuredPruning(Callback):
     - ``<prefix>/event_s``: seconds the event took (graph trace included on the first)
     - at the end of fit, with a ``PowerSampler``: ``<prefix>/forward_j_per_token_before`` and ``_after`` (J),
       ``<prefix>/forward_s_per_token_before`` and ``_after`` (s), one forward pass of the first batch
+    - at the end of fit, when ``monitor`` was logged: ``<prefix>/val_loss_before``,
+      ``<prefix>/val_loss_after_last_event``, ``<prefix>/val_loss_end``
 
     Args:
         amount: share of the prunable parameters removed by the last event, in (0, 1).
@@ -77,6 +80,8 @@ class StructuredPruning(Callback):
         forward_fn: ``forward_fn(pl_module, batch)`` runs the model on a batch (default: on the batch, or
             its first element).
         held_out_batches: validation batches that rank the blocks in depth mode.
+        monitor: the logged validation loss the report reads before the first event, at the first
+            validation after the last event, and at the end.
         prefix: first part of every metric key.
 
     Raises:
@@ -104,6 +109,7 @@ class StructuredPruning(Callback):
         filter_fn: FilterFn | None = None,
         forward_fn: ForwardFn = default_forward,
         held_out_batches: int = 4,
+        monitor: str = "val_loss",
         prefix: str = "prune",
     ) -> None:
         self.amount = check_number("amount", amount, 0.0, strict=True, high=1.0)
@@ -116,10 +122,11 @@ class StructuredPruning(Callback):
             raise ValueError(f"`end_step` ({end_step}) must be >= `start_step` ({start_step})")
         self.events = check_int("events", events, 1)
         self.held_out_batches = check_int("held_out_batches", held_out_batches, 1)
+        self.monitor = check_name("monitor", monitor)
         self.prefix = check_name("prefix", prefix)
         self.pruner = StructuredPruner(mode, importance, round_to, filter_fn, forward_fn)
         self.steps = event_steps(self.start_step, self.end_step, self.events)
-        #: Figures of the last fit: parameters and FLOPs before and after, J and s per token.
+        #: Figures of the last fit (the logged keys without the prefix): sizes, FLOPs, J and s per token, losses.
         self.report: dict[str, Any] = {}
         self._events_done = 0
         self._hook: Any = None
@@ -150,6 +157,10 @@ class StructuredPruning(Callback):
         due = sum(step <= trainer.global_step for step in self.steps)
         if due > self._events_done and self.pruner.discovered:
             self._prune(trainer, pl_module, due, batch)
+
+    @override
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._after_validation(trainer)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -189,7 +200,7 @@ class StructuredPruning(Callback):
         changed = reshape_to_state_dict(module, state_dict, prefix)
         if changed:
             rank_zero_warn(f"StructuredPruning: {len(changed)} layer(s) took the checkpoint's shapes before loading.")
-        self._taylor_params = []
+        self._taylor_params = self.pruner.prunable_parameters(module) if self.pruner.discovered else []
 
     def _discover(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         start = time.perf_counter()
@@ -202,6 +213,8 @@ class StructuredPruning(Callback):
             self._measure_forward(sampler, pl_module, "before")
 
     def _prune(self, trainer: Trainer, pl_module: LightningModule, due: int, batch: Any) -> None:
+        if not self.pruner.events:
+            self._note_val_loss(trainer, "val_loss_before")
         fraction = self.amount * due / self.events
         held_out = self._held_out(trainer, pl_module, batch) if self.pruner.mode == "depth" else ()
         reduce = partial(trainer.strategy.reduce, reduce_op="sum") if trainer.world_size > 1 else None
@@ -211,27 +224,10 @@ class StructuredPruning(Callback):
         self._taylor_params = self.pruner.prunable_parameters(pl_module)
         for note in self.pruner.notes:
             self._warn(note, f"StructuredPruning: {note}")
-        metrics = self._size_metrics(pl_module)
-        metrics[f"{self.prefix}/fraction"] = fraction
-        metrics[f"{self.prefix}/event_s"] = event.seconds
-        self.report.update(metrics)
-        self.report["events"] = [e.as_dict() | {"removed": None} for e in self.pruner.events]
-        if trainer.is_global_zero:
-            log_metrics(trainer, metrics)
-
-    def _size_metrics(self, pl_module: LightningModule) -> dict[str, float]:
-        counts = self.pruner.parameter_counts(pl_module)
-        flops = linear_flops_per_token(pl_module)
-        before = self.pruner.params_before
-        return {
-            f"{self.prefix}/params": counts["total"],
-            f"{self.prefix}/params_mlp": counts["mlp"],
-            f"{self.prefix}/params_heads": counts["heads"],
-            f"{self.prefix}/params_blocks": counts["blocks"],
-            f"{self.prefix}/params_ratio": counts["total"] / before["total"],
-            f"{self.prefix}/flops_per_token": flops,
-            f"{self.prefix}/flops_ratio": flops / self.pruner.flops_before,
-        }
+        figures = size_figures(self.pruner, pl_module) | {"fraction": fraction, "event_s": event.seconds}
+        self.report.update(figures)
+        self.report["events"] = [{"fraction": e.fraction, "seconds": e.seconds} for e in self.pruner.events]
+        self._log(trainer, figures)
 
     def _held_out(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> Iterable[Any]:
         loaders = trainer.val_dataloaders
@@ -253,54 +249,36 @@ class StructuredPruning(Callback):
                 self.pruner.forward_fn(pl_module, self._example)
         finally:
             pl_module.train(was_training)
-        self.report[f"{self.prefix}/forward_j_per_token_{when}"] = measured.energy_j / tokens
-        self.report[f"{self.prefix}/forward_s_per_token_{when}"] = measured.duration_s / tokens
+        self.report[f"forward_j_per_token_{when}"] = measured.energy_j / tokens
+        self.report[f"forward_s_per_token_{when}"] = measured.duration_s / tokens
         self.report["energy_source"] = "+".join(measured.sources)
+
+    def _note_val_loss(self, trainer: Trainer, key: str) -> None:
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is not None:
+            self.report[key] = float(value)
+
+    def _after_validation(self, trainer: Trainer) -> None:
+        done = self.pruner.events and self._events_done == self.events
+        if done and "val_loss_after_last_event" not in self.report and not trainer.sanity_checking:
+            self._note_val_loss(trainer, "val_loss_after_last_event")
+
+    def _log(self, trainer: Trainer, figures: dict[str, float]) -> None:
+        if trainer.is_global_zero:
+            log_metrics(trainer, {f"{self.prefix}/{k}": v for k, v in figures.items()})
 
     def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.pruner.discovered or not self.pruner.events:
             return
+        self._note_val_loss(trainer, "val_loss_end")
         sampler = find_power_sampler(trainer)
         if sampler is not None and self._example is not None:
             self._measure_forward(sampler, pl_module, "after")
-            if trainer.is_global_zero:
-                keys = [k for k in self.report if k.startswith(f"{self.prefix}/forward_")]
-                log_metrics(trainer, {k: self.report[k] for k in keys})
-            sampler.add_summary_section(f"Structured pruning ({self.pruner.mode})", self._summary_rows(pl_module))
-
-    def _summary_rows(self, pl_module: LightningModule) -> list[dict[str, Any]]:
-        before = self.pruner.params_before
-        after = self.pruner.parameter_counts(pl_module)
-        rows = [
-            {
-                "figure": f"parameters, {kind}",
-                "before": before[kind],
-                "after": after[kind],
-                "unit": "count",
-                "source": "",
-            }
-            for kind in ("total", "mlp", "heads", "blocks")
-        ]
-        rows.append(
-            {
-                "figure": "FLOPs per token (matrix products, analytic)",
-                "before": self.pruner.flops_before,
-                "after": linear_flops_per_token(pl_module),
-                "unit": "FLOP",
-                "source": "estimate",
-            }
-        )
-        for figure, unit in (("forward_j_per_token", "J"), ("forward_s_per_token", "s")):
-            rows.append(
-                {
-                    "figure": f"{figure.replace('_', ' ')} (one forward of the first batch)",
-                    "before": self.report.get(f"{self.prefix}/{figure}_before"),
-                    "after": self.report.get(f"{self.prefix}/{figure}_after"),
-                    "unit": unit,
-                    "source": self.report.get("energy_source", "") if unit == "J" else "",
-                }
-            )
-        return rows
+        keys = [k for k in self.report if k.startswith(("forward_", "val_loss_"))]
+        self._log(trainer, {k: self.report[k] for k in keys})
+        if sampler is not None:
+            rows = summary_rows(self.pruner, pl_module, self.report)
+            sampler.add_summary_section(f"Structured pruning ({self.pruner.mode})", rows)
 
 
 def rewrap_ddp(trainer: Trainer) -> None:
