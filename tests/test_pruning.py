@@ -247,3 +247,16 @@ def test_bad_input_is_named():
     filtered = StructuredPruner(filter_fn=lambda module, name: "mlp" not in name)
     filtered.discover(copy.deepcopy(GPT(neox_config(n_layer=1))), tokens())
     assert filtered.mlp == [] and len(filtered.heads) == 1
+    assert filtered.notes == [
+        f"filter_fn selects {name}: embeddings and the output head are never pruned"
+        for name in ("lm_head", "transformer.wte")
+    ]
+
+
+def test_a_layer_keeps_at_least_round_to_units_and_says_so():
+    model = GPT(neox_config(n_layer=1))
+    pruner = StructuredPruner(round_to=64)
+    pruner.discover(model, tokens())
+    pruner.prune_to(model, 0.9)
+    assert model.config.intermediate_size == 64
+    assert pruner.notes == ["transformer.h.0.mlp.fc: keeps at least round_to=64 of 128 units"]

@@ -208,6 +208,7 @@ class StructuredPruning(Callback):
         self.report["discover_s"] = time.perf_counter() - start
         self._example = batch
         self._taylor_params = self.pruner.prunable_parameters(pl_module)
+        self._say_notes()
         sampler = find_power_sampler(trainer)
         if sampler is not None and self._events_done == 0:
             self._measure_forward(sampler, pl_module, "before")
@@ -222,8 +223,7 @@ class StructuredPruning(Callback):
         self._events_done = due
         rewrap_ddp(trainer)
         self._taylor_params = self.pruner.prunable_parameters(pl_module)
-        for note in self.pruner.notes:
-            self._warn(note, f"StructuredPruning: {note}")
+        self._say_notes()
         figures = size_figures(self.pruner, pl_module) | {"fraction": fraction, "event_s": event.seconds}
         self.report.update(figures)
         self.report["events"] = [{"fraction": e.fraction, "seconds": e.seconds} for e in self.pruner.events]
@@ -252,6 +252,10 @@ class StructuredPruning(Callback):
         self.report[f"forward_j_per_token_{when}"] = measured.energy_j / tokens
         self.report[f"forward_s_per_token_{when}"] = measured.duration_s / tokens
         self.report["energy_source"] = "+".join(measured.sources)
+
+    def _say_notes(self) -> None:
+        for note in self.pruner.notes:
+            self._warn(note, f"StructuredPruning: {note}")
 
     def _note_val_loss(self, trainer: Trainer, key: str) -> None:
         value = trainer.callback_metrics.get(self.monitor)

@@ -104,11 +104,25 @@ def query_group_rows(group: HeadGroup, n_groups: int, kept: torch.Tensor) -> tup
     return torch.cat([q_rows, k_rows, v_rows]), q_rows
 
 
+def never_pruned(model: nn.Module, blocks: str | None = None) -> list[str]:
+    """Names of the embeddings and of the output head (a Linear outside the ``blocks`` list whose
+    outputs are as many as an embedding's rows: the vocabulary). No group holds them; a ``filter_fn``
+    that selects them is told so."""
+    vocab = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}
+    inside = f"{blocks}." if blocks else None
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Embedding)
+        or (isinstance(m, nn.Linear) and m.out_features in vocab and not (inside and name.startswith(inside)))
+    ]
+
+
 def block_list(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The ``nn.ModuleList`` of same-class modules holding the most parameters, with its name."""
     best, best_params = None, 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+        if not isinstance(module, nn.ModuleList) or not len(module):
             continue
         if len({type(m) for m in module}) != 1:
             continue

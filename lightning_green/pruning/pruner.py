@@ -27,6 +27,7 @@ from lightning_green.pruning.groups import (
     default_forward,
     head_groups,
     mlp_groups,
+    never_pruned,
     query_group_rows,
 )
 from lightning_green.pruning.importance import (
@@ -130,11 +131,15 @@ class StructuredPruner:
     def discover(self, model: nn.Module, example_batch: Any) -> None:
         """Find the groups (width) or the block list (depth) of ``model``, tracing it on ``example_batch``."""
         found = block_list(model)
+        if self.filter_fn is not None:
+            for name in never_pruned(model, found[0] if found else None):
+                if self.filter_fn(model.get_submodule(name), name):
+                    self._note(f"filter_fn selects {name}: embeddings and the output head are never pruned")
         if found is not None:
             self.blocks_name = found[0]
             self.blocks_at_start = len(found[1])
         if self.mode == "depth":
-            if found is None:
+            if found is None or self.blocks_at_start < 2:
                 raise ValueError(
                     "`mode='depth'` is not supported for this model: it has no nn.ModuleList of at least two"
                     " blocks of one class; use mode='width'"
