@@ -9,11 +9,14 @@ For each style, side by side and interleaved over ``--repeats`` repeats:
 - ``width``: :class:`~lightning_green.pruning.StructuredPruner` removes 30 % of the MLP units and of the
   query groups in every block (``amount=0.3``, ``round_to=8``);
 - ``depth``: 1 of the 4 blocks removed (``mode="depth"``, ranked on one held-out batch);
+- ``width_qat``: the width-pruned model converted by ``QuantizationAwareTraining().convert`` (the
+  scheme ``"auto"`` picks for this device; post-training here, no QAT fine-tune);
 - ``masked``: what Lightning's ``ModelPruning("ln_structured", amount=0.3)`` does: ``torch.nn.utils.prune``
   masks 30 % of the rows of every block Linear; shapes and FLOPs unchanged.
 
 Figures (per repeat, ratio to ``unpruned``): prefill time (``--prefill-batch`` x ``--prefill-tokens``),
-decode time (batch 1, KV cache, ``--new-tokens`` tokens), parameters; and the time of one pruning event
+decode time (batch 1, KV cache, ``--new-tokens`` tokens), parameters; a training step (AdamW) of the
+width-pruned model against the unpruned one; and the time of one pruning event
 on a fresh model, graph trace included (also on a 2-layer model). Prints a table and writes
 ``benchmarks/results/pruning.json``. Run ``--quick`` for a smoke run (seconds).
 """
@@ -35,6 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import _common  # noqa: E402
 
 from lightning_green.pruning import StructuredPruner  # noqa: E402
+from lightning_green.quantization import QuantizationAwareTraining  # noqa: E402
 
 VOCAB = 256
 GOALS = {
@@ -43,6 +47,8 @@ GOALS = {
     "depth_prefill_ratio": ("<=", 0.8),
     "depth_decode_ratio": ("<=", 0.8),
     "event_s": ("<=", 1.0),
+    "width_train_step_ratio": ("<=", 0.8),
+    "width_qat_prefill_ratio": ("<=", 0.45),
 }
 
 
@@ -104,6 +110,28 @@ def decode_s(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> f
     return seconds
 
 
+def train_step_s(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> float:
+    """Seconds of one training step (forward, backward, AdamW step) on ``x`` as its own targets."""
+    start = time.perf_counter()
+    logits = model(x)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), x.flatten()).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def train_step_ratios(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
+    """Per repeat: a training step of the width-pruned model / of the unpruned one, interleaved."""
+    copies = {k: copy.deepcopy(models[k]).train() for k in ("unpruned", "width")}
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in copies.items()}
+    for name in copies:
+        train_step_s(copies[name], optimizers[name], x)
+    steps: dict[str, list[float]] = {k: [] for k in copies}
+    for _, name in _common.interleaved(list(copies), repeats):
+        steps[name].append(train_step_s(copies[name], optimizers[name], x))
+    return [a / b for a, b in zip(steps["width"], steps["unpruned"], strict=True)]
+
+
 def run_style(style: str, args: argparse.Namespace) -> dict:
     context = max(args.prefill_tokens, 8 + args.new_tokens)
     x = torch.randint(0, VOCAB, (args.prefill_batch, args.prefill_tokens), generator=torch.Generator().manual_seed(0))
@@ -113,6 +141,7 @@ def run_style(style: str, args: argparse.Namespace) -> dict:
     events: dict[str, list[float]] = {"event_s": [], "event_s_2_layers": []}
     models["width"], seconds = timed_event(style, args.n_layer, "width", args.amount, x)
     models["depth"], _ = timed_event(style, args.n_layer, "depth", 1 / args.n_layer, x)
+    models["width_qat"] = QuantizationAwareTraining().convert(copy.deepcopy(models["width"]))
     for _ in range(args.repeats):
         events["event_s"].append(timed_event(style, args.n_layer, "width", args.amount, x)[1])
         events["event_s_2_layers"].append(timed_event(style, 2, "width", args.amount, x)[1])
@@ -126,14 +155,17 @@ def run_style(style: str, args: argparse.Namespace) -> dict:
         decode[name].append(decode_s(models[name], prompt, args.new_tokens))
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
     figures = {k: _common.summarize(v) for k, v in events.items()}
-    for name in ("width", "depth", "masked"):
+    for name in ("width", "depth", "masked", "width_qat"):
         figures[f"{name}_prefill_ratio"] = _common.summarize(
             a / b for a, b in zip(prefill[name], prefill["unpruned"], strict=True)
         )
         figures[f"{name}_decode_ratio"] = _common.summarize(
             a / b for a, b in zip(decode[name], decode["unpruned"], strict=True)
         )
-        figures[f"{name}_params_ratio"] = _common.summarize([params[name] / params["unpruned"]])
+        if name != "width_qat":
+            # the converted model's int8 weights are buffers, not parameters
+            figures[f"{name}_params_ratio"] = _common.summarize([params[name] / params["unpruned"]])
+    figures["width_train_step_ratio"] = _common.summarize(train_step_ratios(models, x, args.repeats))
     figures["unpruned_prefill_s"] = _common.summarize(prefill["unpruned"])
     figures["unpruned_decode_s_per_token"] = _common.summarize(decode["unpruned"])
     return figures
