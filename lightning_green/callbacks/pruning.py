@@ -140,23 +140,19 @@ class StructuredPruning(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if not self.pruner.discovered:
-            self._discover(trainer, pl_module, batch)
+        self._discover(trainer, pl_module, batch)
 
     @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.pruner.taylor is not None and self._events_done < self.events:
-            self.pruner.taylor.accumulate(self._taylor_params)
+        self._accumulate_taylor()
 
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        due = sum(step <= trainer.global_step for step in self.steps)
-        if due > self._events_done and self.pruner.discovered:
-            self._prune(trainer, pl_module, due, batch)
+        self._prune(trainer, pl_module, batch)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -203,6 +199,8 @@ class StructuredPruning(Callback):
         self._taylor_params = self.pruner.prunable_parameters(module) if self.pruner.discovered else []
 
     def _discover(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        if self.pruner.discovered:
+            return
         start = time.perf_counter()
         self.pruner.discover(pl_module, batch)
         self.report["discover_s"] = time.perf_counter() - start
@@ -213,7 +211,15 @@ class StructuredPruning(Callback):
         if sampler is not None and self._events_done == 0:
             self._measure_forward(sampler, pl_module, "before")
 
-    def _prune(self, trainer: Trainer, pl_module: LightningModule, due: int, batch: Any) -> None:
+    def _accumulate_taylor(self) -> None:
+        if self.pruner.taylor is not None and self._events_done < self.events:
+            self.pruner.taylor.accumulate(self._taylor_params)
+
+    def _prune(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        """After the optimizer step: prune when the step reached the next event's (catching up at once)."""
+        due = sum(step <= trainer.global_step for step in self.steps)
+        if due <= self._events_done or not self.pruner.discovered:
+            return
         if not self.pruner.events:
             self._note_val_loss(trainer, "val_loss_before")
         fraction = self.amount * due / self.events
