@@ -236,3 +236,26 @@ def test_pruning_then_qat_in_one_fit(tmp_path):
     assert isinstance(fc, Int8DynamicLinear) and tuple(fc.weight.shape) == (64, 64)
     assert qat.report["size_ratio"] < 0.5 and pruning.report["params_ratio"] < 0.8
     assert model(torch.zeros(1, T, dtype=torch.long)).shape == (1, T, VOCAB)
+
+
+class ScheduledLM(LM):
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_accumulation_lr_scheduler_and_bf16_keep_working(tmp_path):
+    model = ScheduledLM()
+    pruning = StructuredPruning(amount=0.5, start_step=1, importance="taylor")
+    trainer = trainer_for(
+        [pruning], tmp_path, max_steps=3, accumulate_grad_batches=2, precision="bf16-mixed", gradient_clip_val=0.5
+    )
+    trainer.fit(model)
+    assert model.gpt.config.intermediate_size == 64 and trainer.global_step == 3
+    (optimizer,) = trainer.optimizers
+    assert trainer.lr_scheduler_configs[0].scheduler.optimizer is optimizer
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.5**3)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    assert {id(p) for p in params} == {id(p) for p in model.parameters()}
+    assert all(optimizer.state[p]["step"] == 3 for p in params)  # Adam state carried, not reset
