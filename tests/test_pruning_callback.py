@@ -259,3 +259,15 @@ def test_accumulation_lr_scheduler_and_bf16_keep_working(tmp_path):
     params = [p for g in optimizer.param_groups for p in g["params"]]
     assert {id(p) for p in params} == {id(p) for p in model.parameters()}
     assert all(optimizer.state[p]["step"] == 3 for p in params)  # Adam state carried, not reset
+
+
+def test_import_and_construction_need_no_torch_pruning():
+    code = (
+        "import sys\n"
+        "sys.modules['torch_pruning'] = None\n"
+        "from lightning_green.callbacks.pruning import StructuredPruning\n"
+        "print(StructuredPruning(amount=0.2).amount)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0.2"
