@@ -32,6 +32,7 @@ _EXPORTS = {
     "QuantizationAwareTraining": "lightning_green.quantization",
     "RaplSensor": "lightning_green.sensors",
     "Sensor": "lightning_green.sensors",
+    "StructuredPruning": "lightning_green.callbacks.pruning",
     "find_power_sampler": "lightning_green.callbacks.power",
 }
 
@@ -57,6 +58,7 @@ __all__ = [
     "QuantizationAwareTraining",
     "RaplSensor",
     "Sensor",
+    "StructuredPruning",
     "find_power_sampler",
     "__version__",
 ]
@@ -109,6 +111,7 @@ if TYPE_CHECKING:
     from lightning_green.callbacks.efficiency import EfficiencyLogger
     from lightning_green.callbacks.power import PowerSampler, find_power_sampler
     from lightning_green.callbacks.power_limit import PowerLimitSearch
+    from lightning_green.callbacks.pruning import StructuredPruning
     from lightning_green.energy.session import Measurement
     from lightning_green.fabric import FabricEnergy
     from lightning_green.power_limit import NvmlPowerControl, PowerControl

@@ -101,3 +101,14 @@ def test_quantize(tmp_path):
     assert ratio < 0.35  # int8 weights: about 0.27 of the float state_dict
     assert agreement > 90.0
     assert "EPI J/sample" in out
+
+
+def test_prune(tmp_path):
+    import re
+
+    out = run([str(ROOT / "examples/prune.py"), "--steps", "40", "--max-bytes", "100000"], cwd=tmp_path)
+    ratio = float(re.search(r"parameters: [0-9,]+ -> [0-9,]+ \(x([0-9.]+)\)", out).group(1))
+    assert 0.6 < ratio < 0.8
+    assert "n_query_groups=3 intermediate_size=360" in out
+    in_memory = re.search(r"val_loss \(in memory\): ([0-9.]+)", out).group(1)
+    assert f"val_loss (fresh model + pruned_final.ckpt): {in_memory}" in out
