@@ -112,6 +112,8 @@ class OptInPowerSampler(PowerSampler):
     another PowerSampler. Its own class, so its checkpoint key differs from a PowerSampler's (Lightning
     refuses two stateful callbacks with one key before ``setup`` could sort them out)."""
 
+    yields_to_another = True
+
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if any(isinstance(c, PowerSampler) and c is not self for c in trainer.callbacks):

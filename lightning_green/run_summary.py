@@ -34,6 +34,8 @@ PHASES = "phases"
 TARGETS = "targets"
 POWER_LIMIT = "power_limit"
 QAT = "qat"
+ENERGY_BUDGET = "energy_budget"
+PRUNING = "pruning"
 GENERATION = "generation"
 GENERATION_PHASES = "generation_phases"
 #: The kind of a section added by a user (its id is its title), and of one whose provider failed.
@@ -45,6 +47,8 @@ SECTION_TITLES = {
     TARGETS: "targets",
     POWER_LIMIT: "Power limit search",
     QAT: "Quantization-aware training",
+    ENERGY_BUDGET: "energy budget",
+    PRUNING: "Structured pruning",
     GENERATION: "generation",
     GENERATION_PHASES: "generation phases",
 }
@@ -154,7 +158,8 @@ def _sensor_v1(sensor: dict) -> dict:
 
 def typed_section(title: str, rows: list[dict]) -> tuple[str, dict]:
     """``(id, section)`` for a section known only by its title (schema 1, or added without an id):
-    the package's own titles get their ids, the QAT scheme its own field; any other is ``custom``."""
+    the package's own titles get their ids, a schema-1 QAT title its scheme as a field; any other is
+    ``custom``. Sections added with an id (the package's own, since schema 2) never come here."""
     rows = list(rows or [])
     for section_id, known in SECTION_TITLES.items():
         if title == known:

@@ -271,7 +271,7 @@ def test_efficiency_metrics(tmp_path):
         ({"sensors": "gpu"}, "allowed: auto, nvml, rapl, estimate"),
         ({"sensors": []}, "sensors"),
         ({"sensors": [object()]}, "not a lightning_green.sensors.Sensor"),
-        ({"sensors": [SimulatedSensor(1.0), SimulatedSensor(2.0)]}, "same name"),
+        ({"sensors": [SimulatedSensor(1.0), SimulatedSensor(2.0)]}, "two sensors named"),
         ({"trace_points": 0}, "trace_points"),
     ],
 )

@@ -89,7 +89,7 @@ def fit(tmp_path, budget, max_steps=2000, val_every=None, ckpt_path=None, model=
 
 
 def summary_rows(ps):
-    return {r["figure"]: r["value"] for r in ps.summary_by_stage["fit"]["sections"]["energy budget"]}
+    return {r["figure"]: r["value"] for r in ps.summary_by_stage["fit"]["sections"]["energy_budget"]["rows"]}
 
 
 # ---------------------------------------------------------------------------- plain calls

@@ -51,9 +51,9 @@ def test_tiny_gpt(tmp_path):
     summary = json.loads(next(tmp_path.rglob("energy_summary_fit.json")).read_text())
     assert summary["sources"] and all(s in {"counter", "polled", "rapl", "estimate"} for s in summary["sources"])
     sections = summary["sections"]
-    assert {"efficiency", "phases", "qat", "energy budget"} <= set(sections)
+    assert {"efficiency", "phases", "qat", "energy_budget"} <= set(sections)
     assert sections["qat"]["kind"] == "qat" and sections["qat"]["scheme"]
-    budget = {r["figure"]: r["value"] for r in sections["energy budget"]["rows"]}
+    budget = {r["figure"]: r["value"] for r in sections["energy_budget"]["rows"]}
     assert budget["budget_j"] == 1e6 and budget["stopped_by"] == "not stopped" and 0 < budget["spent_j"] < 1e6
     if "estimate" in summary["sources"]:
         assert "not a measurement" in out

@@ -152,9 +152,9 @@ def test_depth_mode_in_fit_and_summary_section(tmp_path):
     pruning = StructuredPruning(amount=0.3, start_step=4, mode="depth")
     trainer_for([sampler, pruning], tmp_path, max_steps=7).fit(model)
     assert len(model.gpt.transformer.h) == 3 and model.gpt.config.n_layer == 3
-    section = sampler.summary["sections"]["Structured pruning (depth)"]
-    # a list of rows, or (summaries since the typed sections) a dict holding them
-    rows = section["rows"] if isinstance(section, dict) else section
+    section = sampler.summary["sections"]["pruning"]
+    assert (section["kind"], section["mode"]) == ("pruning", "depth")
+    rows = section["rows"]
     blocks = {r["figure"]: r for r in rows}["parameters, blocks"]
     assert blocks["after"] == blocks["before"] * 3 // 4
     energy = {r["figure"]: r for r in rows}["forward J per token (one forward of the first batch)"]

@@ -20,12 +20,24 @@ WATTS = 100.0
 BATCH_S = 0.5
 
 INTERFACE = {
-    "properties": ["clock", "evaluation_energy_j", "measuring", "sensors", "stage", "summary", "summary_by_stage"],
+    "properties": [
+        "clock",
+        "evaluation_energy_j",
+        "logged_total_j",
+        "measuring",
+        "sensors",
+        "stage",
+        "summary",
+        "summary_by_stage",
+    ],
     "methods": [
         "add_log_step_listener",
         "add_summary_provider",
         "add_summary_section",
+        "device_energy_j",
+        "energy_at_j",
         "energy_now_j",
+        "generation_phase",
         "measure",
         "measure_evaluation",
         "measured_now_j",
@@ -120,7 +132,7 @@ def test_phase_edge_hooks_with_phases_on_mark_the_edges(tmp_path):
         sensors=[SimulatedSensor(100.0, clock=clock)], interval_s=3600.0, phases=True, print_summary=False, clock=clock
     )
     tiny_trainer(default_root_dir=tmp_path, max_steps=3, callbacks=[ps]).fit(SleepyModel(0.0))
-    rows = ps.summary["sections"]["energy by phase"]
+    rows = ps.summary["sections"]["phases"]["rows"]
     assert {row["phase"] for row in rows[:5]} == {"data", "compute", "optimizer", "comm", "other"}
     # the compute phase (backward start to end, forward included) ran in every step
     assert next(row for row in rows if row["phase"] == "compute")["seconds"] > 0

@@ -39,7 +39,7 @@ def written(tmp_path_factory) -> dict:
     class Sections(FakeClock):
         def on_train_end(self, trainer, pl_module):
             rows = [{"figure": "EPI, float", "value": 0.5, "unit": "J/token", "source": "simulated"}]
-            ps.sections.add_section("Quantization-aware training", rows, section_id="qat", fields={"scheme": "int8_x"})
+            ps.add_summary_section("Quantization-aware training", rows, section_id="qat", fields={"scheme": "int8_x"})
             ps.add_summary_section("mine", [{"figure": "a", "value": 1.0}])
 
     tiny_trainer(max_steps=4, callbacks=[clock, ps, EfficiencyLogger(), Sections(0.0)]).fit(SleepyModel(step_s=0.0))

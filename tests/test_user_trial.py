@@ -41,7 +41,7 @@ def logged_keys(logger):
 
 
 def efficiency_of(summary):
-    return {row["figure"]: row for row in summary["sections"]["efficiency"]}
+    return {row["figure"]: row for row in summary["sections"]["efficiency"]["rows"]}
 
 
 @pytest.mark.parametrize("efficiency_first", [False, True], ids=["sampler_first", "efficiency_first"])

@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_green import run_summary as rs
 from lightning_green.callbacks.power import PowerSampler, find_power_sampler
 from lightning_green.callbacks.trainer_steps import global_step_reader
 from lightning_green.checks import check_name
@@ -286,7 +287,7 @@ class EnergyBudget(Callback):
                 f"EnergyBudget: stopped by the {self.stopped['reason']} at step {self.stopped['step']}: "
                 f"{self.spent_j:.6g} J spent, {self.budget_j:.6g} J budget"
             )
-        self._sampler.add_summary_section(SECTION, self._summary_rows())
+        self._sampler.add_summary_section(SECTION, self._summary_rows(), section_id=rs.ENERGY_BUDGET)
 
     def _summary_rows(self) -> list[dict]:
         source = self._sampler.sources(all_processes=True)

@@ -12,7 +12,7 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
@@ -158,9 +158,13 @@ class SamplerInterface:
         process's, as gathered at the end of the stage's loop."""
         return self._summaries.sources(all_processes)
 
-    def add_summary_section(self, title: str, rows: list[dict]) -> None:
-        """Add a table (a list of dict rows) to the next summary."""
-        self._summaries.sections.add_section(title, rows)
+    def add_summary_section(
+        self, title: str, rows: list[dict], *, section_id: str | None = None, fields: dict | None = None
+    ) -> None:
+        """Add a table (a list of dict rows) to the next summary, under ``section_id`` (the package's
+        own ids are in :mod:`lightning_green.run_summary`; else the title is the id) with ``fields``,
+        structured facts about it that readers take instead of parsing the title."""
+        self._summaries.sections.add_section(title, rows, section_id=section_id, fields=fields)
 
     def add_summary_provider(self, provider: Callable[[], dict[str, list[dict]]]) -> None:
         """Register ``provider() -> {title: rows}``, called when the summary is built: at the end of
@@ -252,6 +256,10 @@ class PowerSampler(SamplerInterface, Callback):
 
         trainer = Trainer(callbacks=[PowerSampler(interval_s=0.1, progress_bar=True), EfficiencyLogger()])
     """
+
+    #: Whether this sampler steps aside for another PowerSampler of the Trainer (the one that
+    #: ``LIGHTNING_GREEN=1`` adds does); such a sampler is not counted by the one-per-Trainer check.
+    yields_to_another: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -416,7 +424,7 @@ class PowerSampler(SamplerInterface, Callback):
 
     # ------------------------------------------------------------------ helpers
     def _check_trainer(self, trainer: Trainer) -> None:
-        samplers = [cb for cb in trainer.callbacks if isinstance(cb, PowerSampler)]
+        samplers = [cb for cb in trainer.callbacks if isinstance(cb, PowerSampler) and not cb.yields_to_another]
         if len(samplers) > 1:
             raise MisconfiguredTrainer(
                 f"this Trainer has {len(samplers)} PowerSampler callbacks; it takes one: each would log the "

@@ -38,7 +38,7 @@ from lightning_green.power_limit import (
     make_power_control,
 )
 from lightning_green.power_limit.search import check_eta, check_max_slowdown
-from lightning_green.run_summary import POWER_LIMIT_TITLE
+from lightning_green.run_summary import POWER_LIMIT, POWER_LIMIT_TITLE
 
 log = logging.getLogger("lightning_green")
 
@@ -324,7 +324,8 @@ class PowerLimitSearch(Callback):
         self._apply(trainer, chosen)
         if self._sampler is not None:
             source = "cache" if self.from_cache else "profiled"
-            self._sampler.add_summary_section(POWER_LIMIT_TITLE, [dict(r, source=source) for r in self.search.table])
+            rows = [dict(r, source=source) for r in self.search.table]
+            self._sampler.add_summary_section(POWER_LIMIT_TITLE, rows, section_id=POWER_LIMIT)
         log.info("power limit search chose %g W%s", chosen, " (from the cache)" if self.from_cache else "")
 
     def _report_incomplete_search(self) -> None:
@@ -333,7 +334,8 @@ class PowerLimitSearch(Callback):
         if search is None or search.done or not search.profiles or self._sampler is None:
             return
         source = "profiled (search incomplete: training ended first)"
-        self._sampler.add_summary_section(POWER_LIMIT_TITLE, [dict(asdict(p), source=source) for p in search.profiles])
+        rows = [dict(asdict(p), source=source) for p in search.profiles]
+        self._sampler.add_summary_section(POWER_LIMIT_TITLE, rows, section_id=POWER_LIMIT)
 
     def _apply(self, trainer: Trainer, limit_w: float) -> None:
         if self._released or not self.active:

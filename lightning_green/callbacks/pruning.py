@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from lightning_green import run_summary as rs
 from lightning_green.callbacks.power import PowerSampler, find_power_sampler
 from lightning_green.checks import check_int, check_name, check_number
 from lightning_green.errors import MisconfiguredTrainer
@@ -288,7 +289,12 @@ class StructuredPruning(Callback):
         self._log(trainer, {k: self.report[k] for k in keys})
         if sampler is not None:
             rows = summary_rows(self.pruner, pl_module, self.report)
-            sampler.add_summary_section(f"Structured pruning ({self.pruner.mode})", rows)
+            sampler.add_summary_section(
+                f"{rs.SECTION_TITLES[rs.PRUNING]} ({self.pruner.mode})",
+                rows,
+                section_id=rs.PRUNING,
+                fields={"mode": self.pruner.mode},
+            )
 
 
 def rewrap_ddp(trainer: Trainer) -> None:

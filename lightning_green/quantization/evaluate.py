@@ -306,11 +306,11 @@ class EnergyProbe:
                 self.warn(err)
                 holder[0] = None
 
-    def add_summary(self, title: str, rows: list[dict[str, Any]]) -> None:
+    def add_summary(self, title: str, rows: list[dict[str, Any]], section_id: str, fields: dict[str, Any]) -> None:
         if self.sampler is None:
             return
         try:
-            self.sampler.add_summary_section(title, rows)
+            self.sampler.add_summary_section(title, rows, section_id=section_id, fields=fields)
         except Exception as err:  # monitoring never stops training
             self.warn(err)
 

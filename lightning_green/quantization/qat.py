@@ -51,6 +51,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
+from lightning_green import run_summary as rs
 from lightning_green.callbacks.power import find_power_sampler
 from lightning_green.log_queue import log_metrics
 from lightning_green.quantization import layers
@@ -375,7 +376,12 @@ class QuantizationAwareTraining(Callback):
         )
         if trainer.is_global_zero:
             log_metrics(trainer, self.report.metrics(self.prefix))
-        self._probe.add_summary(f"Quantization-aware training ({self.resolved_scheme})", self.report.summary_rows())
+        self._probe.add_summary(
+            f"{rs.QAT_TITLE} ({self.resolved_scheme})",
+            self.report.summary_rows(),
+            section_id=rs.QAT,
+            fields={"scheme": self.resolved_scheme},
+        )
 
     def _resolve_model(self, model: nn.Module | None) -> nn.Module:
         model = model if model is not None else self._module
