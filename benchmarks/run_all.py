@@ -20,11 +20,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = [  # name, arguments of a full run, arguments of a --quick run
     ("integration", [], ["--seconds", "1.5", "--repeats", "2", "--quick"]),
     ("overhead", [], ["--rounds", "2", "--steps", "60", "--quick"]),
+    ("startup", [], ["--quick"]),
     ("fabric_overhead", [], ["--quick"]),
+    ("energy_budget", [], ["--quick"]),
     ("phases", [], ["--steps", "8", "--repeats", "1", "--rounds", "1", "--quick"]),
     ("power_limit", [], ["--repeats", "2", "--quick"]),
     ("ddp_comm", [], ["--steps", "30", "--repeats", "1", "--quick"]),
     ("qat", [], ["--quick"]),
+    ("pruning", [], ["--quick"]),
     ("generation", [], ["--quick"]),
     ("gpu_check", [], ["--repeats", "2"]),
 ]
