@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
 from lightning_green.callbacks.batch_counts import BatchCounter, CountFn, check_count_fn
+from lightning_green.callbacks.fit_figures import FitFigures, FitStop, FitTargets
 from lightning_green.callbacks.power import PowerSampler, find_power_sampler
-from lightning_green.distributed import distributed, gather_floats, gather_objects, reduce_sum
+from lightning_green.distributed import gather_floats, reduce_sum
 from lightning_green.energy import metrics as M
-from lightning_green.energy.efficiency import EvaluationEnergy, TrainingEnergy
+from lightning_green.energy.efficiency import EvaluationEnergy
 from lightning_green.energy.generation import (
     GenerationTally,
     check_generated_tokens,
@@ -22,22 +22,20 @@ from lightning_green.energy.generation import (
     generation_rows,
     predict_results,
 )
-from lightning_green.energy.session import Reduce
 from lightning_green.errors import MisconfiguredTrainer
 from lightning_green.log_queue import log_metrics
-from lightning_green.resume import state_for_rank
+
+__all__ = [
+    "BatchCounter",
+    "EfficiencyLogger",
+    "FitStop",
+    "FitTargets",
+    "TargetSpec",
+    "efficiency_rows",
+    "stage_results",
+]
 
 TargetSpec = float | tuple[float, str]
-
-
-class FitStop(NamedTuple):
-    """How a fit stopped before the end of training (an exception, Ctrl+C, SIGTERM)."""
-
-    #: the step it stopped at
-    step: int
-    #: whose energy its figures hold: ``"all processes"`` (one process), or ``"this process"``
-    #: (several: a stop leaves no collective to sum them)
-    scope: str
 
 
 def stage_results(results: Mapping[str, float], stage: str) -> dict[str, float]:
@@ -69,69 +67,6 @@ def efficiency_rows(
     rows.append({"figure": "carbon_intensity_g_per_kwh", "value": carbon_intensity_g_per_kwh, "source": "setting"})
     rows.append({"figure": "pue", "value": pue, "source": "setting"})
     return rows
-
-
-class FitTargets:
-    """The energy targets of a fit, for :class:`EfficiencyLogger`: watched from the fit's start,
-    settled with the sums of its log steps, validation loops and train end, kept in checkpoints.
-
-    Args:
-        spec: the parsed targets (:func:`~lightning_green.energy.metrics.parse_targets`), or None: no
-            targets, and every method does nothing.
-    """
-
-    def __init__(self, spec: dict | None) -> None:
-        self.spec = spec
-        #: the targets of the current (or last) fit
-        self.targets: M.EnergyTargets | None = None
-        self.watch: M.TargetWatch | None = None
-
-    def start(self, energy_now_j: Callable[[], float], clock: Callable[[], float]) -> None:
-        """A fit starts: its energy so far is ``energy_now_j()``, its time ``clock()``."""
-        if self.spec is None:
-            return
-        self.targets = M.EnergyTargets(self.spec)
-        self.watch = M.TargetWatch(self.targets, energy_now_j, clock)
-
-    def part(self, trainer: Trainer) -> list[float]:
-        """What the targets add to a reduce: nothing without targets."""
-        return self.watch.part(lambda: trainer.callback_metrics) if self.watch is not None else []
-
-    def settle(self, trainer: Trainer, summed: list[float]) -> None:
-        """Log the targets reached, from the summed :meth:`part` (empty where none was added: test,
-        predict, validate alone)."""
-        if self.watch is None or not summed:
-            return
-        n_processes = trainer.world_size if distributed(trainer) else 1
-        log_metrics(trainer, self.watch.settle(summed, trainer.global_step, n_processes))
-
-    def warn_never_logged(self, trainer: Trainer) -> None:
-        if self.watch is not None and self.watch.targets.never_logged():
-            rank_zero_warn(self.watch.never_logged_message(trainer.callback_metrics))
-
-    def energy_j(self) -> float:
-        """This process's energy since the fit started (0 without targets)."""
-        return self.watch.energy_j() if self.watch is not None else 0.0
-
-    def state(self) -> dict[str, Any]:
-        """The checkpoint's part: the targets met and the fit's time (the same on every process)."""
-        watch = self.watch
-        return {
-            "fit_time_s": watch.time_s() if watch else 0.0,
-            "targets": watch.targets.state_dict() if watch else None,
-        }
-
-    def restore(self, state: dict[str, Any], fit_energy_j: float) -> None:
-        """Go on from a checkpoint's :meth:`state` and this process's ``fit_energy_j``."""
-        if self.watch is None or not state.get("targets"):
-            return
-        self.watch.targets.load_state_dict(state["targets"])
-        self.watch.restored_s = float(state["fit_time_s"])
-        self.watch.restored_j = fit_energy_j
-
-    def rows(self, source: str) -> dict[str, list[dict]]:
-        """The summary's ``targets`` section ({} without targets)."""
-        return {"targets": self.targets.rows(source)} if self.targets is not None else {}
 
 
 class EfficiencyLogger(Callback):
@@ -210,34 +145,31 @@ class EfficiencyLogger(Callback):
         self.samples_per_batch = check_count_fn("samples_per_batch", samples_per_batch)
         self._counter = BatchCounter(self.samples_per_batch, self.tokens_per_batch)
         count_tokens = self.tokens_per_batch is not None
-        self._fit = TrainingEnergy(
-            self._counter, self.carbon_intensity_g_per_kwh, self.pue, count_tokens, self._evaluation_energy_j
-        )
+        parsed_targets = M.parse_targets(targets) if targets is not None else None
+        self._fit = FitFigures(self._counter, self.carbon_intensity_g_per_kwh, self.pue, count_tokens, parsed_targets)
         self._eval = EvaluationEnergy(count_tokens)
-        self._targets = FitTargets(M.parse_targets(targets) if targets is not None else None)
         self.generated_tokens = check_generated_tokens(generated_tokens)
         self._generation_tally = GenerationTally(generated_tokens, self._batch_samples) if generated_tokens else None
         #: the last predict loop's generation figures (:func:`~lightning_green.energy.generation.cluster_generation`)
         self.generation: dict | None = None
         self._sampler: PowerSampler | None = None
-        self._trainer: Trainer | None = None
-        self._pending_state: dict | None = None
         #: every stage's figures, the latest of each
         self.results: dict[str, float] = {}
-        #: how the last fit stopped before the end of training, or None (it ended, or none ran)
-        self.fit_stop: FitStop | None = None
-        # training started and its figures are not made yet (on_train_end or a stop makes them)
-        self._training = False
 
     @property
     def targets(self) -> M.EnergyTargets | None:
         """The targets of the current (or last) fit, or None."""
-        return self._targets.targets
+        return self._fit.targets.targets
 
     @property
     def n_params(self) -> int:
         """The model's parameters, counted when training started (EER divides by them)."""
-        return self._fit.n_params
+        return self._fit.training.n_params
+
+    @property
+    def fit_stop(self) -> FitStop | None:
+        """How the last fit stopped before the end of training, or None (it ended, or none ran)."""
+        return self._fit.stop
 
     # ------------------------------------------------------------------ fit hooks
     @override
@@ -246,12 +178,11 @@ class EfficiencyLogger(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._sampler.measuring:
-            self._targets.start(self._sampler.measured_now_j, self._sampler.clock)
+        self._fit.fit_starts()
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start_training(trainer, pl_module)
+        self._fit.training_starts(trainer, pl_module)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -260,11 +191,11 @@ class EfficiencyLogger(Callback):
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end_training(trainer)
+        self.results.update(self._fit.training_ended(trainer))
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._training_stopped(trainer)
+        self.results.update(self._fit.stopped())
 
     # ------------------------------------------------------------------ evaluation hooks
     @override
@@ -327,25 +258,13 @@ class EfficiencyLogger(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Training energy, samples and tokens so far of every process, so EER and the rates go on
         after a resume (a collective when the process group is up, like Lightning's checkpointing)."""
-        if self._sampler is not None:
-            train_energy_j = self._fit.energy_j(self._sampler.energy_now_j())
-        else:
-            train_energy_j = self._fit.restored_j
-        local = {
-            "train_energy_j": train_energy_j,
-            "samples": self._counter.samples,
-            "tokens": self._counter.tokens,
-            "fit_energy_j": self._targets.energy_j(),
-        }
-        trainer = self._trainer
-        per_rank = gather_objects(trainer, local) if trainer is not None and distributed(trainer) else [local]
-        return {"version": 2, "per_rank": per_rank, **self._targets.state()}
+        return self._fit.state()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending_state = dict(state_dict)
+        self._fit.load(state_dict)
 
-    # ------------------------------------------------------------------ helpers of the fit
+    # ------------------------------------------------------------------ setup
     def _attach(self, trainer: Trainer) -> None:
         self._sampler = find_power_sampler(trainer)
         if self._sampler is None:
@@ -354,61 +273,7 @@ class EfficiencyLogger(Callback):
                 "Trainer(callbacks=[PowerSampler(), EfficiencyLogger()])"
             )
         self._sampler.add_summary_provider(self._summary_rows)
-        self._trainer = trainer
-        # a checkpoint of this stage loads after setup
-        self._pending_state = None
-
-    def _start_training(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._fit.reset()
-        self.fit_stop = None
-        if not self._sampler.measuring:
-            return
-        n_params = sum(p.numel() for p in pl_module.parameters())
-        self._fit.start(n_params, self._sampler.energy_now_j())
-        self._apply_state(trainer)
-        self._sampler.add_log_step_listener(self._log_step)
-        self._training = True
-
-    def _log_step(self, step: int, reduce: Reduce) -> Callable[[float], dict[str, float]]:
-        """The PowerSampler's log-step listener (training thread): settle the targets, note the counts;
-        the figures are built by the returned function from the energy at the window's end."""
-        if self._targets.watch is not None:
-            self._targets.settle(self._trainer, reduce(self._targets.part(self._trainer)))
-        return self._fit.log_step(reduce)
-
-    def _evaluation_energy_j(self) -> float:
-        return self._sampler.evaluation_energy_j
-
-    def _end_training(self, trainer: Trainer) -> None:
-        if not self._training:
-            return
-        self._training = False
-        local = self._fit.local(self._sampler.energy_now_j())
-        summed = reduce_sum(trainer, [*local, *self._targets.part(trainer)])
-        self._targets.settle(trainer, summed[4:])
-        self._targets.warn_never_logged(trainer)
-        self.results.update(self._fit.results(*summed[:4]))
-
-    def _training_stopped(self, trainer: Trainer) -> None:
-        """The fit stopped before ``on_train_end``: the figures of the steps that ran, from this
-        process's counts (no collective: the other processes may be gone)."""
-        if not self._training:
-            return
-        self._training = False
-        scope = "this process" if trainer.world_size > 1 else "all processes"
-        self.fit_stop = FitStop(step=trainer.global_step, scope=scope)
-        local = self._fit.local(self._sampler.energy_now_j())
-        self.results.update(self._fit.results(*local))
-
-    def _apply_state(self, trainer: Trainer) -> None:
-        state = self._pending_state or {}
-        self._pending_state = None
-        keys = ("train_energy_j", "samples", "tokens", "fit_energy_j")
-        mine = state_for_rank(state.get("per_rank") or [], trainer.world_size, trainer.global_rank, keys)
-        self._targets.restore(state, float((mine or {}).get("fit_energy_j", 0.0)))
-        if mine is None:
-            return
-        self._fit.restore(float(mine["train_energy_j"]), int(mine["samples"]), int(mine["tokens"]))
+        self._fit.attach(trainer, self._sampler)
 
     # ------------------------------------------------------------------ helpers of evaluation loops
     def _eval_start(self, trainer: Trainer) -> None:
@@ -429,11 +294,9 @@ class EfficiencyLogger(Callback):
             return
         local = self._eval.local(self._sampler.energy_now_j())
         in_fit = stage == "validate" and trainer.state.fn == "fit"
-        if in_fit:
-            self._fit.validation_j += local[0]
-        target_part = self._targets.part(trainer) if in_fit else []
+        target_part = self._fit.validation_ended(trainer, local[0]) if in_fit else []
         summed = reduce_sum(trainer, [*local, *target_part])
-        self._targets.settle(trainer, summed[3:])
+        self._fit.targets.settle(trainer, summed[3:])
         metrics, results = self._eval.figures(stage, summed[:3])
         self.results.update(results)
         if stage != "predict":
@@ -459,11 +322,10 @@ class EfficiencyLogger(Callback):
         ``on_exception`` runs first."""
         if not self._sampler.measuring:
             return {}
-        if self._trainer is not None:
-            self._training_stopped(self._trainer)
+        self.results.update(self._fit.stopped())
         # the figures are sums over every process
         source = self._sampler.sources(all_processes=True)
-        out = self._targets.rows(source)
+        out = self._fit.targets.rows(source)
         stage = self._sampler.stage
         # a test's summary: not the fit's figures
         results = stage_results(self.results, stage)

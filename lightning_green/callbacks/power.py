@@ -7,7 +7,6 @@ the logging window a :class:`~lightning_green.energy.session.LogWindow`, phases 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import time
 from collections.abc import Callable, Sequence
@@ -18,25 +17,29 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
 from lightning_green import summary as S
+from lightning_green.callbacks.sampler_interface import LogStepListener, SamplerInterface
 from lightning_green.callbacks.stage_summaries import StageSummaries, summary_dir_of
-from lightning_green.callbacks.trainer_steps import global_step_reader
+from lightning_green.callbacks.training_log_steps import TrainingLogSteps
 from lightning_green.checks import check_bool, check_callable, check_choice, check_int, check_path
-from lightning_green.distributed import gather_floats, reduce_sum, shared_owners, sum_reducer
-from lightning_green.energy.generation import GenerationPhases, PhaseBlock
-from lightning_green.energy.loops import Listener, TrainingLog
+from lightning_green.distributed import gather_floats, shared_owners
+from lightning_green.energy.loops import TrainingLog
 from lightning_green.energy.phases import PHASE_TIMINGS
 from lightning_green.energy.sampler import check_interval
 from lightning_green.energy.session import EnergySession, Measurement
 from lightning_green.errors import MisconfiguredTrainer
-from lightning_green.log_queue import LogQueue, log_metrics
+from lightning_green.log_queue import log_metrics
 from lightning_green.sensor_choice import check_sensors, sensors_for_process
 from lightning_green.sensors.base import Sensor
 from lightning_green.sensors.rapl import DEFAULT_ROOT
 
-__all__ = ["LogStepListener", "Measurement", "PowerSampler", "find_power_sampler", "shared_owners"]
-
-#: ``listener(step, reduce) -> finish``: see :meth:`PowerSampler.add_log_step_listener`.
-LogStepListener = Listener
+__all__ = [
+    "LogStepListener",
+    "Measurement",
+    "PowerSampler",
+    "SamplerInterface",
+    "find_power_sampler",
+    "shared_owners",
+]
 
 
 def find_power_sampler(trainer: Trainer) -> PowerSampler | None:
@@ -51,143 +54,6 @@ def _stage_name(stage: Any) -> str:
 
 def _loop_name(trainer: Trainer) -> str:
     return "sanity" if trainer.sanity_checking else "validation"
-
-
-class SamplerInterface:
-    """What other callbacks read of a :class:`PowerSampler` (its interface, and nothing else of it):
-    the energy of this process so far, blocks measured apart, the sensors and their sources, the
-    stage and the clock, and hooks into its summary and its log steps.
-
-    Properties: :attr:`sensors`, :attr:`measuring`, :attr:`stage`, :attr:`clock`,
-    :attr:`evaluation_energy_j`, :attr:`logged_total_j`, :attr:`summary`, :attr:`summary_by_stage`. Methods:
-    :meth:`energy_now_j`, :meth:`measured_now_j`, :meth:`energy_at_j`, :meth:`device_energy_j`,
-    :meth:`measure`, :meth:`measure_evaluation`, :meth:`sources`, :meth:`add_summary_section`,
-    :meth:`add_summary_provider`, :meth:`add_log_step_listener`, :meth:`set_comm_seconds`, :meth:`generation_phase`.
-
-    Args:
-        session: the measurement.
-        train_log: the training loop's log (log-step listeners, evaluation blocks, phases).
-        summaries: the stage's summary (sections, providers, the sources gathered from every process).
-    """
-
-    def __init__(self, session: EnergySession, train_log: TrainingLog, summaries: StageSummaries) -> None:
-        #: the measurement; read by tests that drive its readings, not by other callbacks
-        self.session = session
-        self._train_log = train_log
-        self._summaries = summaries
-        # whether any process reads a sensor in this stage (False: nothing is logged)
-        self._measuring = False
-        # prefill / decode blocks marked by a generation loop (Trainer-free: energy/generation.py)
-        self._generation_phases = GenerationPhases(session)
-
-    @property
-    def sensors(self) -> list[Sensor]:
-        """The sensors this process reads in the running (or last) stage; [] before the first."""
-        return list(self.session.sensors) if self.session.started else []
-
-    @property
-    def measuring(self) -> bool:
-        """Whether any process reads a sensor in this stage (set in ``setup``). False: no energy is
-        measured, so a callback logs no figure that needs energy."""
-        return self._measuring
-
-    @property
-    def stage(self) -> str:
-        """The running (or last) stage: ``"fit"``, ``"validate"``, ``"test"`` or ``"predict"``; ``""``
-        before the first."""
-        return self._summaries.stage_record.stage
-
-    @property
-    def clock(self) -> Callable[[], float]:
-        """The monotonic clock of the measurement (seconds): time figures that go with its energy."""
-        return self.session.clock
-
-    @property
-    def logged_total_j(self) -> float:
-        """Every process's cumulative joules (the ``energy/total_j`` logged) at the last training log step
-        whose figures are built; NaN before the first. Under several processes it is read after that
-        log step's own sum, so reading it adds no collective."""
-        return self._train_log.total_j
-
-    @property
-    def evaluation_energy_j(self) -> float:
-        """This process's joules of :meth:`measure_evaluation` blocks since training started (not
-        training energy)."""
-        return self._train_log.evaluation_j
-
-    @property
-    def summary(self) -> dict | None:
-        """The last summary built on this process (every process builds its own), or None."""
-        return self._summaries.summary
-
-    @property
-    def summary_by_stage(self) -> dict[str, dict]:
-        """The last summary of each stage, by stage name."""
-        return self._summaries.by_stage
-
-    def energy_now_j(self) -> float:
-        """Cumulative joules of every sensor of this process (restored energy included)."""
-        return self.session.energy_now_j()
-
-    def measured_now_j(self) -> float:
-        """The joules this process's sensors measured in the running stage: :meth:`energy_now_j` less
-        what was carried in, unmoved by a checkpoint restored mid-stage (so differences of it are safe)."""
-        return self.session.measured_now_j()
-
-    def energy_at_j(self, t_s: float) -> float:
-        """:meth:`energy_now_j` at ``t_s`` on :attr:`clock` (several figures at one instant)."""
-        return self.session.energy_at_j(t_s)
-
-    def device_energy_j(self, t_s: float) -> float:
-        """This process's own devices' joules at ``t_s`` (not the host-level sensors one rank per node
-        reads)."""
-        return self.session.device_energy_j(t_s)
-
-    def measure(self) -> contextlib.AbstractContextManager[Measurement]:
-        """Measure the energy of a block: ``with sampler.measure() as m:``
-        (see :meth:`~lightning_green.energy.session.EnergySession.measure`)."""
-        return self.session.measure()
-
-    def measure_evaluation(self) -> contextlib.AbstractContextManager[Measurement]:
-        """:meth:`measure` an evaluation outside Lightning's loops; its energy is not training energy
-        (:meth:`~lightning_green.energy.loops.TrainingLog.measure_evaluation`)."""
-        return self._train_log.measure_evaluation()
-
-    def sources(self, all_processes: bool = False) -> str:
-        """The sources of this process's sensors joined with ``+``; ``all_processes``: of every
-        process's, as gathered at the end of the stage's loop."""
-        return self._summaries.sources(all_processes)
-
-    def add_summary_section(
-        self, title: str, rows: list[dict], *, section_id: str | None = None, fields: dict | None = None
-    ) -> None:
-        """Add a table (a list of dict rows) to the next summary, under ``section_id`` (the package's
-        own ids are in :mod:`lightning_green.run_summary`; else the title is the id) with ``fields``,
-        structured facts about it that readers take instead of parsing the title."""
-        self._summaries.sections.add_section(title, rows, section_id=section_id, fields=fields)
-
-    def add_summary_provider(self, provider: Callable[[], dict[str, list[dict]]]) -> None:
-        """Register ``provider() -> {title: rows}``, called when the summary is built: at the end of
-        the stage, or when it stops on an exception (``on_train_end`` may not have run)."""
-        self._summaries.sections.add_provider(provider)
-
-    def add_log_step_listener(self, listener: LogStepListener) -> None:
-        """Have another callback log at this one's training log steps (EfficiencyLogger does); add it
-        in ``on_train_start``, as each stage's setup forgets them. The protocol:
-        :meth:`~lightning_green.energy.loops.TrainingLog.log_window`. Without a sensor
-        (:attr:`measuring` False) there are no log steps."""
-        self._train_log.add_listener(listener)
-
-    def generation_phase(self, name: str, tokens: int | None = None) -> contextlib.AbstractContextManager[PhaseBlock]:
-        """Mark a ``"prefill"`` or ``"decode"`` block of a generation loop (in a test or predict step):
-        ``with sampler.generation_phase("decode") as block: ...; block.tokens = n``. The summary and the
-        logged ``generation/<phase>_j_per_token`` give each phase's J and s per token, all processes
-        (:class:`~lightning_green.energy.generation.GenerationPhases`)."""
-        return self._generation_phases.phase(name, tokens)
-
-    def set_comm_seconds(self, pop_exposed_comm_s: Callable[[], float] | None) -> None:
-        """Where the ``comm`` phase's seconds come from (``ddp_green`` hands its counter in ``setup``)."""
-        self._train_log.comm_seconds = pop_exposed_comm_s
 
 
 class PowerSampler(SamplerInterface, Callback):
@@ -292,8 +158,8 @@ class PowerSampler(SamplerInterface, Callback):
         session = EnergySession(self.interval_s, self.history, check_callable("clock", clock) or time.monotonic)
         train_log = TrainingLog(session, self.trace_points, self.phase_timing if self.phases else None)
         SamplerInterface.__init__(self, session, train_log, StageSummaries(session, train_log, self.report_picture))
-        self._log_queue = LogQueue("PowerSampler")
-        # ``global_step_reader(trainer)``, set when training starts
+        self._log_steps = TrainingLogSteps(train_log, self.log_trace, self.progress_bar)
+        # the global step's reader of the training thread, set when training starts
         self._global_step: Callable[[], int] | None = None
         self._trainer: Trainer | None = None
 
@@ -316,7 +182,8 @@ class PowerSampler(SamplerInterface, Callback):
     # ------------------------------------------------------------------ training hooks
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._start_training(trainer)
+        self._global_step = self._log_steps.start(trainer, self._measuring, self._summaries.trace_origin_t)
+        self._summaries.loop_begins("train")
 
     @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -354,15 +221,16 @@ class PowerSampler(SamplerInterface, Callback):
     ) -> None:
         # a log step: the figures are built off this thread where they can be
         if self._train_log.batch_end(self._global_step()):
-            self._log_window(pl_module)
+            self._log_steps.log_window(pl_module)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._log_epoch(trainer)
+        self._log_steps.log_epoch(trainer)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end_training(trainer)
+        self._log_steps.end(trainer)
+        self._summaries.stage_loop_ended(trainer, with_state=True)
 
     # ------------------------------------------------------------------ evaluation hooks
     @override
@@ -370,7 +238,7 @@ class PowerSampler(SamplerInterface, Callback):
         self._summaries.loop_begins(_loop_name(trainer))
         in_fit = trainer.state.fn == "fit" and not trainer.sanity_checking
         self._train_log.validation_started(in_fit=in_fit)
-        self._log_queue.call(self._train_log.drain_trace, trainer.loggers)
+        self._log_steps.drain_trace(trainer)
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -453,51 +321,13 @@ class PowerSampler(SamplerInterface, Callback):
         self._train_log.begin_stage()
 
     def _finish(self, trainer: Trainer, stage: str, status: str) -> None:
-        self._log_queue.stop()
+        self._log_steps.stop()
         if not self.session.finish():
             return
         self._summaries.finish(trainer, stage, status, no_sensor=not self._measuring)
         if stage in S.SUMMARY_STAGES and trainer.is_global_zero:
             directory = self.summary_dir or summary_dir_of(trainer)
             self._summaries.emit(trainer, directory, self.print_summary)
-
-    def _start_training(self, trainer: Trainer) -> None:
-        # without a sensor there are no log steps (0: never) and no trace
-        every = trainer.log_every_n_steps if self._measuring else 0
-        keeps_trace = self.log_trace and self._measuring and trainer.is_global_zero
-        self._train_log.start(
-            every,
-            trainer.global_step,
-            trainer.strategy.root_device,
-            sum_reducer(trainer),
-            trainer.world_size,
-            self._summaries.trace_origin_t if keeps_trace else None,
-        )
-        self._summaries.loop_begins("train")
-        self._log_queue.start(trainer.loggers, background=trainer.is_global_zero)
-        self._global_step = global_step_reader(trainer)
-
-    def _log_window(self, pl_module: LightningModule) -> None:
-        step = self._global_step()
-        metrics = self._train_log.log_window(step, self._log_queue, in_place=self.progress_bar)
-        if self.progress_bar:
-            progress = {"energy_kj": metrics["energy/total_j"] / 1000.0, "power_w": self._train_log.window.power_w}
-            pl_module.log_dict(progress, prog_bar=True, logger=False)
-
-    def _log_epoch(self, trainer: Trainer) -> None:
-        if self._measuring:
-            epoch_j = reduce_sum(trainer, [self._train_log.window.epoch_energy_j()])[0]
-            self._log_queue.put({"energy/epoch_j": epoch_j}, trainer.global_step, trainer.loggers)
-        self._log_queue.call(self._train_log.drain_trace, trainer.loggers)
-
-    def _end_training(self, trainer: Trainer) -> None:
-        if self._train_log.unlogged_steps:
-            # the last, partial logging window (no listeners, no progress bar)
-            self._train_log.log_window(self._global_step(), self._log_queue, log_step=False)
-        self._log_queue.call(self._train_log.drain_trace, trainer.loggers)
-        self._log_queue.stop()
-        self._train_log.end()
-        self._summaries.stage_loop_ended(trainer, with_state=True)
 
     def _end_generation_loop(self, trainer: Trainer) -> None:
         """Every process's generation phases (a collective) and their metrics, at the loop's end; none

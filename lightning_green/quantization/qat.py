@@ -3,7 +3,9 @@
 The callback is glue: it decides *when* to choose the scheme, prepare, turn fake quantization on,
 convert, and how a checkpoint loads. The scheme table is :mod:`.schemes`, the kernel micro-benchmark
 :mod:`.kernels`, layer selection and the two backends :mod:`.layers` (torch int8: :mod:`.int8`;
-``torchao``: ``_torchao.py``), the figures :mod:`.evaluate`.
+``torchao``: ``_torchao.py``), the figures :mod:`.evaluate`, the checkpoints (load hooks and the
+callback's state) :mod:`.checkpoints`, the module converted at fit end and how its figures are published
+:mod:`.fit_end`.
 
 **Scheme.** ``scheme="auto"`` (the default) times the candidate kernels on the model's own Linear
 shapes in :meth:`setup` (a few tens of ms) and keeps the fastest: on CPU torch's dynamic int8
@@ -51,19 +53,17 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_green import run_summary as rs
 from lightning_green.callbacks.power import find_power_sampler
-from lightning_green.log_queue import log_metrics
 from lightning_green.quantization import layers
-from lightning_green.quantization.checkpoints import CheckpointLoading
+from lightning_green.quantization.checkpoints import QatCheckpoints
 from lightning_green.quantization.evaluate import (
     EnergyProbe,
     LossFn,
     QatReport,
     evaluate,
-    reduce_sum_optional,
     state_dict_size_bytes,
 )
+from lightning_green.quantization.fit_end import conversion_target, publish_conversion
 from lightning_green.quantization.kernels import Timer, resolve_scheme
 from lightning_green.quantization.layers import FilterFn
 from lightning_green.quantization.schemes import AUTO, SCHEMES, check_arguments
@@ -141,9 +141,8 @@ class QuantizationAwareTraining(Callback):
         self._fitting = False
         # None until a Trainer sets fake quantization by step (prepare() outside one turns it on)
         self._fake_quant_on: bool | None = None
-        self._hooks: list[Any] = []
         self._probe = EnergyProbe()
-        self._loading = CheckpointLoading(self._convert_model)
+        self._checkpoints = QatCheckpoints(self._convert_model, self._probe)
 
     @property
     def resolved_scheme(self) -> str:
@@ -178,9 +177,7 @@ class QuantizationAwareTraining(Callback):
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._fitting = False
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
+        self._checkpoints.unhook()
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -189,32 +186,11 @@ class QuantizationAwareTraining(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         converted = self._module is not None and layers.is_converted(self._module)
-        return {
-            "scheme": self.resolved_scheme,
-            "group_size": self.group_size,
-            "quantize_embeddings": self.quantize_embeddings,
-            "start_step": self.start_step,
-            "converted": converted,
-            "energy_j": self._probe.checkpoint_j(),
-            "report": self.report.as_dict(),
-        }
+        return self._checkpoints.state(self._settings(), self.start_step, converted, self.report)
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        ours = {
-            "scheme": self.resolved_scheme,
-            "group_size": self.group_size,
-            "quantize_embeddings": self.quantize_embeddings,
-        }
-        mismatched = {k: state_dict[k] for k in ours if k in state_dict and state_dict[k] != ours[k]}
-        if mismatched:
-            rank_zero_warn(
-                f"QuantizationAwareTraining: the checkpoint was written with {mismatched}; this callback uses {ours}."
-            )
-        self._probe.restore_j(float(state_dict.get("energy_j") or 0.0))
-        # After a conversion here, a checkpoint's report (e.g. `last`, written before it) is older.
-        if self.report.converted_at_step is None:
-            self.report = self.report.restored(state_dict.get("report") or {})
+        self.report = self._checkpoints.restore(state_dict, self._settings(), self.report)
 
     def prepare(self, model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
         """Prepare ``model`` in place outside a Trainer (fake quantization on; build the optimizer after).
@@ -277,11 +253,7 @@ class QuantizationAwareTraining(Callback):
         self._scheme = trainer.strategy.broadcast(self._scheme)  # every rank quantizes as rank 0 measured
         self.report.update(scheme=self._scheme)
         self._module = pl_module
-        self._loading.as_float = stage == "fit" or self.eval_as == "float"
-        self._loading.fake_quant_off = stage != "fit" and self.eval_as == "float"
-        if not self._hooks:
-            self._hooks.append(pl_module.register_load_state_dict_pre_hook(self._loading.before_load))
-            self._hooks.append(pl_module.register_load_state_dict_post_hook(self._loading.after_load))
+        self._checkpoints.hook(pl_module, stage, self.eval_as)
         if stage != "fit":
             return
         dequantized = layers.to_float(pl_module)
@@ -294,6 +266,14 @@ class QuantizationAwareTraining(Callback):
             self._prepare(pl_module)
         self._fake_quant_on = None
         self._sync_fake_quant(pl_module, trainer.global_step)
+
+    def _settings(self) -> dict[str, Any]:
+        """What a checkpoint must agree on for a resume to go on."""
+        return {
+            "scheme": self.resolved_scheme,
+            "group_size": self.group_size,
+            "quantize_embeddings": self.quantize_embeddings,
+        }
 
     def _resolve(self, model: nn.Module, device: torch.device) -> None:
         if self._scheme is not None and (self.scheme == AUTO or self.report.scheme == self._scheme):
@@ -358,29 +338,22 @@ class QuantizationAwareTraining(Callback):
         self.report.set_evaluation("float", evaluate(trainer, pl_module, self._probe, self.loss_fn))
         layers.set_fake_quant_enabled(pl_module, True)
         self._fake_quant_on = True
-        target = _conversion_target(trainer, pl_module)
+        target = conversion_target(trainer, pl_module)
         self._convert_model(target)
         size_after = state_dict_size_bytes(target)
         self.report.set_evaluation("converted", evaluate(trainer, target, self._probe, self.loss_fn))
         if target is not pl_module:
             target.trainer = None  # type: ignore[assignment]
-        energy_j = reduce_sum_optional(trainer, energy_j)
-        self.report.update(
+        publish_conversion(
+            trainer,
+            self.report,
+            self._probe,
             method=method,
-            converted_at_step=trainer.global_step,
-            size_bytes_before=size_before,
-            size_bytes_after=size_after,
-            size_ratio=size_after / size_before,
+            scheme=self.resolved_scheme,
+            size_before=size_before,
+            size_after=size_after,
             energy_j=energy_j,
-            energy_source=self._probe.sources() if energy_j is not None else None,
-        )
-        if trainer.is_global_zero:
-            log_metrics(trainer, self.report.metrics(self.prefix))
-        self._probe.add_summary(
-            f"{rs.QAT_TITLE} ({self.resolved_scheme})",
-            self.report.summary_rows(),
-            section_id=rs.QAT,
-            fields={"scheme": self.resolved_scheme},
+            prefix=self.prefix,
         )
 
     def _resolve_model(self, model: nn.Module | None) -> nn.Module:
@@ -388,23 +361,6 @@ class QuantizationAwareTraining(Callback):
         if model is None:
             raise RuntimeError("QuantizationAwareTraining.convert()/export() needs a model: none was given or fitted.")
         return model
-
-
-def _conversion_target(trainer: Trainer, pl_module: LightningModule) -> LightningModule:
-    """The module to convert at the end of fit: itself, or a copy under ddp_spawn/ddp_fork (the main
-    process could not load the workers' quantized weights)."""
-    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
-
-    if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
-        return pl_module
-    target = copy.deepcopy(pl_module)
-    target.trainer = trainer
-    rank_zero_warn(
-        "QuantizationAwareTraining: under a spawn/fork launcher the main process cannot load quantized weights,"
-        " so the figures come from a converted copy and the model returned by fit is the trained float model:"
-        " call `qat.convert(model)` on it."
-    )
-    return target
 
 
 __all__ = ["QuantizationAwareTraining", "state_dict_size_bytes"]
