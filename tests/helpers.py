@@ -24,20 +24,6 @@ class SleepyModel(BoringModel):
         return super().training_step(batch, batch_idx)
 
 
-class Clock(Callback):
-    """Records time.monotonic() at setup and at every training batch end, by global step."""
-
-    def __init__(self):
-        self.t_setup = None
-        self.at_step: dict[int, float] = {}
-
-    def setup(self, trainer, pl_module, stage):
-        self.t_setup = time.monotonic()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.at_step[trainer.global_step] = time.monotonic()
-
-
 def logged(logger_mock, key):
     """[(step, value)] of every log_metrics call on a Mock logger that holds ``key``."""
     out = []
@@ -67,20 +53,38 @@ def tiny_trainer(**kwargs):
 
 
 class FakeClock(Callback):
-    """A clock that moves ``batch_s`` at every training batch start, and only then: window
-    arithmetic is exact whatever the machine's load."""
+    """Simulated time, the one clock of the tests: a callable monotonic clock that moves only when told,
+    so window arithmetic is exact whatever the machine's load. It moves ``batch_s`` at every training
+    batch start and ``val_s`` at every validation batch start (as a callback in the Trainer), ``tick_s``
+    after every read (a sensor's own clock: one thread per clock), and by :meth:`advance` /
+    :meth:`sleep` when a test or the code under test says so. With :attr:`reads` set to an
+    ``EnergySession``, the sensors are read at every training batch end but the last (the final reading
+    is there)."""
 
-    def __init__(self, batch_s: float):
-        self.t, self.batch_s = 1000.0, batch_s
-        self.reads = (
-            None  # an EnergySession to read at every batch end but the last (the final reading is there), if set
-        )
+    def __init__(self, batch_s: float = 0.0, *, t: float = 1000.0, val_s: float = 0.0, tick_s: float = 0.0):
+        self.t = t
+        self.batch_s = batch_s
+        self.val_s = val_s
+        self.tick_s = tick_s
+        self.reads = None
 
-    def __call__(self):
-        return self.t
+    def __call__(self) -> float:
+        now = self.t
+        self.t += self.tick_s
+        return now
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+    def sleep(self, seconds: float) -> None:
+        """``time.sleep`` in simulated time: the code under test's wait moves the clock."""
+        self.advance(seconds)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.t += self.batch_s
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.t += self.val_s
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.reads is not None and trainer.global_step < trainer.max_steps:

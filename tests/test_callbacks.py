@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import sampler_threads
 from fake_pynvml import FakeGpu
-from helpers import Clock, FakeClock, SleepyModel, logged, tiny_trainer
+from helpers import FakeClock, SleepyModel, logged, tiny_trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -202,29 +202,40 @@ def test_runs_in_validate_test_predict(tmp_path):
 
 
 def test_resume_continues_total(tmp_path):
-    ckpt, clock = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=10, save_top_k=-1), Clock()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=10, save_top_k=-1)
+    clock1 = FakeClock(0.1)
     ps1 = PowerSampler(
-        sensors=[SimulatedSensor(100.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False
+        sensors=[SimulatedSensor(100.0, clock=clock1)],
+        interval_s=3600.0,
+        summary_dir=str(tmp_path),
+        print_summary=False,
+        clock=clock1,
     )
-    tiny_trainer(max_steps=10, callbacks=[ps1, clock, ckpt], enable_checkpointing=True).fit(SleepyModel(step_s=0.02))
+    clock1.reads = ps1.session
+    trainer1 = tiny_trainer(max_steps=10, callbacks=[clock1, ps1, ckpt], enable_checkpointing=True)
+    trainer1.fit(SleepyModel(step_s=0.0))
     state = torch.load(tmp_path / "epoch=0-step=10.ckpt", weights_only=False)["callbacks"]
     saved = next(v for k, v in state.items() if k.startswith("PowerSampler"))
-    # saved after step 10 ended and before the first run ended, at 100 W
-    assert 100.0 * (clock.at_step[10] - clock.t_setup) <= saved["total_j"] <= ps1.summary["cumulative_energy_j"]
-    until_ckpt_s = saved["total_j"] / 100.0
+    # saved after step 10: ten batches of 0.1 simulated seconds at 100 W
+    assert saved["total_j"] == pytest.approx(100.0)
 
     logger = mock_logger()
+    clock2 = FakeClock(0.1)
     ps2 = PowerSampler(
-        sensors=[SimulatedSensor(100.0)], interval_s=0.01, summary_dir=str(tmp_path), print_summary=False
+        sensors=[SimulatedSensor(100.0, clock=clock2)],
+        interval_s=3600.0,
+        summary_dir=str(tmp_path),
+        print_summary=False,
+        clock=clock2,
     )
-    trainer = tiny_trainer(max_steps=20, log_every_n_steps=5, callbacks=[ps2], logger=logger)
-    trainer.fit(SleepyModel(step_s=0.02), ckpt_path=tmp_path / "epoch=0-step=10.ckpt")
+    clock2.reads = ps2.session
+    trainer = tiny_trainer(max_steps=20, log_every_n_steps=5, callbacks=[clock2, ps2], logger=logger)
+    trainer.fit(SleepyModel(step_s=0.0), ckpt_path=tmp_path / "epoch=0-step=10.ckpt")
     s = ps2.summary
-    assert s["restored_j"] == pytest.approx(saved["total_j"])
-    # an uninterrupted run at 100 W over the same simulated seconds: 100 W x (first + second duration)
-    assert s["cumulative_energy_j"] == pytest.approx(100.0 * (until_ckpt_s + s["sensors"][0]["duration_s"]), rel=0.01)
-    totals = [v for _, v in logged(logger, "energy/total_j")]
-    assert totals[0] > saved["total_j"] and totals == sorted(totals)
+    assert s["restored_j"] == pytest.approx(100.0)
+    # as an uninterrupted run: ten more batches of 0.1 s at 100 W on top of what was restored
+    assert s["cumulative_energy_j"] == pytest.approx(200.0)
+    assert [v for _, v in logged(logger, "energy/total_j")] == pytest.approx([150.0, 200.0])
 
 
 def test_efficiency_needs_power_sampler():

@@ -184,16 +184,8 @@ def test_a_checkpoint_loaded_by_validate_is_not_applied_to_a_later_fit_from_scra
     assert "train_energy_j" in eff.results and "test_epi_j" in eff.results  # results keep every stage's
 
 
-class Clock:
-    def __init__(self, t=1000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
-
-
 def test_session_keeps_restored_apart_from_carried():
-    clock = Clock()
+    clock = FakeClock()
     session = EnergySession(interval_s=3600.0, clock=clock)
     session.start([SimulatedSensor(10.0, clock=clock)])
     clock.t += 3.0

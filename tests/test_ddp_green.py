@@ -59,10 +59,6 @@ def test_registry_names_resolve_and_second_registration_is_harmless():
     assert trainer.strategy.comm_compression is CommCompression.NONE
 
 
-@pytest.mark.skipif(
-    not hasattr(lightning_green, "EnergyAwareDDPStrategy"),
-    reason="lightning_green/__init__ does not export the strategy yet",
-)
 def test_importing_the_package_registers_the_names():
     for name in ("ddp_green", "ddp_green_spawn"):
         StrategyRegistry.pop(name, None)
@@ -85,12 +81,7 @@ def test_instance_with_arguments_keeps_ddp_arguments():
 
 CLASS_PATHS = [
     "lightning_green.strategies.EnergyAwareDDPStrategy",
-    pytest.param(
-        "lightning_green.EnergyAwareDDPStrategy",
-        marks=pytest.mark.skipif(
-            not hasattr(lightning_green, "EnergyAwareDDPStrategy"), reason="not exported at the top level yet"
-        ),
-    ),
+    "lightning_green.EnergyAwareDDPStrategy",
 ]
 
 

@@ -8,7 +8,7 @@ import warnings
 from unittest.mock import Mock
 
 import pytest
-from helpers import logged, tiny_trainer
+from helpers import FakeClock, logged, tiny_trainer
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringModel
@@ -21,22 +21,6 @@ from lightning_green.sensors import SimulatedSensor
 STEP_S, VAL_S = 0.01, 0.05  # simulated seconds per training batch and per validation batch
 WATTS = 100.0
 ENERGY_KEY, TIME_KEY = "efficiency/energy_to_target/val_loss_j", "efficiency/time_to_target/val_loss_s"
-
-
-class FakeClock(Callback):
-    """Moves STEP_S at every training batch start and VAL_S at every validation batch start, and only then."""
-
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.t += STEP_S
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self.t += VAL_S
 
 
 class Scripted(BoringModel):
@@ -62,7 +46,7 @@ def mock_logger():
 
 
 def run(tmp_path, targets, val_loss_at, max_steps=8, ckpt_path=None, extra=(), then=(), strategy="auto"):
-    logger, clock = mock_logger(), FakeClock()
+    logger, clock = mock_logger(), FakeClock(STEP_S, val_s=VAL_S)
     ps = PowerSampler(
         sensors=[SimulatedSensor(WATTS, clock=clock)],
         interval_s=3600.0,
@@ -236,7 +220,7 @@ class RankScripted(Scripted):
 
 
 def test_two_processes_decide_together_and_sum_their_energy(tmp_path):
-    clock = FakeClock()
+    clock = FakeClock(STEP_S, val_s=VAL_S)
     ps = PowerSampler(
         sensors=[SimulatedSensor(WATTS, clock=clock)],
         interval_s=3600.0,

@@ -8,7 +8,7 @@ from unittest.mock import Mock
 
 import pytest
 import torch
-from helpers import logged, tiny_trainer
+from helpers import FakeClock, logged, tiny_trainer
 from lightning.pytorch import Callback
 from lightning.pytorch.demos.boring_classes import BoringModel, RandomDataset
 from torch.utils.data import DataLoader
@@ -20,22 +20,6 @@ from lightning_green.sensors import SimulatedSensor
 
 STEP_S, VAL_S = 0.01, 0.01  # simulated seconds per training batch and per validation batch
 WATTS = 100.0  # so 1 J per training step and per validation batch
-
-
-class FakeClock(Callback):
-    """Moves STEP_S at every training batch start and VAL_S at every validation batch start, and only then."""
-
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.t += STEP_S
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        self.t += VAL_S
 
 
 class LongEpochs(BoringModel):
@@ -61,7 +45,7 @@ def mock_logger():
 
 
 def fit(tmp_path, budget, max_steps=2000, val_every=None, ckpt_path=None, model=None, power_w=WATTS, **kwargs):
-    clock, logger = FakeClock(), mock_logger()
+    clock, logger = FakeClock(STEP_S, val_s=VAL_S), mock_logger()
     ps = PowerSampler(
         sensors=[SimulatedSensor(power_w, clock=clock)],
         interval_s=3600.0,
@@ -346,7 +330,7 @@ class CountCollectives(Callback):
 
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_green_spawn"])
 def test_two_processes_stop_on_the_same_step_with_no_collective_added_per_step(tmp_path, strategy):
-    clock = FakeClock()
+    clock = FakeClock(STEP_S, val_s=VAL_S)
     ps = PowerSampler(
         sensors=[SimulatedSensor(power_by_rank, clock=clock)],
         interval_s=3600.0,

@@ -9,7 +9,7 @@ from unittest.mock import Mock
 
 import pytest
 import torch
-from helpers import logged, tiny_trainer
+from helpers import FakeClock, logged, tiny_trainer
 from lightning.pytorch import LightningModule
 from torch.utils.data import DataLoader
 
@@ -26,14 +26,6 @@ from lightning_green.energy.session import EnergySession
 from lightning_green.sensors import SimulatedSensor
 
 SCRIPTS = os.path.join(os.path.dirname(__file__), "ddp_scripts")
-
-
-class FakeClock:
-    def __init__(self, t=1000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
 
 
 def started_session(power_w=100.0):

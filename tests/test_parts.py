@@ -1,6 +1,7 @@
 """The Trainer-free parts under the callbacks, with plain calls and injected clocks (no wall time)."""
 
 import pytest
+from helpers import FakeClock
 
 from lightning_green.callbacks.efficiency import BatchCounter
 from lightning_green.checks import check_int, check_path, checked_count
@@ -12,14 +13,6 @@ from lightning_green.power_limit import LimitSearch
 from lightning_green.resume import continued_part, state_for_rank
 from lightning_green.sensors import SimulatedSensor
 from lightning_green.summary import StageRecord, SummarySections, build_summary, local_cluster, sensor_rows
-
-
-class FakeClock:
-    def __init__(self, t=1000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
 
 
 def started_session(power_w=100.0, clock=None):

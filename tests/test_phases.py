@@ -3,7 +3,7 @@ from unittest.mock import Mock
 
 import pytest
 import torch
-from helpers import logged, tiny_trainer
+from helpers import FakeClock, logged, tiny_trainer
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
@@ -77,20 +77,6 @@ def test_accumulator_energy_by_time():
     assert rows[-1]["energy_j"] is None and "not measurable" in rows[-1]["note"]
 
 
-class FakeTime:
-    """A clock that moves only when the code under test "sleeps": phase edges and sensor readings
-    land on exact simulated timestamps, whatever the machine's load."""
-
-    def __init__(self, t=1000.0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
-
-    def sleep(self, seconds):
-        self.t += seconds
-
-
 class SlowData(Dataset):
     def __init__(self, sleep_s, sleep=time.sleep):
         self.sleep_s, self.sleep = sleep_s, sleep
@@ -141,7 +127,7 @@ def test_overflow_keeps_time():
 def test_known_sleeps_give_the_split(tmp_path):
     # Simulated time: data, compute and the optimizer step each move the clock by a known amount, and
     # nothing else does, so each phase's seconds and joules are exact (no race with a busy machine).
-    logger, clock = Mock(), FakeTime()
+    logger, clock = Mock(), FakeClock()
     logger.log_dir = logger.save_dir = None
     ps = PowerSampler(
         sensors=[SimulatedSensor(100.0, clock=clock)],
@@ -165,7 +151,7 @@ def test_known_sleeps_give_the_split(tmp_path):
 
 
 def test_dram_zone_reported_as_memory(tmp_path):
-    clock = FakeTime()
+    clock = FakeClock()
     dram = SimulatedSensor(5.0, name="rapl_dram-0", host_level=True, domain="dram", clock=clock)
     ps = PowerSampler(
         sensors=[SimulatedSensor(100.0, clock=clock), dram],

@@ -13,6 +13,7 @@ from unittest.mock import Mock
 import pytest
 from conftest import DIST_ENV
 from fake_pynvml import FakeGpu
+from helpers import FakeClock
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -396,21 +397,19 @@ def test_no_permission_warns_once_and_trains(tmp_path, fake_nvml):
     assert trainer.global_step == 6 and gpu.limit_mw == 700_000
 
 
-class StepClock(Callback):
+class StepClock(FakeClock):
     """Simulated time for the power-limit search: each training batch lasts exactly the model's step time
     ``T(L)`` under the limit in force, and the sensors are read at every batch end but the last (the
     sampler's final reading is there). Windows and energies are then exact, whatever the machine's load."""
 
     def __init__(self, control, step_s):
-        self.control, self.step_s, self.t, self.session = control, step_s, 1000.0, None
-
-    def __call__(self):
-        return self.t
+        super().__init__()
+        self.control = control
+        self.step_s = step_s
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.t += self.control.step_time_s(step_s=self.step_s)
-        if trainer.global_step < trainer.max_steps:
-            self.session.read_now()
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
 
 def test_search_in_a_trainer_then_from_the_cache(tmp_path):
@@ -424,7 +423,7 @@ def test_search_in_a_trainer_then_from_the_cache(tmp_path):
         summary_dir=str(tmp_path),
         clock=clock,
     )
-    clock.session = sampler.session
+    clock.reads = sampler.session
     probe, logger = LimitProbe(control), mock_logger()
     search_cb = PowerLimitSearch(
         "search",

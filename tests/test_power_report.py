@@ -9,7 +9,7 @@ import struct
 import sys
 
 import pytest
-from helpers import SleepyModel, logged, tiny_trainer
+from helpers import FakeClock, SleepyModel, logged, tiny_trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_green import PowerSampler
@@ -20,14 +20,6 @@ from lightning_green.energy.loops import LoopTimeline, TraceLog
 from lightning_green.sensors import SimulatedSensor
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-class FakeClock:
-    def __init__(self, t: float = 100.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def png_size(path) -> tuple[int, int]:
@@ -60,24 +52,29 @@ def test_fit_and_test_write_the_picture_beside_the_summary_and_to_tensorboard(tm
 
 
 def test_the_summary_timeline_shades_validation_on_the_trace_axis(tmp_path):
-    ps = PowerSampler(sensors=[SimulatedSensor(100.0)], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path))
-    trainer = tiny_trainer(
-        max_steps=6, callbacks=[ps], limit_val_batches=2, val_check_interval=3, num_sanity_val_steps=1
+    clock = FakeClock(0.5, val_s=0.25)
+    ps = PowerSampler(
+        sensors=[SimulatedSensor(100.0, clock=clock)],
+        interval_s=3600.0,
+        print_summary=False,
+        summary_dir=str(tmp_path),
+        clock=clock,
     )
-    trainer.fit(SleepyModel(step_s=0.01))
+    clock.reads = ps.session
+    trainer = tiny_trainer(
+        max_steps=6, callbacks=[clock, ps], limit_val_batches=2, val_check_interval=3, num_sanity_val_steps=1
+    )
+    trainer.fit(SleepyModel(step_s=0.0))
     rows = json.loads((tmp_path / "energy_summary_fit.json").read_text())["timeline"]
-    assert [r["loop"] for r in rows] == [
-        "sanity",
-        "train",
-        "validation",
-        "train",
-        "validation",
-        "train",
-    ]  # a tail to train end
-    assert all(a["end_s"] == b["start_s"] for a, b in zip(rows, rows[1:], strict=False))  # consecutive, no overlap
-    assert all(r["start_s"] <= r["end_s"] for r in rows) and rows[0]["start_s"] >= 0.0
+    # a sanity check, then train and validation in turn, and a tail to train end
+    assert [r["loop"] for r in rows] == ["sanity", "train", "validation", "train", "validation", "train"]
+    # consecutive, no overlap, on simulated time: 0.25 s per validation batch, 0.5 s per training batch
+    assert all(a["end_s"] == b["start_s"] for a, b in zip(rows[:-1], rows[1:], strict=True))
+    durations = [r["end_s"] - r["start_s"] for r in rows]
+    assert durations[:5] == pytest.approx([0.25, 1.5, 0.5, 1.5, 0.5])
+    # one time axis: the trace's readings fall inside the timeline
     trace_t = [t for t, _ in ps.summary["trace"]["sim"]]
-    assert rows[-1]["end_s"] >= trace_t[-1] - 0.05 and rows[0]["start_s"] <= trace_t[0] + 0.05  # one time axis
+    assert rows[0]["start_s"] <= trace_t[0] and trace_t[-1] <= rows[-1]["end_s"]
 
 
 def test_without_matplotlib_the_hint_is_said_once_per_sampler(tmp_path, monkeypatch):
@@ -110,7 +107,7 @@ def test_report_picture_false_writes_the_summary_only(tmp_path):
 
 # --------------------------------------------------------------------------- Trainer-free parts
 def test_loop_timeline_merges_same_loops_and_stays_bounded():
-    clock = FakeClock(100.0)
+    clock = FakeClock(t=100.0)
     timeline = LoopTimeline(clock, max_entries=5)
     timeline.reset(origin_t=90.0)
     for loop, t in (("train", 100.0), ("train", 101.0), ("validation", 102.0), ("train", 102.5)):

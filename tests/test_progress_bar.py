@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import SleepyModel, tiny_trainer
+from helpers import FakeClock, SleepyModel, tiny_trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 from lightning_green import PowerSampler
@@ -11,15 +11,18 @@ from lightning_green.sensors import SimulatedSensor
 
 
 def fit_with_bar(tmp_path, bar, enabled: bool):
+    clock = FakeClock(0.01)
     ps = PowerSampler(
-        sensors=[SimulatedSensor(200.0)],
-        interval_s=0.01,
+        sensors=[SimulatedSensor(200.0, clock=clock)],
+        interval_s=3600.0,
         print_summary=False,
         summary_dir=str(tmp_path),
         progress_bar=enabled,
+        clock=clock,
     )
-    model = SleepyModel(step_s=0.01)
-    trainer = tiny_trainer(max_steps=8, log_every_n_steps=4, enable_progress_bar=True, callbacks=[ps, bar])
+    clock.reads = ps.session
+    model = SleepyModel(step_s=0.0)
+    trainer = tiny_trainer(max_steps=8, log_every_n_steps=4, enable_progress_bar=True, callbacks=[clock, ps, bar])
     trainer.fit(model)
     return trainer, model, ps
 
@@ -30,10 +33,10 @@ def test_energy_and_power_in_the_progress_bar_when_enabled(tmp_path, bar):
     shown = trainer.progress_bar_callback.get_metrics(trainer, model)
     assert {"energy_kj", "power_w"} <= shown.keys()
     assert trainer.progress_bar_metrics["energy_kj"] == pytest.approx(float(shown["energy_kj"]))
-    # the last logging window's figures: energy so far (at step 8, before teardown's last reading)
-    assert 0 < trainer.progress_bar_metrics["energy_kj"] <= ps.summary["cumulative_energy_j"] / 1000.0
-    # 200 W over the window (a busy machine delays readings, so window edges can be off by an interval)
-    assert trainer.progress_bar_metrics["power_w"] == pytest.approx(200.0, rel=0.5)
+    # the last logging window's figures: energy so far at step 8 (8 batches of 0.01 s at 200 W) and the
+    # window's power
+    assert trainer.progress_bar_metrics["energy_kj"] == pytest.approx(8 * 0.01 * 200.0 / 1000.0)
+    assert trainer.progress_bar_metrics["power_w"] == pytest.approx(200.0)
 
 
 @pytest.mark.parametrize("bar", [TQDMProgressBar, RichProgressBar], ids=["tqdm", "rich"])

@@ -1,6 +1,6 @@
 """Faults and bad input around the sensors, the sampler and the meter (issue 11).
 
-Energies are asserted on simulated timestamps (each sensor stamps readings with a StepClock), never on
+Energies are asserted on simulated timestamps (each sensor stamps readings with a FakeClock), never on
 wall time. Hanging sensors block on an Event that the test releases. Waiting for the sampler's threads
 to make progress polls a condition (wall time bounds the wait only, never an asserted figure).
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import sampler_threads
 from fake_pynvml import NVML_ERROR_TIMEOUT, NVML_ERROR_UNKNOWN, FakeGpu, NVMLError
-from helpers import SleepyModel, tiny_trainer
+from helpers import FakeClock, SleepyModel, tiny_trainer
 
 from lightning_green import PowerSampler
 from lightning_green.energy import EnergyMeter, Sampler
@@ -37,32 +37,21 @@ from lightning_green.sensors.auto import build_sensors
 from lightning_green.sensors.nvml import nvml_errors
 
 
-class StepClock:
-    """A clock that moves ``step`` seconds at every call (one thread per clock)."""
-
-    def __init__(self, step: float = 0.01, start: float = 1000.0) -> None:
-        self.t, self.step = start, step
-
-    def __call__(self) -> float:
-        t, self.t = self.t, self.t + self.step
-        return t
-
-
 def far_clock() -> float:
-    """The sampler's clock in tests whose sensors run on a StepClock: far past their readings, so a
+    """The sampler's clock in tests whose sensors run on a FakeClock: far past their readings, so a
     failed read keeps the whole tail "now" gave (one interval at the last good power)."""
     return 1e9
 
 
 class Hangs(Sensor):
-    """``power_w`` watts on a StepClock; from read number ``hang_from`` on, read() blocks until released."""
+    """``power_w`` watts on a FakeClock; from read number ``hang_from`` on, read() blocks until released."""
 
     source, kind = "simulated", "power"
 
     def __init__(self, name: str = "hangs", hang_from: int = 1, power_w: float = 50.0) -> None:
         self.name, self.hang_from, self.power_w = name, hang_from, power_w
         self.calls = 0
-        self.clock = StepClock(0.01)
+        self.clock = FakeClock(tick_s=0.01)
         self.entered = threading.Event()
         self.release = threading.Event()
 
@@ -81,7 +70,7 @@ class Returns(Sensor):
 
     def __init__(self, name: str, script: list, after: object = Reading) -> None:
         self.name, self.script, self.after = name, list(script), after
-        self.clock = StepClock(0.01)
+        self.clock = FakeClock(tick_s=0.01)
 
     def read(self):
         item = self.script.pop(0) if self.script else self.after
@@ -109,7 +98,7 @@ def release_and_join(sensor: Hangs) -> None:
 # ---------------------------------------------------------------- 1. a hung sensor holds up only itself
 def test_hung_sensor_holds_up_only_itself(caplog):
     meter = EnergyMeter()
-    good = SimulatedSensor(100.0, name="good", clock=StepClock(0.01))
+    good = SimulatedSensor(100.0, name="good", clock=FakeClock(tick_s=0.01))
     hung = Hangs(hang_from=4)  # three good readings first: 50 W over 0.02 simulated seconds
     sampler = Sampler([good, hung], meter, interval_s=0.01, read_timeout_s=0.2, stop_timeout_s=1.0, clock=far_clock)
     try:
@@ -137,7 +126,7 @@ def test_hung_sensor_holds_up_only_itself(caplog):
 
 def test_a_caller_does_not_wait_on_a_read_already_late():
     meter = EnergyMeter()
-    good = SimulatedSensor(100.0, name="good", clock=StepClock(0.01))
+    good = SimulatedSensor(100.0, name="good", clock=FakeClock(tick_s=0.01))
     hung = Hangs(hang_from=2)
     sampler = Sampler([good, hung], meter, interval_s=0.01, read_timeout_s=60.0, stop_timeout_s=1.0)
     try:
@@ -175,7 +164,10 @@ def test_read_that_hangs_at_stop_is_abandoned_within_the_stop_timeout():
 def test_no_thread_after_stop_and_restart():
     meter = EnergyMeter()
     sampler = Sampler(
-        [SimulatedSensor(10.0, name="a", clock=StepClock()), SimulatedSensor(20.0, name="b", clock=StepClock())],
+        [
+            SimulatedSensor(10.0, name="a", clock=FakeClock(tick_s=0.01)),
+            SimulatedSensor(20.0, name="b", clock=FakeClock(tick_s=0.01)),
+        ],
         meter,
         interval_s=0.01,
     )
@@ -196,7 +188,7 @@ def test_no_thread_after_stop_and_restart():
 def test_first_read_that_hangs_does_not_block_start(caplog):
     meter = EnergyMeter()
     hung = Hangs(hang_from=1)
-    good = SimulatedSensor(100.0, name="good", clock=StepClock(0.01))
+    good = SimulatedSensor(100.0, name="good", clock=FakeClock(tick_s=0.01))
     sampler = Sampler([good, hung], meter, interval_s=0.01, start_timeout_s=0.1, read_timeout_s=0.3)
     try:
         starter = threading.Thread(target=sampler.start)
@@ -233,7 +225,7 @@ def test_training_goes_on_beside_a_sensor_whose_first_read_hangs(tmp_path):
 def test_reading_none_mid_run_drops_only_that_sensor(caplog):
     meter = EnergyMeter()
     bad = Returns("bad", [Reading] * 3, after=None)
-    good = SimulatedSensor(100.0, name="good", clock=StepClock(0.01))
+    good = SimulatedSensor(100.0, name="good", clock=FakeClock(tick_s=0.01))
     sampler = Sampler([bad, good], meter, interval_s=0.01, clock=far_clock)
     sampler.start()
     wait_until(lambda: meter.stats("bad")["failed"] is not None)
@@ -307,7 +299,7 @@ def run_until(sensor: Sensor, meter: EnergyMeter, condition) -> None:
 
 @pytest.mark.parametrize("code", [NVML_ERROR_UNKNOWN, NVML_ERROR_TIMEOUT])
 def test_one_transient_nvml_error_loses_no_energy(fake_nvml, code):
-    clock = StepClock(0.05)  # a read takes three ticks: 0.15 simulated seconds between readings
+    clock = FakeClock(tick_s=0.05)  # a read takes three ticks: 0.15 simulated seconds between readings
     fake_nvml(gpus=[FakeGpu(uuid="GPU-a", power_w=300.0, errors_at={4: code}, clock=clock)])  # read 1 is the probe
     meter = EnergyMeter()
     run_until(NvmlSensor(0, clock=clock), meter, lambda: meter.stats("gpu0")["samples"] >= 10)
@@ -320,7 +312,7 @@ def test_one_transient_nvml_error_loses_no_energy(fake_nvml, code):
 
 
 def test_polled_gpu_bridges_a_transient_error_with_neighbouring_power(fake_nvml):
-    clock = StepClock(0.05)
+    clock = FakeClock(tick_s=0.05)
     fake_nvml(
         gpus=[FakeGpu(uuid="GPU-a", power_w=200.0, counter=False, errors_at={3: NVML_ERROR_UNKNOWN}, clock=clock)]
     )
@@ -333,7 +325,7 @@ def test_polled_gpu_bridges_a_transient_error_with_neighbouring_power(fake_nvml)
 
 
 def test_a_gpu_that_keeps_failing_transiently_is_dropped(fake_nvml):
-    clock = StepClock(0.05)
+    clock = FakeClock(tick_s=0.05)
     fake_nvml(
         gpus=[
             FakeGpu(
@@ -373,7 +365,7 @@ def test_nvml_errors_sorts_transient_from_permanent(fake_nvml, code, cls, transi
 
 
 def test_permanent_nvml_error_still_drops_at_once(fake_nvml):
-    clock = StepClock(0.05)
+    clock = FakeClock(tick_s=0.05)
     fake_nvml(gpus=[FakeGpu(uuid="GPU-a", lost_after_reads=3, clock=clock)])
     meter = EnergyMeter()
     run_until(NvmlSensor(0, clock=clock), meter, lambda: meter.stats("gpu0")["failed"] is not None)
@@ -396,7 +388,7 @@ def test_counter_reset_keeps_energy_before_and_after():
 
 
 def test_nvml_counter_reset_mid_run(fake_nvml):
-    clock = StepClock(0.05)
+    clock = FakeClock(tick_s=0.05)
     fake_nvml(gpus=[FakeGpu(uuid="GPU-a", power_w=300.0, reset_at_read=6, clock=clock)])
     meter = EnergyMeter()
     run_until(NvmlSensor(0, clock=clock), meter, lambda: meter.stats("gpu0")["samples"] >= 15)
@@ -417,7 +409,7 @@ def _zone(root: Path, dirname: str, name: str, energy_uj, max_uj: int = 999_999_
 
 def test_rapl_tells_a_wrap_from_a_reset(tmp_path):
     zone = _zone(tmp_path, "intel-rapl:0", "package-0", 100_000_000)
-    sensor = RaplSensor(zone, clock=StepClock(1.0))
+    sensor = RaplSensor(zone, clock=FakeClock(tick_s=1.0))
     m = EnergyMeter()
     m.add_channel(sensor.describe())
     # 100 W: +100 J a second; a reset to 50 J, then a wrap past 1000 J
@@ -457,7 +449,7 @@ def test_rapl_with_no_readable_zone_gives_every_reason(tmp_path):
 
 def test_rapl_io_error_is_transient_and_bridged(tmp_path, monkeypatch):
     zone = _zone(tmp_path, "intel-rapl:0", "package-0", 0)
-    sensor = RaplSensor(zone, clock=StepClock(0.1))
+    sensor = RaplSensor(zone, clock=FakeClock(tick_s=0.1))
     real, reads = Path.read_text, {"n": 0, "failing": {1}}
 
     def flaky(self, *args, **kwargs):  # +10 J per read of energy_uj; EIO on the reads in "failing"
