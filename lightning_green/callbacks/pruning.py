@@ -33,6 +33,7 @@ from lightning_green.messages import WarnOnce
 from lightning_green.pruning import StructuredPruner, default_forward, reshape_to_state_dict
 from lightning_green.pruning.groups import FilterFn, ForwardFn
 from lightning_green.pruning.report import size_figures, summary_rows
+from lightning_green.pruning.step_energy import StepEnergyWindows, TrainingEnergy
 
 
 def event_steps(start_step: int, end_step: int, events: int) -> list[int]:
@@ -67,6 +68,24 @@ class StructuredPruning(Callback):
       ``<prefix>/forward_s_per_token_before`` and ``_after`` (s), one forward pass of the first batch
     - at the end of fit, when ``monitor`` was logged: ``<prefix>/val_loss_before``,
       ``<prefix>/val_loss_after_last_event``, ``<prefix>/val_loss_end``
+    - at the end of fit, with a measuring ``PowerSampler``: ``<prefix>/train_j_per_step_before`` (J),
+      training J per optimizer step over the ``window_steps`` steps just before the first event (none
+      when the first event is at step 1 or earlier, or the fit resumed after it), and
+      ``<prefix>/train_j_per_step_after`` (J), over the last ``window_steps`` steps of fit (after the
+      last event)
+    - at the end of fit, with a measuring ``PowerSampler``: ``<prefix>/eer_j_per_initial_param`` and
+      ``<prefix>/eer_j_per_final_param`` (J/parameter), the two EERs of a pruned model (below)
+
+    **Training energy and EER of a pruned model.** Training energy is this process's energy (its
+    ``PowerSampler``'s sensors, ``measured_now_j``) from the start of training to the end of fit,
+    less the validation loops of fit and the blocks measured with ``measure_evaluation`` (this
+    callback's forward passes, QAT's evaluation); a resumed fit adds the training energy recorded in
+    the checkpoint. It is EfficiencyLogger's ``train_energy_j`` for one process. EER (energy per
+    parameter) has two readings once parameters are removed: training energy / parameters before the
+    first event (``eer_j_per_initial_param``: what training the model you started from cost per
+    parameter) and / parameters after the last event (``eer_j_per_final_param``: what each parameter
+    you keep cost). EfficiencyLogger's ``efficiency/eer_j_per_param`` divides by the parameters at the
+    time it logs, so it moves from the first to the second during the schedule.
 
     Args:
         amount: share of the prunable parameters removed by the last event, in (0, 1).
@@ -81,6 +100,7 @@ class StructuredPruning(Callback):
         forward_fn: ``forward_fn(pl_module, batch)`` runs the model on a batch (default: on the batch, or
             its first element).
         held_out_batches: validation batches that rank the blocks in depth mode.
+        window_steps: optimizer steps in each window of ``train_j_per_step_before`` and ``_after``.
         monitor: the logged validation loss the report reads before the first event, at the first
             validation after the last event, and at the end.
         prefix: first part of every metric key.
@@ -110,6 +130,7 @@ class StructuredPruning(Callback):
         filter_fn: FilterFn | None = None,
         forward_fn: ForwardFn = default_forward,
         held_out_batches: int = 4,
+        window_steps: int = 10,
         monitor: str = "val_loss",
         prefix: str = "prune",
     ) -> None:
@@ -123,6 +144,7 @@ class StructuredPruning(Callback):
             raise ValueError(f"`end_step` ({end_step}) must be >= `start_step` ({start_step})")
         self.events = check_int("events", events, 1)
         self.held_out_batches = check_int("held_out_batches", held_out_batches, 1)
+        self.window_steps = check_int("window_steps", window_steps, 1)
         self.monitor = check_name("monitor", monitor)
         self.prefix = check_name("prefix", prefix)
         self.pruner = StructuredPruner(mode, importance, round_to, filter_fn, forward_fn)
@@ -134,10 +156,17 @@ class StructuredPruning(Callback):
         self._taylor_params: list[nn.Parameter] = []
         self._example: Any = None
         self._warn = WarnOnce()
+        self._sampler: PowerSampler | None = None
+        self._training_energy = TrainingEnergy()
+        self._windows: StepEnergyWindows | None = None
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._setup(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start_energy(trainer)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -154,9 +183,18 @@ class StructuredPruning(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._prune(trainer, pl_module, batch)
+        if self._windows is not None and trainer.global_step >= self._windows.next_step:
+            self._windows.mark(trainer.global_step, self._training_energy_j())
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._sampler is not None and self._training_energy.started:
+            self._training_energy.validation_started(self._sampler.measured_now_j())
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._sampler is not None and self._training_energy.started:
+            self._training_energy.validation_ended(self._sampler.measured_now_j())
         self._after_validation(trainer)
 
     @override
@@ -171,11 +209,15 @@ class StructuredPruning(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"events_done": self._events_done, "steps": self.steps, "pruner": self.pruner.state_dict()}
+        state = {"events_done": self._events_done, "steps": self.steps, "pruner": self.pruner.state_dict()}
+        if self._sampler is not None and self._training_energy.started:
+            state["train_energy_j"] = self._training_energy_j()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._events_done = int(state_dict.get("events_done", 0))
+        self._training_energy.restored_j = float(state_dict.get("train_energy_j", 0.0))
         if state_dict.get("steps") != self.steps:
             rank_zero_warn(
                 f"StructuredPruning: the checkpoint's schedule was {state_dict.get('steps')}; this callback's is"
@@ -212,6 +254,22 @@ class StructuredPruning(Callback):
         if sampler is not None and self._events_done == 0:
             self._measure_forward(sampler, pl_module, "before")
 
+    def _start_energy(self, trainer: Trainer) -> None:
+        sampler = find_power_sampler(trainer)
+        self._sampler = sampler if sampler is not None and sampler.measuring else None
+        if self._sampler is None:
+            self._windows = None
+            return
+        self._training_energy.start(self._sampler.measured_now_j(), self._sampler.evaluation_energy_j)
+        total_steps = float(trainer.estimated_stepping_batches)
+        self._windows = StepEnergyWindows(
+            self.window_steps, self.steps[0], self.steps[-1], total_steps, start_step=trainer.global_step
+        )
+
+    def _training_energy_j(self) -> float:
+        assert self._sampler is not None
+        return self._training_energy.energy_j(self._sampler.measured_now_j(), self._sampler.evaluation_energy_j)
+
     def _accumulate_taylor(self) -> None:
         if self.pruner.taylor is not None and self._events_done < self.events:
             self.pruner.taylor.accumulate(self._taylor_params)
@@ -223,6 +281,8 @@ class StructuredPruning(Callback):
             return
         if not self.pruner.events:
             self._note_val_loss(trainer, "val_loss_before")
+            if self._windows is not None:
+                self._windows.first_event(trainer.global_step, self._training_energy_j())
         fraction = self.amount * due / self.events
         held_out = self._held_out(trainer, pl_module, batch) if self.pruner.mode == "depth" else ()
         reduce = partial(trainer.strategy.reduce, reduce_op="sum") if trainer.world_size > 1 else None
@@ -252,7 +312,7 @@ class StructuredPruning(Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with torch.no_grad(), sampler.measure() as measured:
+            with torch.no_grad(), sampler.measure_evaluation() as measured:
                 self.pruner.forward_fn(pl_module, self._example)
         finally:
             pl_module.train(was_training)
@@ -274,6 +334,21 @@ class StructuredPruning(Callback):
         if done and "val_loss_after_last_event" not in self.report and not trainer.sanity_checking:
             self._note_val_loss(trainer, "val_loss_after_last_event")
 
+    def _note_training_energy(self, pl_module: LightningModule) -> None:
+        if self._sampler is None or not self._training_energy.started:
+            return
+        windows = self._windows
+        assert windows is not None
+        energy_j = self._training_energy_j()
+        self._training_energy.started = False
+        self.report["train_energy_j"] = energy_j
+        self.report["train_energy_source"] = self._sampler.sources()
+        for when, value in (("before", windows.j_per_step_before), ("after", windows.j_per_step_after)):
+            if value is not None:
+                self.report[f"train_j_per_step_{when}"] = value
+        self.report["eer_j_per_initial_param"] = energy_j / self.pruner.params_before["total"]
+        self.report["eer_j_per_final_param"] = energy_j / self.pruner.parameter_counts(pl_module)["total"]
+
     def _log(self, trainer: Trainer, figures: dict[str, float]) -> None:
         if trainer.is_global_zero:
             log_metrics(trainer, {f"{self.prefix}/{k}": v for k, v in figures.items()})
@@ -282,10 +357,11 @@ class StructuredPruning(Callback):
         if not self.pruner.discovered or not self.pruner.events:
             return
         self._note_val_loss(trainer, "val_loss_end")
+        self._note_training_energy(pl_module)
         sampler = find_power_sampler(trainer)
         if sampler is not None and self._example is not None:
             self._measure_forward(sampler, pl_module, "after")
-        keys = [k for k in self.report if k.startswith(("forward_", "val_loss_"))]
+        keys = [k for k in self.report if k.startswith(END_OF_FIT_KEYS)]
         self._log(trainer, {k: self.report[k] for k in keys})
         if sampler is not None:
             rows = summary_rows(self.pruner, pl_module, self.report)
@@ -295,6 +371,10 @@ class StructuredPruning(Callback):
                 section_id=rs.PRUNING,
                 fields={"mode": self.pruner.mode},
             )
+
+
+#: Report keys logged at the end of fit (by their start).
+END_OF_FIT_KEYS = ("forward_", "val_loss_", "train_j_per_step_", "eer_")
 
 
 def rewrap_ddp(trainer: Trainer) -> None:
