@@ -10,7 +10,7 @@ from lightning.pytorch.demos import Transformer as DemoTransformer
 from torch import nn
 
 from lightning_green.pruning import StructuredPruner, kept_units, linear_flops_per_token, reshape_to_state_dict
-from lightning_green.pruning.step_energy import StepEnergyWindows, TrainingEnergy
+from lightning_green.pruning.step_energy import PruningEnergy, StepEnergyWindows, TrainingEnergy
 
 litgpt = pytest.importorskip("litgpt")
 from litgpt.model import GPT  # noqa: E402
@@ -310,3 +310,52 @@ def test_training_energy_leaves_out_validation_and_evaluation_and_adds_restored(
     energy.validation_ended(1200.0)  # an end without a start adds nothing
     # 300 J since the start, 30 J of validation, 12 J of evaluation blocks, 50 J before the checkpoint
     assert energy.energy_j(energy_j=1300.0, evaluation_j=19.0) == 50.0 + 300.0 - 30.0 - 12.0
+
+
+class Reader:
+    """A PowerSampler's readings, set by the test."""
+
+    def __init__(self):
+        self.now_j = 0.0
+        self.evaluation_energy_j = 0.0
+
+    def measured_now_j(self) -> float:
+        return self.now_j
+
+    def sources(self, all_processes: bool = False) -> str:
+        return "simulated"
+
+
+def test_pruning_energy_reads_at_the_window_steps_only_and_gives_both_eers():
+    idle = PruningEnergy(window_steps=2)
+    idle.start(None, [4, 6], total_steps=10, start_step=0)
+    assert idle.next_step == float("inf") and idle.finish(1000, 500) == {}
+    energy, reader = PruningEnergy(window_steps=2), Reader()
+    reader.now_j = 100.0
+    energy.start(reader, [4, 6], total_steps=10, start_step=0)
+    read_at = []
+    for step in range(1, 11):
+        reader.now_j += 4.0 if step <= 4 else 2.0  # 4 J per step before the first event, 2 after
+        if step == 5:
+            energy.validation_started()
+            reader.now_j += 30.0
+            energy.validation_ended()
+        if step == 4:
+            energy.first_event(step)
+        if step >= energy.next_step:
+            read_at.append(step)
+            energy.at_step(step)
+    reader.evaluation_energy_j = 3.0
+    reader.now_j += 3.0  # an evaluation block at the end of fit
+    figures = energy.finish(params_before=1000, params_after=500)
+    assert read_at == [2, 8, 9, 10]
+    train_j = 4 * 4.0 + 6 * 2.0
+    assert figures == {
+        "train_energy_j": train_j,
+        "train_energy_source": "simulated",
+        "train_j_per_step_before": 4.0,
+        "train_j_per_step_after": 2.0,
+        "eer_j_per_initial_param": train_j / 1000,
+        "eer_j_per_final_param": train_j / 500,
+    }
+    assert not energy.active and energy.finish(1000, 500) == {}

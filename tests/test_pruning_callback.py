@@ -177,6 +177,8 @@ def test_bad_input_is_named():
         StructuredPruning(mode="diagonal")
     with pytest.raises(ValueError, match="events"):
         StructuredPruning(events=0)
+    with pytest.raises(ValueError, match="window_steps"):
+        StructuredPruning(window_steps=0)
     trainer = Mock(world_size=2)
     with pytest.raises(MisconfiguredTrainer, match="world_size=2"):
         StructuredPruning().setup(trainer, LM(), "fit")
@@ -298,7 +300,7 @@ class ParamsClock(Callback):
         self.t += VAL_S
 
 
-def fit_with_energy(tmp_path, **pruning_args):
+def fit_with_energy(tmp_path, extra=(), ckpt_path=None, **pruning_args):
     clock, logger = ParamsClock(), Mock()
     logger.log_dir = logger.save_dir = None
     sampler = PowerSampler(
@@ -308,7 +310,7 @@ def fit_with_energy(tmp_path, **pruning_args):
     pruning = StructuredPruning(**pruning_args)
     model = LM()
     # validation at steps 3 and 7 (batch 3 of each epoch of 4 batches); events at 4 and 5
-    trainer_for([clock, sampler, pruning], tmp_path, max_steps=7, logger=logger).fit(model)
+    trainer_for([clock, sampler, pruning, *extra], tmp_path, max_steps=7, logger=logger).fit(model, ckpt_path=ckpt_path)
     return clock, sampler, pruning, logger, model
 
 
@@ -344,3 +346,19 @@ def test_a_fit_logs_exactly_the_documented_pruning_keys(tmp_path):
     _, _, _, logger, _ = fit_with_energy(tmp_path, amount=0.5, start_step=4, end_step=5, events=2, window_steps=2)
     keys = {k for c in logger.log_metrics.call_args_list if c.args for k in c.args[0] if k.startswith("prune/")}
     assert keys == documented_keys(PRUNING_SECTION)
+
+
+def test_a_resumed_fit_adds_the_checkpoints_training_energy(tmp_path):
+    args = dict(amount=0.5, start_step=4, end_step=5, events=2, window_steps=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    first, *_ = fit_with_energy(tmp_path, extra=[checkpoint], **args)
+    clock, _, pruning, logger, _ = fit_with_energy(tmp_path, ckpt_path=str(tmp_path / "epoch=0-step=3.ckpt"), **args)
+    # 3 batches before the file was written (its validation came after it), then steps 4 to 7 here
+    assert len(clock.params_at_batch) == 4
+    train_j = WATTS * S_PER_PARAM * (sum(first.params_at_batch[:3]) + sum(clock.params_at_batch))
+    assert pruning.report["train_energy_j"] == pytest.approx(train_j, rel=1e-9)
+    assert pruning.report["eer_j_per_initial_param"] == pytest.approx(train_j / first.params_at_batch[0], rel=1e-9)
+    # resumed on the step of the first event: no window before it, the window after is there
+    assert logged(logger, "prune/train_j_per_step_before") == []
+    ((_, j_after),) = logged(logger, "prune/train_j_per_step_after")
+    assert j_after == pytest.approx(WATTS * S_PER_PARAM * clock.params_at_batch[-1], rel=1e-9)

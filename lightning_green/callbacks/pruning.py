@@ -33,7 +33,7 @@ from lightning_green.messages import WarnOnce
 from lightning_green.pruning import StructuredPruner, default_forward, reshape_to_state_dict
 from lightning_green.pruning.groups import FilterFn, ForwardFn
 from lightning_green.pruning.report import size_figures, summary_rows
-from lightning_green.pruning.step_energy import StepEnergyWindows, TrainingEnergy
+from lightning_green.pruning.step_energy import PruningEnergy
 
 
 def event_steps(start_step: int, end_step: int, events: int) -> list[int]:
@@ -156,9 +156,7 @@ class StructuredPruning(Callback):
         self._taylor_params: list[nn.Parameter] = []
         self._example: Any = None
         self._warn = WarnOnce()
-        self._sampler: PowerSampler | None = None
-        self._training_energy = TrainingEnergy()
-        self._windows: StepEnergyWindows | None = None
+        self._energy = PruningEnergy(self.window_steps)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -183,18 +181,16 @@ class StructuredPruning(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._prune(trainer, pl_module, batch)
-        if self._windows is not None and trainer.global_step >= self._windows.next_step:
-            self._windows.mark(trainer.global_step, self._training_energy_j())
+        if trainer.global_step >= self._energy.next_step:
+            self._energy.at_step(trainer.global_step)
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._sampler is not None and self._training_energy.started:
-            self._training_energy.validation_started(self._sampler.measured_now_j())
+        self._energy.validation_started()
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._sampler is not None and self._training_energy.started:
-            self._training_energy.validation_ended(self._sampler.measured_now_j())
+        self._energy.validation_ended()
         self._after_validation(trainer)
 
     @override
@@ -210,14 +206,14 @@ class StructuredPruning(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state = {"events_done": self._events_done, "steps": self.steps, "pruner": self.pruner.state_dict()}
-        if self._sampler is not None and self._training_energy.started:
-            state["train_energy_j"] = self._training_energy_j()
+        if self._energy.active:
+            state["train_energy_j"] = self._energy.energy_j()
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._events_done = int(state_dict.get("events_done", 0))
-        self._training_energy.restored_j = float(state_dict.get("train_energy_j", 0.0))
+        self._energy.training.restored_j = float(state_dict.get("train_energy_j", 0.0))
         if state_dict.get("steps") != self.steps:
             rank_zero_warn(
                 f"StructuredPruning: the checkpoint's schedule was {state_dict.get('steps')}; this callback's is"
@@ -256,19 +252,8 @@ class StructuredPruning(Callback):
 
     def _start_energy(self, trainer: Trainer) -> None:
         sampler = find_power_sampler(trainer)
-        self._sampler = sampler if sampler is not None and sampler.measuring else None
-        if self._sampler is None:
-            self._windows = None
-            return
-        self._training_energy.start(self._sampler.measured_now_j(), self._sampler.evaluation_energy_j)
-        total_steps = float(trainer.estimated_stepping_batches)
-        self._windows = StepEnergyWindows(
-            self.window_steps, self.steps[0], self.steps[-1], total_steps, start_step=trainer.global_step
-        )
-
-    def _training_energy_j(self) -> float:
-        assert self._sampler is not None
-        return self._training_energy.energy_j(self._sampler.measured_now_j(), self._sampler.evaluation_energy_j)
+        reader = sampler if sampler is not None and sampler.measuring else None
+        self._energy.start(reader, self.steps, float(trainer.estimated_stepping_batches), trainer.global_step)
 
     def _accumulate_taylor(self) -> None:
         if self.pruner.taylor is not None and self._events_done < self.events:
@@ -281,8 +266,7 @@ class StructuredPruning(Callback):
             return
         if not self.pruner.events:
             self._note_val_loss(trainer, "val_loss_before")
-            if self._windows is not None:
-                self._windows.first_event(trainer.global_step, self._training_energy_j())
+            self._energy.first_event(trainer.global_step)
         fraction = self.amount * due / self.events
         held_out = self._held_out(trainer, pl_module, batch) if self.pruner.mode == "depth" else ()
         reduce = partial(trainer.strategy.reduce, reduce_op="sum") if trainer.world_size > 1 else None
@@ -334,21 +318,6 @@ class StructuredPruning(Callback):
         if done and "val_loss_after_last_event" not in self.report and not trainer.sanity_checking:
             self._note_val_loss(trainer, "val_loss_after_last_event")
 
-    def _note_training_energy(self, pl_module: LightningModule) -> None:
-        if self._sampler is None or not self._training_energy.started:
-            return
-        windows = self._windows
-        assert windows is not None
-        energy_j = self._training_energy_j()
-        self._training_energy.started = False
-        self.report["train_energy_j"] = energy_j
-        self.report["train_energy_source"] = self._sampler.sources()
-        for when, value in (("before", windows.j_per_step_before), ("after", windows.j_per_step_after)):
-            if value is not None:
-                self.report[f"train_j_per_step_{when}"] = value
-        self.report["eer_j_per_initial_param"] = energy_j / self.pruner.params_before["total"]
-        self.report["eer_j_per_final_param"] = energy_j / self.pruner.parameter_counts(pl_module)["total"]
-
     def _log(self, trainer: Trainer, figures: dict[str, float]) -> None:
         if trainer.is_global_zero:
             log_metrics(trainer, {f"{self.prefix}/{k}": v for k, v in figures.items()})
@@ -357,7 +326,8 @@ class StructuredPruning(Callback):
         if not self.pruner.discovered or not self.pruner.events:
             return
         self._note_val_loss(trainer, "val_loss_end")
-        self._note_training_energy(pl_module)
+        params_after = self.pruner.parameter_counts(pl_module)["total"]
+        self.report.update(self._energy.finish(self.pruner.params_before["total"], params_after))
         sampler = find_power_sampler(trainer)
         if sampler is not None and self._example is not None:
             self._measure_forward(sampler, pl_module, "after")

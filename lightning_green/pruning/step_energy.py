@@ -1,13 +1,15 @@
 """Training energy of a pruned fit, without a Trainer: the energy of the fit less its evaluations, and
 J per optimizer step over a window before the first pruning event and over the last steps of fit.
 
-Readings come from the caller (``PowerSampler.measured_now_j()`` and ``evaluation_energy_j`` in the
-callback), so the arithmetic is tested with plain numbers.
+:class:`TrainingEnergy` and :class:`StepEnergyWindows` take readings as plain numbers;
+:class:`PruningEnergy` reads them from anything with ``measured_now_j()``, ``evaluation_energy_j`` and
+``sources()`` (a ``PowerSampler``) and gives the callback one call per hook.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
 
 
 class TrainingEnergy:
@@ -120,3 +122,90 @@ def per_step(window: tuple[int, float, int, float] | None) -> float | None:
     if window is None or window[2] <= window[0]:
         return None
     return (window[3] - window[1]) / (window[2] - window[0])
+
+
+class EnergyReader(Protocol):
+    """What :class:`PruningEnergy` reads of a ``PowerSampler`` (its public interface)."""
+
+    @property
+    def evaluation_energy_j(self) -> float: ...
+
+    def measured_now_j(self) -> float: ...
+
+    def sources(self, all_processes: bool = False) -> str: ...
+
+
+class PruningEnergy:
+    """Training energy and J per step of a pruned fit, read from ``reader`` at the start of training,
+    at validation loops, at the window steps of :class:`StepEnergyWindows`, at the first event and at
+    the end. Idle (every call a no-op) until :meth:`start` gets a reader.
+
+    Args:
+        window_steps: steps in each window of J per step.
+    """
+
+    def __init__(self, window_steps: int) -> None:
+        self.window_steps = window_steps
+        self.reader: EnergyReader | None = None
+        self.training = TrainingEnergy()
+        self.windows: StepEnergyWindows | None = None
+        #: the optimizer step at which :meth:`at_step` wants a reading (inf: none)
+        self.next_step: float = math.inf
+
+    def start(self, reader: EnergyReader | None, steps: list[int], total_steps: float, start_step: int) -> None:
+        """At the start of training: ``reader`` None (no measuring sampler) leaves it idle."""
+        self.reader = reader
+        self.windows = None
+        self.next_step = math.inf
+        if reader is None:
+            return
+        self.training.start(reader.measured_now_j(), reader.evaluation_energy_j)
+        self.windows = StepEnergyWindows(self.window_steps, steps[0], steps[-1], total_steps, start_step)
+        self.next_step = self.windows.next_step
+
+    @property
+    def active(self) -> bool:
+        """Between :meth:`start` with a reader and :meth:`finish`."""
+        return self.reader is not None and self.training.started
+
+    def energy_j(self) -> float:
+        """Training energy so far (restored included); only while :attr:`active`."""
+        assert self.reader is not None
+        return self.training.energy_j(self.reader.measured_now_j(), self.reader.evaluation_energy_j)
+
+    def validation_started(self) -> None:
+        if self.active:
+            assert self.reader is not None
+            self.training.validation_started(self.reader.measured_now_j())
+
+    def validation_ended(self) -> None:
+        if self.active:
+            assert self.reader is not None
+            self.training.validation_ended(self.reader.measured_now_j())
+
+    def at_step(self, step: int) -> None:
+        """At the end of a batch, after any pruning, when ``step >= next_step``."""
+        assert self.windows is not None
+        self.windows.mark(step, self.energy_j())
+        self.next_step = self.windows.next_step
+
+    def first_event(self, step: int) -> None:
+        """Just before the first event prunes."""
+        if self.windows is not None and self.active:
+            self.windows.first_event(step, self.energy_j())
+
+    def finish(self, params_before: int, params_after: int) -> dict[str, Any]:
+        """At the end of fit: ``train_energy_j``, its source, J per step before/after (when measured) and
+        the two EERs; {} when idle."""
+        if not self.active:
+            return {}
+        assert self.reader is not None and self.windows is not None
+        energy_j = self.energy_j()
+        self.training.started = False
+        figures: dict[str, Any] = {"train_energy_j": energy_j, "train_energy_source": self.reader.sources()}
+        for when, value in (("before", self.windows.j_per_step_before), ("after", self.windows.j_per_step_after)):
+            if value is not None:
+                figures[f"train_j_per_step_{when}"] = value
+        figures["eer_j_per_initial_param"] = energy_j / params_before
+        figures["eer_j_per_final_param"] = energy_j / params_after
+        return figures
