@@ -16,8 +16,10 @@ For each style, side by side and interleaved over ``--repeats`` repeats:
 
 Figures (per repeat, ratio to ``unpruned``): prefill time (``--prefill-batch`` x ``--prefill-tokens``),
 decode time (batch 1, KV cache, ``--new-tokens`` tokens), parameters; a training step (AdamW) of the
-width-pruned model against the unpruned one; and the time of one pruning event
-on a fresh model, graph trace included (also on a 2-layer model). Prints a table and writes
+width-pruned model against the unpruned one; the time of one pruning event
+on a fresh model, graph trace included (also on a 2-layer model); and ``StructuredPruning`` in a
+Lightning fit against an unpruned fit of the same steps (``benchmarks/pruning_fit.py``: validation
+loss at the end, the callbacks' EPI, training J per step after / before). Prints a table and writes
 ``benchmarks/results/pruning.json``. Run ``--quick`` for a smoke run (seconds).
 """
 
@@ -36,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import _common  # noqa: E402
+import pruning_fit  # noqa: E402
 
 from lightning_green.pruning import StructuredPruner  # noqa: E402
 from lightning_green.quantization import QuantizationAwareTraining  # noqa: E402
@@ -49,6 +52,8 @@ GOALS = {
     "event_s": ("<=", 1.0),
     "width_train_step_ratio": ("<=", 0.8),
     "width_qat_prefill_ratio": ("<=", 0.45),
+    "fit_val_loss_ratio": ("<=", 1.03),
+    "fit_epi_ratio": ("<=", 0.8),
 }
 
 
@@ -168,6 +173,7 @@ def run_style(style: str, args: argparse.Namespace) -> dict:
     figures["width_train_step_ratio"] = _common.summarize(train_step_ratios(models, x, args.repeats))
     figures["unpruned_prefill_s"] = _common.summarize(prefill["unpruned"])
     figures["unpruned_decode_s_per_token"] = _common.summarize(decode["unpruned"])
+    figures |= pruning_fit.fit_figures(lambda: make_model(style, args.n_layer, context), VOCAB, args)
     return figures
 
 
@@ -180,9 +186,12 @@ def main() -> None:
     parser.add_argument("--prefill-batch", type=int, default=8)
     parser.add_argument("--prefill-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--fit-steps", type=int, default=40, help="optimizer steps of each fit (pruned, unpruned)")
+    parser.add_argument("--fit-val-batches", type=int, default=4, help="validation batches of each EPI loop")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.prefill_batch, args.prefill_tokens, args.new_tokens = 2, 2, 32, 4
+        args.fit_steps, args.fit_val_batches = 8, 1
     results = {style: run_style(style, args) for style in ("neox", "llama")}
     rows = []
     for style, figures in results.items():
@@ -194,7 +203,12 @@ def main() -> None:
                          "status": status})  # fmt: skip
     print(_common.table(rows))
     goals = {k: {"op": op, "value": v} for k, (op, v) in GOALS.items()}
-    _common.write("pruning", {"goals": goals, "figures": results}, repeats=args.repeats, quick=args.quick)
+    config = {
+        k: getattr(args, k)
+        for k in ("n_layer", "amount", "prefill_batch", "prefill_tokens", "new_tokens", "fit_steps", "fit_val_batches")
+    }
+    payload = {"config": config, "energy_source": "estimate", "goals": goals, "figures": results}
+    _common.write("pruning", payload, repeats=args.repeats, quick=args.quick)
 
 
 if __name__ == "__main__":

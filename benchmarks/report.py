@@ -381,6 +381,70 @@ def render_qat(d: dict) -> tuple[list[str], list[str]]:
     return out, notes
 
 
+PRUNING_STYLES = {"neox": "GPT-NeoX style", "llama": "LLaMA style, GQA"}
+#: (figure key, label; ``{amount}``, ``{batch}``, ``{tokens}``, ``{new}``, ``{layers}``, ``{steps}`` from the config)
+PRUNING_LABELS = (
+    (
+        "width_prefill_ratio",
+        "width, {amount} % of the prunable block parameters: prefill time pruned / unpruned ({batch} × {tokens})",
+    ),
+    ("width_decode_ratio", "width, {amount} %: decode time per token pruned / unpruned (batch 1, {new} new tokens)"),
+    ("depth_prefill_ratio", "depth, 1 of {layers} blocks removed: prefill time pruned / unpruned"),
+    ("depth_decode_ratio", "depth, 1 of {layers} blocks removed: decode time per token pruned / unpruned"),
+    ("width_qat_prefill_ratio", "width {amount} % + int8 conversion: prefill time / unpruned float"),
+    (
+        "masked_prefill_ratio",
+        "Lightning's `ModelPruning` (`ln_structured`, {amount} %, masks): prefill time / unpruned",
+    ),
+    ("masked_decode_ratio", "Lightning's `ModelPruning` (masks): decode time per token / unpruned"),
+    ("event_s", "time of one pruning event, graph trace included, {layers} layers"),
+    ("width_train_step_ratio", "width {amount} %: training step time (AdamW) pruned / unpruned"),
+    ("fit_val_loss_ratio", "`StructuredPruning` in a {steps}-step fit: validation loss at the end / unpruned fit's"),
+    ("fit_epi_ratio", "`StructuredPruning` in a {steps}-step fit: the callbacks' EPI pruned / unpruned"),
+    ("fit_train_j_per_step_ratio", "`StructuredPruning` in a fit: training J per step after the last event / before"),
+)
+
+
+def render_pruning(d: dict) -> tuple[list[str], list[str]]:
+    """``pruning.json``: ``figures[style][key]`` summaries, ``goals[key] = {"op", "value"}`` and ``config``,
+    as ``benchmarks/pruning.py`` writes them; a figure without a goal is reported."""
+    c, src = d["config"], d["energy_source"]
+    words = {
+        "amount": f"{100 * c['amount']:g}",
+        "batch": c["prefill_batch"],
+        "tokens": c["prefill_tokens"],
+        "new": c["new_tokens"],
+        "layers": c["n_layer"],
+        "steps": c["fit_steps"],
+    }
+    out = []
+    for style, figures in d["figures"].items():
+        model = f"LitGPT `GPT` {PRUNING_STYLES.get(style, style)}, {c['n_layer']} layers, 512 wide"
+        for key, label in PRUNING_LABELS:
+            if key not in figures:
+                continue
+            x = figures[key]
+            goal = d["goals"].get(key)
+            fmt, unit = (".3g", " s") if key == "event_s" else (".3g", "")
+            if goal is None:
+                goal_text, status = "reported", "reported"
+            else:
+                ok = med(x) <= goal["value"] if goal["op"] == "<=" else med(x) >= goal["value"]
+                goal_text = f"{goal['op'].replace('<=', '≤').replace('>=', '≥')} {goal['value']:g}{unit}"
+                status = yes(ok)
+            n = runs(d) if isinstance(x, dict) and len(x.get("values", [])) > 1 else "1 run"
+            where = f"CPU, `{src}`" if "epi" in key or "_j_" in key else "CPU"
+            out.append(f"| pruning, {model}: {label.format(**words)} | {goal_text} | {span(x, fmt, unit)} | {status} "
+                       f"| {n} | {where} |")  # fmt: skip
+    notes = [
+        "Pruning figures: time ratios are interleaved runs of the pruned and the unpruned model with random "
+        "weights (time depends on shapes); the fit figures train on a synthetic Markov-chain corpus, pruned and "
+        f"unpruned with the same seed and batches; EPI and J per step come from the CPU `{src}`"
+        + (", a CPU utilisation model, not a measurement." if src == "estimate" else ".")
+    ]
+    return out, notes
+
+
 def render_generation(d: dict) -> tuple[list[str], list[str]]:
     """``generation.json``: ``b<b>_<variant>_<figure>`` summaries, as ``benchmarks/generation.py`` writes them."""
     f, c, src = d["figures"], d["config"], d["energy_source"]

@@ -9,6 +9,7 @@ says so.
     python examples/tiny_gpt.py --devices 2 --strategy ddp_green   # two processes, energy summed
     python examples/tiny_gpt.py --max-steps 2000 --d-model 384 --n-layer 6   # bigger
     python examples/tiny_gpt.py --energy-budget-kj 5    # stop the fit when it has used 5 kJ
+    python examples/tiny_gpt.py --prune 0.3             # remove 30 % of the MLP units during the fit
     tensorboard --logdir lightning_logs                 # energy, power, efficiency curves
 
 What it adds to an unchanged LightningModule: PowerSampler (energy and power, by phase),
@@ -16,7 +17,9 @@ EfficiencyLogger (EER, EPI, tokens per joule, carbon, and the energy until val_l
 --target-val-loss), QuantizationAwareTraining (fake quantization from --qat-start-step on; scheme
 "auto" picks the kernel that is measured fastest on this device, int8 on x86 CPU, and converts at
 the end) and a TensorBoardLogger; with --energy-budget-kj, EnergyBudget (stops the fit at the budget
-and logs the forecast of its total energy).
+and logs the forecast of its total energy); with --prune, StructuredPruning (removes that share of the
+prunable parameters, the MLP hidden units here, in --prune-events events from --prune-start-step to
+--prune-end-step, before QAT starts, and reports training J per step before and after).
 """
 
 from __future__ import annotations
@@ -34,7 +37,13 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from tinygpt_model import ByteDataModule, TinyGPT  # noqa: E402
 
 import lightning_green  # noqa: E402,F401  (registers "ddp_green")
-from lightning_green import EfficiencyLogger, EnergyBudget, PowerSampler, QuantizationAwareTraining  # noqa: E402
+from lightning_green import (  # noqa: E402
+    EfficiencyLogger,
+    EnergyBudget,
+    PowerSampler,
+    QuantizationAwareTraining,
+    StructuredPruning,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,8 +86,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="stop the fit when all processes have used this many kJ (EnergyBudget); default: no budget",
     )
+    p.add_argument(
+        "--prune",
+        type=float,
+        default=None,
+        help="share of the prunable parameters to remove during the fit, in (0, 1) (StructuredPruning); default: off",
+    )
+    p.add_argument("--prune-start-step", type=int, default=200, help="optimizer step of the first pruning event")
+    p.add_argument("--prune-end-step", type=int, default=500, help="optimizer step of the last pruning event")
+    p.add_argument("--prune-events", type=int, default=3, help="pruning events from the start step to the end step")
     p.add_argument("--log-dir", default="lightning_logs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.prune is not None and not args.no_qat and args.prune_end_step >= args.qat_start_step:
+        p.error("--prune-end-step must be below --qat-start-step: QAT converts the layers pruning has shrunk")
+    return args
 
 
 def main(argv=None) -> dict:
@@ -111,6 +132,16 @@ def main(argv=None) -> dict:
     callbacks = [power, efficiency]
     if args.energy_budget_kj is not None:
         callbacks.append(EnergyBudget(max_j=args.energy_budget_kj * 1000.0))
+    pruning = None
+    if args.prune is not None:
+        # before QAT in the list: at a step where both act, pruning shrinks the layers QAT then wraps
+        pruning = StructuredPruning(
+            amount=args.prune,
+            start_step=args.prune_start_step,
+            end_step=args.prune_end_step,
+            events=args.prune_events,
+        )
+        callbacks.append(pruning)
     qat = None
     if not args.no_qat:
         qat = QuantizationAwareTraining(scheme=args.qat_scheme, start_step=args.qat_start_step)
@@ -136,6 +167,8 @@ def main(argv=None) -> dict:
     trainer.fit(model, datamodule=data)
     trainer.test(model, datamodule=data, verbose=False)  # every rank: the test loop is distributed too
     headline = _headline(args, model, power, efficiency, qat, logger)
+    if pruning is not None:
+        headline["pruning"] = pruning.report
     if trainer.is_global_zero:
         _print_headline(headline)
     return headline
@@ -225,12 +258,32 @@ def _print_headline(h: dict) -> None:
         f"  test EPI (converted):  {f(h['test_epi_j'], ' J/sample')}, {f(h['test_epi_j_per_token'], ' J/token')}  "
         f"[{src}]"
     )
+    if "pruning" in h:
+        _print_pruning(h["pruning"], f)
     t = h["to_target"]
     reached = f"{f(t['energy_j'], ' J')} in {f(t['time_s'], ' s')}, step {t['step']}  [{src}]" if t else "not reached"
     print(f"  to val_loss <= {h['target_val_loss']:g}:   {reached}")
     if "estimate" in h["sources"]:
         print("  note: 'estimate' figures come from a CPU utilisation model, not a measurement.")
     print(f"\nTensorBoard: tensorboard --logdir {h['log_dir']}")
+
+
+def _print_pruning(report: dict, f) -> None:
+    if "params_ratio" not in report:
+        print("  pruning:               no event ran (the fit ended before --prune-start-step)")
+        return
+    src = report.get("train_energy_source") or "no sensor"
+    print(
+        f"  pruning:               parameters x{f(report['params_ratio'])}, FLOPs per token x{f(report['flops_ratio'])}"
+    )
+    print(
+        f"  training J per step:   {f(report.get('train_j_per_step_before'), ' J')} before the first event -> "
+        f"{f(report.get('train_j_per_step_after'), ' J')} in the last steps  [{src}]"
+    )
+    print(
+        f"  EER, pruned model:     {f(report.get('eer_j_per_initial_param'), ' J')} per initial parameter, "
+        f"{f(report.get('eer_j_per_final_param'), ' J')} per parameter kept  [{src}]"
+    )
 
 
 if __name__ == "__main__":

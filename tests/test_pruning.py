@@ -10,6 +10,7 @@ from lightning.pytorch.demos import Transformer as DemoTransformer
 from torch import nn
 
 from lightning_green.pruning import StructuredPruner, kept_units, linear_flops_per_token, reshape_to_state_dict
+from lightning_green.pruning.step_energy import PruningEnergy, StepEnergyWindows, TrainingEnergy
 
 litgpt = pytest.importorskip("litgpt")
 from litgpt.model import GPT  # noqa: E402
@@ -260,3 +261,101 @@ def test_a_layer_keeps_at_least_round_to_units_and_says_so():
     pruner.prune_to(model, 0.9)
     assert model.config.intermediate_size == 64
     assert pruner.notes == ["transformer.h.0.mlp.fc: keeps at least round_to=64 of 128 units"]
+
+
+def drive(windows: StepEnergyWindows, joules_at: dict[int, float], last_step: int) -> list[int]:
+    """Mark at each step's end where the windows ask (the first event prunes at its step); returns the steps read."""
+    read = []
+    for step in range(1, last_step + 1):
+        if step == windows.first_event_step:
+            windows.first_event(step, joules_at[step])
+        if step >= windows.next_step:
+            read.append(step)
+            windows.mark(step, joules_at[step])
+    return read
+
+
+def test_step_energy_windows_before_the_first_event_and_at_the_end():
+    # 3 J per step up to the event at step 6, 1 J per step after it
+    joules_at = {step: 3.0 * min(step, 6) + 1.0 * max(step - 6, 0) for step in range(0, 21)}
+    windows = StepEnergyWindows(window_steps=4, first_event_step=6, last_event_step=9, total_steps=20)
+    # readings only at the window edges and inside the last window: the other steps cost an int compare
+    assert drive(windows, joules_at, 20) == [2, 16, 17, 18, 19, 20]
+    assert windows.before == (2, 6.0, 6, 18.0)
+    assert windows.j_per_step_before == 3.0 and windows.j_per_step_after == 1.0
+    assert windows.after == (16, joules_at[16], 20, joules_at[20])
+
+
+def test_step_energy_windows_edges():
+    joules_at = {step: 2.0 * step for step in range(0, 11)}
+    # an event at step 1 has no window before it (the first batch traces the model); the window after
+    # starts at the last event when the fit is short
+    windows = StepEnergyWindows(window_steps=5, first_event_step=1, last_event_step=8, total_steps=10)
+    assert drive(windows, joules_at, 10) == [8, 9, 10]
+    assert windows.j_per_step_before is None and windows.j_per_step_after == 2.0
+    # a window before shorter than window_steps starts at step 1; a fit of unknown length has no window after
+    windows = StepEnergyWindows(window_steps=5, first_event_step=3, last_event_step=3, total_steps=float("inf"))
+    assert drive(windows, joules_at, 10) == [1]
+    assert windows.before == (1, 2.0, 3, 6.0) and windows.j_per_step_after is None
+    # a fit resumed after the first event has no window before it
+    windows = StepEnergyWindows(window_steps=2, first_event_step=3, last_event_step=3, total_steps=10, start_step=5)
+    assert windows.next_step == 8 and windows.j_per_step_before is None
+
+
+def test_training_energy_leaves_out_validation_and_evaluation_and_adds_restored():
+    energy = TrainingEnergy(restored_j=50.0)
+    energy.start(energy_j=1000.0, evaluation_j=7.0)
+    energy.validation_started(1100.0)
+    energy.validation_ended(1130.0)
+    energy.validation_ended(1200.0)  # an end without a start adds nothing
+    # 300 J since the start, 30 J of validation, 12 J of evaluation blocks, 50 J before the checkpoint
+    assert energy.energy_j(energy_j=1300.0, evaluation_j=19.0) == 50.0 + 300.0 - 30.0 - 12.0
+
+
+class Reader:
+    """A PowerSampler's readings, set by the test."""
+
+    def __init__(self):
+        self.now_j = 0.0
+        self.evaluation_energy_j = 0.0
+
+    def measured_now_j(self) -> float:
+        return self.now_j
+
+    def sources(self, all_processes: bool = False) -> str:
+        return "simulated"
+
+
+def test_pruning_energy_reads_at_the_window_steps_only_and_gives_both_eers():
+    idle = PruningEnergy(window_steps=2)
+    idle.start(None, [4, 6], total_steps=10, start_step=0)
+    assert idle.next_step == float("inf") and idle.finish(1000, 500) == {}
+    energy, reader = PruningEnergy(window_steps=2), Reader()
+    reader.now_j = 100.0
+    energy.start(reader, [4, 6], total_steps=10, start_step=0)
+    read_at = []
+    for step in range(1, 11):
+        reader.now_j += 4.0 if step <= 4 else 2.0  # 4 J per step before the first event, 2 after
+        if step == 5:
+            energy.validation_started()
+            reader.now_j += 30.0
+            energy.validation_ended()
+        if step == 4:
+            energy.first_event(step)
+        if step >= energy.next_step:
+            read_at.append(step)
+            energy.at_step(step)
+    reader.evaluation_energy_j = 3.0
+    reader.now_j += 3.0  # an evaluation block at the end of fit
+    figures = energy.finish(params_before=1000, params_after=500)
+    assert read_at == [2, 8, 9, 10]
+    train_j = 4 * 4.0 + 6 * 2.0
+    assert figures == {
+        "train_energy_j": train_j,
+        "train_energy_source": "simulated",
+        "train_j_per_step_before": 4.0,
+        "train_j_per_step_after": 2.0,
+        "eer_j_per_initial_param": train_j / 1000,
+        "eer_j_per_final_param": train_j / 500,
+    }
+    assert not energy.active and energy.finish(1000, 500) == {}

@@ -11,8 +11,9 @@ from unittest.mock import Mock
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from test_readme import documented_keys
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_green.callbacks.power import PowerSampler
@@ -176,6 +177,8 @@ def test_bad_input_is_named():
         StructuredPruning(mode="diagonal")
     with pytest.raises(ValueError, match="events"):
         StructuredPruning(events=0)
+    with pytest.raises(ValueError, match="window_steps"):
+        StructuredPruning(window_steps=0)
     trainer = Mock(world_size=2)
     with pytest.raises(MisconfiguredTrainer, match="world_size=2"):
         StructuredPruning().setup(trainer, LM(), "fit")
@@ -271,3 +274,91 @@ def test_import_and_construction_need_no_torch_pruning():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0.2"
+
+
+WATTS, S_PER_PARAM, VAL_S = 100.0, 1e-6, 0.5
+PRUNING_SECTION = "Structured pruning (`StructuredPruning`)"
+
+
+class ParamsClock(Callback):
+    """Moves S_PER_PARAM x the model's parameters at every training batch start and VAL_S at every
+    validation batch start, and only then: a step's simulated joules follow the model's size."""
+
+    def __init__(self):
+        self.t = 1000.0
+        self.params_at_batch: list[int] = []
+
+    def __call__(self):
+        return self.t
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        params = sum(p.numel() for p in pl_module.parameters())
+        self.params_at_batch.append(params)
+        self.t += S_PER_PARAM * params
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.t += VAL_S
+
+
+def fit_with_energy(tmp_path, extra=(), ckpt_path=None, **pruning_args):
+    clock, logger = ParamsClock(), Mock()
+    logger.log_dir = logger.save_dir = None
+    sampler = PowerSampler(
+        sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, print_summary=False,
+        summary_dir=str(tmp_path), report_picture=False, clock=clock,
+    )  # fmt: skip
+    pruning = StructuredPruning(**pruning_args)
+    model = LM()
+    # validation at steps 3 and 7 (batch 3 of each epoch of 4 batches); events at 4 and 5
+    trainer_for([clock, sampler, pruning, *extra], tmp_path, max_steps=7, logger=logger).fit(model, ckpt_path=ckpt_path)
+    return clock, sampler, pruning, logger, model
+
+
+def test_training_j_per_step_before_and_after_and_both_eers(tmp_path):
+    clock, sampler, pruning, logger, model = fit_with_energy(
+        tmp_path, amount=0.5, start_step=4, end_step=5, events=2, window_steps=2
+    )
+    before, mid, after = clock.params_at_batch[0], clock.params_at_batch[4], clock.params_at_batch[-1]
+    assert clock.params_at_batch == [before] * 4 + [mid] + [after] * 2 and before > mid > after
+    # window before: the batches of steps 3 and 4 (the event prunes at the end of step 4); the validation
+    # at step 3 (VAL_S at 100 W = 50 J) is left out
+    ((step, j_before),) = logged(logger, "prune/train_j_per_step_before")
+    assert step == 7 and j_before == pytest.approx(WATTS * S_PER_PARAM * before, rel=1e-9)
+    # window after: steps 6 and 7, after the last event at step 5
+    ((_, j_after),) = logged(logger, "prune/train_j_per_step_after")
+    assert j_after == pytest.approx(WATTS * S_PER_PARAM * after, rel=1e-9)
+    # training energy: every training batch, not the two validations nor the report's forward passes
+    train_j = WATTS * S_PER_PARAM * sum(clock.params_at_batch)
+    final = sum(p.numel() for p in model.parameters())
+    assert final == after
+    ((_, eer_initial),) = logged(logger, "prune/eer_j_per_initial_param")
+    ((_, eer_final),) = logged(logger, "prune/eer_j_per_final_param")
+    assert eer_initial == pytest.approx(train_j / before, rel=1e-9)
+    assert eer_final == pytest.approx(train_j / final, rel=1e-9)
+    rows = {r["figure"]: r for r in sampler.summary["sections"]["pruning"]["rows"]}
+    per_step = rows["training J per optimizer step (window before the first event / last window of fit)"]
+    assert (per_step["before"], per_step["after"], per_step["source"]) == (j_before, j_after, "simulated")
+    eer = rows["EER: training J / parameters (before the first event / after the last)"]
+    assert (eer["before"], eer["after"], eer["unit"]) == (eer_initial, eer_final, "J/parameter")
+
+
+def test_a_fit_logs_exactly_the_documented_pruning_keys(tmp_path):
+    _, _, _, logger, _ = fit_with_energy(tmp_path, amount=0.5, start_step=4, end_step=5, events=2, window_steps=2)
+    keys = {k for c in logger.log_metrics.call_args_list if c.args for k in c.args[0] if k.startswith("prune/")}
+    assert keys == documented_keys(PRUNING_SECTION)
+
+
+def test_a_resumed_fit_adds_the_checkpoints_training_energy(tmp_path):
+    args = dict(amount=0.5, start_step=4, end_step=5, events=2, window_steps=2)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1)
+    first, *_ = fit_with_energy(tmp_path, extra=[checkpoint], **args)
+    clock, _, pruning, logger, _ = fit_with_energy(tmp_path, ckpt_path=str(tmp_path / "epoch=0-step=3.ckpt"), **args)
+    # 3 batches before the file was written (its validation came after it), then steps 4 to 7 here
+    assert len(clock.params_at_batch) == 4
+    train_j = WATTS * S_PER_PARAM * (sum(first.params_at_batch[:3]) + sum(clock.params_at_batch))
+    assert pruning.report["train_energy_j"] == pytest.approx(train_j, rel=1e-9)
+    assert pruning.report["eer_j_per_initial_param"] == pytest.approx(train_j / first.params_at_batch[0], rel=1e-9)
+    # resumed on the step of the first event: no window before it, the window after is there
+    assert logged(logger, "prune/train_j_per_step_before") == []
+    ((_, j_after),) = logged(logger, "prune/train_j_per_step_after")
+    assert j_after == pytest.approx(WATTS * S_PER_PARAM * clock.params_at_batch[-1], rel=1e-9)

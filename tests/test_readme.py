@@ -160,3 +160,36 @@ def test_summaries_render_median_and_spread():
     )
     assert report.span({"min": 2.0, "median": 2.0, "max": 2.0}, ".1f") == "2.0"
     assert report.span(0.5, ".3f") == "0.500"
+
+
+def test_render_pruning_rows_goals_and_status():
+    report = load_report()
+
+    def summary(*values):
+        return {"min": min(values), "median": sorted(values)[len(values) // 2], "max": max(values), "values": values}
+
+    data = {
+        "repeats": 3,
+        "energy_source": "estimate",
+        "config": {"n_layer": 4, "amount": 0.3, "prefill_batch": 8, "prefill_tokens": 64, "new_tokens": 32,
+                   "fit_steps": 40, "fit_val_batches": 4},
+        "goals": {"width_prefill_ratio": {"op": "<=", "value": 0.75}, "fit_epi_ratio": {"op": "<=", "value": 0.8},
+                  "event_s": {"op": "<=", "value": 1.0}},
+        "figures": {"llama": {"width_prefill_ratio": summary(0.7, 0.72, 0.9), "fit_epi_ratio": summary(0.85, 0.9, 0.7),
+                              "event_s": summary(0.1, 0.2, 0.15), "masked_prefill_ratio": summary(1.2, 1.1, 1.3),
+                              "fit_val_loss_ratio": summary(1.01), "width_params_ratio": summary(0.72)}},
+    }  # fmt: skip
+    rows, notes = report.render_pruning(data)
+    assert rows == [
+        "| pruning, LitGPT `GPT` LLaMA style, GQA, 4 layers, 512 wide: width, 30 % of the prunable block parameters: "
+        "prefill time pruned / unpruned (8 × 64) | ≤ 0.75 | 0.72 (0.7–0.9) | met | 3 runs | CPU |",
+        "| pruning, LitGPT `GPT` LLaMA style, GQA, 4 layers, 512 wide: Lightning's `ModelPruning` (`ln_structured`, "
+        "30 %, masks): prefill time / unpruned | reported | 1.2 (1.1–1.3) | reported | 3 runs | CPU |",
+        "| pruning, LitGPT `GPT` LLaMA style, GQA, 4 layers, 512 wide: time of one pruning event, graph trace "
+        "included, 4 layers | ≤ 1 s | 0.15 s (0.1–0.2) | met | 3 runs | CPU |",
+        "| pruning, LitGPT `GPT` LLaMA style, GQA, 4 layers, 512 wide: `StructuredPruning` in a 40-step fit: "
+        "validation loss at the end / unpruned fit's | reported | 1.01 | reported | 1 run | CPU |",
+        "| pruning, LitGPT `GPT` LLaMA style, GQA, 4 layers, 512 wide: `StructuredPruning` in a 40-step fit: "
+        "the callbacks' EPI pruned / unpruned | ≤ 0.8 | 0.85 (0.7–0.9) | **missed** | 3 runs | CPU, `estimate` |",
+    ]
+    assert "not a measurement" in notes[0]

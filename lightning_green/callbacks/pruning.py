@@ -33,6 +33,7 @@ from lightning_green.messages import WarnOnce
 from lightning_green.pruning import StructuredPruner, default_forward, reshape_to_state_dict
 from lightning_green.pruning.groups import FilterFn, ForwardFn
 from lightning_green.pruning.report import size_figures, summary_rows
+from lightning_green.pruning.step_energy import PruningEnergy
 
 
 def event_steps(start_step: int, end_step: int, events: int) -> list[int]:
@@ -67,6 +68,24 @@ class StructuredPruning(Callback):
       ``<prefix>/forward_s_per_token_before`` and ``_after`` (s), one forward pass of the first batch
     - at the end of fit, when ``monitor`` was logged: ``<prefix>/val_loss_before``,
       ``<prefix>/val_loss_after_last_event``, ``<prefix>/val_loss_end``
+    - at the end of fit, with a measuring ``PowerSampler``: ``<prefix>/train_j_per_step_before`` (J),
+      training J per optimizer step over the ``window_steps`` steps just before the first event (none
+      when the first event is at step 1 or earlier, or the fit resumed after it), and
+      ``<prefix>/train_j_per_step_after`` (J), over the last ``window_steps`` steps of fit (after the
+      last event)
+    - at the end of fit, with a measuring ``PowerSampler``: ``<prefix>/eer_j_per_initial_param`` and
+      ``<prefix>/eer_j_per_final_param`` (J/parameter), the two EERs of a pruned model (below)
+
+    **Training energy and EER of a pruned model.** Training energy is this process's energy (its
+    ``PowerSampler``'s sensors, ``measured_now_j``) from the start of training to the end of fit,
+    less the validation loops of fit and the blocks measured with ``measure_evaluation`` (this
+    callback's forward passes, QAT's evaluation); a resumed fit adds the training energy recorded in
+    the checkpoint. It is EfficiencyLogger's ``train_energy_j`` for one process. EER (energy per
+    parameter) has two readings once parameters are removed: training energy / parameters before the
+    first event (``eer_j_per_initial_param``: what training the model you started from cost per
+    parameter) and / parameters after the last event (``eer_j_per_final_param``: what each parameter
+    you keep cost). EfficiencyLogger's ``efficiency/eer_j_per_param`` divides by the parameters at the
+    time it logs, so it moves from the first to the second during the schedule.
 
     Args:
         amount: share of the prunable parameters removed by the last event, in (0, 1).
@@ -81,6 +100,7 @@ class StructuredPruning(Callback):
         forward_fn: ``forward_fn(pl_module, batch)`` runs the model on a batch (default: on the batch, or
             its first element).
         held_out_batches: validation batches that rank the blocks in depth mode.
+        window_steps: optimizer steps in each window of ``train_j_per_step_before`` and ``_after``.
         monitor: the logged validation loss the report reads before the first event, at the first
             validation after the last event, and at the end.
         prefix: first part of every metric key.
@@ -110,6 +130,7 @@ class StructuredPruning(Callback):
         filter_fn: FilterFn | None = None,
         forward_fn: ForwardFn = default_forward,
         held_out_batches: int = 4,
+        window_steps: int = 10,
         monitor: str = "val_loss",
         prefix: str = "prune",
     ) -> None:
@@ -123,6 +144,7 @@ class StructuredPruning(Callback):
             raise ValueError(f"`end_step` ({end_step}) must be >= `start_step` ({start_step})")
         self.events = check_int("events", events, 1)
         self.held_out_batches = check_int("held_out_batches", held_out_batches, 1)
+        self.window_steps = check_int("window_steps", window_steps, 1)
         self.monitor = check_name("monitor", monitor)
         self.prefix = check_name("prefix", prefix)
         self.pruner = StructuredPruner(mode, importance, round_to, filter_fn, forward_fn)
@@ -134,10 +156,15 @@ class StructuredPruning(Callback):
         self._taylor_params: list[nn.Parameter] = []
         self._example: Any = None
         self._warn = WarnOnce()
+        self._energy = PruningEnergy(self.window_steps)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._setup(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._start_energy(trainer)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -154,9 +181,16 @@ class StructuredPruning(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._prune(trainer, pl_module, batch)
+        if trainer.global_step >= self._energy.next_step:
+            self._energy.at_step(trainer.global_step)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._energy.validation_started()
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._energy.validation_ended()
         self._after_validation(trainer)
 
     @override
@@ -171,11 +205,15 @@ class StructuredPruning(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"events_done": self._events_done, "steps": self.steps, "pruner": self.pruner.state_dict()}
+        state = {"events_done": self._events_done, "steps": self.steps, "pruner": self.pruner.state_dict()}
+        if self._energy.active:
+            state["train_energy_j"] = self._energy.energy_j()
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._events_done = int(state_dict.get("events_done", 0))
+        self._energy.training.restored_j = float(state_dict.get("train_energy_j", 0.0))
         if state_dict.get("steps") != self.steps:
             rank_zero_warn(
                 f"StructuredPruning: the checkpoint's schedule was {state_dict.get('steps')}; this callback's is"
@@ -212,6 +250,11 @@ class StructuredPruning(Callback):
         if sampler is not None and self._events_done == 0:
             self._measure_forward(sampler, pl_module, "before")
 
+    def _start_energy(self, trainer: Trainer) -> None:
+        sampler = find_power_sampler(trainer)
+        reader = sampler if sampler is not None and sampler.measuring else None
+        self._energy.start(reader, self.steps, float(trainer.estimated_stepping_batches), trainer.global_step)
+
     def _accumulate_taylor(self) -> None:
         if self.pruner.taylor is not None and self._events_done < self.events:
             self.pruner.taylor.accumulate(self._taylor_params)
@@ -223,6 +266,7 @@ class StructuredPruning(Callback):
             return
         if not self.pruner.events:
             self._note_val_loss(trainer, "val_loss_before")
+            self._energy.first_event(trainer.global_step)
         fraction = self.amount * due / self.events
         held_out = self._held_out(trainer, pl_module, batch) if self.pruner.mode == "depth" else ()
         reduce = partial(trainer.strategy.reduce, reduce_op="sum") if trainer.world_size > 1 else None
@@ -252,7 +296,7 @@ class StructuredPruning(Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with torch.no_grad(), sampler.measure() as measured:
+            with torch.no_grad(), sampler.measure_evaluation() as measured:
                 self.pruner.forward_fn(pl_module, self._example)
         finally:
             pl_module.train(was_training)
@@ -282,10 +326,12 @@ class StructuredPruning(Callback):
         if not self.pruner.discovered or not self.pruner.events:
             return
         self._note_val_loss(trainer, "val_loss_end")
+        params_after = self.pruner.parameter_counts(pl_module)["total"]
+        self.report.update(self._energy.finish(self.pruner.params_before["total"], params_after))
         sampler = find_power_sampler(trainer)
         if sampler is not None and self._example is not None:
             self._measure_forward(sampler, pl_module, "after")
-        keys = [k for k in self.report if k.startswith(("forward_", "val_loss_"))]
+        keys = [k for k in self.report if k.startswith(END_OF_FIT_KEYS)]
         self._log(trainer, {k: self.report[k] for k in keys})
         if sampler is not None:
             rows = summary_rows(self.pruner, pl_module, self.report)
@@ -295,6 +341,10 @@ class StructuredPruning(Callback):
                 section_id=rs.PRUNING,
                 fields={"mode": self.pruner.mode},
             )
+
+
+#: Report keys logged at the end of fit (by their start).
+END_OF_FIT_KEYS = ("forward_", "val_loss_", "train_j_per_step_", "eer_")
 
 
 def rewrap_ddp(trainer: Trainer) -> None:

@@ -56,6 +56,8 @@ def summary_rows(pruner: StructuredPruner, model: nn.Module, figures: dict[str, 
                 "source": figures.get("energy_source", "") if unit == "J" else "",
             }
         )
+    if "train_energy_j" in figures:
+        rows += training_energy_rows(figures)
     if "val_loss_before" in figures or "val_loss_end" in figures:
         rows.append(
             {
@@ -67,3 +69,24 @@ def summary_rows(pruner: StructuredPruner, model: nn.Module, figures: dict[str, 
             }
         )
     return rows
+
+
+def training_energy_rows(figures: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows for training J per optimizer step before/after and the two EERs (``train_energy_j`` present)."""
+    source = figures["train_energy_source"]
+    return [
+        {
+            "figure": "training J per optimizer step (window before the first event / last window of fit)",
+            "before": figures.get("train_j_per_step_before"),
+            "after": figures.get("train_j_per_step_after"),
+            "unit": "J",
+            "source": source,
+        },
+        {
+            "figure": "EER: training J / parameters (before the first event / after the last)",
+            "before": figures["eer_j_per_initial_param"],
+            "after": figures["eer_j_per_final_param"],
+            "unit": "J/parameter",
+            "source": source,
+        },
+    ]
