@@ -99,11 +99,23 @@ def render_overhead(d: dict) -> tuple[list[str], list[str]]:
     ]
     mean_status = yes(d["meets_hook_mean_goal"]) if "meets_hook_mean_goal" in d else "reported"
     mean_goal = f"≤ {d['goal_hook_mean_us']:g} µs" if "goal_hook_mean_us" in d else "reported"
-    rows.append(
-        f"| hook cost per training step, mean over all steps including log steps (`log_every_n_steps={every}`) | "
-        f"{mean_goal} | {span(d['hook_us_per_step_mean_incl_log_steps'], '.1f', ' µs')} | {mean_status} | {runs(d)} "
-        "| CPU |"
-    )
+    if "hook_us_per_step_mean_above_noop" in d:
+        rows.append(
+            "| hook cost per training step, mean over all steps including log steps "
+            f"(`log_every_n_steps={every}`), above Lightning's dispatch of the same hooks as no-ops | "
+            f"{mean_goal} | {span(d['hook_us_per_step_mean_above_noop'], '.1f', ' µs')} | "
+            f"{yes(d['meets_hook_mean_above_noop_goal'])} | {runs(d)} | CPU |"
+        )
+        rows.append(
+            f"| same, as timed: {d['timed_hooks_per_step']} hooks per step, each with the timer's floor | reported "
+            f"| {span(d['hook_us_per_step_mean_incl_log_steps'], '.1f', ' µs')} | reported | {runs(d)} | CPU |"
+        )
+    else:
+        rows.append(
+            f"| hook cost per training step, mean over all steps including log steps (`log_every_n_steps={every}`) "
+            f"| {mean_goal} | {span(d['hook_us_per_step_mean_incl_log_steps'], '.1f', ' µs')} | {mean_status} | "
+            f"{runs(d)} | CPU |"
+        )
     if "one_time_ms" in d:
         rows.append(
             "| one-time hook cost per fit (setup to teardown, summary JSON written), without / with the report "
@@ -125,7 +137,10 @@ def render_overhead(d: dict) -> tuple[list[str], list[str]]:
     if "empty_hook_us_per_step_median" in d:
         notes.append(
             "Hook cost: an empty `on_train_batch_end` timed the same way costs "
-            f"{span(d['empty_hook_us_per_step_median'], '.2f', ' µs')}; "
+            f"{span(d['empty_hook_us_per_step_median'], '.2f', ' µs')}: the call and the timer, what Lightning's "
+            "dispatch of a hook that is not overridden costs too (Lightning calls every hook of every callback), so "
+            "the goal is judged on the time above one such floor per timed hook (the five phase hooks of "
+            "PowerSampler are explicit methods that return at once with `phases=False`); "
             f"the slowest step (a log step) cost {span(d['hook_us_slowest_step'], '.0f', ' µs')}. In this "
             "single-process run a log step "
             "only notes the time, the sensors' newest readings and the counts; the figures are built and written to "
