@@ -68,9 +68,12 @@ def one_run(width: int, batch: int, steps: int, with_energy: bool, sensors: str,
         callbacks = [energy, empty]
     fabric = Fabric(accelerator="cpu", devices=1, callbacks=callbacks, loggers=[TensorBoardLogger(logdir)])
     model = torch.nn.Sequential(
-        torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width), torch.nn.ReLU(),
+        torch.nn.Linear(width, width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(width, width),
+        torch.nn.ReLU(),
         torch.nn.Linear(width, 10),
-    )  # fmt: skip
+    )
     model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.01))
     x, y = torch.randn(batch, width), torch.randint(0, 10, (batch,))
     stamps = []

@@ -56,10 +56,19 @@ def build_float(args: argparse.Namespace) -> torch.nn.Module:
     from litgpt.model import GPT, Config  # heavy optional dependency (litgpt)
 
     config = Config(
-        block_size=args.prompt_tokens + args.new_tokens, vocab_size=VOCAB_SIZE, padded_vocab_size=VOCAB_SIZE,
-        n_layer=args.n_layer, n_head=8, n_embd=args.n_embd, intermediate_size=4 * args.n_embd, bias=True,
-        parallel_residual=True, rotary_percentage=0.25, mlp_class_name="GptNeoxMLP", norm_class_name="LayerNorm",
-    )  # fmt: skip
+        block_size=args.prompt_tokens + args.new_tokens,
+        vocab_size=VOCAB_SIZE,
+        padded_vocab_size=VOCAB_SIZE,
+        n_layer=args.n_layer,
+        n_head=8,
+        n_embd=args.n_embd,
+        intermediate_size=4 * args.n_embd,
+        bias=True,
+        parallel_residual=True,
+        rotary_percentage=0.25,
+        mlp_class_name="GptNeoxMLP",
+        norm_class_name="LayerNorm",
+    )
     torch.manual_seed(args.seed)
     return GPT(config).to(args.device).eval()
 

@@ -61,16 +61,26 @@ def make_model(style: str, n_layer: int, context: int) -> torch.nn.Module:
     from litgpt.model import GPT, Config
 
     common = dict(
-        n_layer=n_layer, n_embd=512, n_head=8, block_size=context, vocab_size=VOCAB, padded_vocab_size=VOCAB,
+        n_layer=n_layer,
+        n_embd=512,
+        n_head=8,
+        block_size=context,
+        vocab_size=VOCAB,
+        padded_vocab_size=VOCAB,
         intermediate_size=2048,
-    )  # fmt: skip
+    )
     if style == "neox":
         config = Config(**common, bias=True, parallel_residual=True, rotary_percentage=0.25)
     else:
         config = Config(
-            **common, n_query_groups=4, bias=False, parallel_residual=False, rotary_percentage=1.0,
-            mlp_class_name="LLaMAMLP", norm_class_name="RMSNorm",
-        )  # fmt: skip
+            **common,
+            n_query_groups=4,
+            bias=False,
+            parallel_residual=False,
+            rotary_percentage=1.0,
+            mlp_class_name="LLaMAMLP",
+            norm_class_name="RMSNorm",
+        )
     torch.manual_seed(0)
     return GPT(config).eval()
 
@@ -198,9 +208,17 @@ def main() -> None:
         for key, summary in figures.items():
             goal = GOALS.get(key.replace("_2_layers", "") if key.startswith("event_s") else key)
             status = "" if goal is None else ("met" if _common.met(summary, *goal) else "missed")
-            rows.append({"style": style, "figure": key, "median": summary["median"], "min": summary["min"],
-                         "max": summary["max"], "goal": "" if goal is None else f"{goal[0]} {goal[1]}",
-                         "status": status})  # fmt: skip
+            rows.append(
+                {
+                    "style": style,
+                    "figure": key,
+                    "median": summary["median"],
+                    "min": summary["min"],
+                    "max": summary["max"],
+                    "goal": "" if goal is None else f"{goal[0]} {goal[1]}",
+                    "status": status,
+                }
+            )
     print(_common.table(rows))
     goals = {k: {"op": op, "value": v} for k, (op, v) in GOALS.items()}
     config = {

@@ -77,10 +77,17 @@ def fit_one(gpt: torch.nn.Module, pruned: bool, steps: int, amount: float, loade
         )
         callbacks.append(pruning)
     trainer = Trainer(
-        max_steps=steps, callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, val_check_interval=steps, check_val_every_n_epoch=None,
+        max_steps=steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        val_check_interval=steps,
+        check_val_every_n_epoch=None,
         default_root_dir=folder,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     model = CorpusLM(gpt)
     trainer.fit(model, train_dataloaders=loaders[0], val_dataloaders=loaders[1])

@@ -449,8 +449,10 @@ def render_pruning(d: dict) -> tuple[list[str], list[str]]:
                 status = yes(ok)
             n = runs(d) if isinstance(x, dict) and len(x.get("values", [])) > 1 else "1 run"
             where = f"CPU, `{src}`" if "epi" in key or "_j_" in key else "CPU"
-            out.append(f"| pruning, {model}: {label.format(**words)} | {goal_text} | {span(x, fmt, unit)} | {status} "
-                       f"| {n} | {where} |")  # fmt: skip
+            out.append(
+                f"| pruning, {model}: {label.format(**words)} | {goal_text} | {span(x, fmt, unit)} | {status} "
+                f"| {n} | {where} |"
+            )
     notes = [
         "Pruning figures: time ratios are interleaved runs of the pruned and the unpruned model with random "
         "weights (time depends on shapes); the fit figures train on a synthetic Markov-chain corpus, pruned and "

@@ -33,10 +33,20 @@ class LlamaLM(L.LightningModule):
         from litgpt.model import GPT, Config
 
         config = Config(
-            n_layer=n_layer, n_embd=n_embd, n_head=8, n_query_groups=4, block_size=block_size,
-            vocab_size=VOCAB_SIZE, padded_vocab_size=VOCAB_SIZE, intermediate_size=4 * n_embd, bias=False,
-            parallel_residual=False, rotary_percentage=1.0, mlp_class_name="LLaMAMLP", norm_class_name="RMSNorm",
-        )  # fmt: skip
+            n_layer=n_layer,
+            n_embd=n_embd,
+            n_head=8,
+            n_query_groups=4,
+            block_size=block_size,
+            vocab_size=VOCAB_SIZE,
+            padded_vocab_size=VOCAB_SIZE,
+            intermediate_size=4 * n_embd,
+            bias=False,
+            parallel_residual=False,
+            rotary_percentage=1.0,
+            mlp_class_name="LLaMAMLP",
+            norm_class_name="RMSNorm",
+        )
         self.gpt, self.lr = GPT(config), lr
 
     def forward(self, idx: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
@@ -84,10 +94,15 @@ def main() -> None:
     schedule = dict(amount=args.amount, start_step=start, end_step=end, events=3, mode=args.mode)
     pruning = StructuredPruning(**schedule)
     trainer = L.Trainer(
-        max_steps=args.steps, val_check_interval=max(1, args.steps // 3), limit_val_batches=8, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        max_steps=args.steps,
+        val_check_interval=max(1, args.steps // 3),
+        limit_val_batches=8,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
         callbacks=[PowerSampler(print_summary=False), pruning],
-    )  # fmt: skip
+    )
     model = LlamaLM()
     trainer.fit(model, datamodule=dm)
 
@@ -96,8 +111,10 @@ def main() -> None:
     print(f"\n=== prune ({args.mode}, amount={args.amount}, events at steps {pruning.steps}) ===")
     print(f"parameters: {before['total']:,} -> {report['params']:,} (x{report['params_ratio']:.3f})")
     print(f"FLOPs/token (matrix products): x{report['flops_ratio']:.3f}")
-    print(f"config: n_layer={config.n_layer} n_head={config.n_head} n_query_groups={config.n_query_groups}"
-          f" intermediate_size={config.intermediate_size}")  # fmt: skip
+    print(
+        f"config: n_layer={config.n_layer} n_head={config.n_head} n_query_groups={config.n_query_groups}"
+        f" intermediate_size={config.intermediate_size}"
+    )
     for when in ("before", "after"):
         joules = report.get(f"forward_j_per_token_{when}")
         if joules is not None:

@@ -96,9 +96,12 @@ def cluster_figures(per_rank: Sequence[dict]) -> dict:
     return {
         "world_size": len(per_rank),
         "num_nodes": len({r["node_rank"] for r in per_rank}),
-        "total_j": sum(r["energy_j"] for r in per_rank),  # cumulative, every stage
-        "stage_total_j": sum(r["stage_energy_j"] for r in per_rank),  # this stage only
+        # cumulative, every stage
+        "total_j": sum(r["energy_j"] for r in per_rank),
+        # this stage only
+        "stage_total_j": sum(r["stage_energy_j"] for r in per_rank),
         "per_rank": list(per_rank),
-        "sources": sorted({s for r in per_rank for s in r["sources"]}),  # every process's: an estimate anywhere shows
+        # every process's: an estimate anywhere shows
+        "sources": sorted({s for r in per_rank for s in r["sources"]}),
         "imbalance": max(energies) / mean if mean > 0 else float("nan"),
     }

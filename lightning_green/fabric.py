@@ -95,7 +95,8 @@ def fabric_writes_thread_safe(logger: Any) -> bool:
 def summary_dir_of(fabric: Any) -> str:
     """The first logger's folder, else the working directory."""
     for logger in fabric.loggers:
-        log_dir = getattr(logger, "log_dir", None)  # a Lightning logger without a folder has none
+        # a Lightning logger without a folder has none
+        log_dir = getattr(logger, "log_dir", None)
         if log_dir:
             return log_dir
     return os.getcwd()
@@ -200,9 +201,12 @@ class FabricEnergy:
         self.rates = RateWindow(samples_per_step, tokens_per_step, float(carbon_intensity_g_per_kwh), float(pue))
         self.record = S.StageRecord(self.session.clock)
         self.log_queue = LogQueue("FabricEnergy", thread_safe=fabric_writes_thread_safe)
-        self.steps = 0  # optimizer steps since the Fabric was set up
-        self.summary: dict | None = None  # set by finish()
-        self.results: dict[str, float] = {}  # the run's efficiency figures, set by finish()
+        # optimizer steps since the Fabric was set up
+        self.steps = 0
+        # set by finish()
+        self.summary: dict | None = None
+        # the run's efficiency figures, set by finish()
+        self.results: dict[str, float] = {}
         self._fabric: Any = None
         self._warn = WarnOnce()
         # until started, the first optimizer step is a "log step": no setup hook came, so it starts the measurement
@@ -261,7 +265,8 @@ class FabricEnergy:
 
     # ------------------------------------------------------------------ internals
     def _set_up(self, fabric: Any, module: nn.Module) -> None:
-        if self._fabric is not None:  # a second model of the run (one FabricEnergy measures one run)
+        # a second model of the run (one FabricEnergy measures one run)
+        if self._fabric is not None:
             self.rates.n_params += sum(p.numel() for p in module.parameters())
             return
         self.rates.n_params = sum(p.numel() for p in module.parameters())
@@ -270,7 +275,8 @@ class FabricEnergy:
     def _start_without_setup(self, strategy: Any) -> None:
         """The first optimizer step of a Fabric whose ``on_after_setup`` never came (``setup_module``)."""
         if self._fabric is not None or _MEASURING.get(strategy) is not None:
-            self.training.cadence.reset(0, self.steps)  # finished, or another one measures: nothing more
+            # finished, or another one measures: nothing more
+            self.training.cadence.reset(0, self.steps)
             return
         self._start(StrategyView(strategy))
 
@@ -325,17 +331,21 @@ class FabricEnergy:
         fabric = self._fabric
         together = collectives or fabric.world_size == 1
         self.rates.steps = self.steps
-        if self.training.unlogged_steps and together:  # the last, partial window (a sum over processes)
+        # the last, partial window (a sum over processes)
+        if self.training.unlogged_steps and together:
             self.training.log_window(self.steps, self.log_queue, log_step=False)
         self.log_queue.call(self.training.drain_trace, fabric.loggers)
         self.log_queue.stop()
         for logger in fabric.loggers:
             self._save(logger)
         self.training.end()
-        self.training.cadence.reset(0, self.steps)  # steps after the end are counted, never logged
+        # steps after the end are counted, never logged
+        self.training.cadence.reset(0, self.steps)
         if together:
-            self.session.read_now()  # the loop's end: the gathered figures hold its last step
-            self.record.stage_loop_ended(fabric, self.session)  # gathers every process's figures
+            # the loop's end: the gathered figures hold its last step
+            self.session.read_now()
+            # gathers every process's figures
+            self.record.stage_loop_ended(fabric, self.session)
         self.session.finish()
         _MEASURING.pop(fabric.strategy, None)
         reduce = fabric_sum_reducer(fabric) if together else local_sum

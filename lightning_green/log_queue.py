@@ -70,10 +70,13 @@ class LogQueue:
         self.thread_safe = thread_safe
         self.drain_every_s = drain_every_s
         self.stop_timeout_s = stop_timeout_s
-        self._inline: list[Any] | None = None  # None: not started, the caller's loggers are written in place
+        # None: not started, the caller's loggers are written in place
+        self._inline: list[Any] | None = None
         self._background: list[Any] = []
-        self._items: collections.deque | None = None  # appended by the training thread, popped by the thread
-        self._stop: threading.Event | None = None  # made at start: a callback holding one pickles for spawn
+        # appended by the training thread, popped by the thread
+        self._items: collections.deque | None = None
+        # made at start: a callback holding one pickles for spawn
+        self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
         self._warn = WarnOnce()
 
@@ -110,7 +113,8 @@ class LogQueue:
         if self._items is not None and not self._inline:
             self._items.append(work)
         else:
-            work(functools.partial(self.put, loggers=loggers))  # writes the started inline loggers, or ``loggers``
+            # writes the started inline loggers, or ``loggers``
+            work(functools.partial(self.put, loggers=loggers))
 
     def _run(self, items: collections.deque, stop: threading.Event, loggers: list[Any]) -> None:
         """The thread: its own queue, stop event and loggers, so a thread left behind by :meth:`stop`
@@ -159,7 +163,8 @@ class LogQueue:
         thread.join(self.stop_timeout_s)
         self._background = []
         if thread.is_alive():
-            items.clear()  # what is still queued is dropped: run later, its work would land in the next run
+            # what is still queued is dropped: run later, its work would land in the next run
+            items.clear()
             self._warn(
                 "stuck",
                 f"{self.name}: a logger write did not return within {self.stop_timeout_s} s; the thread is left "

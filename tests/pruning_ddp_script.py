@@ -30,10 +30,19 @@ def main(out_dir: str) -> None:
     probe = WrapperProbe()
     pruning = StructuredPruning(amount=0.5, start_step=2, end_step=4, events=2, importance="taylor")
     trainer = Trainer(
-        strategy="ddp_green", accelerator="cpu", devices=2, max_steps=6, limit_val_batches=0, num_sanity_val_steps=0,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, logger=False,
-        callbacks=[pruning, probe], default_root_dir=out_dir,
-    )  # fmt: skip
+        strategy="ddp_green",
+        accelerator="cpu",
+        devices=2,
+        max_steps=6,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        callbacks=[pruning, probe],
+        default_root_dir=out_dir,
+    )
     model = LM()
     trainer.fit(model)
     result = {

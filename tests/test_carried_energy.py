@@ -32,8 +32,14 @@ class StageClock(FakeClock):
 
 
 def sampler(tmp_path, clock, print_summary=False):
-    return PowerSampler(sensors=[SimulatedSensor(100.0, clock=clock)], interval_s=3600.0, summary_dir=str(tmp_path),
-                        print_summary=print_summary, report_picture=False, clock=clock)  # fmt: skip
+    return PowerSampler(
+        sensors=[SimulatedSensor(100.0, clock=clock)],
+        interval_s=3600.0,
+        summary_dir=str(tmp_path),
+        print_summary=print_summary,
+        report_picture=False,
+        clock=clock,
+    )
 
 
 def figures(summary: dict) -> tuple:

@@ -180,8 +180,14 @@ def test_efficiency_figures_built_after_the_fit_use_the_counts_of_their_log_step
     )
     clock.reads = ps.session
     logger = RecordingTensorBoard(tmp_path)
-    trainer = tiny_trainer(max_steps=20, log_every_n_steps=10, logger=logger, callbacks=[clock, ps, EfficiencyLogger()],
-                           val_check_interval=5, limit_val_batches=val_batches)  # fmt: skip
+    trainer = tiny_trainer(
+        max_steps=20,
+        log_every_n_steps=10,
+        logger=logger,
+        callbacks=[clock, ps, EfficiencyLogger()],
+        val_check_interval=5,
+        limit_val_batches=val_batches,
+    )
     trainer.fit(SleepyModel(step_s=0.0))
     val_j = WATTS * val_s * val_batches  # one validation loop
     # at step 10 one validation ran (after step 5; the one after step 10 comes after its log step), at 20 three

@@ -20,17 +20,33 @@ VOCAB = 64
 
 def neox_config(n_layer: int = 2) -> litgpt.Config:
     return litgpt.Config(
-        n_layer=n_layer, n_embd=64, n_head=4, block_size=32, vocab_size=VOCAB, padded_vocab_size=VOCAB,
-        intermediate_size=128, bias=True,
-    )  # fmt: skip
+        n_layer=n_layer,
+        n_embd=64,
+        n_head=4,
+        block_size=32,
+        vocab_size=VOCAB,
+        padded_vocab_size=VOCAB,
+        intermediate_size=128,
+        bias=True,
+    )
 
 
 def llama_config(n_layer: int = 2) -> litgpt.Config:
     return litgpt.Config(
-        n_layer=n_layer, n_embd=64, n_head=8, n_query_groups=4, block_size=32, vocab_size=VOCAB,
-        padded_vocab_size=VOCAB, intermediate_size=96, mlp_class_name="LLaMAMLP", norm_class_name="RMSNorm",
-        bias=False, parallel_residual=False, rotary_percentage=1.0,
-    )  # fmt: skip
+        n_layer=n_layer,
+        n_embd=64,
+        n_head=8,
+        n_query_groups=4,
+        block_size=32,
+        vocab_size=VOCAB,
+        padded_vocab_size=VOCAB,
+        intermediate_size=96,
+        mlp_class_name="LLaMAMLP",
+        norm_class_name="RMSNorm",
+        bias=False,
+        parallel_residual=False,
+        rotary_percentage=1.0,
+    )
 
 
 def tokens(batch: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:

@@ -31,9 +31,15 @@ VOCAB, T = 64, 12
 
 def config(n_layer: int = 2) -> litgpt.Config:
     return litgpt.Config(
-        n_layer=n_layer, n_embd=64, n_head=4, block_size=32, vocab_size=VOCAB, padded_vocab_size=VOCAB,
-        intermediate_size=128, bias=True,
-    )  # fmt: skip
+        n_layer=n_layer,
+        n_embd=64,
+        n_head=4,
+        block_size=32,
+        vocab_size=VOCAB,
+        padded_vocab_size=VOCAB,
+        intermediate_size=128,
+        bias=True,
+    )
 
 
 class LM(LightningModule):
@@ -75,11 +81,18 @@ def loader(seed: int, n: int = 16) -> DataLoader:
 
 def trainer_for(callbacks, tmp_path, max_steps=6, logger=False, **kwargs) -> Trainer:
     return Trainer(
-        max_steps=max_steps, callbacks=callbacks, logger=logger, default_root_dir=tmp_path, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        num_sanity_val_steps=0, limit_val_batches=1, val_check_interval=3,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        val_check_interval=3,
         **kwargs,
-    )  # fmt: skip
+    )
 
 
 def logged(logger: Mock, key: str) -> list[tuple[int, float]]:
@@ -147,9 +160,12 @@ def test_fit_resumes_mid_schedule_in_a_fresh_trainer(tmp_path):
 def test_depth_mode_in_fit_and_summary_section(tmp_path):
     model = LM(n_layer=4)
     sampler = PowerSampler(
-        sensors=[SimulatedSensor(power_w=100.0)], interval_s=0.01, print_summary=False, summary_dir=str(tmp_path),
+        sensors=[SimulatedSensor(power_w=100.0)],
+        interval_s=0.01,
+        print_summary=False,
+        summary_dir=str(tmp_path),
         report_picture=False,
-    )  # fmt: skip
+    )
     pruning = StructuredPruning(amount=0.3, start_step=4, mode="depth")
     trainer_for([sampler, pruning], tmp_path, max_steps=7).fit(model)
     assert len(model.gpt.transformer.h) == 3 and model.gpt.config.n_layer == 3
@@ -304,9 +320,13 @@ def fit_with_energy(tmp_path, extra=(), ckpt_path=None, **pruning_args):
     clock, logger = ParamsClock(), Mock()
     logger.log_dir = logger.save_dir = None
     sampler = PowerSampler(
-        sensors=[SimulatedSensor(WATTS, clock=clock)], interval_s=3600.0, print_summary=False,
-        summary_dir=str(tmp_path), report_picture=False, clock=clock,
-    )  # fmt: skip
+        sensors=[SimulatedSensor(WATTS, clock=clock)],
+        interval_s=3600.0,
+        print_summary=False,
+        summary_dir=str(tmp_path),
+        report_picture=False,
+        clock=clock,
+    )
     pruning = StructuredPruning(**pruning_args)
     model = LM()
     # validation at steps 3 and 7 (batch 3 of each epoch of 4 batches); events at 4 and 5

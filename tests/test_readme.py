@@ -171,14 +171,31 @@ def test_render_pruning_rows_goals_and_status():
     data = {
         "repeats": 3,
         "energy_source": "estimate",
-        "config": {"n_layer": 4, "amount": 0.3, "prefill_batch": 8, "prefill_tokens": 64, "new_tokens": 32,
-                   "fit_steps": 40, "fit_val_batches": 4},
-        "goals": {"width_prefill_ratio": {"op": "<=", "value": 0.75}, "fit_epi_ratio": {"op": "<=", "value": 0.8},
-                  "event_s": {"op": "<=", "value": 1.0}},
-        "figures": {"llama": {"width_prefill_ratio": summary(0.7, 0.72, 0.9), "fit_epi_ratio": summary(0.85, 0.9, 0.7),
-                              "event_s": summary(0.1, 0.2, 0.15), "masked_prefill_ratio": summary(1.2, 1.1, 1.3),
-                              "fit_val_loss_ratio": summary(1.01), "width_params_ratio": summary(0.72)}},
-    }  # fmt: skip
+        "config": {
+            "n_layer": 4,
+            "amount": 0.3,
+            "prefill_batch": 8,
+            "prefill_tokens": 64,
+            "new_tokens": 32,
+            "fit_steps": 40,
+            "fit_val_batches": 4,
+        },
+        "goals": {
+            "width_prefill_ratio": {"op": "<=", "value": 0.75},
+            "fit_epi_ratio": {"op": "<=", "value": 0.8},
+            "event_s": {"op": "<=", "value": 1.0},
+        },
+        "figures": {
+            "llama": {
+                "width_prefill_ratio": summary(0.7, 0.72, 0.9),
+                "fit_epi_ratio": summary(0.85, 0.9, 0.7),
+                "event_s": summary(0.1, 0.2, 0.15),
+                "masked_prefill_ratio": summary(1.2, 1.1, 1.3),
+                "fit_val_loss_ratio": summary(1.01),
+                "width_params_ratio": summary(0.72),
+            }
+        },
+    }
     rows, notes = report.render_pruning(data)
     assert rows == [
         "| pruning, LitGPT `GPT` LLaMA style, GQA, 4 layers, 512 wide: width, 30 % of the prunable block parameters: "

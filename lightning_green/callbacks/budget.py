@@ -118,15 +118,20 @@ class EnergyBudget(Callback):
         self.rate_key = f"efficiency/{self.monitor}_delta_per_kj" if self.monitor is not None else None
         #: ``{"step", "reason"}`` once the running (or last) fit is told to stop; None until then
         self.stopped: dict[str, Any] | None = None
-        self.spent_j = 0.0  # every process's energy since the start of fit (restored included), last known
+        # every process's energy since the start of fit (restored included), last known
+        self.spent_j = 0.0
         self._sampler: PowerSampler | None = None
         self._trainer: Trainer | None = None
         self._step: Callable[[], int] | None = None
         self._warn = WarnOnce()
-        self._start_local_j = 0.0  # this process's energy_now_j at the start of fit
-        self._start_total_j = 0.0  # every process's, summed at train start
-        self._in_fit = False  # from on_fit_start to on_train_end: checkpoints are read now
-        self._restored_late = False  # a checkpoint loaded after on_fit_start (FSDP, DeepSpeed)
+        # this process's energy_now_j at the start of fit
+        self._start_local_j = 0.0
+        # every process's, summed at train start
+        self._start_total_j = 0.0
+        # from on_fit_start to on_train_end: checkpoints are read now
+        self._in_fit = False
+        # a checkpoint loaded after on_fit_start (FSDP, DeepSpeed)
+        self._restored_late = False
         self._pending_state: dict | None = None
         self._seen_monitor = False
 

@@ -106,16 +106,23 @@ class BudgetPlan:
         self.budget_j = check_number("budget_j", budget_j, 0.0, strict=True)
         self.forecast_after = check_forecast_after(forecast_after)
         self.on_forecast = check_choice("on_forecast", on_forecast, FORECAST_ACTIONS)
-        self.restored_j = 0.0  # what a checkpoint had spent
-        self.stopped_by_j: float | None = None  # the budget that stopped the checkpoint's fit, if one did
-        self.spent_j = 0.0  # at the last log step, restored included
+        # what a checkpoint had spent
+        self.restored_j = 0.0
+        # the budget that stopped the checkpoint's fit, if one did
+        self.stopped_by_j: float | None = None
+        # at the last log step, restored included
+        self.spent_j = 0.0
         self.stop_step: int | None = None
-        self.reason: str | None = None  # why stop_step is planned
+        # why stop_step is planned
+        self.reason: str | None = None
         self.forecast_j = math.nan
-        self.forecast_from = math.inf  # the first step with a forecast
+        # the first step with a forecast
+        self.forecast_from = math.inf
         self.total_steps = math.inf
-        self._last: tuple[int, float] = (0, 0.0)  # (step, spent_j) of the last log step, or of the start
-        self._first: tuple[int, float] | None = None  # of the first log step of this fit
+        # (step, spent_j) of the last log step, or of the start
+        self._last: tuple[int, float] = (0, 0.0)
+        # of the first log step of this fit
+        self._first: tuple[int, float] | None = None
 
     @property
     def forecast_over(self) -> bool:
@@ -153,7 +160,8 @@ class BudgetPlan:
         if step > last_step:
             self._plan_budget(step, spent_j, (spent_j - last_j) / (step - last_step))
         if self._first is None:
-            self._first = (step, spent_j)  # the mean J per step is taken from here: no start-up in it
+            # the mean J per step is taken from here: no start-up in it
+            self._first = (step, spent_j)
             return {}
         first_step, first_j = self._first
         if step < self.forecast_from or step <= first_step or not math.isfinite(self.total_steps):
@@ -166,7 +174,8 @@ class BudgetPlan:
 
     def _plan_budget(self, step: int, spent_j: float, j_per_step: float) -> None:
         if self.reason not in (None, BUDGET):
-            return  # a stop planned for another reason stands
+            # a stop planned for another reason stands
+            return
         if spent_j >= self.budget_j:
             self.stop_step, self.reason = step, BUDGET
         elif j_per_step > 0:
@@ -221,7 +230,8 @@ class ProgressPerKj:
         self.min_delta_per_kj = check_number("min_delta_per_kj", min_delta_per_kj, 0.0)
         self.patience = check_int("patience", patience, 1)
         self.best = math.nan
-        self.last_j = math.nan  # the energy spent at the previous validation
+        # the energy spent at the previous validation
+        self.last_j = math.nan
         self.wait = 0
 
     @property

@@ -30,9 +30,11 @@ class DownsampledTrace:
 
     def __init__(self, max_points: int = 512) -> None:
         self.max_points = check_int("max_points", max_points, 2)
-        self._points: list[tuple[float, float, int]] = []  # (mean t, mean power, samples)
+        # (mean t, mean power, samples)
+        self._points: list[tuple[float, float, int]] = []
         self._stride = 1
-        self._pending = (0.0, 0.0, 0)  # running sums of the bucket being filled: (sum t, sum power, samples)
+        # running sums of the bucket being filled: (sum t, sum power, samples)
+        self._pending = (0.0, 0.0, 0)
 
     def add(self, t_s: float, power_w: float) -> None:
         sum_t, sum_p, n = self._pending
@@ -74,8 +76,10 @@ class Channel:
         self.info = dict(info)
         self.kind = info["kind"]
         self.t: deque[float] = deque(maxlen=history)
-        self.e: deque[float] = deque(maxlen=history)  # cumulative joules at t (this process)
-        self.p: deque[float] = deque(maxlen=history)  # watts at t (for counters: mean over the interval ending at t)
+        # cumulative joules at t (this process)
+        self.e: deque[float] = deque(maxlen=history)
+        # watts at t (for counters: mean over the interval ending at t)
+        self.p: deque[float] = deque(maxlen=history)
         self.last_raw: float | None = None
         self.first_t: float | None = None
         self.n_samples = 0
@@ -83,7 +87,8 @@ class Channel:
         self.n_transient = 0
         self.n_resets = 0
         self.gap_s = 0.0
-        self.gap_open = False  # a reading was missed since the newest good one
+        # a reading was missed since the newest good one
+        self.gap_open = False
         # time of the first failed read attempt after the newest good reading (None: none failed): the
         # extrapolation past the newest reading stops there, so what "now" gave is never taken back
         self.fail_t: float | None = None
@@ -92,8 +97,10 @@ class Channel:
         self.hung = False
         self.abandoned = False
         self.last_problem: str | None = None
-        self.offset_j = 0.0  # energy carried in: earlier stages of the process, a checkpoint
-        self.counter_mark: tuple[float, float] | None = None  # (t, energy) where the last counter power point ended
+        # energy carried in: earlier stages of the process, a checkpoint
+        self.offset_j = 0.0
+        # (t, energy) where the last counter power point ended
+        self.counter_mark: tuple[float, float] | None = None
         self.trace = DownsampledTrace(trace_points)
 
     def problem(self, reason: str, transient: bool, t_s: float | None = None) -> None:
@@ -166,7 +173,8 @@ class Channel:
                 energy, power = self.e[-1] + 0.5 * (self.p[-1] + value) * dt, value
             else:
                 delta = value - self.last_raw
-                if delta < 0:  # fell below RESET_FRACTION of its value: a reset, bridged at the power before it
+                # fell below RESET_FRACTION of its value: a reset, bridged at the power before it
+                if delta < 0:
                     self.n_resets += 1
                     self.last_problem = f"counter reset from {self.last_raw!r} to {value!r} J"
                     delta, self.gap_open = self.recent_power() * dt, True
@@ -174,7 +182,8 @@ class Channel:
             if self.gap_open:
                 self.gap_s += dt
                 self.gap_open = False
-        self.fail_t = None  # a good reading: the gap is bridged, extrapolation goes on from here
+        # a good reading: the gap is bridged, extrapolation goes on from here
+        self.fail_t = None
         self.last_raw = value
         self.t.append(t)
         self.e.append(energy)

@@ -144,8 +144,10 @@ class GenerationTally:
         self.reset()
 
     def reset(self) -> None:
-        self.tokens = 0  # generated tokens, fallback samples included
-        self.fallback_samples = 0  # samples counted for batches the rule could not read
+        # generated tokens, fallback samples included
+        self.tokens = 0
+        # samples counted for batches the rule could not read
+        self.fallback_samples = 0
         self._t0_s = self._start_j = self._start_device_j = 0.0
 
     def add(self, output: Any, batch: Any) -> None:
@@ -335,7 +337,8 @@ class GenerationPhases:
         self.max_pending = check_int("max_pending", max_pending, 1)
         self._pending: deque[tuple[str, float, float]] = deque()
         self._open = False
-        self.cluster: dict[str, dict] = {}  # per phase, every process's figures at the last loop_ended
+        # per phase, every process's figures at the last loop_ended
+        self.cluster: dict[str, dict] = {}
         self.reset()
 
     def reset(self) -> None:

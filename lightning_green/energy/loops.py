@@ -19,7 +19,8 @@ from lightning_green.energy.phases import PhaseRecorder
 from lightning_green.energy.session import Clock, EnergySession, LogWindow, Measurement, Reduce, WindowEnd
 from lightning_green.log_queue import LogCadence, LogQueue
 
-Write = Callable[[dict, int], None]  # write(metrics, step) to the loggers
+# write(metrics, step) to the loggers
+Write = Callable[[dict, int], None]
 #: ``finish(energy_j) -> metrics``: a listener's figures of a window, given this process's energy at its end
 Finish = Callable[[float], Mapping[str, float]]
 #: ``listener(step, reduce) -> finish``, called on the training thread at each log step
@@ -48,15 +49,18 @@ class TrainingLog:
         self.trace = TraceLog(trace_points)
         self.phase_timing = phase_timing
         self.phases: PhaseRecorder | None = None
-        self.reduce: Reduce = list  # the element-wise sum over processes at log steps (one process: the values)
+        # the element-wise sum over processes at log steps (one process: the values)
+        self.reduce: Reduce = list
         self.world_size = 1
         self.listeners: list[Listener] = []
-        self.evaluation_j = 0.0  # this process's joules of measure_evaluation() blocks since training started
+        # this process's joules of measure_evaluation() blocks since training started
+        self.evaluation_j = 0.0
         #: every process's cumulative joules (``energy/total_j``) at the end of the last window closed: a
         #: listener's ``finish`` reads it for the cluster figure without a collective of its own (with
         #: more than one process windows close on the training thread, before the finishers run)
         self.total_j = math.nan
-        self._collect_trace: Callable[[Write], None] | None = None  # the trace work of this loop, if it keeps one
+        # the trace work of this loop, if it keeps one
+        self._collect_trace: Callable[[Write], None] | None = None
         #: the exposed all-reduce seconds since the last call (``ddp_green`` hands its counter over)
         self.comm_seconds: Callable[[], float] | None = None
         #: ``batch_end(global_step) -> bool``: a training batch ended at ``global_step``; True on a log
@@ -108,7 +112,8 @@ class TrainingLog:
     def _batch_end_with_phases(self, global_step: int) -> bool:
         self.phases.edge("batch_end")
         stepped, log_now = self.cadence.advance(global_step)
-        if stepped:  # not a batch that only accumulates gradients
+        # not a batch that only accumulates gradients
+        if stepped:
             self.phases.close_step(self.session.meter, self.comm_seconds() if self.comm_seconds else 0.0)
         return log_now
 
@@ -190,7 +195,8 @@ class TrainingLog:
         if in_fit:
             self.window.validation_started()
         if self.phases is not None:
-            self.phases.restart(with_edge=False)  # a validation loop is not part of any training step
+            # a validation loop is not part of any training step
+            self.phases.restart(with_edge=False)
 
     def validation_ended(self, in_fit: bool) -> None:
         if in_fit:
@@ -257,7 +263,8 @@ class LoopTimeline:
         self.clock = clock
         self.max_entries = max_entries
         self.origin_t = 0.0
-        self.rows: list[list] = []  # [loop, start_t, end_t or None while open]
+        # [loop, start_t, end_t or None while open]
+        self.rows: list[list] = []
 
     def reset(self, origin_t: float) -> None:
         self.origin_t, self.rows = origin_t, []
@@ -266,7 +273,8 @@ class LoopTimeline:
         now = self.clock()
         self.end(now)
         if self.rows and self.rows[-1][0] == loop:
-            self.rows[-1][2] = None  # the same loop goes on
+            # the same loop goes on
+            self.rows[-1][2] = None
             return
         self.rows.append([loop, now, None])
         if len(self.rows) > self.max_entries:

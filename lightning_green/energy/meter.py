@@ -155,7 +155,8 @@ class EnergyMeter:
         the offset, W there, time the extrapolation stops)}``. Pass it to :meth:`energy_at` to get, later
         and on any thread, the figures "now" had when it was taken (a sensor without a reading yet is
         not in it)."""
-        return dict(self._newest)  # one C call under the GIL: a consistent copy
+        # one C call under the GIL: a consistent copy
+        return dict(self._newest)
 
     def energy_at(
         self, name: str, t_s: float, readings: Mapping[str, tuple[float, float, float, float]] | None = None
@@ -164,7 +165,8 @@ class EnergyMeter:
         (the energy carried in: earlier stages, a checkpoint); ``readings``: a :meth:`newest` copy to
         answer from, for ``t_s`` at or after its reading."""
         newest = (self._newest if readings is None else readings).get(name)
-        if newest is not None and t_s >= newest[0]:  # now or later: no lock, no history
+        # now or later: no lock, no history
+        if newest is not None and t_s >= newest[0]:
             t, joules, watts, stop_t = newest
             return joules + watts * extrapolated_s(t_s, t, stop_t, self.extrapolate_s)
         with self._lock:
@@ -180,7 +182,8 @@ class EnergyMeter:
             return ch.e[-1] + ch.p[-1] * ch.tail(t, self.extrapolate_s)
         if t <= times[0]:
             return ch.e[0]
-        i = bisect.bisect_right(times, t)  # times[i-1] <= t < times[i]
+        # times[i-1] <= t < times[i]
+        i = bisect.bisect_right(times, t)
         ta, tb = times[i - 1], times[i]
         ea, eb = ch.e[i - 1], ch.e[i]
         frac = (t - ta) / (tb - ta)
@@ -208,7 +211,8 @@ class EnergyMeter:
         """(time, watts) points of ``name`` with ``t0_s < t <= t1_s`` still in the history window."""
         with self._lock:
             ch = self._channels[name]
-            start = 1 if ch.kind == "energy" else 0  # a counter's first point carries no power
+            # a counter's first point carries no power
+            start = 1 if ch.kind == "energy" else 0
             lo = max(bisect.bisect_right(ch.t, t0_s), start)
             hi = bisect.bisect_right(ch.t, t1_s)
             return [(ch.t[i], ch.p[i]) for i in range(lo, hi)]

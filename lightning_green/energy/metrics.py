@@ -123,9 +123,11 @@ class EnergyTargets:
 
     def __init__(self, targets: Mapping[str, object]) -> None:
         self.targets = parse_targets(targets)
-        self.reached: dict[str, dict] = {}  # name -> {"value", "step", "energy_j", "time_s"}
+        # name -> {"value", "step", "energy_j", "time_s"}
+        self.reached: dict[str, dict] = {}
         self.seen: set[str] = set()
-        self._last: dict[str, float] = {}  # the last value seen of each metric
+        # the last value seen of each metric
+        self._last: dict[str, float] = {}
 
     def update(self, metrics: Mapping[str, object], step: int, energy_j: float, time_s: float) -> list[str]:
         """Check every target against ``metrics``; return the names reached for the first time now.
@@ -169,7 +171,8 @@ class EnergyTargets:
         newly = []
         for name, flag in zip(self.targets, flags, strict=False):
             if flag > 0 and name not in self.reached:
-                value = self._last.get(name, math.nan)  # this process's value (another may have reached it)
+                # this process's value (another may have reached it)
+                value = self._last.get(name, math.nan)
                 self.reached[name] = {
                     "value": value,
                     "step": int(step),
@@ -233,7 +236,8 @@ class TargetWatch:
         self.targets = targets
         self._energy_now_j, self._clock = energy_now_j, clock
         self._t0_s, self._e0_j = clock(), energy_now_j()
-        self.restored_j = self.restored_s = 0.0  # before a resume
+        # before a resume
+        self.restored_j = self.restored_s = 0.0
 
     def energy_j(self) -> float:
         """This process's energy since the start of fit, validation included (a resumed run's too)."""

@@ -67,7 +67,8 @@ def step_intervals(edges: dict[str, list[float]], comm_s: float = 0.0) -> list[t
     comm = [(bwd1[-1] - comm_s, bwd1[-1])] if comm_s > 0 and bwd1 else []
     cursor = starts[0]
     for i, start in enumerate(starts):
-        if start > cursor:  # between micro-batches (accumulation): the next fetch
+        # between micro-batches (accumulation): the next fetch
+        if start > cursor:
             out.append(("data", cursor, start))
         b0 = bwd0[i] if i < len(bwd0) else None
         b1 = bwd1[i] if i < len(bwd1) else None
@@ -184,7 +185,8 @@ class PhaseRecorder:
         self.clock = clock
         self.acc = PhaseAccumulator()
         self.edges: dict[str, list] = {}
-        self._event_steps: list[tuple[dict, float]] = []  # cuda_events: steps whose events may not have run yet
+        # cuda_events: steps whose events may not have run yet
+        self._event_steps: list[tuple[dict, float]] = []
         self._anchor = None
         if timing == "cuda_events":
             import torch

@@ -48,14 +48,17 @@ class RateWindow:
         self.carbon_intensity_g_per_kwh = carbon_intensity_g_per_kwh
         self.pue = pue
         self.n_params = 0
-        self.steps = 0  # optimizer steps so far, as the caller last told (read at log time only)
+        # optimizer steps so far, as the caller last told (read at log time only)
+        self.steps = 0
         self.added_samples = 0
         self.added_tokens = 0
         self.counts_samples = samples_per_step is not None
         self.counts_tokens = tokens_per_step is not None
-        self.not_training_j: Callable[[], float] = float  # this process's evaluation joules so far
+        # this process's evaluation joules so far
+        self.not_training_j: Callable[[], float] = float
         self._start_j = 0.0
-        self._last = (0.0, 0, 0, 0.0)  # at the last window's end: energy, samples, tokens, not-training energy
+        # at the last window's end: energy, samples, tokens, not-training energy
+        self._last = (0.0, 0, 0, 0.0)
 
     def begin(self, energy_j: float, not_training_j: Callable[[], float] = float) -> None:
         """Training starts with this process's cumulative ``energy_j``; ``not_training_j()`` gives the

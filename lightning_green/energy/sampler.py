@@ -56,10 +56,13 @@ class _Reader:
     def __init__(self, sensor: Sensor) -> None:
         self.sensor = sensor
         self.wake = threading.Event()
-        self.busy_since: float | None = None  # monotonic time the read in progress began
-        self.done_gen = -1  # request generation of the newest finished read
+        # monotonic time the read in progress began
+        self.busy_since: float | None = None
+        # request generation of the newest finished read
+        self.done_gen = -1
         self.bad_in_row = 0
-        self.not_before = 0.0  # backoff: no scheduled read before this monotonic time
+        # backoff: no scheduled read before this monotonic time
+        self.not_before = 0.0
         self.dropped = False
         self.warned = False
         self.thread: threading.Thread | None = None
@@ -118,7 +121,8 @@ class Sampler:
         )
         self._cv = threading.Condition()
         self._readers: list[_Reader] = []
-        self._gen = 0  # request generation: a read that begins after a request carries its number
+        # request generation: a read that begins after a request carries its number
+        self._gen = 0
         self._stopping = False
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
@@ -151,7 +155,8 @@ class Sampler:
                 self.meter.add_channel(sensor.describe())
             self._registered = True
             sensors = self.sensors
-        else:  # a restart after stop(): sensors dropped before stay dropped
+        # a restart after stop(): sensors dropped before stay dropped
+        else:
             sensors = [r.sensor for r in self._readers if not r.dropped]
         with self._cv:
             self._stopping = False
@@ -182,11 +187,13 @@ class Sampler:
             return
         deadline = time.monotonic() + self.stop_timeout_s
         self._halt.set()
-        thread.join()  # the scheduler never calls sensor code: this is quick
+        # the scheduler never calls sensor code: this is quick
+        thread.join()
         if final_reading:
             self.sample_once(max(0.0, deadline - time.monotonic()))
         with self._cv:
-            self._stopping = True  # an idle reader now ends without reading again
+            # an idle reader now ends without reading again
+            self._stopping = True
             busy = [r for r in self._readers if r.busy_since is not None]
             idle = [r for r in self._readers if r.busy_since is None]
         for reader in busy + idle:
@@ -194,7 +201,8 @@ class Sampler:
         for reader in idle:
             reader.thread.join(IDLE_JOIN_S)
         for reader in busy:
-            if not reader.dropped:  # a reader known to be hung is not waited for
+            # a reader known to be hung is not waited for
+            if not reader.dropped:
                 reader.thread.join(max(0.0, deadline - time.monotonic()))
         readers = busy + idle
         left = [r for r in readers if r.thread.is_alive()]
@@ -251,7 +259,8 @@ class Sampler:
                 result, error = None, err
             with self._cv:
                 reader.busy_since = None
-                if reader.dropped:  # hung and dropped meanwhile: its late reading is not used
+                # hung and dropped meanwhile: its late reading is not used
+                if reader.dropped:
                     return
                 try:
                     message = self._apply(reader, result, error)
@@ -265,7 +274,8 @@ class Sampler:
     def _apply(self, reader: _Reader, result: object, error: Exception | None) -> str | None:
         """Record one read's outcome (under the condition); return a warning to log, if any."""
         name = reader.sensor.name
-        now = self._clock()  # when this read ended: a failed one stops the meter's extrapolation here
+        # when this read ended: a failed one stops the meter's extrapolation here
+        now = self._clock()
         if error is not None and not isinstance(error, SensorTransientError):
             return self._drop(reader, f"{type(error).__name__}: {error}", t_s=now)
         if error is None:
@@ -308,7 +318,8 @@ class Sampler:
                 log.warning("lightning_green: %s", message)
             next_t += self.interval_s
             now = time.monotonic()
-            if next_t < now:  # fell behind: skip missed ticks instead of bursting
+            # fell behind: skip missed ticks instead of bursting
+            if next_t < now:
                 next_t = now + self.interval_s
 
     def _tick(self, now: float) -> list[str]:

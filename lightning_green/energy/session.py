@@ -75,12 +75,17 @@ class EnergySession:
         self.clock = clock
         self.meter: EnergyMeter | None = None
         self.sensors: list[Sensor] = []
-        self._owned: list[Sensor] = []  # built for this session: closed by finish()
+        # built for this session: closed by finish()
+        self._owned: list[Sensor] = []
         self._sampler: Sampler | None = None
-        self._carry_j: dict[str, float] = {}  # per sensor, from earlier stages and checkpoints
-        self._restored_j: dict[str, float] = {}  # per sensor, the part of _carry_j a checkpoint restored
-        self.unattributed_j = 0.0  # restored energy no sensor of this run can hold
-        self._pending_state: dict | None = None  # a checkpoint loaded before this process's rank is known
+        # per sensor, from earlier stages and checkpoints
+        self._carry_j: dict[str, float] = {}
+        # per sensor, the part of _carry_j a checkpoint restored
+        self._restored_j: dict[str, float] = {}
+        # restored energy no sensor of this run can hold
+        self.unattributed_j = 0.0
+        # a checkpoint loaded before this process's rank is known
+        self._pending_state: dict | None = None
         self._uid = uuid.uuid4().hex
 
     @property
@@ -112,7 +117,8 @@ class EnergySession:
         try:
             sampler.stop(final_reading=True)
         finally:
-            self._carry_j = {n: self.meter.stats(n)["energy_j"] for n in self.meter.names}  # up to the last reading
+            # up to the last reading
+            self._carry_j = {n: self.meter.stats(n)["energy_j"] for n in self.meter.names}
             owned, self._owned = self._owned, []
             for sensor in owned:
                 try:
@@ -181,7 +187,8 @@ class EnergySession:
         m = Measurement()
         meter, sampler = self.meter, self._sampler
         t0 = self.clock()
-        start_j = meter.total_at(t0)  # in case the block outlasts the meter's history window
+        # in case the block outlasts the meter's history window
+        start_j = meter.total_at(t0)
         yield m
         t1 = self.clock()
         sampler.sample_once(timeout_s=max(1.0, 10 * self.interval_s))
@@ -285,14 +292,18 @@ class LogWindow:
 
     def __init__(self, session: EnergySession) -> None:
         self.session = session
-        self.power_w = float("nan")  # mean power of every process over the last closed window
-        self.local_j = 0.0  # this process's cumulative joules at the last close (or reset)
+        # mean power of every process over the last closed window
+        self.power_w = float("nan")
+        # this process's cumulative joules at the last close (or reset)
+        self.local_j = 0.0
         self._t = 0.0
         self._by_sensor: dict[str, float] = {}
-        self._keys: dict[str, tuple[str, str]] = {}  # sensor name -> its metric keys, made once
+        # sensor name -> its metric keys, made once
+        self._keys: dict[str, tuple[str, str]] = {}
         self._val_j = 0.0
         self._val_start_j = 0.0
-        self._epoch_val_j = 0.0  # validation inside this epoch: not training energy
+        # validation inside this epoch: not training energy
+        self._epoch_val_j = 0.0
         self.trace_t = 0.0
         self.epoch_start_j = 0.0
 

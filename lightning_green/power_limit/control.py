@@ -142,7 +142,8 @@ class PowerControl(abc.ABC):
         """:meth:`restore` that logs a failure instead of raising (exit paths, signal handlers)."""
         try:
             self.restore()
-        except Exception as err:  # at exit or in a signal handler: never raise
+        # at exit or in a signal handler: never raise
+        except Exception as err:
             log.warning("could not restore the original power limit: %s", err)
 
     def __getstate__(self) -> dict:

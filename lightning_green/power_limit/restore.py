@@ -47,7 +47,8 @@ class SigtermRestore:
         self._restore = restore
         self._previous: Any = None
         self._installed = False
-        self._handler = self._handle  # the exact object given to signal.signal, compared at uninstall
+        # the exact object given to signal.signal, compared at uninstall
+        self._handler = self._handle
 
     def install(self) -> bool:
         """Install the handler (main thread only). Returns whether it was installed."""

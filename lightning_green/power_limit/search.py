@@ -32,8 +32,10 @@ class LimitProfile:
     """What one candidate limit cost, per optimizer step, over all ranks."""
 
     limit_w: float
-    energy_per_step_j: float  # summed over ranks
-    time_per_step_s: float  # the slowest rank
+    # summed over ranks
+    energy_per_step_j: float
+    # the slowest rank
+    time_per_step_s: float
     steps: int
 
 
@@ -59,7 +61,8 @@ def choose_limit(
     """
     if not profiles:
         raise ValueError("no profiles to choose from")
-    ordered = sorted(profiles, key=lambda p: -p.limit_w)  # ties resolve to the higher limit
+    # ties resolve to the higher limit
+    ordered = sorted(profiles, key=lambda p: -p.limit_w)
     p_max = p_max_w if p_max_w is not None else ordered[0].limit_w
     t_ref = ordered[0].time_per_step_s
     rows = []

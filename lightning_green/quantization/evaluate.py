@@ -243,7 +243,8 @@ class EnergyProbe:
         counts it once, whatever the world size now."""
         self.prior_j = total_j if self.trainer is None or self.trainer.global_rank == 0 else 0.0
 
-    def __getstate__(self) -> dict:  # spawn pickles callbacks: the Trainer is bound again in setup
+    # spawn pickles callbacks: the Trainer is bound again in setup
+    def __getstate__(self) -> dict:
         return {**self.__dict__, "trainer": None}
 
     def attach(self, sampler: Any) -> None:
@@ -275,8 +276,10 @@ class EnergyProbe:
         if self.sampler is None:
             return None
         try:
-            return float(self.sampler.measured_now_j())  # unmoved by a checkpoint restored mid-fit
-        except Exception as err:  # monitoring never stops training
+            # unmoved by a checkpoint restored mid-fit
+            return float(self.sampler.measured_now_j())
+        # monitoring never stops training
+        except Exception as err:
             self.warn(err)
             return None
 
@@ -294,7 +297,8 @@ class EnergyProbe:
         if self.sampler is not None:
             try:
                 measurement = stack.enter_context(self.sampler.measure_evaluation())
-            except Exception as err:  # monitoring never stops training
+            # monitoring never stops training
+            except Exception as err:
                 self.warn(err)
         holder = [measurement]
         try:
@@ -302,7 +306,8 @@ class EnergyProbe:
         finally:
             try:
                 stack.close()
-            except Exception as err:  # monitoring never stops training
+            # monitoring never stops training
+            except Exception as err:
                 self.warn(err)
                 holder[0] = None
 
@@ -311,7 +316,8 @@ class EnergyProbe:
             return
         try:
             self.sampler.add_summary_section(title, rows, section_id=section_id, fields=fields)
-        except Exception as err:  # monitoring never stops training
+        # monitoring never stops training
+        except Exception as err:
             self.warn(err)
 
 
@@ -373,7 +379,8 @@ def _batch_loss(model: LightningModule, batch: Any, batch_idx: int, loss_fn: Los
 
 def validation_batches(trainer: Trainer) -> Iterator[tuple[int, Any]] | None:
     """``(batch_idx, batch)`` of the first validation dataloader, as many as ``limit_val_batches`` allows."""
-    trainer.fit_loop.epoch_loop.val_loop.setup_data()  # no-op when validation already ran
+    # no-op when validation already ran
+    trainer.fit_loop.epoch_loop.val_loop.setup_data()
     loaders = trainer.val_dataloaders
     if loaders is None:
         return None

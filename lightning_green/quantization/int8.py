@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 QMAX_WEIGHT = 127
-QMAX_ACTIVATION = 127  # reduce_range=True: 7-bit unsigned activations
+# reduce_range=True: 7-bit unsigned activations
+QMAX_ACTIVATION = 127
 REDUCE_RANGE = True
 
 
@@ -40,7 +41,8 @@ def weight_scale(weight: torch.Tensor) -> torch.Tensor:
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(int8 values, float scale per row)`` of a float weight."""
     scale = weight_scale(weight)
-    rounded = fake_quantize_weight(weight.detach().float())  # the same rounding as in training, exactly
+    # the same rounding as in training, exactly
+    rounded = fake_quantize_weight(weight.detach().float())
     values = torch.round(rounded / scale[:, None]).clamp(-QMAX_WEIGHT, QMAX_WEIGHT)
     return values.to(torch.int8), scale
 
@@ -146,7 +148,8 @@ class Int8DynamicLinear(nn.Module):
         key = self._weight_key()
         if self._packed is None or key != self._packed_key:
             zero = torch.zeros(self.out_features, dtype=torch.long)
-            with warnings.catch_warnings():  # torch deprecates creating quantized tensors; its kernel still needs one
+            # torch deprecates creating quantized tensors; its kernel still needs one
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 qweight = torch._make_per_channel_quantized_tensor(self.weight, self.weight_scale.double(), zero, 0)
                 self._packed = torch.ops.quantized.linear_prepack(qweight, self.bias)
@@ -154,11 +157,13 @@ class Int8DynamicLinear(nn.Module):
         return self._packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype is torch.float32:  # no casts around the kernel: at one token they cost as much as it saves
+        # no casts around the kernel: at one token they cost as much as it saves
+        if x.dtype is torch.float32:
             return torch.ops.quantized.linear_dynamic(x, self._packed_weight(), REDUCE_RANGE)
         return torch.ops.quantized.linear_dynamic(x.float(), self._packed_weight(), REDUCE_RANGE).to(x.dtype)
 
-    def __getstate__(self) -> dict[str, Any]:  # deepcopy/pickle: the packed weight is rebuilt on use
+    # deepcopy/pickle: the packed weight is rebuilt on use
+    def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_packed": None, "_packed_key": None}
 
     def extra_repr(self) -> str:

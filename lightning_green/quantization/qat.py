@@ -136,7 +136,8 @@ class QuantizationAwareTraining(Callback):
         self.prefix = prefix
         #: Every figure of the last preparation and conversion.
         self.report = QatReport()
-        self._scheme: str | None = None if scheme == AUTO else scheme  # resolved in setup
+        # resolved in setup
+        self._scheme: str | None = None if scheme == AUTO else scheme
         self._module: nn.Module | None = None
         self._fitting = False
         # None until a Trainer sets fake quantization by step (prepare() outside one turns it on)
@@ -250,7 +251,8 @@ class QuantizationAwareTraining(Callback):
 
     def _setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._resolve(pl_module, trainer.strategy.root_device)
-        self._scheme = trainer.strategy.broadcast(self._scheme)  # every rank quantizes as rank 0 measured
+        # every rank quantizes as rank 0 measured
+        self._scheme = trainer.strategy.broadcast(self._scheme)
         self.report.update(scheme=self._scheme)
         self._module = pl_module
         self._checkpoints.hook(pl_module, stage, self.eval_as)
@@ -291,7 +293,8 @@ class QuantizationAwareTraining(Callback):
             self.report.update(kernel_decode_ratio=timing.decode_ratio, kernel_prefill_ratio=timing.prefill_ratio)
 
     def _prepare(self, model: nn.Module) -> None:
-        if self._scheme is None:  # convert() of a model that no Trainer set up: run it where its weights are
+        # convert() of a model that no Trainer set up: run it where its weights are
+        if self._scheme is None:
             self._resolve(model, next(model.parameters()).device)
         embeddings = self.quantize_embeddings and SCHEMES[self.resolved_scheme].embeddings
         chosen = layers.prepare_selected(model, self.resolved_scheme, self.group_size, self.filter_fn, embeddings)

@@ -127,7 +127,8 @@ def build_sensors(
             if name == "estimate?":
                 skipped.append("cpu: no readable CPU counter, so CPU power is an estimate (source 'estimate')")
     unique: dict[str, Sensor] = {}
-    for sensor in sensors:  # "auto" plus "nvml" (say) names one sensor twice: keep the first
+    # "auto" plus "nvml" (say) names one sensor twice: keep the first
+    for sensor in sensors:
         if sensor.name in unique:
             sensor.close()
         else:

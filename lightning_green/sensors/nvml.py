@@ -178,7 +178,8 @@ class NvmlSensor(Sensor):
         self.index = index
         self.name = f"gpu{index}" if name is None else check_name("name", name)
         self._clock = clock
-        self._closed = True  # until NVML is initialised: close() must not shut down what was never started
+        # until NVML is initialised: close() must not shut down what was never started
+        self._closed = True
         self._pynvml = pynvml = init_nvml()
         self._closed = False
         try:
@@ -198,7 +199,8 @@ class NvmlSensor(Sensor):
                         pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
                     self.kind, self.source = "energy", "counter"
                 except SensorUnavailable:
-                    pass  # NOT_SUPPORTED: pre-Volta or a virtual GPU; poll power instead
+                    # NOT_SUPPORTED: pre-Volta or a virtual GPU; poll power instead
+                    pass
             if self.kind == "power":
                 self.note = "; ".join(
                     filter(
@@ -212,7 +214,8 @@ class NvmlSensor(Sensor):
 
     def read(self) -> Reading:
         pynvml = self._pynvml
-        t0 = self._clock()  # an NVML call can take milliseconds: stamp the reading at its middle
+        # an NVML call can take milliseconds: stamp the reading at its middle
+        t0 = self._clock()
         if self.kind == "energy":
             with nvml_errors(f"reading {self.name}'s energy counter"):
                 mj = pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)

@@ -89,8 +89,10 @@ class RaplSensor(Sensor):
         self.zone_dir = Path(zone_dir)
         name_file = self.zone_dir / "name"
         zone_name = read_sysfs(name_file) if name_file.exists() else self.zone_dir.name
-        if not re.search(r"-\d+$", zone_name):  # sub-zones are named "dram", "core": add the package index
-            parts = self.zone_dir.name.split(":")  # intel-rapl:0:2 -> package 0
+        # sub-zones are named "dram", "core": add the package index
+        if not re.search(r"-\d+$", zone_name):
+            # intel-rapl:0:2 -> package 0
+            parts = self.zone_dir.name.split(":")
             if len(parts) >= 2:
                 zone_name = f"{zone_name}-{parts[1]}"
         self.domain = "dram" if zone_name.startswith("dram") else "cpu"
@@ -107,9 +109,11 @@ class RaplSensor(Sensor):
         raw = _read_int(self._energy_file)
         if raw < self._last_uj:
             lap = self._range_uj + 1
-            if lap - self._last_uj + raw <= lap // 2:  # passed max_energy_range_uj and started again at 0
+            # passed max_energy_range_uj and started again at 0
+            if lap - self._last_uj + raw <= lap // 2:
                 self._wraps += 1
-            else:  # reset: a new base; the meter sees the fall, counts a reset and bridges it
+            # reset: a new base; the meter sees the fall, counts a reset and bridges it
+            else:
                 self._wraps = 0
         self._last_uj = raw
         return Reading(self._clock(), (raw + self._wraps * (self._range_uj + 1)) / 1e6, "energy")

@@ -199,7 +199,8 @@ def _account_half(_state: Any, bucket: Any) -> tuple[int, int]:
 
 def _account_powersgd(state: Any, bucket: Any) -> tuple[int, int]:
     numel, size = _bucket_numel_and_size(bucket)
-    if state.iter < state.start_powerSGD_iter:  # vanilla allreduce on these steps
+    # vanilla allreduce on these steps
+    if state.iter < state.start_powerSGD_iter:
         return numel * size, numel * size
     shapes = [g.shape for g in bucket.gradients()]
     sent = powersgd_payload_numel(shapes, state.matrix_approximation_rank, state.min_compression_rate)
@@ -248,12 +249,14 @@ def build_comm_hook(
     # The name is also not one of torch's bf16 hook names, which DDP refuses outside CUDA/NCCL even though
     # gloo all-reduces bf16 on CPU.
     serialize = serialize_buckets and compression is CommCompression.POWERSGD
-    previous: list = [None]  # the last bucket's future, when serializing
+    # the last bucket's future, when serializing
+    previous: list = [None]
 
     def counting_hook(state, bucket):  # type: ignore[no-untyped-def]
         if serialize and previous[0] is not None and not previous[0].done():
             previous[0].wait()
-        sent, full = account(state, bucket)  # before the hook: PowerSGD advances its iteration inside
+        # before the hook: PowerSGD advances its iteration inside
+        sent, full = account(state, bucket)
         is_last = bucket.is_last()
         fut = stats.track(inner(state, bucket), sent, full, is_last)
         if serialize:
