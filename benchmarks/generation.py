@@ -1,4 +1,4 @@
-"""Energy per generated token of LitGPT's ``GPT`` with its KV cache: float against QAT-converted.
+"""Energy per generated token of LitGPT's ``GPT`` with its KV cache: float against QAT-converted and pruned.
 
 Model: LitGPT ``GPT`` (GPT-NeoX style, fused qkv), ``--n-layer`` layers, ``n_embd=512``, ``intermediate_size=2048``,
 byte vocabulary (as ``benchmarks/qat.py``), random weights: the cost of a token does not depend on their values.
@@ -7,7 +7,11 @@ Variants (``--variants``, a comma-separated list; each is built by one function 
 
 * ``float``: the model as it is;
 * ``qat``: ``QuantizationAwareTraining().prepare()`` (the scheme its kernel timing picks here), ``--qat-steps``
-  training steps on random tokens with fake quantization on, then ``convert()``: the deployed model.
+  training steps on random tokens with fake quantization on, then ``convert()``: the deployed model;
+* ``pruned``: ``StructuredPruner(mode="width")`` (the Trainer-free pruner, magnitude importance, ``round_to=8``)
+  removes ``--prune-amount`` (30 %, as ``benchmarks/pruning.py``) of the prunable block parameters in one event:
+  MLP hidden units and attention query groups, the same share in every block; no fine-tune (the cost of a token
+  depends on the shapes).
 
 Loop: a prompt of ``--prompt-tokens`` tokens in one forward pass (prefill), then ``--new-tokens`` greedy
 decode steps of one token each with the KV cache, at batch 1 and 16. The measurement is the package's
@@ -45,6 +49,7 @@ import _common  # noqa: E402
 
 from lightning_green.energy.generation import GenerationPhases  # noqa: E402
 from lightning_green.energy.session import EnergySession  # noqa: E402
+from lightning_green.pruning import StructuredPruner  # noqa: E402
 from lightning_green.quantization import QuantizationAwareTraining  # noqa: E402
 from lightning_green.sensors.auto import build_sensors  # noqa: E402
 
@@ -89,10 +94,30 @@ def build_qat(args: argparse.Namespace, float_model: torch.nn.Module) -> tuple[t
     return model, {"scheme": qat.resolved_scheme, "size_ratio": qat.report.get("size_ratio"), "steps": args.qat_steps}
 
 
-#: ``name -> build(args, float_model) -> (model, facts)``. A pruned variant is one more entry.
+def build_pruned(args: argparse.Namespace, float_model: torch.nn.Module) -> tuple[torch.nn.Module, dict]:
+    """A copy of ``float_model`` pruned by width (one event of ``StructuredPruner``), and what it removed."""
+    model = copy.deepcopy(float_model)
+    example = torch.randint(0, VOCAB_SIZE, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(args.seed))
+    pruner = StructuredPruner(mode="width")
+    pruner.discover(model, example.to(args.device))
+    event = pruner.prune_to(model, args.prune_amount)
+    after = pruner.parameter_counts(model)
+    prunable_before = pruner.params_before["mlp"] + pruner.params_before["heads"]
+    return model.eval(), {
+        "amount": args.prune_amount,
+        "prunable_removed": 1 - (after["mlp"] + after["heads"]) / prunable_before,
+        "params_ratio": after["total"] / pruner.params_before["total"],
+        "intermediate_size": model.config.intermediate_size,
+        "n_query_groups": model.config.n_query_groups,
+        "event_s": event.seconds,
+    }
+
+
+#: ``name -> build(args, float_model) -> (model, facts)``.
 VARIANTS: dict[str, Callable[[argparse.Namespace, torch.nn.Module], tuple[torch.nn.Module, dict]]] = {
     "float": lambda args, float_model: (float_model, {}),
     "qat": build_qat,
+    "pruned": build_pruned,
 }
 
 
@@ -203,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--qat-steps", type=int, default=8)
+    parser.add_argument("--prune-amount", type=float, default=0.3, help="share of the prunable block parameters")
     parser.add_argument("--repeats", type=int, default=_common.MIN_REPEATS)
     parser.add_argument("--interval-s", type=float, default=0.05, help="seconds between sensor readings")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda[:i] (blocks synchronise at their edges)")
@@ -236,6 +262,9 @@ def main(argv: list[str] | None = None) -> dict:
         f" energy source: {result['energy_source']}"
     )
     print(_common.table(rows))
+    for name, facts in result["config"]["variant_facts"].items():
+        if facts:
+            print(f"{name}: {facts}")
     _common.write("generation", result, repeats=args.repeats, quick=args.quick)
     return result
 

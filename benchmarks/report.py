@@ -489,6 +489,14 @@ def render_generation(d: dict) -> tuple[list[str], list[str]]:
         + (", a CPU utilisation model, not a measurement" if src == "estimate" else "")
         + "; steady tokens/s is over the second half of the decode steps (warm KV cache)."
     ]
+    if "pruned" in c["variants"]:
+        p = c["variant_facts"]["pruned"]
+        notes.append(
+            f'Generation `pruned`: `StructuredPruner(mode="width")` asked for {p["amount"]:.0%} of the prunable '
+            f"block parameters and removed {p['prunable_removed']:.1%} (MLP {p['intermediate_size']} wide, "
+            f"{p['n_query_groups']} query groups; {1 - p['params_ratio']:.1%} of all parameters), in one event "
+            "without fine-tuning."
+        )
     return out, notes
 
 
