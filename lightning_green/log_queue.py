@@ -86,7 +86,8 @@ class LogQueue:
         self._background = [lg for lg in loggers if background and self.thread_safe(lg)]
         self._inline = [lg for lg in loggers if lg not in self._background]
         if self._background:
-            self._items, self._stop = collections.deque(), threading.Event()
+            self._items = collections.deque()
+            self._stop = threading.Event()
             self._thread = threading.Thread(
                 target=self._run,
                 args=(self._items, self._stop, self._background),
@@ -217,5 +218,6 @@ class LogCadence:
 
     def take_steps(self) -> int:
         """The steps since the last call (or :meth:`reset`); the count starts again from 0."""
-        steps, self.steps = self.steps, 0
+        steps = self.steps
+        self.steps = 0
         return steps

@@ -364,3 +364,15 @@ def test_two_processes_stop_on_the_same_step_with_no_collective_added_per_step(t
         assert rank["per_step"] == {str(s): int(s % 10 == 0) for s in range(1, 99)}
         # per validation the budget's one sum (monitored value and energy)
         assert rank["per_validation"] == {"30": 1, "60": 1, "90": 1, "98": 1}
+
+
+def test_without_a_sensor_the_budget_says_it_cannot_act(tmp_path):
+    ps = PowerSampler(
+        sensors="rapl", rapl_root=str(tmp_path / "no_powercap"), print_summary=False, report_picture=False
+    )
+    budget = EnergyBudget(max_j=1.0)
+    trainer = tiny_trainer(max_steps=6, log_every_n_steps=2, default_root_dir=tmp_path, callbacks=[ps, budget])
+    with pytest.warns(UserWarning, match="EnergyBudget: no sensor measures energy"):
+        trainer.fit(BoringModel())
+    # nothing measured: the fit is not stopped by a budget it cannot see
+    assert trainer.global_step == 6 and ps.summary["no_sensor"]

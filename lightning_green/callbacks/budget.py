@@ -148,7 +148,8 @@ class EnergyBudget(Callback):
             raise MisconfiguredTrainer(
                 "EnergyBudget decides at the PowerSampler's log steps, but `log_every_n_steps` is 0; set it >= 1"
             )
-        self._trainer, self._in_fit = trainer, False
+        self._trainer = trainer
+        self._in_fit = False
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -197,17 +198,24 @@ class EnergyBudget(Callback):
     def _start_fit(self) -> None:
         self._in_fit = True
         self._start_local_j = self._sampler.energy_now_j()
-        self.stopped, self._seen_monitor = None, False
+        self.stopped = None
+        self._seen_monitor = False
 
     def _start_training(self, trainer: Trainer) -> None:
         if self._restored_late:
-            self._start_local_j, self._restored_late = self._sampler.energy_now_j(), False
+            self._start_local_j = self._sampler.energy_now_j()
+            self._restored_late = False
         self._apply_state()
         self._start_total_j = reduce_sum(trainer, [self._start_local_j])[0]
         self.spent_j = self.plan.restored_j
         self.plan.start(trainer.global_step, trainer.estimated_stepping_batches)
         self._step = global_step_reader(trainer)
         self._sampler.add_log_step_listener(self._log_step)
+        if not self._sampler.measuring:
+            rank_zero_warn(
+                "EnergyBudget: no sensor measures energy on any process, so the budget, the forecast and the "
+                "progress per kJ cannot act in this fit: it runs to its own end"
+            )
         if self.plan.stops_at(trainer.global_step) or (self.progress is not None and self.progress.exhausted):
             reason = self.plan.reason if self.plan.stop_step is not None else PLATEAU
             remedy = "raise `patience` or lower `min_delta_per_kj`" if reason == PLATEAU else "raise the budget"
@@ -218,7 +226,8 @@ class EnergyBudget(Callback):
             self._stop(trainer, reason)
 
     def _apply_state(self) -> None:
-        state, self._pending_state = self._pending_state or {}, None
+        state = self._pending_state or {}
+        self._pending_state = None
         self.plan.load_state_dict(state.get("plan"))
         if self.progress is not None:
             self.progress.load_state_dict(state.get("progress"))

@@ -141,12 +141,15 @@ class BudgetPlan:
         else:
             self.forecast_from = math.inf
         self.spent_j = self.restored_j
-        self._last, self._first = (step, self.restored_j), None
+        self._last = (step, self.restored_j)
+        self._first = None
         self.stop_step = self.reason = None
         if self.restored_j >= self.budget_j or (self.stopped_by_j is not None and self.budget_j <= self.stopped_by_j):
-            self.stop_step, self.reason = step, BUDGET
+            self.stop_step = step
+            self.reason = BUDGET
         elif self.on_forecast == "stop" and self.forecast_over:
-            self.stop_step, self.reason = step, FORECAST
+            self.stop_step = step
+            self.reason = FORECAST
 
     def stops_at(self, step: int) -> bool:
         """Whether the fit stops at ``step`` (a planned stop step reached)."""
@@ -156,7 +159,8 @@ class BudgetPlan:
         """At log step ``step`` every process has spent ``spent_j`` since the start of fit (restored
         included): plan the stop step; returns ``{"energy/forecast_j": J}`` once forecasts begin."""
         last_step, last_j = self._last
-        self.spent_j, self._last = spent_j, (step, spent_j)
+        self.spent_j = spent_j
+        self._last = (step, spent_j)
         if step > last_step:
             self._plan_budget(step, spent_j, (spent_j - last_j) / (step - last_step))
         if self._first is None:
@@ -169,7 +173,8 @@ class BudgetPlan:
         j_per_step = (spent_j - first_j) / (step - first_step)
         self.forecast_j = spent_j + j_per_step * max(0.0, self.total_steps - step)
         if self.forecast_over and self.on_forecast == "stop" and not self.stops_at(step):
-            self.stop_step, self.reason = step, FORECAST
+            self.stop_step = step
+            self.reason = FORECAST
         return {"energy/forecast_j": self.forecast_j}
 
     def _plan_budget(self, step: int, spent_j: float, j_per_step: float) -> None:
@@ -177,11 +182,13 @@ class BudgetPlan:
             # a stop planned for another reason stands
             return
         if spent_j >= self.budget_j:
-            self.stop_step, self.reason = step, BUDGET
+            self.stop_step = step
+            self.reason = BUDGET
         elif j_per_step > 0:
             # a millionth of a step of slack: rounding in the energy figures must not cost a whole step
             steps_left = math.ceil((self.budget_j - spent_j) / j_per_step - 1e-6)
-            self.stop_step, self.reason = step + steps_left, BUDGET
+            self.stop_step = step + steps_left
+            self.reason = BUDGET
 
     def state_dict(self, spent_j: float, stopped_for: str | None = None) -> dict[str, Any]:
         """What goes on after a resume: ``spent_j`` (every process's, now), the last forecast, and why
@@ -197,7 +204,9 @@ class BudgetPlan:
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         """Go on from a checkpoint's :meth:`state_dict`; None: from nothing (a fit that starts afresh)."""
         if state is None:
-            self.restored_j, self.forecast_j, self.stopped_by_j = 0.0, math.nan, None
+            self.restored_j = 0.0
+            self.forecast_j = math.nan
+            self.stopped_by_j = None
             return
         self.restored_j = float(state["spent_j"])
         self.forecast_j = float(state["forecast_j"])
@@ -259,6 +268,10 @@ class ProgressPerKj:
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
         """Go on from a checkpoint's :meth:`state_dict`; None: from nothing."""
         if state is None:
-            self.best, self.last_j, self.wait = math.nan, math.nan, 0
+            self.best = math.nan
+            self.last_j = math.nan
+            self.wait = 0
             return
-        self.best, self.last_j, self.wait = float(state["best"]), float(state["last_j"]), int(state["wait"])
+        self.best = float(state["best"])
+        self.last_j = float(state["last_j"])
+        self.wait = int(state["wait"])

@@ -177,7 +177,8 @@ class Channel:
                 if delta < 0:
                     self.n_resets += 1
                     self.last_problem = f"counter reset from {self.last_raw!r} to {value!r} J"
-                    delta, self.gap_open = self.recent_power() * dt, True
+                    delta = self.recent_power() * dt
+                    self.gap_open = True
                 energy, power = self.e[-1] + delta, delta / dt
             if self.gap_open:
                 self.gap_s += dt

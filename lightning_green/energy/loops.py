@@ -81,7 +81,9 @@ class TrainingLog:
         """Training starts at ``global_step``, logging every ``every`` optimizer steps; log steps sum
         over the ``world_size`` processes with ``reduce``; trace points are kept with steps in ms since
         ``trace_origin_t`` (None: no trace on this process)."""
-        self.reduce, self.world_size, self.evaluation_j = reduce, world_size, 0.0
+        self.reduce = reduce
+        self.world_size = world_size
+        self.evaluation_j = 0.0
         self.total_j = math.nan
         self._collect_trace = None if trace_origin_t is None else functools.partial(self.collect_trace, trace_origin_t)
         self.window.reset()
@@ -267,7 +269,8 @@ class LoopTimeline:
         self.rows: list[list] = []
 
     def reset(self, origin_t: float) -> None:
-        self.origin_t, self.rows = origin_t, []
+        self.origin_t = origin_t
+        self.rows = []
 
     def begin(self, loop: str) -> None:
         now = self.clock()

@@ -234,8 +234,10 @@ class TargetWatch:
 
     def __init__(self, targets: EnergyTargets, energy_now_j: Callable[[], float], clock: Callable[[], float]) -> None:
         self.targets = targets
-        self._energy_now_j, self._clock = energy_now_j, clock
-        self._t0_s, self._e0_j = clock(), energy_now_j()
+        self._energy_now_j = energy_now_j
+        self._clock = clock
+        self._t0_s = clock()
+        self._e0_j = energy_now_j()
         # before a resume
         self.restored_j = self.restored_s = 0.0
 

@@ -182,7 +182,8 @@ class Sampler:
         """Take a last reading (``final_reading``), stop the scheduler and end the readers, within
         ``stop_timeout_s`` in all. A reader still blocked in ``read()`` then is abandoned: its sensor
         is marked failed (hung) and abandoned in the meter. Safe to call more than once."""
-        thread, self._thread = self._thread, None
+        thread = self._thread
+        self._thread = None
         if thread is None:
             return
         deadline = time.monotonic() + self.stop_timeout_s
@@ -252,7 +253,8 @@ class Sampler:
             with self._cv:
                 if self._stopping or reader.dropped:
                     return
-                gen, reader.busy_since = self._gen, time.monotonic()
+                gen = self._gen
+                reader.busy_since = time.monotonic()
             try:
                 result, error = reader.sensor.read(), None
             except Exception as err:  # noqa: BLE001 - whatever a sensor raises, training goes on
@@ -281,7 +283,8 @@ class Sampler:
         if error is None:
             why = self.meter.submit(name, result, now)
             if why is None:
-                reader.bad_in_row, reader.not_before = 0, 0.0
+                reader.bad_in_row = 0
+                reader.not_before = 0.0
                 return None
             what = f"sensor {name!r} gave an unusable reading ({why}); counted as a gap"
         else:

@@ -102,7 +102,8 @@ class EnergySession:
     def start(self, sensors: Sequence[Sensor], owned: Sequence[Sensor] = ()) -> None:
         """A new meter over ``sensors``; each sensor's energy goes on from what was carried. The
         ``owned`` ones were built for this session and are closed by :meth:`finish`."""
-        self.sensors, self._owned = list(sensors), list(owned)
+        self.sensors = list(sensors)
+        self._owned = list(owned)
         self.meter = EnergyMeter(history=self.history, extrapolate_s=self.interval_s)
         self._sampler = Sampler(self.sensors, self.meter, self.interval_s, clock=self.clock)
         self._sampler.start()
@@ -111,7 +112,8 @@ class EnergySession:
     def finish(self) -> bool:
         """Stop the sampler after a last reading and close the owned sensors. Returns False when it
         was not running."""
-        sampler, self._sampler = self._sampler, None
+        sampler = self._sampler
+        self._sampler = None
         if sampler is None:
             return False
         try:
@@ -119,7 +121,8 @@ class EnergySession:
         finally:
             # up to the last reading
             self._carry_j = {n: self.meter.stats(n)["energy_j"] for n in self.meter.names}
-            owned, self._owned = self._owned, []
+            owned = self._owned
+            self._owned = []
             for sensor in owned:
                 try:
                     sensor.close()
@@ -235,7 +238,8 @@ class EnergySession:
         """Go on from a checkpoint: ``mine`` is this process's saved state (same world size), else
         ``total_j`` is carried as unattributed energy (rank 0 of another world size; 0 elsewhere).
         The checkpoint's energy replaces what earlier stages carried (it is all restored energy)."""
-        self._carry_j, self.unattributed_j = {}, 0.0
+        self._carry_j = {}
+        self.unattributed_j = 0.0
         names = set(self.meter.names) if self.meter is not None else set()
         if mine is not None:
             mine = dict(mine)
@@ -256,7 +260,8 @@ class EnergySession:
         """Go on from the checkpoint loaded (nothing without one, or one this process saved): the same
         world size restores this rank's part per sensor; another world size puts the total on rank 0,
         unattributed."""
-        state, self._pending_state = self._pending_state, None
+        state = self._pending_state
+        self._pending_state = None
         if state is None:
             return
         per_rank = state.get("per_rank_energy_j") or []
@@ -347,7 +352,9 @@ class LogWindow:
             metrics[energy_key] = joules
             if dt > 0:
                 metrics[power_key] = (joules - self._by_sensor.get(name, joules)) / dt
-        self._t, self._by_sensor, self.local_j = now, by_sensor, local_j
+        self._t = now
+        self._by_sensor = by_sensor
+        self.local_j = local_j
         return metrics
 
     def epoch_energy_j(self) -> float:

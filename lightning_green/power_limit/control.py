@@ -134,7 +134,8 @@ class PowerControl(abc.ABC):
         with self._lock:
             if self._original_w is None:
                 return False
-            original, self._original_w = self._original_w, None
+            original = self._original_w
+            self._original_w = None
             self._set_limit_w(original)
             return True
 
@@ -292,9 +293,12 @@ class SimulatedPowerControl(PowerControl):
             raise ValueError(f"`beta` must be in [0, 1], got {beta}")
         if step_s < 0:
             raise ValueError(f"`step_s` must be >= 0, got {step_s}")
-        self.min_w, self.max_w = float(min_w), float(max_w)
-        self.demand_w, self.static_w = float(demand_w), float(static_w)
-        self.step_s, self.beta = float(step_s), float(beta)
+        self.min_w = float(min_w)
+        self.max_w = float(max_w)
+        self.demand_w = float(demand_w)
+        self.static_w = float(static_w)
+        self.step_s = float(step_s)
+        self.beta = float(beta)
         self.state_path = os.fspath(state_path) if state_path is not None else None
         self.device_name = name
         self._limit_w = self.max_w

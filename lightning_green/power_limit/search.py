@@ -132,8 +132,11 @@ class LimitSearch:
         #: The step from which the open window is measured (its limit has settled).
         self.measure_from: int | None = None
         self.candidates_w = sorted((float(c) for c in candidates_w), reverse=True)
-        self.warmup_steps, self.profile_steps = warmup_steps, profile_steps
-        self.eta, self.max_slowdown, self.p_max_w = eta, max_slowdown, p_max_w
+        self.warmup_steps = warmup_steps
+        self.profile_steps = profile_steps
+        self.eta = eta
+        self.max_slowdown = max_slowdown
+        self.p_max_w = p_max_w
         self.profiles: list[LimitProfile] = []
         self.profiling_w: float | None = None
         self.chosen_w: float | None = None

@@ -147,7 +147,8 @@ def reshape_to_state_dict(model: nn.Module, state_dict: dict[str, Any], prefix: 
         module.weight = nn.Parameter(like.new_zeros(rows, cols), requires_grad=like.requires_grad)
         if module.bias is not None:
             module.bias = nn.Parameter(like.new_zeros(rows), requires_grad=module.bias.requires_grad)
-        module.out_features, module.in_features = rows, cols
+        module.out_features = rows
+        module.in_features = cols
         changed.append(name)
     if changed:
         sync_shape_fields(model)

@@ -83,7 +83,8 @@ class FakeQuantInt8Linear(nn.Linear):
     def from_linear(cls, linear: nn.Linear) -> FakeQuantInt8Linear:
         with torch.device("meta"):
             new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        new.weight, new.bias = linear.weight, linear.bias
+        new.weight = linear.weight
+        new.bias = linear.bias
         new.train(linear.training)
         return new
 

@@ -192,12 +192,14 @@ class NvmlSensor(Sensor):
                 self.model = as_str(pynvml.nvmlDeviceGetName(handle))
                 self.shared_key = as_str(pynvml.nvmlDeviceGetUUID(handle))
             self._handle = handle
-            self.kind, self.source = "power", "polled"
+            self.kind = "power"
+            self.source = "polled"
             if use_counter:
                 try:
                     with nvml_errors(f"reading {self.name}'s energy counter"):
                         pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
-                    self.kind, self.source = "energy", "counter"
+                    self.kind = "energy"
+                    self.source = "counter"
                 except SensorUnavailable:
                     # NOT_SUPPORTED: pre-Volta or a virtual GPU; poll power instead
                     pass

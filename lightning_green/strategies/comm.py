@@ -107,7 +107,8 @@ class CommStats:
     def pop_exposed_comm_s(self) -> float:
         """Exposed communication seconds accumulated since the previous call; resets the accumulator."""
         with self._lock:
-            value, self._exposed_unpopped_s = self._exposed_unpopped_s, 0.0
+            value = self._exposed_unpopped_s
+            self._exposed_unpopped_s = 0.0
         return value
 
     def track(
@@ -124,7 +125,8 @@ class CommStats:
                 self.steps += 1
                 self.bytes_sent += self._step_sent
                 self.bytes_uncompressed += self._step_full
-                self.bytes_sent_last_step, self.bytes_uncompressed_last_step = self._step_sent, self._step_full
+                self.bytes_sent_last_step = self._step_sent
+                self.bytes_uncompressed_last_step = self._step_full
                 self._step_sent = self._step_full = 0
         return fut.then(self._on_done)
 
