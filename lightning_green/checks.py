@@ -29,7 +29,8 @@ def check_number(
     """``value`` as a finite float ``>= low`` (``> low`` when ``strict``) and ``<= high``."""
     ok = is_finite_number(value) and (value > low if strict else value >= low) and (high is None or value <= high)
     if not ok:
-        rng = (f"> {low:g}" if strict else f">= {low:g}") if high is None else f"in [{low:g}, {high:g}]"
+        opening = "(" if strict else "["
+        rng = (f"> {low:g}" if strict else f">= {low:g}") if high is None else f"in {opening}{low:g}, {high:g}]"
         raise ValueError(f"`{name}` must be {unit} {rng}, got {value!r}")
     return float(value)
 

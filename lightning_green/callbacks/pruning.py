@@ -26,7 +26,7 @@ from typing_extensions import override
 
 from lightning_green import run_summary as rs
 from lightning_green.callbacks.power import PowerSampler, find_power_sampler
-from lightning_green.checks import check_int, check_name, check_number
+from lightning_green.checks import check_int, check_name, is_finite_number
 from lightning_green.errors import MisconfiguredTrainer
 from lightning_green.log_queue import log_metrics
 from lightning_green.messages import WarnOnce
@@ -134,9 +134,9 @@ class StructuredPruning(Callback):
         monitor: str = "val_loss",
         prefix: str = "prune",
     ) -> None:
-        self.amount = check_number("amount", amount, 0.0, strict=True, high=1.0)
-        if self.amount >= 1.0:
+        if not (is_finite_number(amount) and 0.0 < amount < 1.0):
             raise ValueError(f"`amount` must be a share in (0, 1), got {amount!r}")
+        self.amount = float(amount)
         self.start_step = check_int("start_step", start_step, 0)
         end_step = start_step if end_step is None else end_step
         self.end_step = check_int("end_step", end_step, 0)
