@@ -27,6 +27,7 @@ from typing_extensions import override
 from lightning_green import run_summary as rs
 from lightning_green.callbacks.power import PowerSampler, find_power_sampler
 from lightning_green.checks import check_int, check_name, is_finite_number
+from lightning_green.energy.generation import first_tensor
 from lightning_green.errors import MisconfiguredTrainer
 from lightning_green.log_queue import log_metrics
 from lightning_green.messages import WarnOnce
@@ -292,7 +293,7 @@ class StructuredPruning(Callback):
         return (pl_module.transfer_batch_to_device(b, pl_module.device, 0) for b in batches)
 
     def _measure_forward(self, sampler: PowerSampler, pl_module: LightningModule, when: str) -> None:
-        tokens = _first_tensor(self._example).numel()
+        tokens = first_tensor(self._example).numel()
         was_training = pl_module.training
         pl_module.eval()
         try:
@@ -354,14 +355,6 @@ def rewrap_ddp(trainer: Trainer) -> None:
     if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
         strategy.model = trainer.lightning_module
         strategy.configure_ddp()
-
-
-def _first_tensor(batch: Any) -> torch.Tensor:
-    if isinstance(batch, (tuple, list)):
-        return _first_tensor(batch[0])
-    if isinstance(batch, dict):
-        return _first_tensor(next(iter(batch.values())))
-    return batch
 
 
 __all__ = ["StructuredPruning", "event_steps", "rewrap_ddp"]
